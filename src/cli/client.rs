@@ -1,0 +1,396 @@
+//! Client subcommands: one gRPC call each, human or JSON output.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::json;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+use zeroize::Zeroizing;
+
+use super::{ClientOpts, Command, DatakeyCommand, KeyCommand, Output};
+use crate::grpc::pb;
+use crate::grpc::pb::key_service_client::KeyServiceClient;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failed call, shown as `CODE: message (request id …)`.
+#[derive(Debug, thiserror::Error)]
+#[error("{code:?}: {message}{}", request_id.as_ref().map(|r| format!(" (request id {r})")).unwrap_or_default())]
+struct CallError {
+    code: tonic::Code,
+    message: String,
+    request_id: Option<String>,
+}
+
+fn call_error(s: tonic::Status) -> BoxError {
+    Box::new(CallError {
+        code: s.code(),
+        message: s.message().to_string(),
+        request_id: s
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    })
+}
+
+struct Client {
+    inner: KeyServiceClient<Channel>,
+    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+    output: Output,
+}
+
+impl Client {
+    async fn connect(opts: &ClientOpts) -> Result<Self, BoxError> {
+        let addr = if opts.addr.contains("://") {
+            opts.addr.clone()
+        } else {
+            format!("http://{}", opts.addr)
+        };
+        let channel = Endpoint::from_shared(addr)?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", opts.addr))?;
+        let auth = match &opts.token {
+            Some(t) => Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| "the token is not a valid header value")?,
+            ),
+            None => None,
+        };
+        Ok(Client {
+            inner: KeyServiceClient::new(channel),
+            auth,
+            output: opts.output,
+        })
+    }
+
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(a) = &self.auth {
+            r.metadata_mut().insert("authorization", a.clone());
+        }
+        r
+    }
+}
+
+fn read_arg_or_stdin(arg: Option<String>) -> Result<Zeroizing<String>, BoxError> {
+    match arg {
+        Some(a) => Ok(Zeroizing::new(a)),
+        None => {
+            let mut s = Zeroizing::new(String::new());
+            std::io::stdin().read_to_string(&mut s)?;
+            Ok(s)
+        }
+    }
+}
+
+fn decode_b64(s: &str, what: &str) -> Result<Zeroizing<Vec<u8>>, BoxError> {
+    B64.decode(s.trim())
+        .map(Zeroizing::new)
+        .map_err(|_| format!("{what} is not valid base64").into())
+}
+
+fn ctx(pairs: Vec<(String, String)>) -> HashMap<String, String> {
+    pairs.into_iter().collect()
+}
+
+fn state_name(s: i32) -> &'static str {
+    pb::KeyVersionState::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+fn key_json(k: &pb::Key) -> serde_json::Value {
+    json!({
+        "name": k.name,
+        "id": k.id,
+        "description": k.description,
+        "primary_version": k.primary_version,
+        "created_at": k.created_at,
+        "versions": k.versions.iter().map(|v| json!({
+            "version": v.version,
+            "state": state_name(v.state),
+            "created_at": v.created_at,
+            "wrap_count": v.wrap_count,
+            "destroy_at": v.destroy_at,
+            "destroyed_at": v.destroyed_at,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_key(output: Output, k: &pb::Key) {
+    match output {
+        Output::Json => println!("{}", key_json(k)),
+        Output::Human => {
+            println!("name:            {}", k.name);
+            println!("id:              {}", k.id);
+            if !k.description.is_empty() {
+                println!("description:     {}", k.description);
+            }
+            println!("primary version: {}", k.primary_version);
+            println!("created:         {}", k.created_at);
+            println!("versions:");
+            for v in &k.versions {
+                println!(
+                    "  v{:<4} {:<26} created {}  wraps<= {}",
+                    v.version,
+                    state_name(v.state),
+                    v.created_at,
+                    v.wrap_count
+                );
+            }
+        }
+    }
+}
+
+fn print_admin(output: Output, r: &pb::AdminResponse) {
+    match (&r.key, &r.approval_request) {
+        (Some(k), _) => print_key(output, k),
+        (None, Some(a)) => match output {
+            Output::Json => println!(
+                "{}",
+                json!({"approval_request": {"id": a.id, "operation": a.operation, "digest": a.digest, "state": a.state, "expires_at": a.expires_at}})
+            ),
+            Output::Human => {
+                println!("approval required: request {} ({})", a.id, a.operation);
+                println!("digest:  {}", a.digest);
+                println!("expires: {}", a.expires_at);
+            }
+        },
+        (None, None) => println!("done"),
+    }
+}
+
+fn print_wrapped(output: Output, wrapped: &[u8], name: &str, version: u32) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({"wrapped_key": B64.encode(wrapped), "key_name": name, "key_version": version})
+        ),
+        Output::Human => {
+            println!("key:     {name} v{version}");
+            println!("wrapped: {}", B64.encode(wrapped));
+        }
+    }
+}
+
+/// Runs one client command.
+pub(super) async fn run(cmd: Command) -> Result<(), BoxError> {
+    match cmd {
+        Command::Server(_) => Err("not a client command".into()),
+        Command::Key(k) => run_key(k).await,
+        Command::Datakey(DatakeyCommand::Generate {
+            name,
+            context,
+            without_plaintext,
+            opts,
+        }) => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .inner
+                .generate_data_key(c.req(pb::GenerateDataKeyRequest {
+                    key_name: name,
+                    context: ctx(context),
+                    without_plaintext,
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            let plaintext = Zeroizing::new(B64.encode(&r.plaintext));
+            match c.output {
+                Output::Json => {
+                    let mut v = json!({
+                        "wrapped_key": B64.encode(&r.wrapped_key),
+                        "key_name": r.key_name,
+                        "key_version": r.key_version,
+                    });
+                    if !without_plaintext {
+                        v["plaintext"] = json!(plaintext.as_str());
+                    }
+                    println!("{v}");
+                }
+                Output::Human => {
+                    println!("key:       {} v{}", r.key_name, r.key_version);
+                    if !without_plaintext {
+                        println!("plaintext: {}", plaintext.as_str());
+                    }
+                    println!("wrapped:   {}", B64.encode(&r.wrapped_key));
+                }
+            }
+            drop(Zeroizing::new(r.plaintext));
+            Ok(())
+        }
+        Command::Wrap(a) => {
+            let mut c = Client::connect(&a.opts).await?;
+            let text = read_arg_or_stdin(a.plaintext)?;
+            let mut plaintext = decode_b64(&text, "plaintext")?;
+            let r = c
+                .inner
+                .wrap_key(c.req(pb::WrapKeyRequest {
+                    key_name: a.name,
+                    plaintext: std::mem::take(&mut *plaintext),
+                    context: ctx(a.context),
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_wrapped(c.output, &r.wrapped_key, &r.key_name, r.key_version);
+            Ok(())
+        }
+        Command::Unwrap(a) => {
+            let mut c = Client::connect(&a.opts).await?;
+            let text = read_arg_or_stdin(a.wrapped)?;
+            let wrapped = decode_b64(&text, "wrapped key")?;
+            let r = c
+                .inner
+                .unwrap_key(c.req(pb::UnwrapKeyRequest {
+                    wrapped_key: wrapped.to_vec(),
+                    context: ctx(a.context),
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            let plaintext = Zeroizing::new(B64.encode(&r.plaintext));
+            match c.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"plaintext": plaintext.as_str(), "key_name": r.key_name, "key_version": r.key_version})
+                ),
+                Output::Human => {
+                    println!("key:       {} v{}", r.key_name, r.key_version);
+                    println!("plaintext: {}", plaintext.as_str());
+                }
+            }
+            drop(Zeroizing::new(r.plaintext));
+            Ok(())
+        }
+        Command::Rewrap(a) => {
+            let mut c = Client::connect(&a.opts).await?;
+            let text = read_arg_or_stdin(a.wrapped)?;
+            let wrapped = decode_b64(&text, "wrapped key")?;
+            let r = c
+                .inner
+                .rewrap_key(c.req(pb::RewrapKeyRequest {
+                    wrapped_key: wrapped.to_vec(),
+                    context: ctx(a.context),
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_wrapped(c.output, &r.wrapped_key, &r.key_name, r.key_version);
+            Ok(())
+        }
+    }
+}
+
+async fn run_key(cmd: KeyCommand) -> Result<(), BoxError> {
+    match cmd {
+        KeyCommand::Create {
+            name,
+            description,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let k = c
+                .inner
+                .create_key(c.req(pb::CreateKeyRequest { name, description }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_key(c.output, &k);
+        }
+        KeyCommand::Get { name, opts } => {
+            let mut c = Client::connect(&opts).await?;
+            let k = c
+                .inner
+                .get_key(c.req(pb::GetKeyRequest { name }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_key(c.output, &k);
+        }
+        KeyCommand::List {
+            page_size,
+            page_token,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .inner
+                .list_keys(c.req(pb::ListKeysRequest {
+                    page_size,
+                    page_token,
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            match c.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"keys": r.keys.iter().map(key_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token})
+                ),
+                Output::Human => {
+                    println!("{:<40} {:>8} {:>9}  CREATED", "NAME", "PRIMARY", "VERSIONS");
+                    for k in &r.keys {
+                        println!(
+                            "{:<40} {:>8} {:>9}  {}",
+                            k.name,
+                            format!("v{}", k.primary_version),
+                            k.versions.len(),
+                            k.created_at
+                        );
+                    }
+                    if !r.next_page_token.is_empty() {
+                        println!("next page: --page-token {}", r.next_page_token);
+                    }
+                }
+            }
+        }
+        KeyCommand::Rotate { name, opts } => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .inner
+                .rotate_key(c.req(pb::RotateKeyRequest { name }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_admin(c.output, &r);
+        }
+        KeyCommand::Disable {
+            name,
+            version,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .inner
+                .disable_key_version(c.req(pb::KeyVersionRequest { name, version }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_admin(c.output, &r);
+        }
+        KeyCommand::Enable {
+            name,
+            version,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .inner
+                .enable_key_version(c.req(pb::KeyVersionRequest { name, version }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_admin(c.output, &r);
+        }
+    }
+    Ok(())
+}

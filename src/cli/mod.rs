@@ -1,0 +1,193 @@
+//! The `arca` command line: `arca server` wires and runs the service; every other
+//! subcommand is a gRPC client of a running server (it never touches the store or HSM).
+//!
+//! The address and token come from `--addr`/`--token` or `ARCA_ADDR`/`ARCA_TOKEN`, as
+//! Vault's CLI does. Output is human-readable, or JSON with `--output json`. Key material
+//! is read and written base64-encoded.
+
+mod client;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default address of a dev server.
+pub const DEFAULT_DEV_ADDR: &str = "127.0.0.1:7420";
+
+#[derive(Parser)]
+#[command(name = "arca", version, about = "Arca: HSM-backed key management service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Server(server::ServerArgs),
+    /// Manage keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Data keys.
+    #[command(subcommand)]
+    Datakey(DatakeyCommand),
+    /// Wrap key material (base64, 16 to 64 bytes) under a key's primary version.
+    Wrap(WrapArgs),
+    /// Unwrap a wrapped key (base64).
+    Unwrap(UnwrapArgs),
+    /// Move a wrapped key (base64) to its key's primary version.
+    Rewrap(UnwrapArgs),
+}
+
+/// Connection and output options shared by the client commands.
+#[derive(Args, Clone)]
+pub struct ClientOpts {
+    /// Server address (http://host:port).
+    #[arg(long, env = "ARCA_ADDR", default_value = "http://127.0.0.1:7420", global = true)]
+    addr: String,
+    /// Bearer token (prefer ARCA_TOKEN: flags show in process lists).
+    #[arg(long, env = "ARCA_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human, global = true)]
+    output: Output,
+}
+
+/// Output format of client commands.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text.
+    Human,
+    /// One JSON document.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key (its version 1 is generated in the HSM).
+    Create {
+        /// Key name: [a-z0-9][a-z0-9_/-]{0,127}.
+        name: String,
+        /// Free-text description.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Show a key and its versions.
+    Get {
+        /// Key name.
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// List keys.
+    List {
+        /// Keys per page.
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        /// Continue from a previous page.
+        #[arg(long, default_value = "")]
+        page_token: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Rotate a key: a new version becomes primary.
+    Rotate {
+        /// Key name.
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Disable a key version (it stops unwrapping; reversible).
+    Disable {
+        /// Key name.
+        name: String,
+        /// Version number.
+        version: u32,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Re-enable a disabled key version.
+    Enable {
+        /// Key name.
+        name: String,
+        /// Version number.
+        version: u32,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatakeyCommand {
+    /// Generate a data key: its plaintext (use once, then forget) and wrapped form.
+    Generate {
+        /// Key name.
+        name: String,
+        /// Encryption context entry, k=v (repeatable).
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+        /// Return only the wrapped form.
+        #[arg(long)]
+        without_plaintext: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+#[derive(Args)]
+struct WrapArgs {
+    /// Key name.
+    name: String,
+    /// Key material, base64 (read from stdin when absent).
+    plaintext: Option<String>,
+    /// Encryption context entry, k=v (repeatable).
+    #[arg(long = "context", value_parser = parse_kv)]
+    context: Vec<(String, String)>,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Args)]
+struct UnwrapArgs {
+    /// Wrapped key, base64 (read from stdin when absent).
+    wrapped: Option<String>,
+    /// Encryption context entry, k=v (repeatable).
+    #[arg(long = "context", value_parser = parse_kv)]
+    context: Vec<(String, String)>,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected k=v, got {s:?}"))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server(args) => server::run(args),
+        other => {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(client::run(other)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

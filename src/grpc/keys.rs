@@ -1,0 +1,240 @@
+//! `arca.v1.KeyService`: proto ↔ domain conversion around [`KeyService`]. No logic here
+//! beyond conversion: every decision is the service's.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::pb;
+use super::status::to_status;
+use crate::clock::rfc3339;
+use crate::keys::{EncryptionContext, VersionState};
+use crate::secret::Plaintext;
+use crate::service::{AdminOutcome, Caller, KeyRecord, KeyService};
+
+/// The gRPC face of the key service.
+pub struct KeyApi {
+    svc: Arc<KeyService>,
+}
+
+impl KeyApi {
+    /// Wraps the service.
+    pub fn new(svc: Arc<KeyService>) -> Self {
+        KeyApi { svc }
+    }
+}
+
+/// The authenticated caller the auth wrapper put in the request.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("unauthenticated"))
+}
+
+fn context(map: std::collections::HashMap<String, String>) -> EncryptionContext {
+    map.into_iter().collect()
+}
+
+fn state_to_pb(s: VersionState) -> pb::KeyVersionState {
+    match s {
+        VersionState::Enabled => pb::KeyVersionState::Enabled,
+        VersionState::Disabled => pb::KeyVersionState::Disabled,
+        VersionState::ScheduledForDestruction => pb::KeyVersionState::ScheduledForDestruction,
+        VersionState::Destroyed => pb::KeyVersionState::Destroyed,
+    }
+}
+
+fn key_to_pb(k: &KeyRecord) -> pb::Key {
+    pb::Key {
+        name: k.name.to_string(),
+        id: k.id.to_string(),
+        primary_version: k.primary_version,
+        versions: k
+            .versions
+            .iter()
+            .map(|v| pb::KeyVersion {
+                version: v.version,
+                state: state_to_pb(v.state) as i32,
+                created_at: rfc3339(v.created_at),
+                wrap_count: v.wrap_count,
+                destroy_at: v.destroy_at.map(rfc3339).unwrap_or_default(),
+                destroyed_at: v.destroyed_at.map(rfc3339).unwrap_or_default(),
+            })
+            .collect(),
+        created_at: rfc3339(k.created_at),
+        description: k.description.clone(),
+    }
+}
+
+fn admin_to_pb(o: AdminOutcome) -> pb::AdminResponse {
+    match o {
+        AdminOutcome::Done(k) => pb::AdminResponse {
+            key: Some(key_to_pb(&k)),
+            approval_request: None,
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl pb::key_service_server::KeyService for KeyApi {
+    async fn create_key(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let k = self
+            .svc
+            .create_key(&c, &r.name, &r.description)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(key_to_pb(&k)))
+    }
+
+    async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
+        let c = caller(&req)?;
+        let k = self
+            .svc
+            .get_key(&c, &req.get_ref().name)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(key_to_pb(&k)))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let (keys, next) = self
+            .svc
+            .list_keys(&c, r.page_size, &r.page_token)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys.iter().map(key_to_pb).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        req: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let dk = self
+            .svc
+            .generate_data_key(&c, &r.key_name, &context(r.context), r.without_plaintext)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::GenerateDataKeyResponse {
+            plaintext: dk
+                .plaintext
+                .map(|p| p.expose().to_vec())
+                .unwrap_or_default(),
+            wrapped_key: dk.wrapped,
+            key_name: dk.key_name.to_string(),
+            key_version: dk.key_version,
+        }))
+    }
+
+    async fn wrap_key(
+        &self,
+        req: Request<pb::WrapKeyRequest>,
+    ) -> Result<Response<pb::WrapKeyResponse>, Status> {
+        let c = caller(&req)?;
+        let mut r = req.into_inner();
+        let plaintext = Plaintext::new(Zeroizing::new(std::mem::take(&mut r.plaintext)));
+        let w = self
+            .svc
+            .wrap_key(&c, &r.key_name, plaintext, &context(std::mem::take(&mut r.context)))
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::WrapKeyResponse {
+            wrapped_key: w.wrapped,
+            key_name: w.key_name.to_string(),
+            key_version: w.key_version,
+        }))
+    }
+
+    async fn unwrap_key(
+        &self,
+        req: Request<pb::UnwrapKeyRequest>,
+    ) -> Result<Response<pb::UnwrapKeyResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let u = self
+            .svc
+            .unwrap_key(&c, &r.wrapped_key, &context(r.context))
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::UnwrapKeyResponse {
+            plaintext: u.plaintext.expose().to_vec(),
+            key_name: u.key_name.to_string(),
+            key_version: u.key_version,
+        }))
+    }
+
+    async fn rewrap_key(
+        &self,
+        req: Request<pb::RewrapKeyRequest>,
+    ) -> Result<Response<pb::RewrapKeyResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let w = self
+            .svc
+            .rewrap_key(&c, &r.wrapped_key, &context(r.context))
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::RewrapKeyResponse {
+            wrapped_key: w.wrapped,
+            key_name: w.key_name.to_string(),
+            key_version: w.key_version,
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let c = caller(&req)?;
+        let o = self
+            .svc
+            .rotate_key(&c, &req.get_ref().name)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(admin_to_pb(o)))
+    }
+
+    async fn disable_key_version(
+        &self,
+        req: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let o = self
+            .svc
+            .disable_version(&c, &r.name, r.version)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(admin_to_pb(o)))
+    }
+
+    async fn enable_key_version(
+        &self,
+        req: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let o = self
+            .svc
+            .enable_version(&c, &r.name, r.version)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(admin_to_pb(o)))
+    }
+}

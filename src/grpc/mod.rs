@@ -1,0 +1,138 @@
+//! The gRPC transport: generated code (from `proto/`, built into `OUT_DIR`), the service
+//! implementations, the one error → `Status` mapping ([`status::to_status`]), request ids,
+//! authentication, health and reflection.
+//!
+//! Invariants:
+//! - Every response carries `x-request-id`.
+//! - Every RPC except `grpc.health.v1.Health` passes authentication first.
+//! - Messages that carry key material have a `Debug` that prints no bytes of it.
+//! - Health reports NOT_SERVING while the HSM or the database does not answer.
+//!
+//! Must not import: sqlx, cryptoki.
+
+pub mod auth;
+pub mod keys;
+pub mod request_id;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::service::KeyService;
+
+/// Generated protobuf and gRPC code for `arca.v1`.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)]
+pub mod pb {
+    tonic::include_proto!("arca.v1");
+
+    /// Encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("arca_descriptor");
+
+    macro_rules! redacted_debug {
+        ($t:ty, $($field:ident),*) => {
+            impl std::fmt::Debug for $t {
+                fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.debug_struct(stringify!($t))
+                        .field("plaintext", &"[REDACTED]")
+                        $(.field(stringify!($field), &self.$field))*
+                        .finish()
+                }
+            }
+        };
+    }
+    redacted_debug!(GenerateDataKeyResponse, key_name, key_version);
+    redacted_debug!(WrapKeyRequest, key_name);
+    redacted_debug!(UnwrapKeyResponse, key_name, key_version);
+}
+
+/// Limits applied to every connection.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Largest accepted request message.
+    pub max_message_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+    /// How often the HSM and database are probed for health.
+    pub health_interval: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_message_bytes: 64 * 1024,
+            max_concurrent_streams: 256,
+            request_timeout: Duration::from_secs(30),
+            health_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Serves the API on `incoming` until `shutdown` completes.
+pub async fn serve(
+    incoming: TcpIncoming,
+    svc: Arc<KeyService>,
+    opts: ServeOptions,
+    request_id_prefix: String,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let keys = pb::key_service_server::KeyServiceServer::new(keys::KeyApi::new(Arc::clone(&svc)))
+        .max_decoding_message_size(opts.max_message_bytes);
+
+    let probe = tokio::spawn(health_loop(health, Arc::clone(&svc), opts.health_interval));
+
+    let result = Server::builder()
+        .max_concurrent_streams(opts.max_concurrent_streams)
+        .timeout(opts.request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(request_id::RequestIdLayer::new(request_id_prefix))
+        .add_service(health_svc)
+        .add_service(auth::Authenticated::new(keys, Arc::clone(&svc)))
+        .add_service(auth::Authenticated::new(reflection, Arc::clone(&svc)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    probe.abort();
+    result.map_err(Into::into)
+}
+
+/// Keeps the health status in step with the HSM and the database.
+async fn health_loop(
+    health: tonic_health::server::HealthReporter,
+    svc: Arc<KeyService>,
+    interval: Duration,
+) {
+    use tonic_health::ServingStatus;
+    const KEY_SERVICE: &str = "arca.v1.KeyService";
+    let mut last: Option<bool> = None;
+    loop {
+        let hsm_ok = svc.engine().check().await.is_ok();
+        let db_ok = svc.store().ping().await.is_ok();
+        let ok = hsm_ok && db_ok;
+        if last != Some(ok) {
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health.set_service_status(KEY_SERVICE, status).await;
+            if ok {
+                tracing::info!("serving");
+            } else {
+                tracing::error!(hsm_ok, db_ok, "not serving: a dependency is unavailable");
+            }
+            last = Some(ok);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,659 @@
+//! The use cases of Arca: authenticate → (authorize) → act on keys → persist.
+//!
+//! [`KeyService`] is transport-free: it takes domain values and returns domain values or a
+//! [`ServiceError`]; `grpc` maps those to the wire in one place.
+//!
+//! Invariants:
+//! - Only the primary version wraps; only `ENABLED` versions unwrap.
+//! - A wrapped key that fails in any way (parse, unknown key or version, authentication)
+//!   is the one error [`ServiceError::InvalidWrappedKey`]; a known version in the wrong
+//!   state is `FailedPrecondition` (checked before any HSM call).
+//! - Every wrap is counted against its version's reserved budget before the HSM call, so
+//!   the stored `wrap_count` is never below the wraps made.
+//! - Key metadata is cached for at most [`KEY_CACHE_TTL`], and dropped at once on a local
+//!   change, so a state change elsewhere takes effect within that time.
+//!
+//! Must not import: tonic, prost, sqlx, cryptoki.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::authz::{AuthError, Authenticator, Principal};
+use crate::clock::Clock;
+use crate::keys::{
+    canonical_context, EncryptionContext, KeyEngine, KeyId, KeyName, KeysError, VersionState,
+    WrappedKey,
+};
+use crate::secret::{BearerToken, Plaintext};
+use crate::store::{NewKey, Store, StoreError, TokenRecord};
+
+pub use crate::store::{KeyRecord, VersionRecord};
+
+/// How long key metadata is trusted without asking the store again.
+pub const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
+/// Default number of wraps reserved in the store at a time, per version and node.
+pub const DEFAULT_WRAP_RESERVATION: u64 = 1024;
+/// Largest page of `ListKeys`.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Errors of the service layer, each a distinct class for the caller. Messages are fixed
+/// strings that say what went wrong without revealing internals.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// No or bad credentials.
+    #[error("unauthenticated")]
+    Unauthenticated,
+    /// The caller may not do this (or see this key).
+    #[error("permission denied")]
+    PermissionDenied,
+    /// Bad input.
+    #[error("{0}")]
+    InvalidArgument(&'static str),
+    /// A wrapped key that does not parse, names no known key or version, or fails
+    /// authentication.
+    #[error("invalid wrapped key or encryption context")]
+    InvalidWrappedKey,
+    /// The named object does not exist.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// The name is taken (forever).
+    #[error("{0}")]
+    AlreadyExists(&'static str),
+    /// The key or version is in the wrong state.
+    #[error("{0}")]
+    FailedPrecondition(&'static str),
+    /// A dependency (HSM, database) is unreachable, or the service is sealed.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// A race lost (e.g. concurrent rotations); retry.
+    #[error("{0}")]
+    Aborted(&'static str),
+    /// A bug or misconfiguration; details go to the log only.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<KeysError> for ServiceError {
+    fn from(e: KeysError) -> Self {
+        match e {
+            KeysError::InvalidWrappedKey => ServiceError::InvalidWrappedKey,
+            KeysError::InvalidKeyName => ServiceError::InvalidArgument("invalid key name"),
+            KeysError::InvalidContext(_) => {
+                ServiceError::InvalidArgument("invalid encryption context")
+            }
+            KeysError::InvalidPlaintextLength => {
+                ServiceError::InvalidArgument("plaintext must be 16 to 64 bytes")
+            }
+            KeysError::HsmUnavailable(_) => ServiceError::Unavailable("HSM unavailable"),
+            KeysError::HsmObjectMissing => {
+                ServiceError::FailedPrecondition("key version destroyed")
+            }
+            e @ KeysError::Hsm(_) => ServiceError::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ServiceError::NotFound("key not found"),
+            StoreError::AlreadyExists => ServiceError::AlreadyExists("key name already used"),
+            StoreError::StateConflict { .. } => {
+                ServiceError::FailedPrecondition("illegal key version state transition")
+            }
+            StoreError::Unavailable(_) => ServiceError::Unavailable("database unavailable"),
+            e => ServiceError::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<AuthError> for ServiceError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthenticated => ServiceError::Unauthenticated,
+            AuthError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// Result alias of this layer.
+pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// Who is calling, as established by the transport.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The authenticated principal.
+    pub principal: Principal,
+    /// The request id (also on the response as `x-request-id`).
+    pub request_id: String,
+}
+
+/// A generated data key.
+pub struct DataKey {
+    /// The plaintext key, unless the caller asked for none.
+    pub plaintext: Option<Plaintext>,
+    /// Its wrapped form (format v1).
+    pub wrapped: Vec<u8>,
+    /// The key that wrapped it.
+    pub key_name: KeyName,
+    /// The version that wrapped it.
+    pub key_version: u32,
+}
+
+/// A wrapped key and where it was wrapped.
+pub struct Wrapped {
+    /// Wrapped form (format v1).
+    pub wrapped: Vec<u8>,
+    /// Key name.
+    pub key_name: KeyName,
+    /// Version.
+    pub key_version: u32,
+}
+
+/// An unwrapped key and where it came from.
+pub struct Unwrapped {
+    /// The key material.
+    pub plaintext: Plaintext,
+    /// Key name.
+    pub key_name: KeyName,
+    /// Version.
+    pub key_version: u32,
+}
+
+/// Outcome of an administrative call: done now, or (with dual control) waiting for quorum.
+pub enum AdminOutcome {
+    /// The operation ran; the key as it is now.
+    Done(KeyRecord),
+}
+
+/// Tuning of the service.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Wraps reserved in the store at a time.
+    pub wrap_reservation: u64,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            wrap_reservation: DEFAULT_WRAP_RESERVATION,
+        }
+    }
+}
+
+/// The key use cases.
+pub struct KeyService {
+    store: Arc<dyn Store>,
+    engine: Arc<KeyEngine>,
+    clock: Arc<dyn Clock>,
+    auth: Authenticator,
+    cache: KeyCache,
+    budgets: Mutex<HashMap<(KeyId, u32), u64>>,
+    refill: tokio::sync::Mutex<()>,
+    rotations: tokio::sync::Mutex<()>,
+    cfg: ServiceConfig,
+}
+
+impl KeyService {
+    /// Wires the service.
+    pub fn new(
+        store: Arc<dyn Store>,
+        engine: Arc<KeyEngine>,
+        clock: Arc<dyn Clock>,
+        cfg: ServiceConfig,
+    ) -> Self {
+        KeyService {
+            auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock)),
+            store,
+            engine,
+            clock,
+            cache: KeyCache::default(),
+            budgets: Mutex::new(HashMap::new()),
+            refill: tokio::sync::Mutex::new(()),
+            rotations: tokio::sync::Mutex::new(()),
+            cfg,
+        }
+    }
+
+    /// The engine (for health probes).
+    pub fn engine(&self) -> &KeyEngine {
+        &self.engine
+    }
+
+    /// The store (for health probes).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// Authenticates a presented bearer token.
+    pub async fn authenticate(&self, token: Option<BearerToken>) -> Result<Principal> {
+        Ok(self.auth.authenticate(token).await?)
+    }
+
+    /// Mints a bearer token for `principal` with `roles`, stores its hash, and returns it
+    /// (the only time the token exists outside its holder).
+    pub async fn issue_token(
+        &self,
+        principal: &str,
+        roles: &[&str],
+        expires_at: Option<i64>,
+    ) -> Result<BearerToken> {
+        let secret: [u8; 32] = self.engine.random().await?;
+        let id: [u8; 8] = self.engine.random().await?;
+        let token = BearerToken::from_random(&secret);
+        self.store
+            .insert_token(&TokenRecord {
+                id: format!("tok_{}", hex::encode(id)),
+                hash: token.hash(),
+                principal: principal.to_string(),
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+                created_at: self.clock.now_ms(),
+                expires_at,
+                revoked_at: None,
+            })
+            .await?;
+        Ok(token)
+    }
+
+    /// Registers an existing token (e.g. the dev token kept in the data dir) if the store
+    /// does not know it.
+    pub async fn ensure_token(&self, token: &BearerToken, principal: &str, roles: &[&str]) -> Result<()> {
+        match self.store.token_by_hash(&token.hash()).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::NotFound) => {
+                let id: [u8; 8] = self.engine.random().await?;
+                self.store
+                    .insert_token(&TokenRecord {
+                        id: format!("tok_{}", hex::encode(id)),
+                        hash: token.hash(),
+                        principal: principal.to_string(),
+                        roles: roles.iter().map(|r| r.to_string()).collect(),
+                        created_at: self.clock.now_ms(),
+                        expires_at: None,
+                        revoked_at: None,
+                    })
+                    .await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates a key and its version 1 in the HSM.
+    pub async fn create_key(&self, _caller: &Caller, name: &str, description: &str) -> Result<KeyRecord> {
+        let name = KeyName::parse(name)?;
+        if description.len() > 1024 {
+            return Err(ServiceError::InvalidArgument("description longer than 1024 bytes"));
+        }
+        match self.store.key_by_name(&name).await {
+            Ok(_) => return Err(ServiceError::AlreadyExists("key name already used")),
+            Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let id = KeyId::from_random(self.engine.random().await?);
+        let object = self.engine.create_version_object(id, 1).await?;
+        let result = self
+            .store
+            .create_key(&NewKey {
+                id,
+                name,
+                description: description.to_string(),
+                first_hsm_id: object,
+                now: self.clock.now_ms(),
+            })
+            .await;
+        match result {
+            Ok(rec) => Ok(self.cache.put(rec)),
+            Err(e) => {
+                // The row never existed, so the object can never be used: remove it.
+                if let Err(de) = self.engine.destroy_object(object).await {
+                    tracing::warn!(error = %de, "could not remove the HSM object of a failed create");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The key named `name`.
+    pub async fn get_key(&self, _caller: &Caller, name: &str) -> Result<KeyRecord> {
+        let name = KeyName::parse(name)?;
+        Ok(self.store.key_by_name(&name).await?)
+    }
+
+    /// A page of keys by name; the token is the last name of the previous page.
+    pub async fn list_keys(
+        &self,
+        _caller: &Caller,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<KeyRecord>, String)> {
+        let size = match page_size {
+            0 => 100,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(decode_page_token(page_token)?)
+        };
+        let keys = self.store.list_keys(after.as_deref(), size).await?;
+        let next = if keys.len() == size as usize {
+            keys.last().map(|k| encode_page_token(k.name.as_str())).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((keys, next))
+    }
+
+    /// Generates a data key under the key's primary version.
+    pub async fn generate_data_key(
+        &self,
+        _caller: &Caller,
+        key_name: &str,
+        context: &EncryptionContext,
+        without_plaintext: bool,
+    ) -> Result<DataKey> {
+        let (key, version, object) = self.primary_for_wrap(key_name).await?;
+        let ctx = canonical_context(context)?;
+        self.take_wrap(key.id, version).await?;
+        let (plaintext, wrapped) = self
+            .engine
+            .generate_data_key(key.id, version, object, ctx)
+            .await?;
+        Ok(DataKey {
+            plaintext: (!without_plaintext).then_some(plaintext),
+            wrapped: wrapped.encode(),
+            key_name: key.name.clone(),
+            key_version: version,
+        })
+    }
+
+    /// Wraps caller-supplied key material under the key's primary version.
+    pub async fn wrap_key(
+        &self,
+        _caller: &Caller,
+        key_name: &str,
+        plaintext: Plaintext,
+        context: &EncryptionContext,
+    ) -> Result<Wrapped> {
+        if !(16..=64).contains(&plaintext.len()) {
+            return Err(KeysError::InvalidPlaintextLength.into());
+        }
+        let (key, version, object) = self.primary_for_wrap(key_name).await?;
+        let ctx = canonical_context(context)?;
+        self.take_wrap(key.id, version).await?;
+        let wrapped = self
+            .engine
+            .wrap(key.id, version, object, plaintext, ctx)
+            .await?;
+        Ok(Wrapped {
+            wrapped: wrapped.encode(),
+            key_name: key.name.clone(),
+            key_version: version,
+        })
+    }
+
+    /// Unwraps a wrapped key.
+    pub async fn unwrap_key(
+        &self,
+        _caller: &Caller,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Unwrapped> {
+        let ctx = canonical_context(context)?;
+        let (key, blob, object) = self.version_for_unwrap(wrapped).await?;
+        let version = blob.version;
+        let plaintext = self.engine.unwrap(blob, object, ctx).await?;
+        Ok(Unwrapped {
+            plaintext,
+            key_name: key.name.clone(),
+            key_version: version,
+        })
+    }
+
+    /// Moves a wrapped key to its key's primary version, inside the server.
+    pub async fn rewrap_key(
+        &self,
+        _caller: &Caller,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Wrapped> {
+        let ctx = canonical_context(context)?;
+        let (key, blob, from_object) = self.version_for_unwrap(wrapped).await?;
+        let (_, to_version, to_object) = self.primary_for_wrap(key.name.as_str()).await?;
+        self.take_wrap(key.id, to_version).await?;
+        let rewrapped = self
+            .engine
+            .rewrap(blob, from_object, to_version, to_object, ctx)
+            .await?;
+        Ok(Wrapped {
+            wrapped: rewrapped.encode(),
+            key_name: key.name.clone(),
+            key_version: to_version,
+        })
+    }
+
+    /// Adds a new version in the HSM and makes it primary.
+    pub async fn rotate_key(&self, _caller: &Caller, name: &str) -> Result<AdminOutcome> {
+        let name = KeyName::parse(name)?;
+        // Local rotations queue here; rotations on other nodes lose the version number
+        // race in the database and retry.
+        let _serial = self.rotations.lock().await;
+        for _attempt in 0..5 {
+            let key = self.store.key_by_name(&name).await?;
+            let next = key
+                .versions
+                .last()
+                .map(|v| v.version)
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or(ServiceError::FailedPrecondition("key has too many versions"))?;
+            let object = self.engine.create_version_object(key.id, next).await?;
+            match self
+                .store
+                .add_version(&key.id, next, &object, self.clock.now_ms())
+                .await
+            {
+                Ok(rec) => {
+                    tracing::info!(key = %rec.name, version = next, "key rotated");
+                    return Ok(AdminOutcome::Done(self.cache.put(rec)));
+                }
+                Err(e) => {
+                    if let Err(de) = self.engine.destroy_object(object).await {
+                        tracing::warn!(error = %de, "could not remove the HSM object of a failed rotation");
+                    }
+                    match e {
+                        StoreError::AlreadyExists => continue,
+                        e => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Err(ServiceError::Aborted("concurrent rotation; retry"))
+    }
+
+    /// Disables a version (reversible; it stops unwrapping at once).
+    pub async fn disable_version(&self, caller: &Caller, name: &str, version: u32) -> Result<AdminOutcome> {
+        self.set_state(caller, name, version, VersionState::Disabled).await
+    }
+
+    /// Re-enables a disabled version.
+    pub async fn enable_version(&self, caller: &Caller, name: &str, version: u32) -> Result<AdminOutcome> {
+        self.set_state(caller, name, version, VersionState::Enabled).await
+    }
+
+    async fn set_state(
+        &self,
+        _caller: &Caller,
+        name: &str,
+        version: u32,
+        to: VersionState,
+    ) -> Result<AdminOutcome> {
+        let name = KeyName::parse(name)?;
+        let key = self.store.key_by_name(&name).await?;
+        let current = key
+            .version(version)
+            .ok_or(ServiceError::NotFound("key version not found"))?;
+        if current.state == to {
+            return Ok(AdminOutcome::Done(key));
+        }
+        // Enabling is only the reverse of disabling; a version scheduled for destruction
+        // must have its retirement cancelled first.
+        let from: &[VersionState] = match to {
+            VersionState::Enabled => &[VersionState::Disabled],
+            VersionState::Disabled => &[VersionState::Enabled],
+            _ => VersionState::sources_of(to),
+        };
+        if !from.contains(&current.state) {
+            return Err(ServiceError::FailedPrecondition(match current.state {
+                VersionState::Destroyed => "key version destroyed",
+                VersionState::ScheduledForDestruction => "key version is scheduled for destruction",
+                _ => "illegal key version state transition",
+            }));
+        }
+        let rec = self
+            .store
+            .set_version_state(&key.id, version, from, to, self.clock.now_ms())
+            .await?;
+        tracing::info!(key = %rec.name, version, state = to.as_str(), "key version state changed");
+        Ok(AdminOutcome::Done(self.cache.put(rec)))
+    }
+
+    /// The key, its primary version and that version's HSM object, if it may wrap.
+    async fn primary_for_wrap(&self, name: &str) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
+        let name = KeyName::parse(name)?;
+        let key = self.cache.by_name(&name, self.store.as_ref()).await?;
+        let v = key
+            .version(key.primary_version)
+            .ok_or(ServiceError::Internal("primary version row missing".into()))?;
+        if v.state != VersionState::Enabled {
+            return Err(ServiceError::FailedPrecondition("primary key version is not enabled"));
+        }
+        let (version, object) = (v.version, v.hsm_id);
+        Ok((key, version, object))
+    }
+
+    /// Parses a wrapped key and finds its version, if it may unwrap.
+    async fn version_for_unwrap(
+        &self,
+        wrapped: &[u8],
+    ) -> Result<(Arc<KeyRecord>, WrappedKey, arca_hsm::ObjectId)> {
+        let blob = WrappedKey::parse(wrapped)?;
+        let key = match self.cache.by_id(&blob.key_id, self.store.as_ref()).await {
+            Ok(k) => k,
+            Err(ServiceError::NotFound(_)) => return Err(ServiceError::InvalidWrappedKey),
+            Err(e) => return Err(e),
+        };
+        let v = key
+            .version(blob.version)
+            .ok_or(ServiceError::InvalidWrappedKey)?;
+        match v.state {
+            VersionState::Enabled => {}
+            VersionState::Destroyed => {
+                return Err(ServiceError::FailedPrecondition("key version destroyed"))
+            }
+            VersionState::Disabled => {
+                return Err(ServiceError::FailedPrecondition("key version is disabled"))
+            }
+            VersionState::ScheduledForDestruction => {
+                return Err(ServiceError::FailedPrecondition(
+                    "key version is scheduled for destruction",
+                ))
+            }
+        }
+        let object = v.hsm_id;
+        Ok((key, blob, object))
+    }
+
+    /// Counts one wrap against the version's reserved budget, reserving more when empty.
+    async fn take_wrap(&self, key: KeyId, version: u32) -> Result<()> {
+        loop {
+            if self.try_take_wrap(key, version) {
+                return Ok(());
+            }
+            let _refill = self.refill.lock().await;
+            if self.try_take_wrap(key, version) {
+                return Ok(());
+            }
+            let n = self.cfg.wrap_reservation.max(1);
+            self.store.reserve_wraps(&key, version, n).await?;
+            if let Ok(mut b) = self.budgets.lock() {
+                *b.entry((key, version)).or_insert(0) += n;
+            }
+        }
+    }
+
+    fn try_take_wrap(&self, key: KeyId, version: u32) -> bool {
+        match self.budgets.lock() {
+            Ok(mut b) => match b.get_mut(&(key, version)) {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    true
+                }
+                _ => false,
+            },
+            Err(_) => false,
+        }
+    }
+}
+
+/// Short-lived cache of key metadata for the hot paths (wrap and unwrap).
+#[derive(Default)]
+struct KeyCache {
+    by_id: RwLock<HashMap<KeyId, (Arc<KeyRecord>, Instant)>>,
+    names: RwLock<HashMap<KeyName, KeyId>>,
+}
+
+impl KeyCache {
+    fn put(&self, rec: KeyRecord) -> KeyRecord {
+        let arc = Arc::new(rec.clone());
+        if let Ok(mut n) = self.names.write() {
+            n.insert(rec.name.clone(), rec.id);
+        }
+        if let Ok(mut m) = self.by_id.write() {
+            m.insert(rec.id, (arc, Instant::now()));
+        }
+        rec
+    }
+
+    fn fresh(&self, id: &KeyId) -> Option<Arc<KeyRecord>> {
+        let m = self.by_id.read().ok()?;
+        let (rec, at) = m.get(id)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| Arc::clone(rec))
+    }
+
+    async fn by_id(&self, id: &KeyId, store: &dyn Store) -> Result<Arc<KeyRecord>> {
+        if let Some(k) = self.fresh(id) {
+            return Ok(k);
+        }
+        let rec = store.key_by_id(id).await?;
+        self.put(rec);
+        self.fresh(id).ok_or(ServiceError::Internal("key cache".into()))
+    }
+
+    async fn by_name(&self, name: &KeyName, store: &dyn Store) -> Result<Arc<KeyRecord>> {
+        let id = self.names.read().ok().and_then(|n| n.get(name).copied());
+        if let Some(k) = id.and_then(|id| self.fresh(&id)) {
+            return Ok(k);
+        }
+        let rec = store.key_by_name(name).await?;
+        let id = rec.id;
+        self.put(rec);
+        self.fresh(&id).ok_or(ServiceError::Internal("key cache".into()))
+    }
+}
+
+fn encode_page_token(last: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last)
+}
+
+fn decode_page_token(t: &str) -> Result<String> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(t)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(ServiceError::InvalidArgument("invalid page token"))
+}

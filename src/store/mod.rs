@@ -1,0 +1,184 @@
+//! Persistent state: keys, key versions and bearer tokens.
+//!
+//! [`Store`] is the one interface the service uses; [`SqlStore`] implements it on SQLite
+//! (WAL, the default) through sqlx, with SQL kept portable so the PostgreSQL back end
+//! shares it. Migrations live beside the code, one directory per back end.
+//!
+//! Invariants:
+//! - Every state change is one transaction; uniqueness (key names forever, version numbers
+//!   per key, HSM object ids) and legal version-state transitions are enforced by the
+//!   database (constraints and triggers), not only by checks in Rust.
+//! - Keys are never deleted (a trigger refuses DELETE), so a name is never reused.
+//! - No key material, token or PIN is ever stored: only HSM object ids and token hashes.
+//! - `wrap_count` is an upper bound of the wraps made under a version: nodes reserve
+//!   blocks of wraps before using them.
+//!
+//! Must not import: tonic, prost, cryptoki. The only module that uses sqlx.
+
+mod sql;
+
+pub use sql::SqlStore;
+
+use arca_hsm::ObjectId;
+
+use crate::keys::{KeyId, KeyName, VersionState};
+use crate::secret::TokenHash;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness constraint refused the write (name taken, version exists...).
+    #[error("already exists")]
+    AlreadyExists,
+    /// A conditional update found the row in another state than expected.
+    #[error("state conflict: current state {current}")]
+    StateConflict {
+        /// The state found.
+        current: &'static str,
+    },
+    /// The database could not be reached or timed out; retryable.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// A stored value could not be decoded (corruption or a schema mismatch).
+    #[error("corrupt row: {0}")]
+    Corrupt(&'static str),
+    /// Any other database error.
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+}
+
+/// Result alias of this layer.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A key and all its versions, ordered by version.
+#[derive(Clone, Debug)]
+pub struct KeyRecord {
+    /// Key id (in every wrapped key).
+    pub id: KeyId,
+    /// Unique name.
+    pub name: KeyName,
+    /// Free text.
+    pub description: String,
+    /// The version that wraps.
+    pub primary_version: u32,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Versions, ascending.
+    pub versions: Vec<VersionRecord>,
+}
+
+impl KeyRecord {
+    /// The version record numbered `v`.
+    pub fn version(&self, v: u32) -> Option<&VersionRecord> {
+        self.versions.iter().find(|r| r.version == v)
+    }
+}
+
+/// One key version.
+#[derive(Clone, Debug)]
+pub struct VersionRecord {
+    /// 1, 2, ...
+    pub version: u32,
+    /// Lifecycle state.
+    pub state: VersionState,
+    /// `CKA_ID` of the HSM object.
+    pub hsm_id: ObjectId,
+    /// Upper bound of wraps made (reserved).
+    pub wrap_count: u64,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms of the last state change.
+    pub updated_at: i64,
+    /// When a scheduled destruction is due (Unix ms).
+    pub destroy_at: Option<i64>,
+    /// When it was destroyed (Unix ms).
+    pub destroyed_at: Option<i64>,
+}
+
+/// A new key with its first version.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    /// Key id.
+    pub id: KeyId,
+    /// Name.
+    pub name: KeyName,
+    /// Free text.
+    pub description: String,
+    /// HSM object id of version 1.
+    pub first_hsm_id: ObjectId,
+    /// Unix ms.
+    pub now: i64,
+}
+
+/// A bearer token's stored form (the token itself is never stored).
+#[derive(Clone, Debug)]
+pub struct TokenRecord {
+    /// Public token id (for listing and revocation).
+    pub id: String,
+    /// SHA-256 of the token.
+    pub hash: TokenHash,
+    /// The principal the token authenticates.
+    pub principal: String,
+    /// Roles granted.
+    pub roles: Vec<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms; `None` = no expiry.
+    pub expires_at: Option<i64>,
+    /// Unix ms when revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// The storage interface of the service.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a key and its version 1 (ENABLED, primary) in one transaction.
+    /// `AlreadyExists` if the name (or id) was ever used.
+    async fn create_key(&self, key: &NewKey) -> Result<KeyRecord>;
+
+    /// The key named `name`, with its versions.
+    async fn key_by_name(&self, name: &KeyName) -> Result<KeyRecord>;
+
+    /// The key with id `id`, with its versions.
+    async fn key_by_id(&self, id: &KeyId) -> Result<KeyRecord>;
+
+    /// Keys ordered by name, starting after `after`, at most `limit`.
+    async fn list_keys(&self, after: Option<&str>, limit: u32) -> Result<Vec<KeyRecord>>;
+
+    /// Adds version `version` (which must be the next number) with the given HSM object,
+    /// ENABLED, and makes it primary, in one transaction. `AlreadyExists` if another
+    /// rotation took that number first.
+    async fn add_version(
+        &self,
+        key: &KeyId,
+        version: u32,
+        hsm_id: &ObjectId,
+        now: i64,
+    ) -> Result<KeyRecord>;
+
+    /// Moves a version to `to` if it is in one of `from`; `StateConflict` otherwise.
+    async fn set_version_state(
+        &self,
+        key: &KeyId,
+        version: u32,
+        from: &[VersionState],
+        to: VersionState,
+        now: i64,
+    ) -> Result<KeyRecord>;
+
+    /// Reserves `n` wraps under a version: adds `n` to its `wrap_count` and returns the
+    /// new count. The caller may make `n` wraps.
+    async fn reserve_wraps(&self, key: &KeyId, version: u32, n: u64) -> Result<u64>;
+
+    /// Stores a new token.
+    async fn insert_token(&self, token: &TokenRecord) -> Result<()>;
+
+    /// The token with that hash.
+    async fn token_by_hash(&self, hash: &TokenHash) -> Result<TokenRecord>;
+
+    /// Cheap round trip, for health checks.
+    async fn ping(&self) -> Result<()>;
+}
