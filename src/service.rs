@@ -124,7 +124,7 @@ pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// The authenticated principal.
-    pub principal: Principal,
+    pub principal: Arc<Principal>,
     /// The request id (also on the response as `x-request-id`).
     pub request_id: String,
 }
@@ -189,7 +189,7 @@ pub struct KeyService {
     clock: Arc<dyn Clock>,
     auth: Authenticator,
     cache: KeyCache,
-    budgets: Mutex<HashMap<(KeyId, u32), u64>>,
+    budgets: Mutex<HashMap<(KeyId, u32), WrapBudget>>,
     refill: tokio::sync::Mutex<()>,
     rotations: tokio::sync::Mutex<()>,
     cfg: ServiceConfig,
@@ -227,7 +227,7 @@ impl KeyService {
     }
 
     /// Authenticates a presented bearer token.
-    pub async fn authenticate(&self, token: Option<BearerToken>) -> Result<Principal> {
+    pub async fn authenticate(&self, token: Option<BearerToken>) -> Result<Arc<Principal>> {
         Ok(self.auth.authenticate(token).await?)
     }
 
@@ -348,7 +348,7 @@ impl KeyService {
 
     /// Generates a data key under the key's primary version.
     pub async fn generate_data_key(
-        &self,
+        self: &Arc<Self>,
         _caller: &Caller,
         key_name: &str,
         context: &EncryptionContext,
@@ -371,7 +371,7 @@ impl KeyService {
 
     /// Wraps caller-supplied key material under the key's primary version.
     pub async fn wrap_key(
-        &self,
+        self: &Arc<Self>,
         _caller: &Caller,
         key_name: &str,
         plaintext: Plaintext,
@@ -414,7 +414,7 @@ impl KeyService {
 
     /// Moves a wrapped key to its key's primary version, inside the server.
     pub async fn rewrap_key(
-        &self,
+        self: &Arc<Self>,
         _caller: &Caller,
         wrapped: &[u8],
         context: &EncryptionContext,
@@ -566,36 +566,80 @@ impl KeyService {
         Ok((key, blob, object))
     }
 
-    /// Counts one wrap against the version's reserved budget, reserving more when empty.
-    async fn take_wrap(&self, key: KeyId, version: u32) -> Result<()> {
+    /// Counts one wrap against the version's reserved budget. When the budget runs low a
+    /// refill is reserved in the store in the background, so requests rarely wait for it;
+    /// when it is empty, the request waits for the refill.
+    async fn take_wrap(self: &Arc<Self>, key: KeyId, version: u32) -> Result<()> {
+        let block = self.cfg.wrap_reservation.max(1);
         loop {
-            if self.try_take_wrap(key, version) {
-                return Ok(());
-            }
-            let _refill = self.refill.lock().await;
-            if self.try_take_wrap(key, version) {
-                return Ok(());
-            }
-            let n = self.cfg.wrap_reservation.max(1);
-            self.store.reserve_wraps(&key, version, n).await?;
-            if let Ok(mut b) = self.budgets.lock() {
-                *b.entry((key, version)).or_insert(0) += n;
+            match self.try_take_wrap(key, version, block) {
+                Take::Taken => return Ok(()),
+                Take::TakenRefill => {
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move {
+                        if let Err(e) = this.refill_wraps(key, version, block).await {
+                            tracing::warn!(error = %e, "background wrap reservation failed");
+                        }
+                    });
+                    return Ok(());
+                }
+                Take::Empty => self.refill_wraps(key, version, block).await?,
             }
         }
     }
 
-    fn try_take_wrap(&self, key: KeyId, version: u32) -> bool {
-        match self.budgets.lock() {
-            Ok(mut b) => match b.get_mut(&(key, version)) {
-                Some(left) if *left > 0 => {
-                    *left -= 1;
-                    true
-                }
-                _ => false,
-            },
-            Err(_) => false,
+    fn try_take_wrap(&self, key: KeyId, version: u32, block: u64) -> Take {
+        let Ok(mut b) = self.budgets.lock() else {
+            return Take::Empty;
+        };
+        let budget = b.entry((key, version)).or_default();
+        if budget.left == 0 {
+            return Take::Empty;
+        }
+        budget.left -= 1;
+        if budget.left < block / 2 && !budget.refilling {
+            budget.refilling = true;
+            Take::TakenRefill
+        } else {
+            Take::Taken
         }
     }
+
+    /// Reserves `block` more wraps in the store (one refill at a time per service).
+    async fn refill_wraps(&self, key: KeyId, version: u32, block: u64) -> Result<()> {
+        let _one = self.refill.lock().await;
+        let low = self
+            .budgets
+            .lock()
+            .map(|b| b.get(&(key, version)).map_or(0, |x| x.left) < block / 2 + 1)
+            .unwrap_or(true);
+        let result = if low {
+            self.store.reserve_wraps(&key, version, block).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        if let Ok(mut b) = self.budgets.lock() {
+            let budget = b.entry((key, version)).or_default();
+            budget.refilling = false;
+            if low && result.is_ok() {
+                budget.left += block;
+            }
+        }
+        Ok(result?)
+    }
+}
+
+/// A version's wraps reserved in the store and not yet used, on this node.
+#[derive(Default)]
+struct WrapBudget {
+    left: u64,
+    refilling: bool,
+}
+
+enum Take {
+    Taken,
+    TakenRefill,
+    Empty,
 }
 
 /// Short-lived cache of key metadata for the hot paths (wrap and unwrap).

@@ -13,7 +13,7 @@
 //! - Key material is zeroized when a key is destroyed or the fake dropped; nothing here
 //!   implements `Debug` over key material.
 //! - Using a key for the other kind's operation fails like SoftHSM does
-//!   (`CKR_KEY_TYPE_INCONSISTENT`), never as an authentication failure.
+//!   (`CKR_KEY_FUNCTION_NOT_PERMITTED`), never as an authentication failure.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,7 +120,7 @@ impl FakeHsm {
         if key.kind != kind {
             return Err(HsmError::Pkcs11 {
                 function,
-                detail: "CKR_KEY_TYPE_INCONSISTENT".into(),
+                detail: "CKR_KEY_FUNCTION_NOT_PERMITTED".into(),
             });
         }
         f(&key.material)
@@ -156,7 +156,13 @@ impl Hsm for FakeHsm {
         self.with_key(id, KeyKind::Aes256, "C_EncryptInit", |k| {
             let cipher = Aes256Gcm::new(k.into());
             let out = cipher
-                .encrypt(Nonce::from_slice(iv), Payload { msg: plaintext, aad })
+                .encrypt(
+                    Nonce::from_slice(iv),
+                    Payload {
+                        msg: plaintext,
+                        aad,
+                    },
+                )
                 .map_err(|_| HsmError::Pkcs11 {
                     function: "C_Encrypt",
                     detail: "CKR_DATA_LEN_RANGE".into(),

@@ -4,7 +4,7 @@
 //! workspace that links `cryptoki`; everything above it speaks the [`Hsm`] trait.
 //!
 //! ## Invariants
-//! - Key material of key-encryption keys never leaves the HSM: [`Hsm::generate_aes_key`]
+//! - Key material of key-encryption keys never leaves the HSM: [`Hsm::generate_key`]
 //!   creates token objects with `CKA_SENSITIVE = true`, `CKA_EXTRACTABLE = false`, and the
 //!   trait has no operation that returns key material.
 //! - Objects are addressed by their `CKA_ID` ([`ObjectId`]), never by a PKCS#11 handle:
@@ -30,6 +30,11 @@ use zeroize::Zeroizing;
 pub mod fake;
 pub mod pkcs11;
 pub mod softhsm;
+
+/// A PIN (token user or SO PIN): a `SecretString` that prints `[REDACTED]`, zeroizes on
+/// drop, and is exposed only at the `C_Login` / `C_InitToken` / `C_InitPIN` call. Build
+/// one with `AuthPin::from(String)`. (The same type as `cryptoki::types::AuthPin`.)
+pub type AuthPin = secrecy::SecretString;
 
 /// Length of an AES-GCM IV, in bytes (96 bits, NIST SP 800-38D).
 pub const GCM_IV_LEN: usize = 12;

@@ -30,14 +30,17 @@
 //!   `C_CopyObject` of the token key with `CKA_TOKEN = false` (it stays sensitive and
 //!   non-extractable). [`Hsm::destroy_key`] and [`Hsm::forget_key`] first collect **every**
 //!   pooled session (no operation in flight), destroy the copies and drop the cached
-//!   handles in each, destroy the token object (destroy only), then sweep any session
-//!   object left with that `CKA_ID`. If the sessions cannot be collected in time, the pool
+//!   handles in each, then (`destroy_key` only) destroy the token object, then sweep any
+//!   session object left with that `CKA_ID`. If the sessions cannot be collected in time, the pool
 //!   is torn down instead (marked down), which destroys all copies with `C_Finalize`.
 //! - A stale handle (`CKR_OBJECT_HANDLE_INVALID`, `CKR_KEY_HANDLE_INVALID`) drops the cache
 //!   entry and retries the lookup once; an object that is gone is
 //!   [`HsmError::ObjectNotFound`].
-//! - Outage: the return values listed in [`is_outage`] mark the HSM down (the pool
-//!   generation in force is retired). `CKR_GENERAL_ERROR` and `CKR_FUNCTION_FAILED` are
+//! - Outage: `CKR_DEVICE_REMOVED`, `CKR_DEVICE_ERROR`, `CKR_SESSION_HANDLE_INVALID`,
+//!   `CKR_SESSION_CLOSED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`,
+//!   `CKR_SLOT_ID_INVALID`, `CKR_CRYPTOKI_NOT_INITIALIZED` and `CKR_USER_NOT_LOGGED_IN`
+//!   mark the HSM down (the pool generation in force is retired); so does `CKR_OPERATION_ACTIVE` (a wedged session
+//!   cannot be closed alone). `CKR_GENERAL_ERROR` and `CKR_FUNCTION_FAILED` are
 //!   ambiguous (SoftHSM returns `CKR_GENERAL_ERROR` from `C_Decrypt` for a GCM tag
 //!   mismatch): the session is probed with `C_GetSessionInfo`; if the probe fails, the HSM
 //!   is down, otherwise a `C_Decrypt` failure is [`HsmError::AuthenticationFailed`] and any
@@ -51,6 +54,18 @@
 //!   `C_GetSlotList` keeps returning `CKR_DEVICE_ERROR`), finds the token by label, opens
 //!   the sessions and logs in. `C_Finalize` is never called while a PKCS#11 call is in
 //!   flight.
+//! - Through p11-kit (`p11-kit-client.so` + `p11-kit server`), observed with Debian 12's
+//!   p11-kit 0.24.1: a dead server makes every function return `CKR_DEVICE_ERROR` within
+//!   microseconds; with the server still down, a fresh `C_Initialize` succeeds and shows
+//!   no slot (so the reconnect ends in "token not found", quickly); and p11-kit 0.24's RPC
+//!   cannot carry `CK_GCM_PARAMS` (`C_EncryptInit` with `CKM_AES_GCM` answers
+//!   `CKR_MECHANISM_INVALID`), so GCM needs a newer p11-kit or a direct module.
+//! - A call stuck inside the module (a hung network HSM) cannot be interrupted: other
+//!   callers give up after [`SESSION_WAIT`] when no session is free, and reconnects,
+//!   `destroy_key` and `forget_key` wait at most [`DRAIN_WAIT`] for sessions in use.
+//! - `generate_key` refuses an existing `CKA_ID` (checked just before `C_GenerateKey`;
+//!   ids are random 128-bit values, and a lookup that finds two token objects with one
+//!   `CKA_ID` fails rather than pick one).
 //! - Errors name the PKCS#11 function that failed. The PIN is kept in a `SecretString`,
 //!   exposed only at `C_Login`, and appears in no error, log line or `Debug` output.
 //! - `Drop` never panics: failures are logged with `tracing`.
@@ -70,13 +85,12 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
-pub use cryptoki::types::AuthPin;
 use cryptoki::types::Ulong;
 use zeroize::Zeroizing;
 
-use crate::{
-    Hsm, HsmError, KeyAttributes, KeyKind, ObjectId, Result, GCM_IV_LEN, GCM_TAG_LEN,
-};
+/// The PIN type, also reachable here for callers that configure [`Pkcs11Config`].
+pub use crate::AuthPin;
+use crate::{Hsm, HsmError, KeyAttributes, KeyKind, ObjectId, Result, GCM_IV_LEN, GCM_TAG_LEN};
 
 /// How long a caller waits for a free session before giving up with
 /// [`HsmError::Unavailable`] (all sessions busy: the HSM is hung or badly overloaded).
@@ -86,8 +100,8 @@ pub const SESSION_WAIT: Duration = Duration::from_secs(5);
 /// hand their sessions back.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
-/// Configuration of [`Pkcs11Hsm`]. `Debug` redacts the PIN.
-#[derive(Clone)]
+/// Configuration of [`Pkcs11Hsm`]. `Debug` redacts the PIN; no `Clone` (the PIN would
+/// be copied), build one per `open`.
 pub struct Pkcs11Config {
     /// Path of the PKCS#11 module (`libsofthsm2.so`, `p11-kit-client.so`, a vendor's).
     pub module: PathBuf,
@@ -193,6 +207,10 @@ struct Pool {
     down: bool,
     /// An exclusive section (destroy/forget) is collecting or holding all sessions.
     exclusive: bool,
+    /// Threads blocked on `idle_cv` / `drain_cv` (so the hot path signals only when
+    /// somebody waits: a condvar notification is a system call).
+    idle_waiters: usize,
+    drain_waiters: usize,
 }
 
 /// Rate limit of reconnect attempts.
@@ -265,7 +283,8 @@ impl Pkcs11Hsm {
         if cfg.sessions == 0 {
             return Err(HsmError::InvalidInput("sessions must be at least 1"));
         }
-        let (ctx, sessions) = connect(&cfg.module, &cfg.token_label, &cfg.pin, cfg.sessions)?;
+        let (ctx, sessions) =
+            connect(&cfg.module, &cfg.token_label, &cfg.pin, cfg.sessions, false)?;
         let generation = 1;
         let idle = sessions
             .into_iter()
@@ -296,6 +315,8 @@ impl Pkcs11Hsm {
                 generation,
                 down: false,
                 exclusive: false,
+                idle_waiters: 0,
+                drain_waiters: 0,
             }),
             idle_cv: Condvar::new(),
             drain_cv: Condvar::new(),
@@ -362,11 +383,7 @@ impl Pkcs11Hsm {
                             ),
                         });
                     }
-                    pool = self
-                        .idle_cv
-                        .wait_timeout(pool, deadline - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                    pool = self.wait_idle(pool, deadline - now);
                 }
             }
             if reconnected {
@@ -394,14 +411,48 @@ impl Pkcs11Hsm {
                 returned += 1;
             }
         }
-        if pool.checked_out == 0 {
+        if pool.checked_out == 0 && pool.drain_waiters > 0 {
             self.drain_cv.notify_all();
         }
-        if end_exclusive || returned > 1 {
-            self.idle_cv.notify_all();
-        } else if returned == 1 {
-            self.idle_cv.notify_one();
+        if pool.idle_waiters > 0 {
+            if end_exclusive || returned > 1 {
+                self.idle_cv.notify_all();
+            } else if returned == 1 {
+                self.idle_cv.notify_one();
+            }
         }
+    }
+
+    /// Waits on `idle_cv` (a session handed back, or the pool changed state).
+    fn wait_idle<'a>(
+        &self,
+        mut pool: MutexGuard<'a, Pool>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Pool> {
+        pool.idle_waiters += 1;
+        let mut pool = self
+            .idle_cv
+            .wait_timeout(pool, timeout)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        pool.idle_waiters -= 1;
+        pool
+    }
+
+    /// Waits on `drain_cv` (`checked_out` dropped to zero, or the HSM went down).
+    fn wait_drain<'a>(
+        &self,
+        mut pool: MutexGuard<'a, Pool>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Pool> {
+        pool.drain_waiters += 1;
+        let mut pool = self
+            .drain_cv
+            .wait_timeout(pool, timeout)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        pool.drain_waiters -= 1;
+        pool
     }
 
     /// Marks the HSM down, if `generation` is still the one in force.
@@ -456,11 +507,7 @@ impl Pkcs11Hsm {
                         detail: "HSM down; PKCS#11 calls still in flight".into(),
                     });
                 }
-                pool = self
-                    .drain_cv
-                    .wait_timeout(pool, deadline - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                pool = self.wait_drain(pool, deadline - now);
             }
             pool.idle.clear();
             pool.ctx.take()
@@ -471,7 +518,7 @@ impl Pkcs11Hsm {
                 tracing::debug!(error = %describe(&e), "C_Finalize of the lost PKCS#11 context failed");
             }
         }
-        match connect(&self.module, &self.label, &self.pin, self.sessions) {
+        match connect(&self.module, &self.label, &self.pin, self.sessions, true) {
             Ok((ctx, sessions)) => {
                 let mut pool = self.lock();
                 pool.generation += 1;
@@ -525,7 +572,17 @@ impl Pkcs11Hsm {
             self.mark_down(s.generation, function, &detail);
             return HsmError::Unavailable { function, detail };
         }
-        if decrypting && matches!(rv, RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange)
+        if rv == RvError::OperationActive {
+            // A half-finished operation wedged this session; it cannot be closed alone
+            // (it may be the last one), so the whole pool is rebuilt.
+            self.mark_down(s.generation, function, &detail);
+            return HsmError::Unavailable { function, detail };
+        }
+        if decrypting
+            && matches!(
+                rv,
+                RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange
+            )
         {
             return HsmError::AuthenticationFailed;
         }
@@ -605,7 +662,10 @@ impl Pkcs11Hsm {
         if let Some(copy) = entry.copy {
             return Ok(Some(copy));
         }
-        match s.session.copy_object(entry.token, &[Attribute::Token(false)]) {
+        match s
+            .session
+            .copy_object(entry.token, &[Attribute::Token(false)])
+        {
             Ok(copy) => {
                 s.keys.insert(
                     *id,
@@ -671,11 +731,7 @@ impl Pkcs11Hsm {
                         detail: "timed out waiting for another destroy/forget".into(),
                     });
                 }
-                pool = self
-                    .idle_cv
-                    .wait_timeout(pool, deadline - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                pool = self.wait_idle(pool, deadline - now);
             }
             pool.exclusive = true;
             while pool.checked_out > 0 && !pool.down {
@@ -683,11 +739,7 @@ impl Pkcs11Hsm {
                 if now >= deadline {
                     break;
                 }
-                pool = self
-                    .drain_cv
-                    .wait_timeout(pool, deadline - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                pool = self.wait_drain(pool, deadline - now);
             }
             if pool.down || pool.checked_out > 0 {
                 let timed_out = !pool.down;
@@ -698,7 +750,11 @@ impl Pkcs11Hsm {
                     // Cannot reach every session's cache: tear the pool down instead, so
                     // that no stale handle or copy survives (C_Finalize at reconnect).
                     let generation = self.generation();
-                    self.mark_down(generation, "session pool", "sessions not handed back in time");
+                    self.mark_down(
+                        generation,
+                        "session pool",
+                        "sessions not handed back in time",
+                    );
                 }
                 return Err(HsmError::Unavailable {
                     function: "session pool",
@@ -966,8 +1022,7 @@ impl Hsm for Pkcs11Hsm {
             sensitive: sensitive.ok_or_else(|| missing("CKA_SENSITIVE"))?,
             extractable: extractable.ok_or_else(|| missing("CKA_EXTRACTABLE"))?,
             always_sensitive: always_sensitive.ok_or_else(|| missing("CKA_ALWAYS_SENSITIVE"))?,
-            never_extractable: never_extractable
-                .ok_or_else(|| missing("CKA_NEVER_EXTRACTABLE"))?,
+            never_extractable: never_extractable.ok_or_else(|| missing("CKA_NEVER_EXTRACTABLE"))?,
             label: label.unwrap_or_default(),
         })
     }
@@ -978,7 +1033,11 @@ impl Hsm for Pkcs11Hsm {
         match s.session.get_session_info() {
             Ok(info) if logged_in(info.session_state()) => Ok(()),
             Ok(_) => {
-                self.mark_down(s.generation, "C_GetSessionInfo", "session no longer logged in");
+                self.mark_down(
+                    s.generation,
+                    "C_GetSessionInfo",
+                    "session no longer logged in",
+                );
                 Err(HsmError::Unavailable {
                     function: "C_GetSessionInfo",
                     detail: "session no longer logged in".into(),
@@ -991,8 +1050,30 @@ impl Hsm for Pkcs11Hsm {
 
 /// Loads and initialises the module, finds the token, opens `n` sessions and logs in.
 /// On failure the module is finalized again, so a later attempt in this process works.
-fn connect(module: &Path, label: &str, pin: &AuthPin, n: usize) -> Result<(Pkcs11, Vec<Session>)> {
-    let ctx = initialize(module)?;
+///
+/// `reconnecting`: this `Pkcs11Hsm` owns the module and has just finalized its own
+/// context; if the module still says "already initialised" (the `C_Finalize` of the lost
+/// context failed), finalize once more and retry. At start-up the same answer means
+/// another user of the module in this process, whose context must not be touched.
+fn connect(
+    module: &Path,
+    label: &str,
+    pin: &AuthPin,
+    n: usize,
+    reconnecting: bool,
+) -> Result<(Pkcs11, Vec<Session>)> {
+    let ctx = match try_initialize(module) {
+        Ok(ctx) => ctx,
+        Err(InitFailure::AlreadyInitialized(stale)) if reconnecting => {
+            tracing::warn!("module still initialised after C_Finalize; finalizing again");
+            if let Err(e) = stale.finalize() {
+                tracing::debug!(error = %describe(&e), "C_Finalize of a stale initialisation");
+            }
+            initialize(module)?
+        }
+        Err(InitFailure::AlreadyInitialized(_)) => return Err(already_initialized(module)),
+        Err(InitFailure::Other(e)) => return Err(e),
+    };
     match open_sessions(&ctx, label, pin, n) {
         Ok(sessions) => Ok((ctx, sessions)),
         Err(e) => {
@@ -1006,22 +1087,46 @@ fn connect(module: &Path, label: &str, pin: &AuthPin, n: usize) -> Result<(Pkcs1
 
 /// `Pkcs11::new` + `C_Initialize` with OS locking. Shared with [`crate::softhsm`].
 pub(crate) fn initialize(module: &Path) -> Result<Pkcs11> {
-    let module_err = |detail: String| HsmError::Module {
+    try_initialize(module).map_err(|failure| match failure {
+        InitFailure::AlreadyInitialized(_) => already_initialized(module),
+        InitFailure::Other(e) => e,
+    })
+}
+
+fn already_initialized(module: &Path) -> HsmError {
+    HsmError::Module {
         path: module.display().to_string(),
-        detail,
+        detail: "C_Initialize: CKR_CRYPTOKI_ALREADY_INITIALIZED (only one Pkcs11Hsm per module \
+                 may be live in a process)"
+            .into(),
+    }
+}
+
+enum InitFailure {
+    /// `CKR_CRYPTOKI_ALREADY_INITIALIZED`, with the (loaded, not initialised by us) module.
+    AlreadyInitialized(Pkcs11),
+    Other(HsmError),
+}
+
+fn try_initialize(module: &Path) -> std::result::Result<Pkcs11, InitFailure> {
+    let module_err = |detail: String| {
+        InitFailure::Other(HsmError::Module {
+            path: module.display().to_string(),
+            detail,
+        })
     };
     let ctx = Pkcs11::new(module).map_err(|e| module_err(e.to_string()))?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) => Ok(ctx),
-        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Err(module_err(
-            "C_Initialize: CKR_CRYPTOKI_ALREADY_INITIALIZED (only one Pkcs11Hsm per module may \
-             be live in a process)"
-                .into(),
-        )),
-        Err(CkError::Pkcs11(rv, _)) if is_outage(rv) => Err(HsmError::Unavailable {
-            function: "C_Initialize",
-            detail: ckr_name(rv),
-        }),
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            Err(InitFailure::AlreadyInitialized(ctx))
+        }
+        Err(CkError::Pkcs11(rv, _)) if is_outage(rv) => {
+            Err(InitFailure::Other(HsmError::Unavailable {
+                function: "C_Initialize",
+                detail: ckr_name(rv),
+            }))
+        }
         Err(e) => Err(module_err(format!("C_Initialize: {}", describe(&e)))),
     }
 }
@@ -1036,7 +1141,9 @@ pub(crate) fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot> {
         match ctx.get_token_info(slot) {
             Ok(info) if info.token_initialized() && info.label() == label => found.push(slot),
             Ok(_) => {}
-            Err(e) => tracing::debug!(%slot, error = %describe(&e), "C_GetTokenInfo failed; skipping slot"),
+            Err(e) => {
+                tracing::debug!(%slot, error = %describe(&e), "C_GetTokenInfo failed; skipping slot")
+            }
         }
     }
     match found.as_slice() {
@@ -1220,7 +1327,10 @@ mod tests {
             ckr_name(RvError::CryptokiNotInitialized),
             "CKR_CRYPTOKI_NOT_INITIALIZED"
         );
-        assert_eq!(ckr_name(RvError::VendorDefined(0x8000_0001)), "CKR_VENDOR_DEFINED(0x80000001)");
+        assert_eq!(
+            ckr_name(RvError::VendorDefined(0x8000_0001)),
+            "CKR_VENDOR_DEFINED(0x80000001)"
+        );
         for rv in [
             RvError::DeviceRemoved,
             RvError::DeviceError,

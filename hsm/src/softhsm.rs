@@ -29,10 +29,9 @@ use std::path::{Path, PathBuf};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::session::UserType;
-use cryptoki::types::AuthPin;
 
 use crate::pkcs11::{find_slot, initialize, login, plain_error};
-use crate::{HsmError, Result};
+use crate::{AuthPin, HsmError, Result};
 
 /// The SoftHSM2 configuration template (`hsm/softhsm/softhsm2.conf.in`); `@TOKENDIR@`
 /// stands for the absolute token directory.

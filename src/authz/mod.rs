@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::secret::{BearerToken, TokenHash};
-use crate::store::{Store, StoreError, TokenRecord};
+use crate::store::{Store, StoreError};
 
 /// How long a verified token is trusted without asking the store again.
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
@@ -56,11 +56,19 @@ pub enum AuthError {
     Store(#[source] StoreError),
 }
 
+/// A verified token, as cached.
+struct Verified {
+    hash: TokenHash,
+    expires_at: Option<i64>,
+    principal: Arc<Principal>,
+    checked: Instant,
+}
+
 /// Verifies bearer tokens against the store, with a short cache.
 pub struct Authenticator {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    cache: Mutex<HashMap<[u8; 32], (TokenRecord, Instant)>>,
+    cache: Mutex<HashMap<[u8; 32], Verified>>,
 }
 
 impl Authenticator {
@@ -74,51 +82,61 @@ impl Authenticator {
     }
 
     /// Authenticates a presented bearer token (`None` when the request had none).
-    pub async fn authenticate(&self, token: Option<BearerToken>) -> Result<Principal, AuthError> {
+    pub async fn authenticate(
+        &self,
+        token: Option<BearerToken>,
+    ) -> Result<Arc<Principal>, AuthError> {
         let token = token.ok_or(AuthError::Unauthenticated)?;
         if !token.expose().starts_with(BearerToken::PREFIX) {
             return Err(AuthError::Unauthenticated);
         }
         let hash = token.hash();
-        let record = match self.cached(&hash) {
-            Some(r) => r,
-            None => {
-                let r = match self.store.token_by_hash(&hash).await {
-                    Ok(r) => r,
-                    Err(StoreError::NotFound) => return Err(AuthError::Unauthenticated),
-                    Err(e) => return Err(AuthError::Store(e)),
-                };
-                if let Ok(mut c) = self.cache.lock() {
-                    if c.len() > 10_000 {
-                        c.clear();
-                    }
-                    c.insert(hash.0, (r.clone(), Instant::now()));
-                }
-                r
-            }
+        let now = self.clock.now_ms();
+        if let Some(p) = self.cached(&hash, now) {
+            return Ok(p);
+        }
+        let record = match self.store.token_by_hash(&hash).await {
+            Ok(r) => r,
+            Err(StoreError::NotFound) => return Err(AuthError::Unauthenticated),
+            Err(e) => return Err(AuthError::Store(e)),
         };
         // The store matched the hash; compare again in constant time before trusting it.
         if record.hash != hash || record.revoked_at.is_some() {
             return Err(AuthError::Unauthenticated);
         }
-        if record
-            .expires_at
-            .is_some_and(|exp| exp <= self.clock.now_ms())
-        {
+        if record.expires_at.is_some_and(|exp| exp <= now) {
             return Err(AuthError::Unauthenticated);
         }
-        Ok(Principal {
+        let principal = Arc::new(Principal {
             name: record.principal,
             method: AuthMethod::Token {
                 token_id: record.id,
             },
             roles: record.roles,
-        })
+        });
+        if let Ok(mut c) = self.cache.lock() {
+            if c.len() > 10_000 {
+                c.clear();
+            }
+            c.insert(
+                hash.0,
+                Verified {
+                    hash,
+                    expires_at: record.expires_at,
+                    principal: Arc::clone(&principal),
+                    checked: Instant::now(),
+                },
+            );
+        }
+        Ok(principal)
     }
 
-    fn cached(&self, hash: &TokenHash) -> Option<TokenRecord> {
+    fn cached(&self, hash: &TokenHash, now: i64) -> Option<Arc<Principal>> {
         let c = self.cache.lock().ok()?;
-        let (rec, at) = c.get(&hash.0)?;
-        (at.elapsed() < TOKEN_CACHE_TTL).then(|| rec.clone())
+        let v = c.get(&hash.0)?;
+        let fresh = v.checked.elapsed() < TOKEN_CACHE_TTL
+            && v.hash == *hash
+            && v.expires_at.is_none_or(|exp| exp > now);
+        fresh.then(|| Arc::clone(&v.principal))
     }
 }

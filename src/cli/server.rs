@@ -242,7 +242,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, "listening (dev mode, plaintext, loopback only)");
     serve(
-        tonic::transport::server::TcpIncoming::from(listener),
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         svc,
         cfg.serve.clone(),
         hex::encode(prefix),

@@ -453,3 +453,162 @@ impl Store for SqlStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    //! The store contract, on SQLite. (The PostgreSQL back end will run the same cases.)
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqlStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqlStore::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        (dir, s)
+    }
+
+    fn new_key(name: &str, n: u8) -> NewKey {
+        NewKey {
+            id: KeyId::from_random([n; 16]),
+            name: KeyName::parse(name).unwrap(),
+            description: "d".into(),
+            first_hsm_id: ObjectId([n; 16]),
+            now: 1000,
+        }
+    }
+
+    #[tokio::test]
+    async fn create_get_list() {
+        let (_d, s) = store().await;
+        let k = s.create_key(&new_key("a", 1)).await.unwrap();
+        assert_eq!(k.primary_version, 1);
+        assert_eq!(k.versions.len(), 1);
+        assert_eq!(k.versions[0].state, VersionState::Enabled);
+        assert_eq!(s.key_by_name(&k.name).await.unwrap().id, k.id);
+        assert_eq!(s.key_by_id(&k.id).await.unwrap().name, k.name);
+        s.create_key(&new_key("b", 2)).await.unwrap();
+        s.create_key(&new_key("c", 3)).await.unwrap();
+        let page = s.list_keys(None, 2).await.unwrap();
+        assert_eq!(page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let page = s.list_keys(Some("b"), 2).await.unwrap();
+        assert_eq!(page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert!(matches!(
+            s.key_by_name(&KeyName::parse("zz").unwrap()).await,
+            Err(StoreError::NotFound)
+        ));
+        // Reopening applies no migration twice and keeps the data.
+        drop(s);
+        let s = SqlStore::open_sqlite(&_d.path().join("t.db")).await.unwrap();
+        assert_eq!(s.list_keys(None, 10).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn names_and_objects_are_unique() {
+        let (_d, s) = store().await;
+        s.create_key(&new_key("a", 1)).await.unwrap();
+        let mut dup = new_key("a", 2);
+        assert!(matches!(s.create_key(&dup).await, Err(StoreError::AlreadyExists)));
+        dup.name = KeyName::parse("b").unwrap();
+        dup.first_hsm_id = ObjectId([1; 16]);
+        assert!(matches!(s.create_key(&dup).await, Err(StoreError::AlreadyExists)));
+        // Nothing of the failed create remains.
+        assert!(s.key_by_name(&dup.name).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn versions_are_consecutive() {
+        let (_d, s) = store().await;
+        let k = s.create_key(&new_key("a", 1)).await.unwrap();
+        let k2 = s.add_version(&k.id, 2, &ObjectId([9; 16]), 2000).await.unwrap();
+        assert_eq!(k2.primary_version, 2);
+        assert_eq!(k2.versions.len(), 2);
+        // A lost race (same number) and a gap are refused.
+        assert!(matches!(
+            s.add_version(&k.id, 2, &ObjectId([8; 16]), 2000).await,
+            Err(StoreError::AlreadyExists)
+        ));
+        assert!(matches!(
+            s.add_version(&k.id, 4, &ObjectId([8; 16]), 2000).await,
+            Err(StoreError::AlreadyExists)
+        ));
+        assert!(matches!(
+            s.add_version(&KeyId([7; 16]), 2, &ObjectId([8; 16]), 2000).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn state_changes_are_conditional_and_checked_by_the_database() {
+        let (_d, s) = store().await;
+        let k = s.create_key(&new_key("a", 1)).await.unwrap();
+        use VersionState::*;
+        let r = s
+            .set_version_state(&k.id, 1, &[Enabled], Disabled, 5)
+            .await
+            .unwrap();
+        assert_eq!(r.versions[0].state, Disabled);
+        assert!(matches!(
+            s.set_version_state(&k.id, 1, &[Enabled], Disabled, 6).await,
+            Err(StoreError::StateConflict { current: "DISABLED" })
+        ));
+        // The trigger refuses an illegal edge even when Rust would allow it.
+        assert!(s
+            .set_version_state(&k.id, 1, &[Disabled], Destroyed, 7)
+            .await
+            .is_err());
+        assert_eq!(s.key_by_id(&k.id).await.unwrap().versions[0].state, Disabled);
+        // Direct SQL cannot delete keys or versions, nor resurrect a destroyed version.
+        assert!(sqlx::query("DELETE FROM keys").execute(&s.writer).await.is_err());
+        assert!(sqlx::query("DELETE FROM key_versions").execute(&s.writer).await.is_err());
+        s.set_version_state(&k.id, 1, &[Disabled], ScheduledForDestruction, 8)
+            .await
+            .unwrap();
+        let r = s
+            .set_version_state(&k.id, 1, &[ScheduledForDestruction], Destroyed, 9)
+            .await
+            .unwrap();
+        assert_eq!(r.versions[0].destroyed_at, Some(9));
+        assert!(sqlx::query("UPDATE key_versions SET state = 'ENABLED'")
+            .execute(&s.writer)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn wrap_reservations_add_up() {
+        let (_d, s) = store().await;
+        let k = s.create_key(&new_key("a", 1)).await.unwrap();
+        assert_eq!(s.reserve_wraps(&k.id, 1, 100).await.unwrap(), 100);
+        assert_eq!(s.reserve_wraps(&k.id, 1, 28).await.unwrap(), 128);
+        assert!(matches!(
+            s.reserve_wraps(&k.id, 9, 1).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn tokens_by_hash_only() {
+        let (_d, s) = store().await;
+        let t = crate::secret::BearerToken::from_random(&[5; 32]);
+        let rec = TokenRecord {
+            id: "tok_1".into(),
+            hash: t.hash(),
+            principal: "p".into(),
+            roles: vec!["admin".into(), "x".into()],
+            created_at: 1,
+            expires_at: Some(2),
+            revoked_at: None,
+        };
+        s.insert_token(&rec).await.unwrap();
+        let got = s.token_by_hash(&t.hash()).await.unwrap();
+        assert_eq!(got.roles, ["admin", "x"]);
+        assert_eq!(got.expires_at, Some(2));
+        assert!(matches!(s.insert_token(&rec).await, Err(StoreError::AlreadyExists)));
+        let other = crate::secret::BearerToken::from_random(&[6; 32]);
+        assert!(matches!(s.token_by_hash(&other.hash()).await, Err(StoreError::NotFound)));
+        let stored: String = sqlx::query_scalar("SELECT token_hash FROM tokens")
+            .fetch_one(&s.reader)
+            .await
+            .unwrap();
+        assert!(!stored.contains(t.expose()));
+    }
+}

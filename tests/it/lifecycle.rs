@@ -1,0 +1,317 @@
+//! Key lifecycle: rotation and rewrap, disable and enable, and a restart on the same
+//! data dir.
+
+use tonic::Code;
+
+use crate::support::{assert_code, create_key, ctx, generate, rotate, unwrap, uuid_bytes, TestArca};
+use arca::grpc::pb;
+
+fn version_in(blob: &[u8]) -> u32 {
+    u32::from_be_bytes(blob[17..21].try_into().expect("4 bytes"))
+}
+
+fn state_of(key: &pb::Key, version: u32) -> pb::KeyVersionState {
+    key.versions
+        .iter()
+        .find(|v| v.version == version)
+        .unwrap_or_else(|| panic!("no version {version} in {key:?}"))
+        .state()
+}
+
+#[tokio::test]
+async fn rotation_wraps_under_v2_keeps_v1_unwrapping_and_rewrap_moves_blobs() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    let key = create_key(&mut c, "rotating").await;
+    let context = ctx(&[("tenant", "t-9")]);
+    let old = generate(&mut c, "rotating", &context).await;
+    assert_eq!(old.key_version, 1);
+    let old_wrapped = c
+        .wrap_key(pb::WrapKeyRequest {
+            key_name: "rotating".into(),
+            plaintext: vec![7u8; 24],
+            context: context.clone(),
+        })
+        .await
+        .expect("WrapKey v1")
+        .into_inner();
+    assert_eq!(old_wrapped.key_version, 1);
+
+    let rotated = rotate(&mut c, "rotating").await;
+    assert_eq!(rotated.primary_version, 2);
+    assert_eq!(rotated.id, key.id, "rotation changed the key id");
+    assert_eq!(rotated.versions.len(), 2);
+    assert_eq!(state_of(&rotated, 1), pb::KeyVersionState::Enabled);
+    assert_eq!(state_of(&rotated, 2), pb::KeyVersionState::Enabled);
+    let got = c
+        .get_key(pb::GetKeyRequest {
+            name: "rotating".into(),
+        })
+        .await
+        .expect("GetKey")
+        .into_inner();
+    assert_eq!(got.primary_version, 2);
+
+    // New wraps carry v2.
+    let new = generate(&mut c, "rotating", &context).await;
+    assert_eq!(new.key_version, 2);
+    assert_eq!(version_in(&new.wrapped_key), 2);
+    assert_eq!(new.wrapped_key[1..17], uuid_bytes(&key.id));
+    let new_wrapped = c
+        .wrap_key(pb::WrapKeyRequest {
+            key_name: "rotating".into(),
+            plaintext: vec![9u8; 40],
+            context: context.clone(),
+        })
+        .await
+        .expect("WrapKey v2")
+        .into_inner();
+    assert_eq!(new_wrapped.key_version, 2);
+    assert_eq!(version_in(&new_wrapped.wrapped_key), 2);
+    let u = unwrap(&mut c, &new.wrapped_key, &context).await.expect("unwrap v2");
+    assert_eq!((u.plaintext, u.key_version), (new.plaintext.clone(), 2));
+
+    // v1 blobs still unwrap.
+    let u = unwrap(&mut c, &old.wrapped_key, &context).await.expect("unwrap v1 after rotation");
+    assert_eq!((u.plaintext, u.key_version), (old.plaintext.clone(), 1));
+    let u = unwrap(&mut c, &old_wrapped.wrapped_key, &context).await.expect("unwrap v1 WrapKey");
+    assert_eq!(u.plaintext, vec![7u8; 24]);
+
+    // RewrapKey moves a v1 blob to v2; the result unwraps to the same key.
+    let rw = c
+        .rewrap_key(pb::RewrapKeyRequest {
+            wrapped_key: old.wrapped_key.clone(),
+            context: context.clone(),
+        })
+        .await
+        .expect("RewrapKey")
+        .into_inner();
+    assert_eq!(rw.key_version, 2);
+    assert_eq!(rw.key_name, "rotating");
+    assert_eq!(version_in(&rw.wrapped_key), 2);
+    assert_eq!(rw.wrapped_key[1..17], uuid_bytes(&key.id));
+    assert_ne!(rw.wrapped_key, old.wrapped_key);
+    let u = unwrap(&mut c, &rw.wrapped_key, &context).await.expect("unwrap rewrapped");
+    assert_eq!((u.plaintext, u.key_version), (old.plaintext.clone(), 2));
+    let rw2 = c
+        .rewrap_key(pb::RewrapKeyRequest {
+            wrapped_key: old_wrapped.wrapped_key.clone(),
+            context: context.clone(),
+        })
+        .await
+        .expect("RewrapKey of WrapKey output")
+        .into_inner();
+    let u = unwrap(&mut c, &rw2.wrapped_key, &context).await.expect("unwrap rewrapped 2");
+    assert_eq!(u.plaintext, vec![7u8; 24]);
+
+    // Rewrap keeps the context binding: the wrong context is refused, and the rewrapped
+    // blob does not unwrap under another context either.
+    let s = assert_code(
+        c.rewrap_key(pb::RewrapKeyRequest {
+            wrapped_key: old.wrapped_key.clone(),
+            context: ctx(&[("tenant", "other")]),
+        })
+        .await,
+        Code::InvalidArgument,
+        "RewrapKey with the wrong context",
+    );
+    assert_eq!(s.message(), crate::support::INVALID_WRAPPED);
+    assert_code(
+        unwrap(&mut c, &rw.wrapped_key, &ctx(&[])).await,
+        Code::InvalidArgument,
+        "rewrapped blob under another context",
+    );
+
+    // A third rotation: v3 primary, v1 and v2 blobs still unwrap, and rewrap goes to v3.
+    let r3 = rotate(&mut c, "rotating").await;
+    assert_eq!(r3.primary_version, 3);
+    for (blob, pt) in [(&old.wrapped_key, &old.plaintext), (&new.wrapped_key, &new.plaintext)] {
+        let u = unwrap(&mut c, blob, &context).await.expect("unwrap after 2nd rotation");
+        assert_eq!(&u.plaintext, pt);
+    }
+    let rw3 = c
+        .rewrap_key(pb::RewrapKeyRequest {
+            wrapped_key: new.wrapped_key.clone(),
+            context: context.clone(),
+        })
+        .await
+        .expect("RewrapKey v2 -> v3")
+        .into_inner();
+    assert_eq!(rw3.key_version, 3);
+    let u = unwrap(&mut c, &rw3.wrapped_key, &context).await.expect("unwrap v3");
+    assert_eq!(u.plaintext, new.plaintext);
+}
+
+#[tokio::test]
+async fn a_disabled_version_refuses_unwrap_and_enabling_restores_it() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "suspend").await;
+    let context = ctx(&[("patient", "p-1")]);
+    let v1 = generate(&mut c, "suspend", &context).await;
+    rotate(&mut c, "suspend").await;
+    let v2 = generate(&mut c, "suspend", &context).await;
+    assert_eq!(v2.key_version, 2);
+
+    let admin = c.clone();
+    let set = move |version: u32, enable: bool| {
+        let mut c = admin.clone();
+        async move {
+            let req = pb::KeyVersionRequest {
+                name: "suspend".into(),
+                version,
+            };
+            let r = if enable {
+                c.enable_key_version(req).await
+            } else {
+                c.disable_key_version(req).await
+            };
+            r.expect("Disable/EnableKeyVersion")
+                .into_inner()
+                .key
+                .expect("key in AdminResponse")
+        }
+    };
+
+    // Disable v1: its blobs are refused with FAILED_PRECONDITION, at once.
+    let k = set(1, false).await;
+    assert_eq!(state_of(&k, 1), pb::KeyVersionState::Disabled);
+    assert_eq!(state_of(&k, 2), pb::KeyVersionState::Enabled);
+    assert_code(unwrap(&mut c, &v1.wrapped_key, &context).await, Code::FailedPrecondition, "unwrap under disabled v1");
+    assert_code(
+        c.rewrap_key(pb::RewrapKeyRequest {
+            wrapped_key: v1.wrapped_key.clone(),
+            context: context.clone(),
+        })
+        .await,
+        Code::FailedPrecondition,
+        "rewrap from disabled v1",
+    );
+    // The other version is unaffected, and the primary still wraps.
+    let u = unwrap(&mut c, &v2.wrapped_key, &context).await.expect("v2 while v1 disabled");
+    assert_eq!(u.plaintext, v2.plaintext);
+    generate(&mut c, "suspend", &context).await;
+    let got = c
+        .get_key(pb::GetKeyRequest {
+            name: "suspend".into(),
+        })
+        .await
+        .expect("GetKey")
+        .into_inner();
+    assert_eq!(state_of(&got, 1), pb::KeyVersionState::Disabled);
+
+    // Disabling again is harmless; enabling restores unwrap.
+    set(1, false).await;
+    let k = set(1, true).await;
+    assert_eq!(state_of(&k, 1), pb::KeyVersionState::Enabled);
+    let u = unwrap(&mut c, &v1.wrapped_key, &context).await.expect("v1 after enable");
+    assert_eq!(u.plaintext, v1.plaintext);
+
+    // Disabling the primary stops wrapping and unwrapping under it; enabling restores both.
+    set(2, false).await;
+    assert_code(unwrap(&mut c, &v2.wrapped_key, &context).await, Code::FailedPrecondition, "unwrap under disabled primary");
+    assert_code(
+        c.generate_data_key(pb::GenerateDataKeyRequest {
+            key_name: "suspend".into(),
+            context: context.clone(),
+            without_plaintext: false,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "generate under a disabled primary",
+    );
+    assert_code(
+        c.wrap_key(pb::WrapKeyRequest {
+            key_name: "suspend".into(),
+            plaintext: vec![1; 32],
+            context: context.clone(),
+        })
+        .await,
+        Code::FailedPrecondition,
+        "wrap under a disabled primary",
+    );
+    set(2, true).await;
+    let u = unwrap(&mut c, &v2.wrapped_key, &context).await.expect("v2 after enable");
+    assert_eq!(u.plaintext, v2.plaintext);
+    generate(&mut c, "suspend", &context).await;
+
+    // Versions that do not exist.
+    for v in [0u32, 3, 99] {
+        let r = c
+            .disable_key_version(pb::KeyVersionRequest {
+                name: "suspend".into(),
+                version: v,
+            })
+            .await;
+        assert_code(r, Code::NotFound, &format!("disable version {v}"));
+    }
+}
+
+#[tokio::test]
+async fn restart_on_the_same_data_dir_keeps_keys_tokens_and_blobs() {
+    let mut arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    let key = create_key(&mut c, "durable").await;
+    create_key(&mut c, "durable-2").await;
+    let context = ctx(&[("tenant", "t-1")]);
+    let v1 = generate(&mut c, "durable", &context).await;
+    rotate(&mut c, "durable").await;
+    let v2 = generate(&mut c, "durable", &context).await;
+    c.disable_key_version(pb::KeyVersionRequest {
+        name: "durable-2".into(),
+        version: 1,
+    })
+    .await
+    .expect("disable");
+    let token_before = arca.token().to_string();
+    drop(c);
+
+    arca.restart().await; // asserts a clean exit 0 on SIGTERM
+    assert_eq!(arca.token(), token_before, "dev token changed across restart");
+    let mut c = arca.client().await;
+
+    let k = c
+        .get_key(pb::GetKeyRequest {
+            name: "durable".into(),
+        })
+        .await
+        .expect("GetKey after restart")
+        .into_inner();
+    assert_eq!(k.id, key.id);
+    assert_eq!(k.primary_version, 2);
+    assert_eq!(k.versions.len(), 2);
+    let k2 = c
+        .get_key(pb::GetKeyRequest {
+            name: "durable-2".into(),
+        })
+        .await
+        .expect("GetKey durable-2")
+        .into_inner();
+    assert_eq!(state_of(&k2, 1), pb::KeyVersionState::Disabled, "state lost on restart");
+
+    for (blob, pt, v) in [(&v1.wrapped_key, &v1.plaintext, 1), (&v2.wrapped_key, &v2.plaintext, 2)] {
+        let u = unwrap(&mut c, blob, &context).await.expect("old blob after restart");
+        assert_eq!(&u.plaintext, pt);
+        assert_eq!(u.key_version, v);
+    }
+    let fresh = generate(&mut c, "durable", &context).await;
+    assert_eq!(fresh.key_version, 2);
+    let u = unwrap(&mut c, &fresh.wrapped_key, &context).await.expect("new blob");
+    assert_eq!(u.plaintext, fresh.plaintext);
+    assert_code(
+        c.create_key(pb::CreateKeyRequest {
+            name: "durable".into(),
+            description: String::new(),
+        })
+        .await,
+        Code::AlreadyExists,
+        "name reuse after restart",
+    );
+
+    // And once more, to be sure the second start did not change anything either.
+    drop(c);
+    arca.restart().await;
+    let mut c = arca.client().await;
+    let u = unwrap(&mut c, &v1.wrapped_key, &context).await.expect("v1 after 2nd restart");
+    assert_eq!(u.plaintext, v1.plaintext);
+}

@@ -1,0 +1,455 @@
+//! Test support: [`TestArca`] runs the real `arca` binary in dev mode (real SoftHSM,
+//! real SQLite) in its own temporary directory on a free loopback port, and hands out
+//! connected gRPC clients that carry the dev token.
+//!
+//! Every `TestArca` owns exactly one child process at a time (the PID it spawned; `arca
+//! server --dev` re-executes itself under the same PID) and kills only that PID when
+//! dropped. Nothing here ships in the library.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use arca::grpc::pb;
+use arca::grpc::pb::key_service_client::KeyServiceClient;
+use tempfile::TempDir;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The one message of every wrapped-key failure (DESIGN §4, habit 4).
+pub const INVALID_WRAPPED: &str = "invalid wrapped key or encryption context";
+
+/// How long a server may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a server may take to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The path of the binary under test.
+pub fn arca_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_arca")
+}
+
+/// Adds `authorization: <value>` to every request (or nothing, for `None`).
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A `KeyService` client with an authorization header (or none).
+pub type KeyClient = KeyServiceClient<InterceptedService<Channel, Auth>>;
+
+/// Options of a server run.
+#[derive(Clone, Default)]
+pub struct Builder {
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Builder {
+    /// An extra argument after `arca server --dev --data-dir DIR --listen 127.0.0.1:0`.
+    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// An environment variable of the server process.
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts a server in a fresh temporary directory.
+    pub async fn start(self) -> TestArca {
+        let root = tempfile::Builder::new()
+            .prefix("arca-it-")
+            .tempdir()
+            .expect("temp dir");
+        let data_dir = root.path().join("data");
+        let mut arca = TestArca {
+            root,
+            data_dir,
+            opts: self,
+            child: None,
+            addr: None,
+            token: String::new(),
+            runs: 0,
+            log: PathBuf::new(),
+        };
+        arca.spawn().await;
+        arca
+    }
+}
+
+/// A running `arca server --dev` and its data dir.
+pub struct TestArca {
+    root: TempDir,
+    data_dir: PathBuf,
+    opts: Builder,
+    child: Option<Child>,
+    addr: Option<SocketAddr>,
+    token: String,
+    runs: u32,
+    log: PathBuf,
+}
+
+impl TestArca {
+    /// Options for a server.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A dev server with default options.
+    pub async fn start() -> TestArca {
+        Builder::default().start().await
+    }
+
+    /// The listening address of the current run.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("server not running")
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// The dev admin token (`arca_…`).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The server's data dir (`--data-dir`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The temporary directory holding the data dir and the server logs.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// PID of the current server process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not running").id()
+    }
+
+    /// True while the current server process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The current run's stderr (the server log).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every run's log, concatenated.
+    pub fn all_logs(&self) -> String {
+        (1..=self.runs)
+            .map(|n| std::fs::read_to_string(self.log_path(n)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn log_path(&self, run: u32) -> PathBuf {
+        self.root.path().join(format!("arca-{run}.log"))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.runs += 1;
+        self.log = self.log_path(self.runs);
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let mut cmd = Command::new(arca_bin());
+        cmd.arg("server")
+            .arg("--dev")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(&self.opts.args)
+            // Nothing from the caller's environment may pick another HSM.
+            .env_remove("ARCA_HSM_MODULE")
+            .env_remove("SOFTHSM2_CONF")
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("spawn arca server");
+        let stdout = child.stdout.take().expect("stdout");
+        self.child = Some(child);
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            // Keeps draining stdout for the life of the process.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // Once nobody listens any more, keep reading so the child never blocks.
+                let _ = tx.send(line);
+            }
+        });
+        let started = Instant::now();
+        let addr = loop {
+            let line = match tokio::time::timeout(
+                START_TIMEOUT.saturating_sub(started.elapsed()),
+                rx.recv(),
+            )
+            .await
+            {
+                Ok(Some(line)) => line,
+                Ok(None) => panic!(
+                    "arca server exited before listening ({:?}); log:\n{}",
+                    self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()),
+                    self.log_tail()
+                ),
+                Err(_) => panic!(
+                    "arca server did not print its listening line within {START_TIMEOUT:?}; log:\n{}",
+                    self.log_tail()
+                ),
+            };
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest
+                    .trim()
+                    .parse::<SocketAddr>()
+                    .unwrap_or_else(|e| panic!("bad listening line {line:?}: {e}"));
+            }
+        };
+        assert!(addr.ip().is_loopback(), "dev server listens on {addr}");
+        self.addr = Some(addr);
+        self.token = std::fs::read_to_string(self.data_dir.join("dev-token"))
+            .expect("DIR/dev-token")
+            .trim()
+            .to_string();
+        assert!(self.token.starts_with("arca_"), "dev token format");
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit status.
+    pub async fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("server not running");
+        self.addr = None;
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "arca server ignored SIGTERM for {STOP_TIMEOUT:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server (SIGTERM; it must exit 0) and starts it again on the same data
+    /// dir with the same options (on a new port).
+    pub async fn restart(&mut self) {
+        let status = self.stop().await;
+        assert!(status.success(), "arca server exit on SIGTERM: {status}");
+        self.spawn().await;
+    }
+
+    /// Starts the server again (it must be stopped) with other extra arguments and
+    /// environment.
+    pub async fn start_with(&mut self, opts: Builder) {
+        self.opts = opts;
+        self.spawn().await;
+    }
+
+    /// A new connection to the server.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .expect("connect to arca")
+    }
+
+    /// A client carrying the dev token.
+    pub async fn client(&self) -> KeyClient {
+        let header = format!("Bearer {}", self.token);
+        self.client_with_header(Some(&header)).await
+    }
+
+    /// A client sending `authorization: <header>`, or no such header for `None`.
+    pub async fn client_with_header(&self, header: Option<&str>) -> KeyClient {
+        let value = header.map(|h| h.parse().expect("header value"));
+        KeyServiceClient::with_interceptor(self.channel().await, Auth(value))
+    }
+
+    /// A health client (no credentials).
+    pub async fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel().await)
+    }
+}
+
+impl Drop for TestArca {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- arca server log ({}) ---\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+    }
+}
+
+/// Sends `SIG<name>` to one process.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// A context map.
+pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `n` random bytes from the OS.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("OS randomness");
+    b
+}
+
+/// The 16 bytes of a hyphenated UUID.
+pub fn uuid_bytes(id: &str) -> [u8; 16] {
+    *uuid::Uuid::parse_str(id).expect("uuid").as_bytes()
+}
+
+/// Asserts the status code, with the status in the failure message.
+#[track_caller]
+pub fn assert_code<T>(r: Result<T, Status>, code: Code, what: &str) -> Status {
+    match r {
+        Ok(_) => panic!("{what}: expected {code:?}, got OK"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {s:?}");
+            s
+        }
+    }
+}
+
+/// Creates a key; panics on failure.
+pub async fn create_key(c: &mut KeyClient, name: &str) -> pb::Key {
+    c.create_key(pb::CreateKeyRequest {
+        name: name.to_string(),
+        description: String::new(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("CreateKey {name}: {s:?}"))
+    .into_inner()
+}
+
+/// Generates a data key with its plaintext; panics on failure.
+pub async fn generate(
+    c: &mut KeyClient,
+    name: &str,
+    context: &HashMap<String, String>,
+) -> pb::GenerateDataKeyResponse {
+    c.generate_data_key(pb::GenerateDataKeyRequest {
+        key_name: name.to_string(),
+        context: context.clone(),
+        without_plaintext: false,
+    })
+    .await
+    .unwrap_or_else(|s| panic!("GenerateDataKey {name}: {s:?}"))
+    .into_inner()
+}
+
+/// Unwraps a wrapped key.
+pub async fn unwrap(
+    c: &mut KeyClient,
+    wrapped: &[u8],
+    context: &HashMap<String, String>,
+) -> Result<pb::UnwrapKeyResponse, Status> {
+    c.unwrap_key(pb::UnwrapKeyRequest {
+        wrapped_key: wrapped.to_vec(),
+        context: context.clone(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Rotates a key; panics on failure; returns the key as it is after rotation.
+pub async fn rotate(c: &mut KeyClient, name: &str) -> pb::Key {
+    c.rotate_key(pb::RotateKeyRequest {
+        name: name.to_string(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("RotateKey {name}: {s:?}"))
+    .into_inner()
+    .key
+    .expect("RotateKey answered an approval request instead of the key")
+}
+
+/// The health status of `service` ("" for the server as a whole).
+pub async fn health_status(h: &mut HealthClient<Channel>, service: &str) -> Result<ServingStatus, Status> {
+    h.check(HealthCheckRequest {
+        service: service.to_string(),
+    })
+    .await
+    .map(|r| r.into_inner().status())
+}
+
+/// Polls health until it reports `want`; returns how long that took, or `None` after
+/// `within`.
+pub async fn wait_health(
+    h: &mut HealthClient<Channel>,
+    want: ServingStatus,
+    within: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Ok(s) = tokio::time::timeout(Duration::from_secs(1), health_status(h, "")).await {
+            if s.ok() == Some(want) {
+                return Some(start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}

@@ -1,0 +1,173 @@
+//! Every way a wrapped key can be wrong fails the same way: `INVALID_ARGUMENT` with one
+//! fixed message, whatever part was wrong (format, key id, version, IV, ciphertext, tag,
+//! length or encryption context). Nothing tells an attacker which part failed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tokio::task::JoinSet;
+use tonic::Code;
+
+use crate::support::{create_key, ctx, generate, rotate, unwrap, KeyClient, TestArca, INVALID_WRAPPED};
+
+/// Calls in flight at once.
+const IN_FLIGHT: usize = 32;
+
+/// Which field of a v1 blob byte `i` belongs to.
+fn field(i: usize) -> &'static str {
+    match i {
+        0 => "format",
+        1..=16 => "key id",
+        17..=20 => "version",
+        21..=32 => "IV",
+        33..=64 => "ciphertext",
+        _ => "tag",
+    }
+}
+
+/// Unwraps every case concurrently; returns each case's outcome: `Ok(())` for an
+/// unexpected success, `Err((code, message))` otherwise.
+async fn unwrap_all(
+    c: &KeyClient,
+    cases: Vec<(String, Vec<u8>, HashMap<String, String>)>,
+) -> Vec<(String, Result<(), (Code, String)>)> {
+    let mut set = JoinSet::new();
+    let mut out = Vec::with_capacity(cases.len());
+    for (what, blob, context) in cases {
+        if set.len() >= IN_FLIGHT {
+            out.push(set.join_next().await.expect("task").expect("join"));
+        }
+        let mut c = c.clone();
+        set.spawn(async move {
+            let r = unwrap(&mut c, &blob, &context)
+                .await
+                .map(|_| ())
+                .map_err(|s| (s.code(), s.message().to_string()));
+            (what, r)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        out.push(r.expect("join"));
+    }
+    out
+}
+
+/// Asserts every outcome is INVALID_ARGUMENT with the one message.
+fn assert_all_invalid(outcomes: &[(String, Result<(), (Code, String)>)]) {
+    let mut messages: BTreeMap<String, usize> = BTreeMap::new();
+    let mut wrong = Vec::new();
+    for (what, r) in outcomes {
+        match r {
+            Ok(()) => wrong.push(format!("{what}: unwrapped successfully")),
+            Err((code, msg)) => {
+                *messages.entry(msg.clone()).or_default() += 1;
+                if *code != Code::InvalidArgument {
+                    wrong.push(format!("{what}: {code:?} {msg:?}"));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} tampered wrapped keys were not INVALID_ARGUMENT:\n{}",
+        wrong.len(),
+        outcomes.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(
+        messages.len(),
+        1,
+        "the error message differs between cases (it tells which part failed): {messages:?}"
+    );
+    assert_eq!(
+        messages.keys().next().map(String::as_str),
+        Some(INVALID_WRAPPED),
+        "the one message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bit_flip_truncation_and_extension_is_one_invalid_argument() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "tamper").await;
+    let context = ctx(&[("tenant", "t-1"), ("record", "42")]);
+    let dk = generate(&mut c, "tamper", &context).await;
+    let blob = dk.wrapped_key.clone();
+    assert_eq!(blob.len(), 81);
+    // Versions 2 and 3 exist too, so some flipped version numbers (1 -> 3) name a real,
+    // enabled version: those must fail authentication, not merely lookup.
+    rotate(&mut c, "tamper").await;
+    rotate(&mut c, "tamper").await;
+    // A second key, so that the server has more than one key id to confuse.
+    create_key(&mut c, "tamper-other").await;
+
+    let mut cases = Vec::new();
+    for i in 0..blob.len() {
+        for bit in 0..8 {
+            let mut b = blob.clone();
+            b[i] ^= 1 << bit;
+            cases.push((format!("byte {i} ({}) bit {bit} flipped", field(i)), b, context.clone()));
+        }
+    }
+    for n in 0..blob.len() {
+        cases.push((format!("truncated to {n} bytes"), blob[..n].to_vec(), context.clone()));
+    }
+    for extra in [0x00u8, 0x01, 0xff] {
+        let mut b = blob.clone();
+        b.push(extra);
+        cases.push((format!("byte {extra:#04x} appended"), b, context.clone()));
+    }
+    let mut doubled = blob.clone();
+    doubled.extend_from_slice(&blob);
+    cases.push(("blob repeated twice".into(), doubled, context.clone()));
+    assert_eq!(cases.len(), 81 * 8 + 81 + 4);
+
+    let outcomes = unwrap_all(&c, cases).await;
+    assert_all_invalid(&outcomes);
+
+    // The original still unwraps: the failures above were about the tampering.
+    let u = unwrap(&mut c, &blob, &context).await.expect("untampered blob");
+    assert_eq!(u.plaintext, dk.plaintext);
+}
+
+#[tokio::test]
+async fn a_changed_missing_or_extra_context_entry_is_invalid_argument() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "ctx").await;
+    let context = ctx(&[("tenant", "t-1"), ("record", "42")]);
+    let dk = generate(&mut c, "ctx", &context).await;
+    let no_ctx = generate(&mut c, "ctx", &ctx(&[])).await;
+
+    let b = dk.wrapped_key.clone();
+    let cases = vec![
+        ("value changed", b.clone(), ctx(&[("tenant", "t-2"), ("record", "42")])),
+        ("value case changed", b.clone(), ctx(&[("tenant", "T-1"), ("record", "42")])),
+        ("value emptied", b.clone(), ctx(&[("tenant", ""), ("record", "42")])),
+        ("key renamed", b.clone(), ctx(&[("tenant2", "t-1"), ("record", "42")])),
+        ("key and value swapped", b.clone(), ctx(&[("t-1", "tenant"), ("record", "42")])),
+        ("entry missing", b.clone(), ctx(&[("tenant", "t-1")])),
+        ("other entry missing", b.clone(), ctx(&[("record", "42")])),
+        ("no context", b.clone(), ctx(&[])),
+        ("extra entry", b.clone(), ctx(&[("tenant", "t-1"), ("record", "42"), ("x", "y")])),
+        ("extra empty entry", b.clone(), ctx(&[("tenant", "t-1"), ("record", "42"), ("z", "")])),
+        (
+            "boundary moved between key and value",
+            b.clone(),
+            ctx(&[("tenan", "tt-1"), ("record", "42")]),
+        ),
+        ("context added to a blob made without one", no_ctx.wrapped_key.clone(), ctx(&[("tenant", "t-1")])),
+    ];
+    let cases = cases
+        .into_iter()
+        .map(|(w, b, c)| (w.to_string(), b, c))
+        .collect();
+    let outcomes = unwrap_all(&c, cases).await;
+    assert_all_invalid(&outcomes);
+
+    // The right contexts still work.
+    let u = unwrap(&mut c, &b, &context).await.expect("right context");
+    assert_eq!(u.plaintext, dk.plaintext);
+    let u = unwrap(&mut c, &no_ctx.wrapped_key, &ctx(&[])).await.expect("empty context");
+    assert_eq!(u.plaintext, no_ctx.plaintext);
+}
