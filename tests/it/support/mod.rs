@@ -145,11 +145,6 @@ impl TestArca {
         self.root.path()
     }
 
-    /// PID of the current server process.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("server not running").id()
-    }
-
     /// True while the current server process has not exited.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
