@@ -4,10 +4,7 @@
 //! `{:?}` anywhere can print a data key; the crate implements a redacting `Debug` for them.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
-        "proto/arca/v1/keys.proto",
-        "proto/arca/v1/quorum.proto",
-    ];
+    let protos = ["proto/arca/v1/keys.proto", "proto/arca/v1/quorum.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

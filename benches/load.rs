@@ -42,7 +42,10 @@ fn parse_args() -> Opts {
             "--addr" => o.addr = args.next().expect("--addr URL"),
             "--token-file" => {
                 let f = args.next().expect("--token-file F");
-                o.token = std::fs::read_to_string(f).expect("token file").trim().to_string();
+                o.token = std::fs::read_to_string(f)
+                    .expect("token file")
+                    .trim()
+                    .to_string();
             }
             "--key" => o.key = args.next().expect("--key NAME"),
             "--secs" => o.secs = args.next().expect("--secs S").parse().expect("secs"),

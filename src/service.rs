@@ -258,7 +258,12 @@ impl KeyService {
 
     /// Registers an existing token (e.g. the dev token kept in the data dir) if the store
     /// does not know it.
-    pub async fn ensure_token(&self, token: &BearerToken, principal: &str, roles: &[&str]) -> Result<()> {
+    pub async fn ensure_token(
+        &self,
+        token: &BearerToken,
+        principal: &str,
+        roles: &[&str],
+    ) -> Result<()> {
         match self.store.token_by_hash(&token.hash()).await {
             Ok(_) => Ok(()),
             Err(StoreError::NotFound) => {
@@ -281,10 +286,17 @@ impl KeyService {
     }
 
     /// Creates a key and its version 1 in the HSM.
-    pub async fn create_key(&self, _caller: &Caller, name: &str, description: &str) -> Result<KeyRecord> {
+    pub async fn create_key(
+        &self,
+        _caller: &Caller,
+        name: &str,
+        description: &str,
+    ) -> Result<KeyRecord> {
         let name = KeyName::parse(name)?;
         if description.len() > 1024 {
-            return Err(ServiceError::InvalidArgument("description longer than 1024 bytes"));
+            return Err(ServiceError::InvalidArgument(
+                "description longer than 1024 bytes",
+            ));
         }
         match self.store.key_by_name(&name).await {
             Ok(_) => return Err(ServiceError::AlreadyExists("key name already used")),
@@ -339,7 +351,9 @@ impl KeyService {
         };
         let keys = self.store.list_keys(after.as_deref(), size).await?;
         let next = if keys.len() == size as usize {
-            keys.last().map(|k| encode_page_token(k.name.as_str())).unwrap_or_default()
+            keys.last()
+                .map(|k| encode_page_token(k.name.as_str()))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -448,7 +462,9 @@ impl KeyService {
                 .map(|v| v.version)
                 .unwrap_or(0)
                 .checked_add(1)
-                .ok_or(ServiceError::FailedPrecondition("key has too many versions"))?;
+                .ok_or(ServiceError::FailedPrecondition(
+                    "key has too many versions",
+                ))?;
             let object = self.engine.create_version_object(key.id, next).await?;
             match self
                 .store
@@ -474,13 +490,25 @@ impl KeyService {
     }
 
     /// Disables a version (reversible; it stops unwrapping at once).
-    pub async fn disable_version(&self, caller: &Caller, name: &str, version: u32) -> Result<AdminOutcome> {
-        self.set_state(caller, name, version, VersionState::Disabled).await
+    pub async fn disable_version(
+        &self,
+        caller: &Caller,
+        name: &str,
+        version: u32,
+    ) -> Result<AdminOutcome> {
+        self.set_state(caller, name, version, VersionState::Disabled)
+            .await
     }
 
     /// Re-enables a disabled version.
-    pub async fn enable_version(&self, caller: &Caller, name: &str, version: u32) -> Result<AdminOutcome> {
-        self.set_state(caller, name, version, VersionState::Enabled).await
+    pub async fn enable_version(
+        &self,
+        caller: &Caller,
+        name: &str,
+        version: u32,
+    ) -> Result<AdminOutcome> {
+        self.set_state(caller, name, version, VersionState::Enabled)
+            .await
     }
 
     async fn set_state(
@@ -521,14 +549,19 @@ impl KeyService {
     }
 
     /// The key, its primary version and that version's HSM object, if it may wrap.
-    async fn primary_for_wrap(&self, name: &str) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
+    async fn primary_for_wrap(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
         let name = KeyName::parse(name)?;
         let key = self.cache.by_name(&name, self.store.as_ref()).await?;
         let v = key
             .version(key.primary_version)
             .ok_or(ServiceError::Internal("primary version row missing".into()))?;
         if v.state != VersionState::Enabled {
-            return Err(ServiceError::FailedPrecondition("primary key version is not enabled"));
+            return Err(ServiceError::FailedPrecondition(
+                "primary key version is not enabled",
+            ));
         }
         let (version, object) = (v.version, v.hsm_id);
         Ok((key, version, object))
@@ -614,7 +647,10 @@ impl KeyService {
             .map(|b| b.get(&(key, version)).map_or(0, |x| x.left) < block / 2 + 1)
             .unwrap_or(true);
         let result = if low {
-            self.store.reserve_wraps(&key, version, block).await.map(|_| ())
+            self.store
+                .reserve_wraps(&key, version, block)
+                .await
+                .map(|_| ())
         } else {
             Ok(())
         };
@@ -673,7 +709,8 @@ impl KeyCache {
         }
         let rec = store.key_by_id(id).await?;
         self.put(rec);
-        self.fresh(id).ok_or(ServiceError::Internal("key cache".into()))
+        self.fresh(id)
+            .ok_or(ServiceError::Internal("key cache".into()))
     }
 
     async fn by_name(&self, name: &KeyName, store: &dyn Store) -> Result<Arc<KeyRecord>> {
@@ -684,7 +721,8 @@ impl KeyCache {
         let rec = store.key_by_name(name).await?;
         let id = rec.id;
         self.put(rec);
-        self.fresh(&id).ok_or(ServiceError::Internal("key cache".into()))
+        self.fresh(&id)
+            .ok_or(ServiceError::Internal("key cache".into()))
     }
 }
 

@@ -19,22 +19,28 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A failed call, shown as `CODE: message (request id …)`.
 #[derive(Debug, thiserror::Error)]
-#[error("{code:?}: {message}{}", request_id.as_ref().map(|r| format!(" (request id {r})")).unwrap_or_default())]
+#[error("{code:?}: {message}{suffix}")]
 struct CallError {
     code: tonic::Code,
     message: String,
-    request_id: Option<String>,
+    suffix: String,
 }
 
 fn call_error(s: tonic::Status) -> BoxError {
+    let request_id = s
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // Internal errors already name the request id in their message.
+    let suffix = match request_id {
+        Some(r) if !s.message().contains(&r) => format!(" (request id {r})"),
+        _ => String::new(),
+    };
     Box::new(CallError {
         code: s.code(),
         message: s.message().to_string(),
-        request_id: s
-            .metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        suffix,
     })
 }
 

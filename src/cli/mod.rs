@@ -16,7 +16,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub const DEFAULT_DEV_ADDR: &str = "127.0.0.1:7420";
 
 #[derive(Parser)]
-#[command(name = "arca", version, about = "Arca: HSM-backed key management service")]
+#[command(
+    name = "arca",
+    version,
+    about = "Arca: HSM-backed key management service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,12 @@ enum Command {
 #[derive(Args, Clone)]
 pub struct ClientOpts {
     /// Server address (http://host:port).
-    #[arg(long, env = "ARCA_ADDR", default_value = "http://127.0.0.1:7420", global = true)]
+    #[arg(
+        long,
+        env = "ARCA_ADDR",
+        default_value = "http://127.0.0.1:7420",
+        global = true
+    )]
     addr: String,
     /// Bearer token (prefer ARCA_TOKEN: flags show in process lists).
     #[arg(long, env = "ARCA_TOKEN", hide_env_values = true, global = true)]
@@ -174,7 +183,10 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Server(args) => server::run(args),
         other => {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

@@ -78,6 +78,7 @@ pub(super) fn run(args: ServerArgs) -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(Prepared::Config(cfg)) => {
+            let cfg = *cfg;
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             rt.enable_all();
             if let Some(n) = args.runtime_threads {
@@ -119,16 +120,18 @@ fn init_logging(format: LogFormat) {
 }
 
 enum Prepared {
-    Config(ServerConfig),
+    Config(Box<ServerConfig>),
     Reexec(std::io::Error),
 }
 
 /// Validates the arguments and, in dev mode, prepares the data dir and token.
 fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
     if !args.dev {
-        return Err("only dev mode (--dev) is available: TLS and mutual TLS, required \
+        return Err(
+            "only dev mode (--dev) is available: TLS and mutual TLS, required \
                     outside dev mode, are not configured in this build"
-            .into());
+                .into(),
+        );
     }
     if !args.listen.ip().is_loopback() {
         return Err(format!(
@@ -174,12 +177,16 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
                     &AuthPin::from(so_pin.to_string()),
                     &AuthPin::from(pin.to_string()),
                 )?;
-                eprintln!("initialised SoftHSM token {:?} in {}", args.hsm_token_label, data_dir.join("tokens").display());
+                eprintln!(
+                    "initialised SoftHSM token {:?} in {}",
+                    args.hsm_token_label,
+                    data_dir.join("tokens").display()
+                );
             }
             (module, pin_file)
         }
     };
-    Ok(Prepared::Config(ServerConfig {
+    Ok(Prepared::Config(Box::new(ServerConfig {
         listen: args.listen,
         dev: true,
         database: data_dir.join("arca.db"),
@@ -194,7 +201,7 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         },
         wrap_reservation: args.wrap_reservation.max(1),
         serve: ServeOptions::default(),
-    }))
+    })))
 }
 
 async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
@@ -218,6 +225,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
             ..EngineConfig::default()
         },
     )?;
+    precreate_private(&cfg.database)?;
     let store = SqlStore::open_sqlite(&cfg.database).await?;
     tracing::info!(database = %cfg.database.display(), "database open");
     let svc = Arc::new(KeyService::new(
@@ -237,7 +245,10 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     let prefix: [u8; 6] = svc.engine().random().await?;
     println!("arca dev server listening on http://{addr}");
     println!("dev admin token in {}", token_path.display());
-    println!("  export ARCA_ADDR=http://{addr} ARCA_TOKEN=$(cat {})", token_path.display());
+    println!(
+        "  export ARCA_ADDR=http://{addr} ARCA_TOKEN=$(cat {})",
+        token_path.display()
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, "listening (dev mode, plaintext, loopback only)");
@@ -305,6 +316,22 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.write_all(b"\n")?;
     f.sync_all()
+}
+
+/// Creates `path` empty with mode 0600 if it does not exist, so SQLite (which gives its
+/// -wal and -shm files the database file's mode) keeps every file private.
+fn precreate_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn read_pin(path: &Path) -> Result<Zeroizing<String>, BoxError> {

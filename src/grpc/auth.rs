@@ -37,7 +37,11 @@ impl<S: NamedService> NamedService for Authenticated<S> {
 
 /// The bearer token of a request, if it carries one in the `authorization` header.
 fn bearer<B>(req: &Request<B>) -> Option<BearerToken> {
-    let v = req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let v = req
+        .headers()
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -83,7 +87,11 @@ where
                     inner.call(req).await
                 }
                 Err(e) => {
-                    tracing::info!(request_id, path = req.uri().path(), "unauthenticated request refused");
+                    tracing::info!(
+                        request_id,
+                        path = req.uri().path(),
+                        "unauthenticated request refused"
+                    );
                     Ok(to_status(e, &request_id).into_http())
                 }
             }

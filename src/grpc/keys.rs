@@ -151,7 +151,12 @@ impl pb::key_service_server::KeyService for KeyApi {
         let plaintext = Plaintext::new(Zeroizing::new(std::mem::take(&mut r.plaintext)));
         let w = self
             .svc
-            .wrap_key(&c, &r.key_name, plaintext, &context(std::mem::take(&mut r.context)))
+            .wrap_key(
+                &c,
+                &r.key_name,
+                plaintext,
+                &context(std::mem::take(&mut r.context)),
+            )
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(pb::WrapKeyResponse {

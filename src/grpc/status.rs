@@ -11,9 +11,7 @@ pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     let code = match &err {
         ServiceError::Unauthenticated => Code::Unauthenticated,
         ServiceError::PermissionDenied => Code::PermissionDenied,
-        ServiceError::InvalidArgument(_) | ServiceError::InvalidWrappedKey => {
-            Code::InvalidArgument
-        }
+        ServiceError::InvalidArgument(_) | ServiceError::InvalidWrappedKey => Code::InvalidArgument,
         ServiceError::NotFound(_) => Code::NotFound,
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,
         ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,

@@ -96,27 +96,48 @@ impl KeyEngine {
         R: Send + 'static,
         F: FnOnce(&dyn Hsm) -> Result<R, KeysError> + Send + 'static,
     {
-        let (reply_tx, reply_rx) = oneshot::channel();
+        self.run_or_undo(f, |_, _| {}).await
+    }
+
+    /// Runs `f` on a worker thread and awaits its result. A job whose caller has already
+    /// given up (timed out) is skipped; if the caller gives up while `f` runs, `undo`
+    /// gets the result on the worker thread (e.g. to destroy an object nobody will record).
+    async fn run_or_undo<R, F, U>(&self, f: F, undo: U) -> Result<R, KeysError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn Hsm) -> Result<R, KeysError> + Send + 'static,
+        U: FnOnce(&dyn Hsm, R) + Send + 'static,
+    {
+        let (reply_tx, reply_rx) = oneshot::channel::<Result<R, KeysError>>();
         let available = Arc::clone(&self.available);
         let job: Job = Box::new(move |hsm| {
+            if reply_tx.is_closed() {
+                return;
+            }
             let result = f(hsm);
             let down = matches!(result, Err(KeysError::HsmUnavailable(_)));
             available.store(!down, Ordering::Relaxed);
-            // The caller may have timed out and gone; then the result is dropped (and
-            // any plaintext in it zeroized).
-            let _ = reply_tx.send(result);
+            // A result nobody waits for is undone; any plaintext in it is zeroized on drop.
+            if let Err(Ok(orphan)) = reply_tx.send(result) {
+                undo(hsm, orphan);
+            }
         });
         let call = async {
             self.tx
                 .send(job)
                 .await
                 .map_err(|_| KeysError::HsmUnavailable(None))?;
-            reply_rx.await.map_err(|_| KeysError::HsmUnavailable(None))?
+            reply_rx
+                .await
+                .map_err(|_| KeysError::HsmUnavailable(None))?
         };
         match tokio::time::timeout(self.op_timeout, call).await {
             Ok(r) => r,
             Err(_) => {
-                tracing::warn!(timeout_ms = self.op_timeout.as_millis() as u64, "HSM call timed out");
+                tracing::warn!(
+                    timeout_ms = self.op_timeout.as_millis() as u64,
+                    "HSM call timed out"
+                );
                 Err(KeysError::HsmUnavailable(None))
             }
         }
@@ -139,14 +160,21 @@ impl KeyEngine {
         key: KeyId,
         version: u32,
     ) -> Result<ObjectId, KeysError> {
-        self.run(move |hsm| {
-            let mut id = [0u8; 16];
-            hsm.generate_random(&mut id).map_err(hsm_err)?;
-            let id = ObjectId(id);
-            hsm.generate_key(KeyKind::Aes256, &id, &version_label(&key, version))
-                .map_err(hsm_err)?;
-            Ok(id)
-        })
+        self.run_or_undo(
+            move |hsm| {
+                let mut id = [0u8; 16];
+                hsm.generate_random(&mut id).map_err(hsm_err)?;
+                let id = ObjectId(id);
+                hsm.generate_key(KeyKind::Aes256, &id, &version_label(&key, version))
+                    .map_err(hsm_err)?;
+                Ok(id)
+            },
+            |hsm, id| {
+                if let Err(e) = hsm.destroy_key(&id) {
+                    tracing::warn!(error = %e, "could not remove an HSM object created for a caller that gave up");
+                }
+            },
+        )
         .await
     }
 
@@ -164,8 +192,15 @@ impl KeyEngine {
             let plaintext = Plaintext::from_slice(&rnd[..DATA_KEY_LEN]);
             let mut iv = [0u8; GCM_IV_LEN];
             iv.copy_from_slice(&rnd[DATA_KEY_LEN..]);
-            let wrapped =
-                encrypt(hsm, key, version, &object, iv, &canonical_context, &plaintext)?;
+            let wrapped = encrypt(
+                hsm,
+                key,
+                version,
+                &object,
+                iv,
+                &canonical_context,
+                &plaintext,
+            )?;
             Ok((plaintext, wrapped))
         })
         .await
@@ -184,7 +219,15 @@ impl KeyEngine {
         self.run(move |hsm| {
             let mut iv = [0u8; GCM_IV_LEN];
             hsm.generate_random(&mut iv).map_err(hsm_err)?;
-            encrypt(hsm, key, version, &object, iv, &canonical_context, &plaintext)
+            encrypt(
+                hsm,
+                key,
+                version,
+                &object,
+                iv,
+                &canonical_context,
+                &plaintext,
+            )
         })
         .await
     }
@@ -344,7 +387,8 @@ mod tests {
         let v1 = e.create_version_object(key, 1).await.unwrap();
         for n in [0usize, 15, 65] {
             assert!(matches!(
-                e.wrap(key, 1, v1, Plaintext::from_slice(&vec![1; n]), vec![]).await,
+                e.wrap(key, 1, v1, Plaintext::from_slice(&vec![1; n]), vec![])
+                    .await,
                 Err(KeysError::InvalidPlaintextLength)
             ));
         }

@@ -16,7 +16,7 @@ mod wrapped;
 
 pub use context::{canonical_context, EncryptionContext, MAX_CONTEXT_ENTRIES};
 pub use engine::{EngineConfig, KeyEngine};
-pub use wrapped::{WrappedKey, WRAPPED_V1, WRAPPED_HEADER_LEN};
+pub use wrapped::{WrappedKey, WRAPPED_HEADER_LEN, WRAPPED_V1};
 
 use std::fmt;
 
@@ -190,7 +190,17 @@ mod tests {
         for ok in ["a", "patients-db", "billing/ssn", "0_x", &"a".repeat(128)] {
             assert!(KeyName::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "A", "-a", "_a", "/a", "a b", "a.b", "é", &"a".repeat(129)] {
+        for bad in [
+            "",
+            "A",
+            "-a",
+            "_a",
+            "/a",
+            "a b",
+            "a.b",
+            "é",
+            &"a".repeat(129),
+        ] {
             assert!(KeyName::parse(bad).is_err(), "{bad}");
         }
     }

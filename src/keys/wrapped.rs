@@ -53,8 +53,7 @@ impl WrappedKey {
 
     /// Serialises to the v1 byte format.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(WRAPPED_HEADER_LEN + GCM_IV_LEN + self.ciphertext.len());
+        let mut out = Vec::with_capacity(WRAPPED_HEADER_LEN + GCM_IV_LEN + self.ciphertext.len());
         out.extend_from_slice(&Self::header(&self.key_id, self.version));
         out.extend_from_slice(&self.iv);
         out.extend_from_slice(&self.ciphertext);

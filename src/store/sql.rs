@@ -84,7 +84,10 @@ impl SqlStore {
                     .await
                     .map_err(classify)?;
             if applied.is_none() {
-                sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(classify)?;
+                sqlx::raw_sql(*sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
                 sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                     .bind(*version)
                     .bind(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
@@ -103,14 +106,18 @@ impl SqlStore {
         E: sqlx::Executor<'e, Database = sqlx::Any>,
     {
         let rows = match by {
-            KeyLookup::Name(name) => sqlx::query(KEY_SELECT_BY_NAME)
-                .bind(name.to_string())
-                .fetch_all(exec)
-                .await,
-            KeyLookup::Id(id) => sqlx::query(KEY_SELECT_BY_ID)
-                .bind(id.to_string())
-                .fetch_all(exec)
-                .await,
+            KeyLookup::Name(name) => {
+                sqlx::query(KEY_SELECT_BY_NAME)
+                    .bind(name.to_string())
+                    .fetch_all(exec)
+                    .await
+            }
+            KeyLookup::Id(id) => {
+                sqlx::query(KEY_SELECT_BY_ID)
+                    .bind(id.to_string())
+                    .fetch_all(exec)
+                    .await
+            }
         }
         .map_err(classify)?;
         let mut keys = keys_from_rows(&rows)?;
@@ -199,7 +206,8 @@ fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T>
 where
     T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
 {
-    row.try_get(col).map_err(|_| StoreError::Corrupt("column type"))
+    row.try_get(col)
+        .map_err(|_| StoreError::Corrupt("column type"))
 }
 
 fn u32_of(v: i64) -> Result<u32> {
@@ -345,17 +353,15 @@ impl Store for SqlStore {
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
-        let current: Option<String> = sqlx::query_scalar(
-            "SELECT state FROM key_versions WHERE key_id = $1 AND version = $2",
-        )
-        .bind(key.to_string())
-        .bind(i64::from(version))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT state FROM key_versions WHERE key_id = $1 AND version = $2")
+                .bind(key.to_string())
+                .bind(i64::from(version))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
         let current = current.ok_or(StoreError::NotFound)?;
-        let current =
-            VersionState::parse(&current).ok_or(StoreError::Corrupt("version state"))?;
+        let current = VersionState::parse(&current).ok_or(StoreError::Corrupt("version state"))?;
         if !from.contains(&current) {
             return Err(StoreError::StateConflict {
                 current: current.as_str(),
@@ -462,7 +468,9 @@ mod tests {
 
     async fn store() -> (tempfile::TempDir, SqlStore) {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqlStore::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        let s = SqlStore::open_sqlite(&dir.path().join("t.db"))
+            .await
+            .unwrap();
         (dir, s)
     }
 
@@ -488,16 +496,24 @@ mod tests {
         s.create_key(&new_key("b", 2)).await.unwrap();
         s.create_key(&new_key("c", 3)).await.unwrap();
         let page = s.list_keys(None, 2).await.unwrap();
-        assert_eq!(page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         let page = s.list_keys(Some("b"), 2).await.unwrap();
-        assert_eq!(page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(
+            page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
         assert!(matches!(
             s.key_by_name(&KeyName::parse("zz").unwrap()).await,
             Err(StoreError::NotFound)
         ));
         // Reopening applies no migration twice and keeps the data.
         drop(s);
-        let s = SqlStore::open_sqlite(&_d.path().join("t.db")).await.unwrap();
+        let s = SqlStore::open_sqlite(&_d.path().join("t.db"))
+            .await
+            .unwrap();
         assert_eq!(s.list_keys(None, 10).await.unwrap().len(), 3);
     }
 
@@ -506,10 +522,16 @@ mod tests {
         let (_d, s) = store().await;
         s.create_key(&new_key("a", 1)).await.unwrap();
         let mut dup = new_key("a", 2);
-        assert!(matches!(s.create_key(&dup).await, Err(StoreError::AlreadyExists)));
+        assert!(matches!(
+            s.create_key(&dup).await,
+            Err(StoreError::AlreadyExists)
+        ));
         dup.name = KeyName::parse("b").unwrap();
         dup.first_hsm_id = ObjectId([1; 16]);
-        assert!(matches!(s.create_key(&dup).await, Err(StoreError::AlreadyExists)));
+        assert!(matches!(
+            s.create_key(&dup).await,
+            Err(StoreError::AlreadyExists)
+        ));
         // Nothing of the failed create remains.
         assert!(s.key_by_name(&dup.name).await.is_err());
     }
@@ -518,7 +540,10 @@ mod tests {
     async fn versions_are_consecutive() {
         let (_d, s) = store().await;
         let k = s.create_key(&new_key("a", 1)).await.unwrap();
-        let k2 = s.add_version(&k.id, 2, &ObjectId([9; 16]), 2000).await.unwrap();
+        let k2 = s
+            .add_version(&k.id, 2, &ObjectId([9; 16]), 2000)
+            .await
+            .unwrap();
         assert_eq!(k2.primary_version, 2);
         assert_eq!(k2.versions.len(), 2);
         // A lost race (same number) and a gap are refused.
@@ -531,7 +556,8 @@ mod tests {
             Err(StoreError::AlreadyExists)
         ));
         assert!(matches!(
-            s.add_version(&KeyId([7; 16]), 2, &ObjectId([8; 16]), 2000).await,
+            s.add_version(&KeyId([7; 16]), 2, &ObjectId([8; 16]), 2000)
+                .await,
             Err(StoreError::NotFound)
         ));
     }
@@ -548,17 +574,28 @@ mod tests {
         assert_eq!(r.versions[0].state, Disabled);
         assert!(matches!(
             s.set_version_state(&k.id, 1, &[Enabled], Disabled, 6).await,
-            Err(StoreError::StateConflict { current: "DISABLED" })
+            Err(StoreError::StateConflict {
+                current: "DISABLED"
+            })
         ));
         // The trigger refuses an illegal edge even when Rust would allow it.
         assert!(s
             .set_version_state(&k.id, 1, &[Disabled], Destroyed, 7)
             .await
             .is_err());
-        assert_eq!(s.key_by_id(&k.id).await.unwrap().versions[0].state, Disabled);
+        assert_eq!(
+            s.key_by_id(&k.id).await.unwrap().versions[0].state,
+            Disabled
+        );
         // Direct SQL cannot delete keys or versions, nor resurrect a destroyed version.
-        assert!(sqlx::query("DELETE FROM keys").execute(&s.writer).await.is_err());
-        assert!(sqlx::query("DELETE FROM key_versions").execute(&s.writer).await.is_err());
+        assert!(sqlx::query("DELETE FROM keys")
+            .execute(&s.writer)
+            .await
+            .is_err());
+        assert!(sqlx::query("DELETE FROM key_versions")
+            .execute(&s.writer)
+            .await
+            .is_err());
         s.set_version_state(&k.id, 1, &[Disabled], ScheduledForDestruction, 8)
             .await
             .unwrap();
@@ -602,9 +639,15 @@ mod tests {
         let got = s.token_by_hash(&t.hash()).await.unwrap();
         assert_eq!(got.roles, ["admin", "x"]);
         assert_eq!(got.expires_at, Some(2));
-        assert!(matches!(s.insert_token(&rec).await, Err(StoreError::AlreadyExists)));
+        assert!(matches!(
+            s.insert_token(&rec).await,
+            Err(StoreError::AlreadyExists)
+        ));
         let other = crate::secret::BearerToken::from_random(&[6; 32]);
-        assert!(matches!(s.token_by_hash(&other.hash()).await, Err(StoreError::NotFound)));
+        assert!(matches!(
+            s.token_by_hash(&other.hash()).await,
+            Err(StoreError::NotFound)
+        ));
         let stored: String = sqlx::query_scalar("SELECT token_hash FROM tokens")
             .fetch_one(&s.reader)
             .await

@@ -29,12 +29,27 @@ async fn missing_or_wrong_tokens_are_unauthenticated_and_change_nothing() {
         ("empty header".into(), Some(String::new())),
         ("scheme only".into(), Some("Bearer".into())),
         ("scheme and space".into(), Some("Bearer ".into())),
-        ("made-up token".into(), Some("Bearer arca_notarealtoken0000000000000000000000".into())),
-        ("real token, last char changed".into(), Some(format!("Bearer {near}"))),
+        (
+            "made-up token".into(),
+            Some("Bearer arca_notarealtoken0000000000000000000000".into()),
+        ),
+        (
+            "real token, last char changed".into(),
+            Some(format!("Bearer {near}")),
+        ),
         ("real token without scheme".into(), Some(token.clone())),
-        ("real token, Basic scheme".into(), Some(format!("Basic {token}"))),
-        ("real token with prefix cut".into(), Some(format!("Bearer {}", &token[5..]))),
-        ("real token with a suffix".into(), Some(format!("Bearer {token}x"))),
+        (
+            "real token, Basic scheme".into(),
+            Some(format!("Basic {token}")),
+        ),
+        (
+            "real token with prefix cut".into(),
+            Some(format!("Bearer {}", &token[5..])),
+        ),
+        (
+            "real token with a suffix".into(),
+            Some(format!("Bearer {token}x")),
+        ),
     ];
     for (what, header) in &headers {
         let mut c = arca.client_with_header(header.as_deref()).await;
@@ -108,7 +123,9 @@ async fn missing_or_wrong_tokens_are_unauthenticated_and_change_nothing() {
         .into_inner();
     assert_eq!(k.primary_version, 1, "rotated without credentials");
     // The scheme is case-insensitive (RFC 7235).
-    let mut lower = arca.client_with_header(Some(&format!("bearer {token}"))).await;
+    let mut lower = arca
+        .client_with_header(Some(&format!("bearer {token}")))
+        .await;
     lower
         .get_key(pb::GetKeyRequest {
             name: "guarded".into(),
@@ -196,15 +213,19 @@ async fn every_response_carries_a_request_id() {
     let errors = vec![
         (
             "NotFound",
-            c.get_key(pb::GetKeyRequest { name: "nope".into() })
-                .await
-                .map(|_| ()),
+            c.get_key(pb::GetKeyRequest {
+                name: "nope".into(),
+            })
+            .await
+            .map(|_| ()),
         ),
         (
             "InvalidArgument (name)",
-            c.get_key(pb::GetKeyRequest { name: "NOPE".into() })
-                .await
-                .map(|_| ()),
+            c.get_key(pb::GetKeyRequest {
+                name: "NOPE".into(),
+            })
+            .await
+            .map(|_| ()),
         ),
         (
             "InvalidArgument (blob)",
@@ -267,10 +288,22 @@ async fn every_response_carries_a_request_id() {
 
     // A well-formed id from the caller is kept, so logs can be joined across services.
     let mut req = tonic::Request::new(pb::GetKeyRequest { name: "rid".into() });
-    req.metadata_mut()
-        .insert("x-request-id", "caller-chosen-id-42".parse().expect("value"));
+    req.metadata_mut().insert(
+        "x-request-id",
+        "caller-chosen-id-42".parse().expect("value"),
+    );
     let r = c.get_key(req).await.expect("GetKey with a request id");
     assert_eq!(request_id(r.metadata(), "echo"), "caller-chosen-id-42");
+    // A malformed one is replaced by a fresh id (it would otherwise reach the logs).
+    for bad in ["has spaces in it", "semi;colon", &"x".repeat(65)] {
+        let mut req = tonic::Request::new(pb::GetKeyRequest { name: "rid".into() });
+        req.metadata_mut()
+            .insert("x-request-id", bad.parse().expect("value"));
+        let r = c.get_key(req).await.expect("GetKey with a bad request id");
+        let got = request_id(r.metadata(), "replaced");
+        assert_ne!(got, bad, "malformed request id echoed");
+        assert!(!ids.contains(&got), "fresh id repeats an earlier one");
+    }
 }
 
 #[tokio::test]
@@ -294,9 +327,19 @@ async fn dev_mode_refuses_a_non_loopback_listener() {
         .expect("join");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(2), "exit code for --listen {listen}; stderr: {stderr}");
-        assert!(stderr.contains("loopback"), "message for --listen {listen}: {stderr}");
-        assert!(!stdout.contains("listening"), "it listened anyway: {stdout}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "exit code for --listen {listen}; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains("loopback"),
+            "message for --listen {listen}: {stderr}"
+        );
+        assert!(
+            !stdout.contains("listening"),
+            "it listened anyway: {stdout}"
+        );
         assert!(!data_dir.exists(), "a refused start made the data dir");
     }
 }

@@ -31,15 +31,20 @@ fn json_of(out: &Output, what: &str) -> Value {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn b64_field(v: &Value, field: &str) -> Vec<u8> {
     let s = v[field]
         .as_str()
         .unwrap_or_else(|| panic!("no string {field:?} in {v}"));
-    B64.decode(s).unwrap_or_else(|e| panic!("{field} is not base64: {e}"))
+    B64.decode(s)
+        .unwrap_or_else(|e| panic!("{field} is not base64: {e}"))
 }
 
 #[tokio::test]
@@ -56,7 +61,15 @@ async fn cli_round_trips_a_data_key() {
     let generated = json_of(
         &arca_cli(
             &arca,
-            &["datakey", "generate", "cli-key", "--context", "tenant=t-1", "--output", "json"],
+            &[
+                "datakey",
+                "generate",
+                "cli-key",
+                "--context",
+                "tenant=t-1",
+                "--output",
+                "json",
+            ],
         )
         .await,
         "datakey generate",
@@ -65,25 +78,53 @@ async fn cli_round_trips_a_data_key() {
     assert_eq!(plaintext.len(), 32);
     assert_eq!(generated["key_name"], "cli-key");
     assert_eq!(generated["key_version"], 1);
-    let wrapped = generated["wrapped_key"].as_str().expect("wrapped_key").to_string();
+    let wrapped = generated["wrapped_key"]
+        .as_str()
+        .expect("wrapped_key")
+        .to_string();
     assert_eq!(B64.decode(&wrapped).expect("b64").len(), 81);
 
     let unwrapped = json_of(
         &arca_cli(
             &arca,
-            &["unwrap", &wrapped, "--context", "tenant=t-1", "--output", "json"],
+            &[
+                "unwrap",
+                &wrapped,
+                "--context",
+                "tenant=t-1",
+                "--output",
+                "json",
+            ],
         )
         .await,
         "unwrap",
     );
-    assert_eq!(b64_field(&unwrapped, "plaintext"), plaintext, "CLI round trip");
+    assert_eq!(
+        b64_field(&unwrapped, "plaintext"),
+        plaintext,
+        "CLI round trip"
+    );
     assert_eq!(unwrapped["key_name"], "cli-key");
     assert_eq!(unwrapped["key_version"], 1);
 
     // The wrong context fails with a non-zero exit and the gRPC code on stderr; the
     // plaintext is not printed.
-    let out = arca_cli(&arca, &["unwrap", &wrapped, "--context", "tenant=t-2", "--output", "json"]).await;
-    assert!(!out.status.success(), "unwrap with the wrong context succeeded");
+    let out = arca_cli(
+        &arca,
+        &[
+            "unwrap",
+            &wrapped,
+            "--context",
+            "tenant=t-2",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert!(
+        !out.status.success(),
+        "unwrap with the wrong context succeeded"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("InvalidArgument"), "stderr: {stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&B64.encode(&plaintext)));
@@ -92,14 +133,24 @@ async fn cli_round_trips_a_data_key() {
     let only = json_of(
         &arca_cli(
             &arca,
-            &["datakey", "generate", "cli-key", "--without-plaintext", "--output", "json"],
+            &[
+                "datakey",
+                "generate",
+                "cli-key",
+                "--without-plaintext",
+                "--output",
+                "json",
+            ],
         )
         .await,
         "datakey generate --without-plaintext",
     );
     assert!(only.get("plaintext").is_none(), "plaintext printed: {only}");
     let w = only["wrapped_key"].as_str().expect("wrapped_key");
-    let u = json_of(&arca_cli(&arca, &["unwrap", w, "--output", "json"]).await, "unwrap 2");
+    let u = json_of(
+        &arca_cli(&arca, &["unwrap", w, "--output", "json"]).await,
+        "unwrap 2",
+    );
     assert_eq!(b64_field(&u, "plaintext").len(), 32);
 
     // A bad token is refused.

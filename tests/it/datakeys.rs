@@ -37,13 +37,17 @@ async fn generate_then_unwrap_returns_the_same_32_bytes() {
     let dk2 = generate(&mut c, "patients-db", &context).await;
     assert_ne!(dk2.plaintext, dk.plaintext, "two data keys are equal");
     assert_ne!(dk2.wrapped_key[21..33], w[21..33], "IV reused");
-    let u2 = unwrap(&mut c, &dk2.wrapped_key, &context).await.expect("UnwrapKey 2");
+    let u2 = unwrap(&mut c, &dk2.wrapped_key, &context)
+        .await
+        .expect("UnwrapKey 2");
     assert_eq!(u2.plaintext, dk2.plaintext);
 
     // The empty context is a context like any other.
     let empty = ctx(&[]);
     let dk3 = generate(&mut c, "patients-db", &empty).await;
-    let u3 = unwrap(&mut c, &dk3.wrapped_key, &empty).await.expect("UnwrapKey 3");
+    let u3 = unwrap(&mut c, &dk3.wrapped_key, &empty)
+        .await
+        .expect("UnwrapKey 3");
     assert_eq!(u3.plaintext, dk3.plaintext);
 }
 
@@ -63,7 +67,10 @@ async fn without_plaintext_returns_only_a_wrapped_key_that_unwraps() {
         .await
         .expect("GenerateDataKey without_plaintext")
         .into_inner();
-    assert!(r.plaintext.is_empty(), "plaintext returned although not asked for");
+    assert!(
+        r.plaintext.is_empty(),
+        "plaintext returned although not asked for"
+    );
     assert_eq!(r.wrapped_key.len(), 81);
     assert_eq!(r.key_name, "billing/ssn");
     assert_eq!(r.key_version, 1);

@@ -89,8 +89,31 @@ impl P11KitServer {
     }
 }
 
+impl P11KitServer {
+    /// Sends `SIG<name>` to the server's process group (e.g. STOP and CONT, to hang it).
+    fn signal_group(&self, name: &str) {
+        let child = self.child.as_ref().expect("p11-kit server running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg("--")
+            .arg(format!("-{}", child.id()))
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{name} p11-kit server group");
+    }
+}
+
 impl Drop for P11KitServer {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            // A stopped process group must be resumed to die promptly.
+            let id = self.child.as_ref().map(|c| c.id()).unwrap_or_default();
+            let _ = Command::new("kill")
+                .args(["-CONT", "--", &format!("-{id}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         self.kill();
     }
 }
@@ -172,13 +195,18 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
             .arg(client_module())
             .arg("--hsm-pin-file")
             .arg(data_dir.join("hsm-pin"))
-            .env("P11_KIT_SERVER_ADDRESS", format!("unix:path={}", socket.display())),
+            .env(
+                "P11_KIT_SERVER_ADDRESS",
+                format!("unix:path={}", socket.display()),
+            ),
     )
     .await;
     let mut c = arca.client().await;
     let mut h = arca.health().await;
     assert!(
-        wait_health(&mut h, ServingStatus::Serving, Duration::from_secs(10)).await.is_some(),
+        wait_health(&mut h, ServingStatus::Serving, Duration::from_secs(10))
+            .await
+            .is_some(),
         "not SERVING through p11-kit"
     );
 
@@ -197,8 +225,7 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
             true
         }
         Err(s)
-            if s.code() == Code::Internal
-                && arca.log_text().contains("CKR_MECHANISM_INVALID") =>
+            if s.code() == Code::Internal && arca.log_text().contains("CKR_MECHANISM_INVALID") =>
         {
             eprintln!(
                 "NOTE: this p11-kit cannot carry CKM_AES_GCM parameters (CKR_MECHANISM_INVALID); \
@@ -210,7 +237,9 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
     };
     if gcm {
         for (blob, pt) in &before {
-            let u = unwrap(&mut c, blob, &context).await.expect("unwrap through p11-kit");
+            let u = unwrap(&mut c, blob, &context)
+                .await
+                .expect("unwrap through p11-kit");
             assert_eq!(&u.plaintext, pt);
         }
     }
@@ -221,8 +250,12 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
     let counter = Arc::new(AtomicUsize::new(0));
     let mut load = tokio::task::JoinSet::new();
     for _ in 0..4 {
-        let (mut c, calls, stop, counter) =
-            (c.clone(), Arc::clone(&calls), Arc::clone(&stop), Arc::clone(&counter));
+        let (mut c, calls, stop, counter) = (
+            c.clone(),
+            Arc::clone(&calls),
+            Arc::clone(&stop),
+            Arc::clone(&counter),
+        );
         load.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +279,10 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
         .iter()
         .filter(|c| c.outcome == Outcome::Ok)
         .count();
-    assert!(ok_before >= 10, "the load did not run before the outage ({ok_before} successes)");
+    assert!(
+        ok_before >= 10,
+        "the load did not run before the outage ({ok_before} successes)"
+    );
 
     // 5. The HSM goes away.
     p11.kill();
@@ -283,7 +319,11 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
                     without_plaintext: true,
                 })
                 .await;
-            v.push(("GenerateDataKey(without_plaintext)", outcome(&r), t.elapsed()));
+            v.push((
+                "GenerateDataKey(without_plaintext)",
+                outcome(&r),
+                t.elapsed(),
+            ));
             let t = Instant::now();
             let r = c
                 .wrap_key(pb::WrapKeyRequest {
@@ -329,7 +369,9 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
                 outcome,
             });
         }
-        let hs = health_status(&mut h, "").await.expect("health during the outage");
+        let hs = health_status(&mut h, "")
+            .await
+            .expect("health during the outage");
         assert_eq!(hs, ServingStatus::NotServing, "health during the outage");
         assert!(arca.is_running(), "the server died during the outage");
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -367,11 +409,15 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
     // new keys can be made), at the first attempt.
     if gcm {
         for (blob, pt) in &before {
-            let u = unwrap(&mut c, blob, &context).await.expect("pre-outage blob after recovery");
+            let u = unwrap(&mut c, blob, &context)
+                .await
+                .expect("pre-outage blob after recovery");
             assert_eq!(&u.plaintext, pt);
         }
         let dk = generate(&mut c, "outage", &context).await;
-        let u = unwrap(&mut c, &dk.wrapped_key, &context).await.expect("new blob after recovery");
+        let u = unwrap(&mut c, &dk.wrapped_key, &context)
+            .await
+            .expect("new blob after recovery");
         assert_eq!(u.plaintext, dk.plaintext);
     } else {
         create_key(&mut c, "after-outage").await;
@@ -405,8 +451,14 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
                     call.took
                 ));
             }
-        } else if !matches!(call.outcome, Outcome::Ok | Outcome::Failed(Code::Unavailable)) {
-            wrong.push(format!("{} outside the outage -> {:?}", call.op, call.outcome));
+        } else if !matches!(
+            call.outcome,
+            Outcome::Ok | Outcome::Failed(Code::Unavailable)
+        ) {
+            wrong.push(format!(
+                "{} outside the outage -> {:?}",
+                call.op, call.outcome
+            ));
         }
         if call.started >= recovered_at && call.outcome == Outcome::Ok {
             ok_after += 1;
@@ -417,10 +469,21 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
         "{} of {} load calls went wrong:\n{}",
         wrong.len(),
         calls.len(),
-        wrong.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+        wrong
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
-    assert!(during >= 20, "too few load calls during the outage ({during})");
-    assert!(ok_after >= 1, "the load never succeeded again after recovery");
+    assert!(
+        during >= 20,
+        "too few load calls during the outage ({during})"
+    );
+    assert!(
+        ok_after >= 1,
+        "the load never succeeded again after recovery"
+    );
 
     // The server lived through it, and stops cleanly.
     assert!(arca.is_running(), "the server died");
@@ -430,4 +493,119 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
     drop(h);
     let status = arca.stop().await;
     assert!(status.success(), "exit after the outage: {status}");
+}
+
+/// An HSM that hangs (its server is stopped with SIGSTOP, so calls block in the PKCS#11
+/// client instead of failing): requests must fail with UNAVAILABLE after
+/// `--hsm-timeout-ms`, never hang, health must say NOT_SERVING, and once the HSM answers
+/// again Arca serves again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_hsm_times_out_with_unavailable_and_recovers() {
+    const TIMEOUT_MS: u64 = 500;
+    let mut arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "hang").await;
+    let context = ctx(&[]);
+    drop(c);
+    let status = arca.stop().await;
+    assert!(status.success(), "first run exit: {status}");
+
+    let data_dir: PathBuf = arca.data_dir().to_path_buf();
+    let socket = arca.root().join("p11.sock");
+    let p11 = P11KitServer::start(&data_dir, &socket);
+    arca.start_with(
+        TestArca::builder()
+            .arg("--hsm-module")
+            .arg(client_module())
+            .arg("--hsm-pin-file")
+            .arg(data_dir.join("hsm-pin"))
+            .arg("--hsm-timeout-ms")
+            .arg(TIMEOUT_MS.to_string())
+            .env(
+                "P11_KIT_SERVER_ADDRESS",
+                format!("unix:path={}", socket.display()),
+            ),
+    )
+    .await;
+    let mut c = arca.client().await;
+    let mut h = arca.health().await;
+    assert!(
+        wait_health(&mut h, ServingStatus::Serving, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "not SERVING through p11-kit"
+    );
+    create_key(&mut c, "before-hang").await;
+
+    // The HSM hangs.
+    p11.signal_group("STOP");
+    let hung = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let mut c = c.clone();
+        let context = context.clone();
+        set.spawn(async move {
+            let t = Instant::now();
+            let r = if i % 2 == 0 {
+                c.generate_data_key(pb::GenerateDataKeyRequest {
+                    key_name: "hang".into(),
+                    context,
+                    without_plaintext: false,
+                })
+                .await
+                .map(|_| ())
+            } else {
+                c.create_key(pb::CreateKeyRequest {
+                    name: format!("during-hang-{i}"),
+                    description: String::new(),
+                })
+                .await
+                .map(|_| ())
+            };
+            (i, r.map_err(|s| s.code()), t.elapsed())
+        });
+    }
+    let limit = Duration::from_millis(TIMEOUT_MS) + Duration::from_millis(1500);
+    let all = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut v = Vec::new();
+        while let Some(r) = set.join_next().await {
+            v.push(r.expect("join"));
+        }
+        v
+    })
+    .await
+    .expect("requests hung with the HSM");
+    for (i, r, took) in &all {
+        assert_eq!(*r, Err(Code::Unavailable), "call {i} while the HSM hangs");
+        assert!(
+            *took < limit,
+            "call {i} took {took:?} (timeout {TIMEOUT_MS} ms)"
+        );
+    }
+    wait_health(&mut h, ServingStatus::NotServing, Duration::from_secs(5))
+        .await
+        .expect("health never said NOT_SERVING while the HSM hung");
+    eprintln!(
+        "hung HSM: NOT_SERVING {:?} after the hang began",
+        hung.elapsed()
+    );
+    assert!(arca.is_running(), "the server died while the HSM hung");
+    c.get_key(pb::GetKeyRequest {
+        name: "hang".into(),
+    })
+    .await
+    .expect("GetKey (no HSM) while the HSM hangs");
+
+    // The HSM answers again.
+    p11.signal_group("CONT");
+    wait_health(&mut h, ServingStatus::Serving, RECOVERY_WITHIN)
+        .await
+        .expect("no recovery after the HSM answered again");
+    create_key(&mut c, "after-hang").await;
+    let k = crate::support::rotate(&mut c, "after-hang").await;
+    assert_eq!(k.primary_version, 2);
+    drop(c);
+    drop(h);
+    let status = arca.stop().await;
+    assert!(status.success(), "exit after the hang: {status}");
 }

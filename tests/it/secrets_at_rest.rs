@@ -82,7 +82,9 @@ async fn sqlite_files_never_hold_data_keys_or_the_token() {
             .await
             .expect("WrapKey")
             .into_inner();
-        let u = unwrap(&mut c.clone(), &w.wrapped_key, &ctx(&[])).await.expect("unwrap");
+        let u = unwrap(&mut c.clone(), &w.wrapped_key, &ctx(&[]))
+            .await
+            .expect("unwrap");
         assert_eq!(u.plaintext, m);
         plaintexts.insert(m[..32].to_vec());
         plaintexts.insert(m[32..].to_vec());
@@ -103,14 +105,23 @@ async fn sqlite_files_never_hold_data_keys_or_the_token() {
             if let Some(at) = find_any(&bytes, &plaintexts, 32) {
                 panic!("{name} ({when}) holds a data key plaintext at offset {at}");
             }
-            assert!(!contains(&bytes, token.as_bytes()), "{name} ({when}) holds the dev token");
+            assert!(
+                !contains(&bytes, token.as_bytes()),
+                "{name} ({when}) holds the dev token"
+            );
             // The token's random part alone, in case it is stored without its prefix.
             assert!(
-                !contains(&bytes, token["arca_".len()..].as_bytes()),
+                !contains(&bytes, &token.as_bytes()["arca_".len()..]),
                 "{name} ({when}) holds the dev token's secret part"
             );
-            assert!(!contains(&bytes, pin.as_bytes()), "{name} ({when}) holds the HSM user PIN");
-            assert!(!contains(&bytes, so_pin.as_bytes()), "{name} ({when}) holds the HSM SO PIN");
+            assert!(
+                !contains(&bytes, pin.as_bytes()),
+                "{name} ({when}) holds the HSM user PIN"
+            );
+            assert!(
+                !contains(&bytes, so_pin.as_bytes()),
+                "{name} ({when}) holds the HSM SO PIN"
+            );
         }
     };
     check(db_files(arca.data_dir(), true), "while running");
@@ -133,7 +144,9 @@ async fn the_server_log_holds_no_key_material_tokens_or_context_values() {
     let mut plaintexts = Vec::new();
     for _ in 0..20 {
         let dk = generate(&mut c, "logged", &context).await;
-        unwrap(&mut c, &dk.wrapped_key, &context).await.expect("unwrap");
+        unwrap(&mut c, &dk.wrapped_key, &context)
+            .await
+            .expect("unwrap");
         // Failures are logged too: the wrong context must not be echoed either.
         let wrong = ctx(&[("patient", &format!("{SECRET_VALUE}-wrong"))]);
         let _ = unwrap(&mut c, &dk.wrapped_key, &wrong).await;
@@ -148,24 +161,61 @@ async fn the_server_log_holds_no_key_material_tokens_or_context_values() {
     .await
     .expect("WrapKey");
     plaintexts.push(material);
-    let mut anon = arca.client_with_header(Some("Bearer arca_guessedtokenvalue123")).await;
-    let _ = anon.get_key(pb::GetKeyRequest { name: "logged".into() }).await;
+    let mut anon = arca
+        .client_with_header(Some("Bearer arca_guessedtokenvalue123"))
+        .await;
+    let _ = anon
+        .get_key(pb::GetKeyRequest {
+            name: "logged".into(),
+        })
+        .await;
 
     let log = arca.log_text();
     assert!(log.contains("listening"), "the log was captured");
     assert!(!log.contains(SECRET_VALUE), "a context value is in the log");
     assert!(!log.contains(arca.token()), "the dev token is in the log");
-    assert!(!log.contains("arca_guessedtokenvalue123"), "a presented token is in the log");
+    assert!(
+        !log.contains("arca_guessedtokenvalue123"),
+        "a presented token is in the log"
+    );
     let pin = std::fs::read_to_string(arca.data_dir().join("hsm-pin")).expect("pin");
     assert!(!log.contains(pin.trim()), "the HSM PIN is in the log");
     for p in &plaintexts {
         for (enc, form) in [(B64.encode(p), "base64"), (hex::encode(p), "hex")] {
             assert!(!log.contains(&enc), "key material ({form}) is in the log");
         }
-        assert!(!contains(log.as_bytes(), p), "raw key material is in the log");
+        assert!(
+            !contains(log.as_bytes(), p),
+            "raw key material is in the log"
+        );
         // Debug-formatted byte arrays, e.g. [12, 200, ...].
         let debug = format!("{:?}", &p[..8]);
         let debug = &debug[..debug.len() - 1];
         assert!(!log.contains(debug), "key material (Debug) is in the log");
     }
+}
+
+#[tokio::test]
+async fn the_data_dir_and_its_secrets_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let arca = TestArca::start().await;
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let dir = arca.data_dir();
+    assert_eq!(mode(dir), 0o700, "data dir mode");
+    for f in ["dev-token", "hsm-pin", "hsm-so-pin"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f} mode");
+    }
+    let tokens = dir.join("tokens");
+    assert_eq!(
+        mode(&tokens) & 0o077,
+        0,
+        "token dir readable by others: {:o}",
+        mode(&tokens)
+    );
 }

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use tokio::task::JoinSet;
 use tonic::Code;
 
-use crate::support::{create_key, ctx, generate, rotate, unwrap, KeyClient, TestArca, INVALID_WRAPPED};
+use crate::support::{
+    create_key, ctx, generate, rotate, unwrap, KeyClient, TestArca, INVALID_WRAPPED,
+};
 
 /// Calls in flight at once.
 const IN_FLIGHT: usize = 32;
@@ -24,12 +26,15 @@ fn field(i: usize) -> &'static str {
     }
 }
 
-/// Unwraps every case concurrently; returns each case's outcome: `Ok(())` for an
-/// unexpected success, `Err((code, message))` otherwise.
+/// A case's description and its outcome: `Ok(())` for an unexpected success,
+/// `Err((code, message))` otherwise.
+type Outcome = (String, Result<(), (Code, String)>);
+
+/// Unwraps every case concurrently, [`IN_FLIGHT`] at a time.
 async fn unwrap_all(
     c: &KeyClient,
     cases: Vec<(String, Vec<u8>, HashMap<String, String>)>,
-) -> Vec<(String, Result<(), (Code, String)>)> {
+) -> Vec<Outcome> {
     let mut set = JoinSet::new();
     let mut out = Vec::with_capacity(cases.len());
     for (what, blob, context) in cases {
@@ -52,7 +57,7 @@ async fn unwrap_all(
 }
 
 /// Asserts every outcome is INVALID_ARGUMENT with the one message.
-fn assert_all_invalid(outcomes: &[(String, Result<(), (Code, String)>)]) {
+fn assert_all_invalid(outcomes: &[Outcome]) {
     let mut messages: BTreeMap<String, usize> = BTreeMap::new();
     let mut wrong = Vec::new();
     for (what, r) in outcomes {
@@ -106,11 +111,19 @@ async fn every_bit_flip_truncation_and_extension_is_one_invalid_argument() {
         for bit in 0..8 {
             let mut b = blob.clone();
             b[i] ^= 1 << bit;
-            cases.push((format!("byte {i} ({}) bit {bit} flipped", field(i)), b, context.clone()));
+            cases.push((
+                format!("byte {i} ({}) bit {bit} flipped", field(i)),
+                b,
+                context.clone(),
+            ));
         }
     }
     for n in 0..blob.len() {
-        cases.push((format!("truncated to {n} bytes"), blob[..n].to_vec(), context.clone()));
+        cases.push((
+            format!("truncated to {n} bytes"),
+            blob[..n].to_vec(),
+            context.clone(),
+        ));
     }
     for extra in [0x00u8, 0x01, 0xff] {
         let mut b = blob.clone();
@@ -126,7 +139,9 @@ async fn every_bit_flip_truncation_and_extension_is_one_invalid_argument() {
     assert_all_invalid(&outcomes);
 
     // The original still unwraps: the failures above were about the tampering.
-    let u = unwrap(&mut c, &blob, &context).await.expect("untampered blob");
+    let u = unwrap(&mut c, &blob, &context)
+        .await
+        .expect("untampered blob");
     assert_eq!(u.plaintext, dk.plaintext);
 }
 
@@ -141,22 +156,54 @@ async fn a_changed_missing_or_extra_context_entry_is_invalid_argument() {
 
     let b = dk.wrapped_key.clone();
     let cases = vec![
-        ("value changed", b.clone(), ctx(&[("tenant", "t-2"), ("record", "42")])),
-        ("value case changed", b.clone(), ctx(&[("tenant", "T-1"), ("record", "42")])),
-        ("value emptied", b.clone(), ctx(&[("tenant", ""), ("record", "42")])),
-        ("key renamed", b.clone(), ctx(&[("tenant2", "t-1"), ("record", "42")])),
-        ("key and value swapped", b.clone(), ctx(&[("t-1", "tenant"), ("record", "42")])),
+        (
+            "value changed",
+            b.clone(),
+            ctx(&[("tenant", "t-2"), ("record", "42")]),
+        ),
+        (
+            "value case changed",
+            b.clone(),
+            ctx(&[("tenant", "T-1"), ("record", "42")]),
+        ),
+        (
+            "value emptied",
+            b.clone(),
+            ctx(&[("tenant", ""), ("record", "42")]),
+        ),
+        (
+            "key renamed",
+            b.clone(),
+            ctx(&[("tenant2", "t-1"), ("record", "42")]),
+        ),
+        (
+            "key and value swapped",
+            b.clone(),
+            ctx(&[("t-1", "tenant"), ("record", "42")]),
+        ),
         ("entry missing", b.clone(), ctx(&[("tenant", "t-1")])),
         ("other entry missing", b.clone(), ctx(&[("record", "42")])),
         ("no context", b.clone(), ctx(&[])),
-        ("extra entry", b.clone(), ctx(&[("tenant", "t-1"), ("record", "42"), ("x", "y")])),
-        ("extra empty entry", b.clone(), ctx(&[("tenant", "t-1"), ("record", "42"), ("z", "")])),
+        (
+            "extra entry",
+            b.clone(),
+            ctx(&[("tenant", "t-1"), ("record", "42"), ("x", "y")]),
+        ),
+        (
+            "extra empty entry",
+            b.clone(),
+            ctx(&[("tenant", "t-1"), ("record", "42"), ("z", "")]),
+        ),
         (
             "boundary moved between key and value",
             b.clone(),
             ctx(&[("tenan", "tt-1"), ("record", "42")]),
         ),
-        ("context added to a blob made without one", no_ctx.wrapped_key.clone(), ctx(&[("tenant", "t-1")])),
+        (
+            "context added to a blob made without one",
+            no_ctx.wrapped_key.clone(),
+            ctx(&[("tenant", "t-1")]),
+        ),
     ];
     let cases = cases
         .into_iter()
@@ -168,6 +215,92 @@ async fn a_changed_missing_or_extra_context_entry_is_invalid_argument() {
     // The right contexts still work.
     let u = unwrap(&mut c, &b, &context).await.expect("right context");
     assert_eq!(u.plaintext, dk.plaintext);
-    let u = unwrap(&mut c, &no_ctx.wrapped_key, &ctx(&[])).await.expect("empty context");
+    let u = unwrap(&mut c, &no_ctx.wrapped_key, &ctx(&[]))
+        .await
+        .expect("empty context");
     assert_eq!(u.plaintext, no_ctx.plaintext);
+}
+
+#[tokio::test]
+async fn a_blob_moved_to_another_key_or_version_is_invalid_argument() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    let a = create_key(&mut c, "key-a").await;
+    let b = create_key(&mut c, "key-b").await;
+    let context = ctx(&[("tenant", "t-1")]);
+    let dk = generate(&mut c, "key-a", &context).await;
+    rotate(&mut c, "key-a").await;
+    let dk_v2 = generate(&mut c, "key-a", &context).await;
+    let blob = dk.wrapped_key.clone();
+    let id_b = crate::support::uuid_bytes(&b.id);
+    assert_eq!(blob[1..17], crate::support::uuid_bytes(&a.id));
+
+    let with = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut x = blob.clone();
+        f(&mut x);
+        x
+    };
+    // A blob from another server: same layout, a key id this server never saw.
+    let other = TestArca::start().await;
+    let mut oc = other.client().await;
+    create_key(&mut oc, "key-a").await;
+    let foreign = generate(&mut oc, "key-a", &context).await.wrapped_key;
+
+    let cases = vec![
+        (
+            "key id of another key",
+            with(&|x| x[1..17].copy_from_slice(&id_b)),
+        ),
+        (
+            "version 2 of the same key",
+            with(&|x| x[17..21].copy_from_slice(&2u32.to_be_bytes())),
+        ),
+        (
+            "version 0",
+            with(&|x| x[17..21].copy_from_slice(&0u32.to_be_bytes())),
+        ),
+        (
+            "version u32::MAX",
+            with(&|x| x[17..21].copy_from_slice(&u32::MAX.to_be_bytes())),
+        ),
+        ("format 0x02", with(&|x| x[0] = 0x02)),
+        ("format 0x00", with(&|x| x[0] = 0x00)),
+        (
+            "IV of another blob",
+            with(&|x| x[21..33].copy_from_slice(&dk_v2.wrapped_key[21..33])),
+        ),
+        ("all-zero IV", with(&|x| x[21..33].fill(0))),
+        (
+            "ciphertext of another blob",
+            with(&|x| x[33..65].copy_from_slice(&dk_v2.wrapped_key[33..65])),
+        ),
+        ("tag zeroed", with(&|x| x[65..81].fill(0))),
+        ("header of a v2 blob", {
+            let mut x = dk_v2.wrapped_key[..21].to_vec();
+            x.extend_from_slice(&blob[21..]);
+            x
+        }),
+        ("a blob from another server", foreign),
+        ("all zeroes", vec![0u8; 81]),
+        ("empty", Vec::new()),
+    ];
+    let cases = cases
+        .into_iter()
+        .map(|(w, b)| (w.to_string(), b, context.clone()))
+        .collect();
+    let outcomes = unwrap_all(&c, cases).await;
+    assert_all_invalid(&outcomes);
+    // Rewrap refuses the same way.
+    let mut bad = blob.clone();
+    bad[1..17].copy_from_slice(&id_b);
+    let s = crate::support::assert_code(
+        c.rewrap_key(arca::grpc::pb::RewrapKeyRequest {
+            wrapped_key: bad,
+            context: context.clone(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "rewrap of a moved blob",
+    );
+    assert_eq!(s.message(), INVALID_WRAPPED);
 }

@@ -28,8 +28,14 @@ async fn wrap_key_takes_16_to_64_bytes() {
             .into_inner();
         assert_eq!(w.key_version, 1);
         assert_eq!(w.key_name, "wrapper");
-        assert_eq!(w.wrapped_key.len(), 21 + 12 + n + 16, "blob length for {n} bytes");
-        let u = unwrap(&mut c, &w.wrapped_key, &context).await.expect("unwrap");
+        assert_eq!(
+            w.wrapped_key.len(),
+            21 + 12 + n + 16,
+            "blob length for {n} bytes"
+        );
+        let u = unwrap(&mut c, &w.wrapped_key, &context)
+            .await
+            .expect("unwrap");
         assert_eq!(u.plaintext, material, "{n} bytes round trip");
     }
     for n in [0usize, 1, 15, 65, 128, 4096] {
@@ -107,7 +113,8 @@ async fn invalid_key_names_are_invalid_argument_everywhere() {
             &what("WrapKey"),
         );
         assert_code(
-            c.rotate_key(pb::RotateKeyRequest { name: name.into() }).await,
+            c.rotate_key(pb::RotateKeyRequest { name: name.into() })
+                .await,
             Code::InvalidArgument,
             &what("RotateKey"),
         );
@@ -124,7 +131,14 @@ async fn invalid_key_names_are_invalid_argument_everywhere() {
 
     // The edges of the rule are accepted.
     let longest = "z".repeat(128);
-    for name in ["a", "0", "0_x", "billing/ssn", "a-b_c/d-9", longest.as_str()] {
+    for name in [
+        "a",
+        "0",
+        "0_x",
+        "billing/ssn",
+        "a-b_c/d-9",
+        longest.as_str(),
+    ] {
         let k = create_key(&mut c, name).await;
         assert_eq!(k.name, name);
     }
@@ -138,7 +152,12 @@ async fn invalid_key_names_are_invalid_argument_everywhere() {
         .await
         .expect("ListKeys")
         .into_inner();
-    assert_eq!(all.keys.len(), 7, "keys: {:?}", all.keys.iter().map(|k| &k.name).collect::<Vec<_>>());
+    assert_eq!(
+        all.keys.len(),
+        7,
+        "keys: {:?}",
+        all.keys.iter().map(|k| &k.name).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
@@ -149,7 +168,10 @@ async fn unknown_keys_are_not_found_and_names_are_never_reused() {
 
     let missing = "no-such-key";
     assert_code(
-        c.get_key(pb::GetKeyRequest { name: missing.into() }).await,
+        c.get_key(pb::GetKeyRequest {
+            name: missing.into(),
+        })
+        .await,
         Code::NotFound,
         "GetKey unknown",
     );
@@ -174,7 +196,10 @@ async fn unknown_keys_are_not_found_and_names_are_never_reused() {
         "WrapKey unknown",
     );
     assert_code(
-        c.rotate_key(pb::RotateKeyRequest { name: missing.into() }).await,
+        c.rotate_key(pb::RotateKeyRequest {
+            name: missing.into(),
+        })
+        .await,
         Code::NotFound,
         "RotateKey unknown",
     );
@@ -201,7 +226,9 @@ async fn unknown_keys_are_not_found_and_names_are_never_reused() {
         );
     }
     let k = c
-        .get_key(pb::GetKeyRequest { name: "taken".into() })
+        .get_key(pb::GetKeyRequest {
+            name: "taken".into(),
+        })
         .await
         .expect("GetKey")
         .into_inner();
@@ -265,7 +292,11 @@ async fn list_keys_pages_through_every_key_once() {
     }
     assert!(token.is_empty(), "pagination did not end");
     assert_eq!(sizes, vec![3, 3, 1], "page sizes");
-    assert_eq!(seen, created.iter().cloned().collect::<Vec<_>>(), "keys in name order, each once");
+    assert_eq!(
+        seen,
+        created.iter().cloned().collect::<Vec<_>>(),
+        "keys in name order, each once"
+    );
 
     // One page holds all when asked; size 0 means the default.
     for size in [0u32, 7, 100] {
@@ -278,9 +309,16 @@ async fn list_keys_pages_through_every_key_once() {
             .expect("ListKeys")
             .into_inner();
         let names: Vec<String> = r.keys.into_iter().map(|k| k.name).collect();
-        assert_eq!(names, created.iter().cloned().collect::<Vec<_>>(), "page_size {size}");
+        assert_eq!(
+            names,
+            created.iter().cloned().collect::<Vec<_>>(),
+            "page_size {size}"
+        );
         if size != 7 {
-            assert!(r.next_page_token.is_empty(), "page_size {size}: token on the last page");
+            assert!(
+                r.next_page_token.is_empty(),
+                "page_size {size}: token on the last page"
+            );
         }
     }
 
@@ -293,4 +331,108 @@ async fn list_keys_pages_through_every_key_once() {
         Code::InvalidArgument,
         "garbage page token",
     );
+}
+
+#[tokio::test]
+async fn oversized_or_malformed_inputs_are_refused_and_change_nothing() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "limits").await;
+    let dk = crate::support::generate(&mut c, "limits", &ctx(&[])).await;
+
+    // Encryption contexts over the limits, or with an empty key.
+    let many: std::collections::HashMap<String, String> = (0..65)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    let huge = ctx(&[("k", &"v".repeat(9 * 1024))]);
+    let empty_key = ctx(&[("", "v")]);
+    for (what, context) in [
+        ("65 entries", &many),
+        ("9 KiB value", &huge),
+        ("empty key", &empty_key),
+    ] {
+        assert_code(
+            c.generate_data_key(pb::GenerateDataKeyRequest {
+                key_name: "limits".into(),
+                context: context.clone(),
+                without_plaintext: false,
+            })
+            .await,
+            Code::InvalidArgument,
+            &format!("GenerateDataKey, context {what}"),
+        );
+        assert_code(
+            unwrap(&mut c, &dk.wrapped_key, context).await,
+            Code::InvalidArgument,
+            &format!("UnwrapKey, context {what}"),
+        );
+    }
+    // 64 entries is within the limit.
+    let max: std::collections::HashMap<String, String> = (0..64)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    let d = crate::support::generate(&mut c, "limits", &max).await;
+    assert_eq!(
+        unwrap(&mut c, &d.wrapped_key, &max)
+            .await
+            .expect("64 entries")
+            .plaintext,
+        d.plaintext
+    );
+
+    // A description over 1 KiB.
+    assert_code(
+        c.create_key(pb::CreateKeyRequest {
+            name: "described".into(),
+            description: "d".repeat(1025),
+        })
+        .await,
+        Code::InvalidArgument,
+        "description of 1025 bytes",
+    );
+    let k = c
+        .create_key(pb::CreateKeyRequest {
+            name: "described".into(),
+            description: "d".repeat(1024),
+        })
+        .await
+        .expect("description of 1024 bytes")
+        .into_inner();
+    assert_eq!(k.description.len(), 1024);
+
+    // A request message far over the server's limit: refused with a clear status (not
+    // INTERNAL or UNKNOWN), and the server carries on.
+    let r = unwrap(&mut c, &vec![1u8; 256 * 1024], &ctx(&[])).await;
+    let s = r.expect_err("oversized UnwrapKey accepted");
+    assert!(
+        matches!(
+            s.code(),
+            Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
+        ),
+        "oversized request: {s:?}"
+    );
+    let u = unwrap(&mut c, &dk.wrapped_key, &ctx(&[]))
+        .await
+        .expect("after an oversized request");
+    assert_eq!(u.plaintext, dk.plaintext);
+
+    // Version numbers that do not exist, for the admin calls.
+    assert_code(
+        c.enable_key_version(pb::KeyVersionRequest {
+            name: "limits".into(),
+            version: 2,
+        })
+        .await,
+        Code::NotFound,
+        "enable v2 of a key with one version",
+    );
+    let k = c
+        .get_key(pb::GetKeyRequest {
+            name: "limits".into(),
+        })
+        .await
+        .expect("GetKey")
+        .into_inner();
+    assert_eq!(k.versions.len(), 1);
+    assert_eq!(k.primary_version, 1);
 }

@@ -422,7 +422,10 @@ pub async fn rotate(c: &mut KeyClient, name: &str) -> pb::Key {
 }
 
 /// The health status of `service` ("" for the server as a whole).
-pub async fn health_status(h: &mut HealthClient<Channel>, service: &str) -> Result<ServingStatus, Status> {
+pub async fn health_status(
+    h: &mut HealthClient<Channel>,
+    service: &str,
+) -> Result<ServingStatus, Status> {
     h.check(HealthCheckRequest {
         service: service.to_string(),
     })
