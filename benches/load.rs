@@ -16,7 +16,40 @@ use std::time::{Duration, Instant};
 use arca::grpc::pb;
 use arca::grpc::pb::key_service_client::KeyServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+
+/// A bare HTTP/2 connection as a tower service: no `Channel` buffer task between the
+/// caller and the connection, so the generator spends less of the shared CPU per call.
+#[derive(Clone)]
+struct H2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for H2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
+async fn connect(addr: &str) -> H2 {
+    let hostport = addr.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(hostport).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    H2(send)
+}
 
 struct Opts {
     addr: String,
@@ -70,7 +103,7 @@ fn parse_args() -> Opts {
 
 #[derive(Clone)]
 struct Client {
-    inner: KeyServiceClient<Channel>,
+    inner: KeyServiceClient<H2>,
     auth: MetadataValue<Ascii>,
 }
 
@@ -170,13 +203,9 @@ fn main() {
         let auth: MetadataValue<Ascii> = format!("Bearer {}", o.token).parse().unwrap();
         let mut clients = Vec::new();
         for _ in 0..o.connections.max(1) {
-            let ch = Endpoint::from_shared(o.addr.clone())
-                .unwrap()
-                .connect()
-                .await
-                .expect("connect");
+            let ch = connect(&o.addr).await;
             clients.push(Client {
-                inner: KeyServiceClient::new(ch),
+                inner: KeyServiceClient::with_origin(ch, o.addr.parse().expect("addr uri")),
                 auth: auth.clone(),
             });
         }

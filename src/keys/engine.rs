@@ -50,8 +50,12 @@ impl Default for EngineConfig {
 }
 
 /// The HSM side of Arca's key operations.
+///
+/// Dropping the engine closes the queue and joins the workers, so the HSM (and its
+/// PKCS#11 module) is released before the process exits, never under a running call.
 pub struct KeyEngine {
-    tx: mpsc::Sender<Job>,
+    tx: Option<mpsc::Sender<Job>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
     available: Arc<AtomicBool>,
     op_timeout: Duration,
 }
@@ -61,10 +65,11 @@ impl KeyEngine {
     pub fn start(hsm: Arc<dyn Hsm>, cfg: &EngineConfig) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>(cfg.queue_depth.max(1));
         let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::with_capacity(cfg.workers.max(1));
         for i in 0..cfg.workers.max(1) {
             let rx = Arc::clone(&rx);
             let hsm = Arc::clone(&hsm);
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("arca-hsm-{i}"))
                 .spawn(move || loop {
                     // Holding the lock while waiting is fine: idle workers queue on it.
@@ -77,9 +82,11 @@ impl KeyEngine {
                         None => break,
                     }
                 })?;
+            workers.push(handle);
         }
         Ok(KeyEngine {
-            tx,
+            tx: Some(tx),
+            workers,
             available: Arc::new(AtomicBool::new(true)),
             op_timeout: cfg.op_timeout,
         })
@@ -124,6 +131,8 @@ impl KeyEngine {
         });
         let call = async {
             self.tx
+                .as_ref()
+                .ok_or(KeysError::HsmUnavailable(None))?
                 .send(job)
                 .await
                 .map_err(|_| KeysError::HsmUnavailable(None))?;
@@ -286,6 +295,18 @@ impl KeyEngine {
     /// Probes the HSM (and lets it reconnect); updates [`Self::is_available`].
     pub async fn check(&self) -> Result<(), KeysError> {
         self.run(|hsm| hsm.check().map_err(hsm_err)).await
+    }
+}
+
+impl Drop for KeyEngine {
+    fn drop(&mut self) {
+        // Closing the queue ends each worker after its current job.
+        self.tx.take();
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                tracing::error!("an HSM worker thread panicked");
+            }
+        }
     }
 }
 
