@@ -35,6 +35,7 @@ pub mod clock;
 pub mod config;
 pub mod grpc;
 pub mod keys;
+pub mod quorum;
 pub mod secret;
 pub mod service;
 pub mod store;

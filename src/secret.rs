@@ -111,7 +111,49 @@ impl std::fmt::Debug for TokenHash {
 }
 
 /// An HSM PIN. Re-exported from the HSM crate so there is one PIN type.
-pub type Pin = arca_hsm::pkcs11::AuthPin;
+pub type Pin = arca_hsm::AuthPin;
+
+/// The 256-bit quorum secret S. Exists only while it is being split or used, then is
+/// zeroized.
+pub struct QuorumSecret(Zeroizing<[u8; 32]>);
+
+impl QuorumSecret {
+    /// From 32 bytes (the copy is zeroized by the caller's buffer type).
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; 32] = bytes.try_into().ok()?;
+        Some(QuorumSecret(Zeroizing::new(arr)))
+    }
+
+    /// The secret bytes.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Constant-time equality.
+    pub fn ct_eq(&self, other: &QuorumSecret) -> bool {
+        ct_eq(self.0.as_ref(), other.0.as_ref())
+    }
+}
+
+/// One custodian's Shamir share: x-coordinate (1 byte) then 32 y bytes.
+pub struct Share(Zeroizing<Vec<u8>>);
+
+impl Share {
+    /// Takes ownership of the bytes.
+    pub fn new(bytes: Zeroizing<Vec<u8>>) -> Self {
+        Share(bytes)
+    }
+
+    /// The share bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The x-coordinate (custodian index, 1-based).
+    pub fn x(&self) -> Option<u8> {
+        self.0.first().copied()
+    }
+}
 
 /// Constant-time equality of two byte strings (lengths are not secret).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
