@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "arca.v1.GenerateDataKeyResponse",
             "arca.v1.WrapKeyRequest",
             "arca.v1.UnwrapKeyResponse",
+            "arca.v1.InitRequest",
+            "arca.v1.CustodianKit",
+            "arca.v1.UnsealRequest",
         ])
         .compile_protos(&protos, &["proto"])?;
     Ok(())

@@ -41,12 +41,15 @@ impl tower::Service<http::Request<tonic::body::Body>> for H2 {
 
 async fn connect(addr: &str) -> H2 {
     let hostport = addr.trim_start_matches("http://");
-    let tcp = tokio::net::TcpStream::connect(hostport).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    let (send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .handshake(hyper_util::rt::TokioIo::new(tcp))
+    let tcp = tokio::net::TcpStream::connect(hostport)
         .await
-        .expect("h2 handshake");
+        .expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
     tokio::spawn(conn);
     H2(send)
 }

@@ -166,6 +166,33 @@ pub fn init_token(module: &Path, label: &str, so_pin: &AuthPin, user_pin: &AuthP
     })
 }
 
+/// Sets a new user PIN on the token labelled `label`, logging in as the security
+/// officer (`C_InitPIN`). Works on any PKCS#11 token, not only SoftHSM; dual control uses
+/// it so that no person ever knows the user PIN. Like [`init_token`], it initialises the
+/// module itself: call it while no `Pkcs11Hsm` is open on `module` in this process.
+pub fn reset_user_pin(
+    module: &Path,
+    label: &str,
+    so_pin: &AuthPin,
+    new_pin: &AuthPin,
+) -> Result<()> {
+    with_module(module, |ctx| {
+        let slot = find_slot(ctx, label)?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(|e| plain_error(e, "C_OpenSession"))?;
+        login(&session, UserType::So, so_pin)?;
+        let result = session
+            .init_pin(new_pin)
+            .map_err(|e| plain_error(e, "C_InitPIN"));
+        if let Err(e) = session.logout() {
+            tracing::debug!(error = %e, "C_Logout after C_InitPIN");
+        }
+        drop(session);
+        result
+    })
+}
+
 /// Runs `f` with the module initialised, finalizing it afterwards whatever happens.
 fn with_module<T>(module: &Path, f: impl FnOnce(&Pkcs11) -> Result<T>) -> Result<T> {
     let ctx = initialize(module)?;

@@ -11,9 +11,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 use zeroize::Zeroizing;
 
-use super::{ClientOpts, Command, DatakeyCommand, KeyCommand, Output};
+use super::{ClientOpts, Command, DatakeyCommand, KeyCommand, OperatorCommand, Output};
 use crate::grpc::pb;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
+use crate::grpc::pb::quorum_service_client::QuorumServiceClient;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -46,6 +47,7 @@ fn call_error(s: tonic::Status) -> BoxError {
 
 struct Client {
     inner: KeyServiceClient<Channel>,
+    quorum: QuorumServiceClient<Channel>,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
     output: Output,
 }
@@ -71,7 +73,8 @@ impl Client {
             None => None,
         };
         Ok(Client {
-            inner: KeyServiceClient::new(channel),
+            inner: KeyServiceClient::new(channel.clone()),
+            quorum: QuorumServiceClient::new(channel),
             auth,
             output: opts.output,
         })
@@ -192,6 +195,7 @@ pub(super) async fn run(cmd: Command) -> Result<(), BoxError> {
     match cmd {
         Command::Server(_) => Err("not a client command".into()),
         Command::Key(k) => run_key(k).await,
+        Command::Operator(o) => run_operator(o).await,
         Command::Datakey(DatakeyCommand::Generate {
             name,
             context,
@@ -396,6 +400,164 @@ async fn run_key(cmd: KeyCommand) -> Result<(), BoxError> {
                 .map_err(call_error)?
                 .into_inner();
             print_admin(c.output, &r);
+        }
+    }
+    Ok(())
+}
+
+/// Reads one secret line from `file`, or from stdin.
+fn read_secret(file: Option<&std::path::Path>, what: &str) -> Result<Zeroizing<String>, BoxError> {
+    let text = match file {
+        Some(f) => Zeroizing::new(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read {what} from {}: {e}", f.display()))?,
+        ),
+        None => {
+            eprintln!("{what}:");
+            let mut line = Zeroizing::new(String::new());
+            std::io::stdin().read_line(&mut line)?;
+            line
+        }
+    };
+    let trimmed = Zeroizing::new(text.trim().to_string());
+    if trimmed.is_empty() {
+        return Err(format!("empty {what}").into());
+    }
+    Ok(trimmed)
+}
+
+fn print_seal_status(output: Output, s: &pb::SealStatusResponse) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({"initialized": s.initialized, "sealed": s.sealed, "threshold": s.threshold,
+                   "shares": s.shares, "progress": s.progress})
+        ),
+        Output::Human => {
+            println!("initialized: {}", s.initialized);
+            println!("sealed:      {}", s.sealed);
+            if s.initialized {
+                println!("threshold:   {} of {}", s.threshold, s.shares);
+            }
+            if s.sealed && !s.progress.is_empty() {
+                println!(
+                    "unseal progress: {} of {} ({})",
+                    s.progress.len(),
+                    s.threshold,
+                    s.progress.join(", ")
+                );
+            }
+        }
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.write_all(b"\n")
+}
+
+async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
+    match cmd {
+        OperatorCommand::Init {
+            shares,
+            threshold,
+            custodians,
+            so_pin_file,
+            out_dir,
+            opts,
+        } => {
+            if shares.is_some_and(|n| n as usize != custodians.len()) {
+                return Err("--shares must equal the number of --custodian names".into());
+            }
+            let so_pin = read_secret(so_pin_file.as_deref(), "SO PIN")?;
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .quorum
+                .init(c.req(pb::InitRequest {
+                    threshold,
+                    custodians,
+                    so_pin: so_pin.to_string(),
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            match out_dir {
+                Some(dir) => {
+                    for k in &r.custodians {
+                        let d = dir.join(&k.custodian);
+                        std::fs::create_dir_all(&d)?;
+                        write_private(&d.join("share"), k.share.as_bytes())?;
+                        write_private(&d.join("token"), k.token.as_bytes())?;
+                        write_private(&d.join("totp-uri"), k.totp_uri.as_bytes())?;
+                    }
+                    println!(
+                        "initialised {} of {}; kits written under {} — hand each directory to its custodian, then delete it",
+                        r.threshold,
+                        r.custodians.len(),
+                        dir.display()
+                    );
+                }
+                None => {
+                    println!("initialised {} of {}. Each block below is shown once: hand it to its custodian only.", r.threshold, r.custodians.len());
+                    for k in &r.custodians {
+                        println!();
+                        println!("custodian: {}", k.custodian);
+                        println!("share:     {}", k.share);
+                        println!("token:     {}", k.token);
+                        println!("totp:      {}", k.totp_uri);
+                    }
+                }
+            }
+            for k in r.custodians {
+                drop(Zeroizing::new(k.share));
+                drop(Zeroizing::new(k.token));
+                drop(Zeroizing::new(k.totp_uri));
+            }
+        }
+        OperatorCommand::Unseal {
+            share_file,
+            totp,
+            opts,
+        } => {
+            let share = read_secret(share_file.as_deref(), "share")?;
+            let mut c = Client::connect(&opts).await?;
+            let s = c
+                .quorum
+                .unseal(c.req(pb::UnsealRequest {
+                    share: share.to_string(),
+                    totp,
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_seal_status(c.output, &s);
+        }
+        OperatorCommand::Seal { opts } => {
+            let mut c = Client::connect(&opts).await?;
+            let s = c
+                .quorum
+                .seal(c.req(pb::SealRequest {}))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_seal_status(c.output, &s);
+        }
+        OperatorCommand::Status { opts } => {
+            let mut c = Client::connect(&opts).await?;
+            let s = c
+                .quorum
+                .seal_status(c.req(pb::SealStatusRequest {}))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_seal_status(c.output, &s);
         }
     }
     Ok(())

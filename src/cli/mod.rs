@@ -42,6 +42,55 @@ enum Command {
     Unwrap(UnwrapArgs),
     /// Move a wrapped key (base64) to its key's primary version.
     Rewrap(UnwrapArgs),
+    /// Dual control: init, unseal, seal, status.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Initialise dual control: K-of-N custodians; prints (or writes) each kit once.
+    Init {
+        /// N: must equal the number of --custodian names.
+        #[arg(long)]
+        shares: Option<u32>,
+        /// K: custodians needed to unseal or approve.
+        #[arg(long)]
+        threshold: u32,
+        /// Custodian names (repeat).
+        #[arg(long = "custodian", required = true)]
+        custodians: Vec<String>,
+        /// File with the token's SO PIN (default: read one line from stdin).
+        #[arg(long)]
+        so_pin_file: Option<std::path::PathBuf>,
+        /// Write each custodian's kit to DIR/NAME/{share,token,totp-uri} (0600) instead of
+        /// printing it.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Submit this custodian's share (authenticated as the custodian).
+    Unseal {
+        /// File with the share (default: read one line from stdin).
+        #[arg(long)]
+        share_file: Option<std::path::PathBuf>,
+        /// Current TOTP code from the custodian's authenticator.
+        #[arg(long, env = "ARCA_TOTP")]
+        totp: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Seal now: every HSM session closes.
+    Seal {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Seal state and unseal progress.
+    Status {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
 }
 
 /// Connection and output options shared by the client commands.

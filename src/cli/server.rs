@@ -3,6 +3,11 @@
 //! Dev mode (`--dev`) needs no set-up: it makes a SoftHSM token and a SQLite database under
 //! the data dir, listens in plaintext on loopback only, and writes a dev admin token to
 //! `DIR/dev-token` (0600). Restarting on the same dir keeps every key.
+//!
+//! `--database` (or `ARCA_DATABASE_URL`) picks the store: a SQLite file (the default,
+//! `DIR/arca.db`) or a PostgreSQL URL, which several nodes may share. The URL may carry a
+//! password: it is logged and reported only redacted, never parsed by clap (whose errors
+//! quote values) and never shown in `--help`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,15 +16,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arca_hsm::pkcs11::{AuthPin, Pkcs11Config, Pkcs11Hsm};
+use arca_hsm::Hsm;
 use clap::Args;
 use zeroize::Zeroizing;
 
 use crate::clock::SystemClock;
-use crate::config::{HsmSettings, LogFormat, ServerConfig};
+use crate::config::{Database, DevQuorum, HsmSettings, LogFormat, ServerConfig};
 use crate::grpc::{serve, ServeOptions};
-use crate::keys::{EngineConfig, KeyEngine};
+use crate::keys::EngineConfig;
 use crate::secret::BearerToken;
-use crate::service::{KeyService, ServiceConfig};
+use crate::service::{HsmOpener, KeyService, PinSetter, SealControl, ServiceConfig};
 use crate::store::SqlStore;
 
 /// Label of the dev-mode token.
@@ -37,6 +43,16 @@ pub(super) struct ServerArgs {
     /// Data directory.
     #[arg(long, default_value = "./arca-dev")]
     data_dir: PathBuf,
+    /// Database: `postgres://USER@HOST/DB` (several nodes may share it) or a SQLite file
+    /// (`sqlite://PATH` or a path; default DIR/arca.db). Prefer the environment variable
+    /// for a URL with a password: a command line is visible to every local user.
+    #[arg(
+        long,
+        env = "ARCA_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    database: Option<String>,
     /// Listen address (dev mode: loopback only).
     #[arg(long, default_value = super::DEFAULT_DEV_ADDR)]
     listen: SocketAddr,
@@ -61,6 +77,13 @@ pub(super) struct ServerArgs {
     /// Wraps reserved in the database at a time per key version.
     #[arg(long, default_value_t = crate::service::DEFAULT_WRAP_RESERVATION)]
     wrap_reservation: u64,
+    /// Dev mode: initialise K-of-N dual control with N custodians (kits written under
+    /// DIR/custodians/) and start sealed, instead of 1-of-1 auto-unseal.
+    #[arg(long, requires = "threshold")]
+    custodians: Option<u8>,
+    /// K, with --custodians.
+    #[arg(long, requires = "custodians")]
+    threshold: Option<u8>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -140,8 +163,14 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         )
         .into());
     }
+    // Checked before anything is made, and without quoting the value.
+    let database = match args.database.as_deref() {
+        Some(value) => Some(Database::parse(value)?),
+        None => None,
+    };
     make_private_dir(&args.data_dir)?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let database = database.unwrap_or_else(|| Database::Sqlite(data_dir.join("arca.db")));
 
     let (module, pin_file) = match &args.hsm_module {
         Some(m) => {
@@ -186,10 +215,23 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
             (module, pin_file)
         }
     };
+    let dev_quorum = match (
+        &args.hsm_module,
+        &args.hsm_pin_file,
+        args.custodians,
+        args.threshold,
+    ) {
+        (Some(_), _, _, _) | (_, Some(_), _, _) => DevQuorum::PinFile(pin_file.clone()),
+        (None, None, Some(n), Some(k)) => DevQuorum::Custodians {
+            custodians: n,
+            threshold: k,
+        },
+        _ => DevQuorum::OneOfOne,
+    };
     Ok(Prepared::Config(Box::new(ServerConfig {
         listen: args.listen,
         dev: true,
-        database: data_dir.join("arca.db"),
+        database,
         data_dir,
         hsm: HsmSettings {
             module,
@@ -201,36 +243,48 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         },
         wrap_reservation: args.wrap_reservation.max(1),
         serve: ServeOptions::default(),
+        dev_quorum,
     })))
 }
 
 async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
-    let pin = read_pin(&cfg.hsm.pin_file)?;
-    let hsm_cfg = Pkcs11Config {
-        module: cfg.hsm.module.clone(),
-        token_label: cfg.hsm.token_label.clone(),
-        pin: AuthPin::from(pin.to_string()),
-        sessions: cfg.hsm.sessions,
-        session_key_copies: cfg.hsm.session_key_copies,
-        reconnect_interval: Duration::from_secs(1),
-    };
-    drop(pin);
-    let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(hsm_cfg)).await??;
-    tracing::info!(module = %cfg.hsm.module.display(), token = %cfg.hsm.token_label, sessions = cfg.hsm.sessions, "HSM session pool open");
-    let engine = KeyEngine::start(
-        Arc::new(hsm),
-        &EngineConfig {
-            workers: cfg.hsm.sessions,
-            op_timeout: cfg.hsm.op_timeout,
-            ..EngineConfig::default()
-        },
-    )?;
-    precreate_private(&cfg.database)?;
-    let store = SqlStore::open_sqlite(&cfg.database).await?;
-    tracing::info!(database = %cfg.database.display(), "database open");
+    let store = Arc::new(open_store(&cfg.database).await?);
+    tracing::info!(database = %cfg.database, backend = ?store.backend(), "database open");
+
+    let (module, label, sessions, copies) = (
+        cfg.hsm.module.clone(),
+        cfg.hsm.token_label.clone(),
+        cfg.hsm.sessions,
+        cfg.hsm.session_key_copies,
+    );
+    let opener: HsmOpener = Arc::new(move |pin: AuthPin| {
+        let hsm = Pkcs11Hsm::open(Pkcs11Config {
+            module: module.clone(),
+            token_label: label.clone(),
+            pin,
+            sessions,
+            session_key_copies: copies,
+            reconnect_interval: Duration::from_secs(1),
+        })?;
+        tracing::info!(module = %module.display(), token = %label, sessions, "HSM session pool open");
+        Ok(Arc::new(hsm) as Arc<dyn Hsm>)
+    });
+    let (module, label) = (cfg.hsm.module.clone(), cfg.hsm.token_label.clone());
+    let pin_setter: PinSetter = Arc::new(move |so: &AuthPin, new: &AuthPin| {
+        arca_hsm::softhsm::reset_user_pin(&module, &label, so, new)
+    });
     let svc = Arc::new(KeyService::new(
-        Arc::new(store),
-        Arc::new(engine),
+        store.clone(),
+        store,
+        SealControl::new(
+            opener,
+            pin_setter,
+            EngineConfig {
+                workers: cfg.hsm.sessions,
+                op_timeout: cfg.hsm.op_timeout,
+                ..EngineConfig::default()
+            },
+        ),
         Arc::new(SystemClock),
         ServiceConfig {
             wrap_reservation: cfg.wrap_reservation,
@@ -239,10 +293,11 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
 
     let token_path = cfg.data_dir.join("dev-token");
     ensure_dev_token(&svc, &token_path).await?;
+    dev_unseal(&svc, &cfg).await?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let prefix: [u8; 6] = svc.engine().random().await?;
+    let prefix = crate::quorum::crypto::random::<6>()?;
     println!("arca dev server listening on http://{addr}");
     println!("dev admin token in {}", token_path.display());
     println!(
@@ -256,12 +311,142 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         svc,
         cfg.serve.clone(),
-        hex::encode(prefix),
+        hex::encode(prefix.as_ref()),
         shutdown_signal(),
     )
     .await?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Dev mode's way to an unsealed (or, with `--custodians`, a sealed and initialised)
+/// service:
+/// - an explicit `--hsm-pin-file` opens the HSM with that PIN (no dual control);
+/// - `--custodians N --threshold K` runs the init ceremony once with the SO PIN from
+///   `DIR/hsm-so-pin` and writes each custodian's kit under `DIR/custodians/NAME/`; the
+///   service stays sealed until K custodians unseal it;
+/// - otherwise a 1-of-1 quorum seals the dev PIN, its share is kept in `DIR/dev-share`,
+///   and the service unseals itself with it at every start.
+async fn dev_unseal(svc: &KeyService, cfg: &ServerConfig) -> Result<(), BoxError> {
+    let dir = &cfg.data_dir;
+    match &cfg.dev_quorum {
+        DevQuorum::PinFile(path) => {
+            let pin = read_pin(path)?;
+            svc.open_with_pin(AuthPin::from(pin.to_string())).await?;
+        }
+        DevQuorum::Custodians {
+            custodians,
+            threshold,
+        } => {
+            if svc.quorum_config().await?.is_none() {
+                let names: Vec<String> = (1..=*custodians)
+                    .map(|i| format!("custodian-{i}"))
+                    .collect();
+                let so_pin = read_pin(&dir.join("hsm-so-pin"))?;
+                let caller = dev_caller();
+                let kits = svc
+                    .init_quorum(
+                        &caller,
+                        *threshold,
+                        &names,
+                        AuthPin::from(so_pin.to_string()),
+                        1,
+                    )
+                    .await?;
+                // The user PIN changed and nobody knows it now.
+                let _ = std::fs::remove_file(dir.join("hsm-pin"));
+                for kit in kits {
+                    let kdir = dir.join("custodians").join(&kit.name);
+                    make_private_dir(&kdir)?;
+                    write_private(&kdir.join("share"), kit.share.as_bytes())?;
+                    write_private(&kdir.join("token"), kit.token.expose().as_bytes())?;
+                    write_private(&kdir.join("totp-uri"), kit.totp_uri.as_bytes())?;
+                }
+                eprintln!(
+                    "dual control initialised: {threshold} of {custodians} custodians; kits in {}",
+                    dir.join("custodians").display()
+                );
+            }
+            eprintln!("sealed: unseal with `arca operator unseal` as {threshold} custodians");
+        }
+        DevQuorum::OneOfOne => {
+            let share_path = dir.join("dev-share");
+            let cfg_q = match svc.quorum_config().await? {
+                Some(q) => q,
+                None => {
+                    let pin = read_pin(&cfg.hsm.pin_file)?;
+                    let kit = svc.dev_init(pin.as_bytes()).await?;
+                    write_private(&share_path, kit.share.as_bytes())?;
+                    svc.quorum_config()
+                        .await?
+                        .ok_or("dual control did not initialise")?
+                }
+            };
+            match std::fs::read_to_string(&share_path) {
+                Ok(text) => {
+                    let text = Zeroizing::new(text);
+                    let share = crate::quorum::shamir::decode(&text)?;
+                    svc.unseal_with_shares(&cfg_q, &[share]).await?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!("sealed: this data dir has no dev-share; unseal with `arca operator unseal`");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The identity dev-mode wiring acts as.
+fn dev_caller() -> crate::service::Caller {
+    crate::service::Caller {
+        principal: Arc::new(crate::authz::Principal {
+            name: DEV_PRINCIPAL.to_string(),
+            method: crate::authz::AuthMethod::Token {
+                token_id: "dev".into(),
+            },
+            roles: vec!["admin".into()],
+        }),
+        request_id: "startup".into(),
+    }
+}
+
+/// Opens the store. Errors name the database by its redacted form (`Display` of
+/// [`Database`]) and carry the driver's reason, which never quotes the URL.
+async fn open_store(database: &Database) -> Result<SqlStore, BoxError> {
+    let opened = match database {
+        Database::Sqlite(path) => {
+            precreate_private(path)?;
+            SqlStore::open_sqlite(path).await
+        }
+        Database::Postgres(url) => {
+            let host = url.host();
+            if !(host.is_empty()
+                || host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()))
+            {
+                tracing::warn!(
+                    database = %url,
+                    "this build has no TLS to PostgreSQL: traffic to a non-loopback host \
+                     (token hashes and key metadata, never key material) is not encrypted"
+                );
+            }
+            SqlStore::open_postgres(url.expose()).await
+        }
+    };
+    opened.map_err(|e| {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            reason.push_str(": ");
+            reason.push_str(&s.to_string());
+            source = s.source();
+        }
+        format!("cannot open the database {database}: {reason}").into()
+    })
 }
 
 async fn shutdown_signal() {

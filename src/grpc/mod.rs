@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod keys;
+pub mod quorum;
 pub mod request_id;
 pub mod status;
 
@@ -47,6 +48,34 @@ pub mod pb {
     redacted_debug!(GenerateDataKeyResponse, key_name, key_version);
     redacted_debug!(WrapKeyRequest, key_name);
     redacted_debug!(UnwrapKeyResponse, key_name, key_version);
+
+    impl std::fmt::Debug for InitRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("InitRequest")
+                .field("threshold", &self.threshold)
+                .field("custodians", &self.custodians)
+                .field("so_pin", &"[REDACTED]")
+                .finish()
+        }
+    }
+    impl std::fmt::Debug for CustodianKit {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("CustodianKit")
+                .field("custodian", &self.custodian)
+                .field("share", &"[REDACTED]")
+                .field("token", &"[REDACTED]")
+                .field("totp_uri", &"[REDACTED]")
+                .finish()
+        }
+    }
+    impl std::fmt::Debug for UnsealRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("UnsealRequest")
+                .field("share", &"[REDACTED]")
+                .field("totp", &"[REDACTED]")
+                .finish()
+        }
+    }
 }
 
 /// Limits applied to every connection.
@@ -88,6 +117,11 @@ pub async fn serve(
     let keys = pb::key_service_server::KeyServiceServer::new(keys::KeyApi::new(Arc::clone(&svc)))
         .max_decoding_message_size(opts.max_message_bytes);
 
+    let quorum = pb::quorum_service_server::QuorumServiceServer::new(quorum::QuorumApi::new(
+        Arc::clone(&svc),
+    ))
+    .max_decoding_message_size(opts.max_message_bytes);
+
     let probe = tokio::spawn(health_loop(health, Arc::clone(&svc), opts.health_interval));
 
     let result = Server::builder()
@@ -98,6 +132,7 @@ pub async fn serve(
         .layer(request_id::RequestIdLayer::new(request_id_prefix))
         .add_service(health_svc)
         .add_service(auth::Authenticated::new(keys, Arc::clone(&svc)))
+        .add_service(auth::Authenticated::new(quorum, Arc::clone(&svc)))
         .add_service(auth::Authenticated::new(reflection, Arc::clone(&svc)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
@@ -115,7 +150,11 @@ async fn health_loop(
     const KEY_SERVICE: &str = "arca.v1.KeyService";
     let mut last: Option<bool> = None;
     loop {
-        let hsm_ok = svc.engine().check().await.is_ok();
+        // Sealed counts as not serving: key operations would all fail.
+        let hsm_ok = match svc.engine() {
+            Ok(engine) => engine.check().await.is_ok(),
+            Err(_) => false,
+        };
         let db_ok = svc.store().ping().await.is_ok();
         let ok = hsm_ok && db_ok;
         if last != Some(ok) {

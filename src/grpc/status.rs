@@ -10,7 +10,7 @@ use crate::service::ServiceError;
 pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     let code = match &err {
         ServiceError::Unauthenticated => Code::Unauthenticated,
-        ServiceError::PermissionDenied => Code::PermissionDenied,
+        ServiceError::PermissionDenied | ServiceError::Rejected(_) => Code::PermissionDenied,
         ServiceError::InvalidArgument(_) | ServiceError::InvalidWrappedKey => Code::InvalidArgument,
         ServiceError::NotFound(_) => Code::NotFound,
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,

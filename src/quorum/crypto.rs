@@ -76,7 +76,13 @@ fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, QuorumE
     let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| QuorumError::SealedValueCorrupt)?;
     let nonce = random::<12>()?;
     let ct = cipher
-        .encrypt(Nonce::from_slice(nonce.as_ref()), Payload { msg: plaintext, aad })
+        .encrypt(
+            Nonce::from_slice(nonce.as_ref()),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| QuorumError::SealedValueCorrupt)?;
     let mut out = Vec::with_capacity(12 + ct.len());
     out.extend_from_slice(nonce.as_ref());
@@ -103,12 +109,20 @@ fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>,
 
 /// Seals the HSM PIN under S.
 pub fn seal_pin(s: &QuorumSecret, pin: &[u8]) -> Result<Vec<u8>, QuorumError> {
-    seal(&derive(s.expose(), SALT, b"arca pin v1"), b"arca:pin:v1", pin)
+    seal(
+        &derive(s.expose(), SALT, b"arca pin v1"),
+        b"arca:pin:v1",
+        pin,
+    )
 }
 
 /// Opens the sealed HSM PIN with S.
 pub fn open_pin(s: &QuorumSecret, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, QuorumError> {
-    open(&derive(s.expose(), SALT, b"arca pin v1"), b"arca:pin:v1", sealed)
+    open(
+        &derive(s.expose(), SALT, b"arca pin v1"),
+        b"arca:pin:v1",
+        sealed,
+    )
 }
 
 /// Seals a custodian's TOTP secret under a key derived from that custodian's share.
@@ -139,7 +153,10 @@ mod tests {
         let sealed = seal_pin(&s, b"123456").unwrap();
         assert_eq!(open_pin(&s, &sealed).unwrap().as_slice(), b"123456");
         let other = new_secret().unwrap();
-        assert_eq!(open_pin(&other, &sealed).err(), Some(QuorumError::SealedValueCorrupt));
+        assert_eq!(
+            open_pin(&other, &sealed).err(),
+            Some(QuorumError::SealedValueCorrupt)
+        );
         let mut bad = sealed.clone();
         bad[20] ^= 1;
         assert!(open_pin(&s, &bad).is_err());

@@ -131,7 +131,13 @@ mod tests {
         assert!(t.starts_with("arca-share-v1:2:"));
         let back = decode(&t).unwrap();
         assert_eq!(back.expose(), shares[1].expose());
-        for bad in ["", "arca-share-v1:0:00", "arca-share-v1:2:zz", "x:1:00", "arca-share-v1:17:"] {
+        for bad in [
+            "",
+            "arca-share-v1:0:00",
+            "arca-share-v1:2:zz",
+            "x:1:00",
+            "arca-share-v1:17:",
+        ] {
             assert!(decode(bad).is_err(), "{bad}");
         }
     }

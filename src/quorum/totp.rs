@@ -86,7 +86,13 @@ pub fn base32(bytes: &[u8]) -> String {
 pub fn otpauth_uri(custodian: &str, secret: &[u8]) -> String {
     let label: String = custodian
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!(
         "otpauth://totp/Arca:{label}?secret={}&issuer=Arca&algorithm=SHA1&digits={DIGITS}&period={STEP_SECS}",
@@ -121,7 +127,10 @@ mod tests {
         let step = step_at(now);
         let code = hotp(SEED, step as u64);
         assert_eq!(verify(SEED, &code, now, None), Ok(step));
-        assert_eq!(verify(SEED, &code, now, Some(step)), Err(QuorumError::TotpRejected));
+        assert_eq!(
+            verify(SEED, &code, now, Some(step)),
+            Err(QuorumError::TotpRejected)
+        );
         let prev = hotp(SEED, (step - 1) as u64);
         assert_eq!(verify(SEED, &prev, now, None), Ok(step - 1));
         let old = hotp(SEED, (step - 2) as u64);

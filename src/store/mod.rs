@@ -15,8 +15,10 @@
 //!
 //! Must not import: tonic, prost, cryptoki. The only module that uses sqlx.
 
+mod quorum;
 mod sql;
 
+pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use sql::SqlStore;
 
 use arca_hsm::ObjectId;

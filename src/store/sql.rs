@@ -5,6 +5,15 @@
 //! SQLite runs in WAL mode with `synchronous = FULL`, through one writer connection (write
 //! transactions start with `BEGIN IMMEDIATE`, so several processes on one file queue on
 //! the lock instead of failing on upgrade) and a small pool of readers.
+//!
+//! PostgreSQL runs through one pool (writer and reader are the same) at READ COMMITTED,
+//! with plain `BEGIN`. Every write is safe with several nodes on one database without
+//! row locks in Rust: a rotation race is decided by the primary key on (key, version) (the
+//! loser gets `AlreadyExists`), a state change is a conditional `UPDATE … WHERE state =
+//! $current` (PostgreSQL re-checks the condition on the newest row version after waiting
+//! for a concurrent writer, so the loser gets `StateConflict`), a wrap reservation is one
+//! atomic `UPDATE … SET wrap_count = wrap_count + $n`, and migrations take a transaction-
+//! scoped advisory lock first, so nodes starting together apply each migration once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,20 +27,41 @@ use super::{KeyRecord, NewKey, Result, Store, StoreError, TokenRecord, VersionRe
 use crate::keys::{KeyId, KeyName, VersionState};
 use crate::secret::TokenHash;
 
-/// Which database a URL names.
+/// Which database a store runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// SQLite file (the default).
+    /// SQLite file (the default; one node).
     Sqlite,
+    /// PostgreSQL server (one or several nodes).
+    Postgres,
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/sqlite/0001_keys.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/sqlite/0001_keys.sql")),
+    (2, include_str!("migrations/sqlite/0002_quorum.sql")),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/postgres/0001_keys.sql")),
+    (2, include_str!("migrations/postgres/0002_quorum.sql")),
+];
 
-/// SQL store over SQLite (and, with the same SQL, PostgreSQL).
+/// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"
+/// in ASCII, then 1).
+const MIGRATION_LOCK: i64 = 0x6172_6361_0000_0001;
+
+/// Connections to PostgreSQL per node. Requests are served from the key cache; the pool
+/// serves refills, admin operations and cache misses.
+const POSTGRES_POOL_SIZE: u32 = 8;
+
+/// How long a query waits for a free connection (or a new one) before `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQL store over SQLite or PostgreSQL, with the same SQL.
 pub struct SqlStore {
-    writer: AnyPool,
-    reader: AnyPool,
-    begin: &'static str,
+    pub(super) writer: AnyPool,
+    pub(super) reader: AnyPool,
+    backend: Backend,
+    pub(super) begin: &'static str,
 }
 
 impl SqlStore {
@@ -41,14 +71,14 @@ impl SqlStore {
         let url = format!("sqlite://{}?mode=rwc", path.display());
         let writer = AnyPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(sqlite_pragmas)
             .connect(&url)
             .await
             .map_err(classify)?;
         let reader = AnyPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(sqlite_pragmas)
             .connect(&url)
             .await
@@ -56,27 +86,62 @@ impl SqlStore {
         let store = SqlStore {
             writer,
             reader,
+            backend: Backend::Sqlite,
             begin: "BEGIN IMMEDIATE",
         };
         store.migrate(SQLITE_MIGRATIONS).await?;
         Ok(store)
     }
 
-    /// The back end in use.
-    pub fn backend(&self) -> Backend {
-        Backend::Sqlite
+    /// Connects to the PostgreSQL database at `url` (`postgres://…`; the database must
+    /// exist) and applies migrations. Several nodes may open the same database at once.
+    ///
+    /// The URL may carry a password: it is handed to the driver only, and no error of
+    /// this function quotes it.
+    pub async fn open_postgres(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(POSTGRES_POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await
+            .map_err(classify)?;
+        let store = SqlStore {
+            writer: pool.clone(),
+            reader: pool,
+            backend: Backend::Postgres,
+            begin: "BEGIN",
+        };
+        store.migrate(POSTGRES_MIGRATIONS).await?;
+        Ok(store)
     }
 
+    /// The back end in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies the migrations not applied yet, each in one transaction with its row in
+    /// `schema_migrations`. On PostgreSQL the transaction first takes an advisory lock,
+    /// so nodes migrating at once queue (even `CREATE TABLE IF NOT EXISTS` is not safe
+    /// against a concurrent twin there); on SQLite `BEGIN IMMEDIATE` does the same.
     async fn migrate(&self, migrations: &[(i64, &'static str)]) -> Result<()> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations \
-             (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .execute(&self.writer)
-        .await
-        .map_err(classify)?;
         for (version, sql) in migrations {
             let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+            if self.backend == Backend::Postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS schema_migrations \
+                 (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
             let applied: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
                     .bind(*version)
@@ -94,7 +159,7 @@ impl SqlStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(classify)?;
-                tracing::info!(version, "applied database migration");
+                tracing::info!(version, backend = ?self.backend, "applied database migration");
             }
             tx.commit().await.map_err(classify)?;
         }
@@ -202,7 +267,7 @@ fn keys_from_rows(rows: &[AnyRow]) -> Result<Vec<KeyRecord>> {
     Ok(out)
 }
 
-fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T>
+pub(super) fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T>
 where
     T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
 {
@@ -220,7 +285,7 @@ fn object_id_from_hex(s: &str) -> Result<ObjectId> {
     Ok(ObjectId(id))
 }
 
-fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
+pub(super) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
     let mut hash = [0u8; 32];
     hex::decode_to_slice(get::<String>(row, "token_hash")?, &mut hash)
         .map_err(|_| StoreError::Corrupt("token hash"))?;
@@ -240,11 +305,20 @@ fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
     })
 }
 
-/// Classifies a sqlx error once, by type (never by message text).
-fn classify(e: sqlx::Error) -> StoreError {
+/// Classifies a sqlx error once, by type and SQLSTATE (never by message text).
+///
+/// `Unavailable` (retryable) is every way of losing the database: I/O and TLS errors,
+/// pool timeouts and a closed pool, protocol errors, and on PostgreSQL the SQLSTATEs of
+/// a lost or refused connection (class 08), a server shutting down or restarting
+/// (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now) and 53300
+/// (too many connections).
+pub(super) fn classify(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::RowNotFound => StoreError::NotFound,
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists,
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| is_unavailable_sqlstate(&c)) => {
+            StoreError::Unavailable(e)
+        }
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
@@ -253,6 +327,13 @@ fn classify(e: sqlx::Error) -> StoreError {
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
         _ => StoreError::Database(e),
     }
+}
+
+/// PostgreSQL SQLSTATEs that mean the server is gone or refuses connections for now.
+/// (SQLite's codes are decimal numbers, which none of these are.)
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.len() == 5
+        && (code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300"))
 }
 
 #[async_trait::async_trait]
@@ -353,39 +434,48 @@ impl Store for SqlStore {
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
-        let current: Option<String> =
-            sqlx::query_scalar("SELECT state FROM key_versions WHERE key_id = $1 AND version = $2")
-                .bind(key.to_string())
-                .bind(i64::from(version))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(classify)?;
-        let current = current.ok_or(StoreError::NotFound)?;
-        let current = VersionState::parse(&current).ok_or(StoreError::Corrupt("version state"))?;
-        if !from.contains(&current) {
-            return Err(StoreError::StateConflict {
-                current: current.as_str(),
-            });
-        }
         let destroyed_at = (to == VersionState::Destroyed).then_some(now);
-        let done = sqlx::query(
-            "UPDATE key_versions SET state = $1, updated_at = $2, \
-             destroyed_at = COALESCE($3, destroyed_at) \
-             WHERE key_id = $4 AND version = $5 AND state = $6",
-        )
-        .bind(to.as_str())
-        .bind(now)
-        .bind(destroyed_at)
-        .bind(key.to_string())
-        .bind(i64::from(version))
-        .bind(current.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::StateConflict {
-                current: current.as_str(),
-            });
+        // On SQLite the transaction holds the write lock, so the first pass decides. On
+        // PostgreSQL a concurrent writer may change the row between the read and the
+        // conditional update; the update then matches nothing, and the state is read
+        // again (a new statement sees the other commit) so that the answer names the
+        // state that won, or the change is made from it if it is still allowed.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let current: Option<String> = sqlx::query_scalar(
+                "SELECT state FROM key_versions WHERE key_id = $1 AND version = $2",
+            )
+            .bind(key.to_string())
+            .bind(i64::from(version))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+            let current = current.ok_or(StoreError::NotFound)?;
+            let current =
+                VersionState::parse(&current).ok_or(StoreError::Corrupt("version state"))?;
+            if !from.contains(&current) || attempts > 3 {
+                return Err(StoreError::StateConflict {
+                    current: current.as_str(),
+                });
+            }
+            let done = sqlx::query(
+                "UPDATE key_versions SET state = $1, updated_at = $2, \
+                 destroyed_at = COALESCE($3, destroyed_at) \
+                 WHERE key_id = $4 AND version = $5 AND state = $6",
+            )
+            .bind(to.as_str())
+            .bind(now)
+            .bind(destroyed_at)
+            .bind(key.to_string())
+            .bind(i64::from(version))
+            .bind(current.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if done.rows_affected() == 1 {
+                break;
+            }
         }
         let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
         tx.commit().await.map_err(classify)?;
@@ -462,17 +552,201 @@ impl Store for SqlStore {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    //! The store contract, on SQLite. (The PostgreSQL back end will run the same cases.)
+    //! The store contract, run on both back ends: every case runs on SQLite (a file in a
+    //! temporary directory) and on PostgreSQL (a fresh database per case on the server at
+    //! `ARCA_TEST_POSTGRES_URL`, dropped afterwards). Without that variable the PostgreSQL
+    //! cases print a SKIP line and pass, unless `ARCA_REQUIRE_POSTGRES=1`: then they fail.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::borrow::Cow;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use sqlx::Connection;
+
     use super::*;
 
-    async fn store() -> (tempfile::TempDir, SqlStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqlStore::open_sqlite(&dir.path().join("t.db"))
-            .await
-            .unwrap();
-        (dir, s)
+    /// Where a case's database lives. A case may open several stores on it (a restart,
+    /// or two nodes).
+    enum TestDb {
+        Sqlite(tempfile::TempDir),
+        Postgres {
+            admin_url: String,
+            url: String,
+            name: String,
+        },
     }
+
+    impl TestDb {
+        fn sqlite() -> TestDb {
+            TestDb::Sqlite(tempfile::tempdir().unwrap())
+        }
+
+        /// A fresh database on the test server, or `None` (after a SKIP line) without one.
+        async fn postgres(case: &str) -> Option<TestDb> {
+            let Some(admin_url) = postgres_url(case) else {
+                return None;
+            };
+            let mut raw = [0u8; 8];
+            getrandom::fill(&mut raw).unwrap();
+            let name = format!("arca_t_{}", hex::encode(raw));
+            sqlx::any::install_default_drivers();
+            let mut admin = sqlx::AnyConnection::connect(&admin_url)
+                .await
+                .expect("connect to ARCA_TEST_POSTGRES_URL");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let url = with_database(&admin_url, &name);
+            Some(TestDb::Postgres {
+                admin_url,
+                url,
+                name,
+            })
+        }
+
+        fn backend(&self) -> Backend {
+            match self {
+                TestDb::Sqlite(_) => Backend::Sqlite,
+                TestDb::Postgres { .. } => Backend::Postgres,
+            }
+        }
+
+        /// Opens a store on the database (migrating it if needed).
+        async fn open(&self) -> SqlStore {
+            self.try_open().await.unwrap()
+        }
+
+        async fn try_open(&self) -> Result<SqlStore> {
+            match self {
+                TestDb::Sqlite(dir) => SqlStore::open_sqlite(&dir.path().join("t.db")).await,
+                TestDb::Postgres { url, .. } => SqlStore::open_postgres(url).await,
+            }
+        }
+
+        /// A connection to the server besides the store's pools (PostgreSQL only).
+        async fn admin(&self) -> sqlx::AnyConnection {
+            match self {
+                TestDb::Postgres { admin_url, .. } => {
+                    sqlx::AnyConnection::connect(admin_url).await.unwrap()
+                }
+                TestDb::Sqlite(_) => panic!("no admin connection on SQLite"),
+            }
+        }
+
+        async fn remove(self) {
+            if let TestDb::Postgres { name, .. } = &self {
+                let mut admin = self.admin().await;
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await;
+                let _ = admin.close().await;
+            }
+        }
+    }
+
+    /// `ARCA_TEST_POSTGRES_URL`, or `None` after a SKIP line; panics without it when
+    /// `ARCA_REQUIRE_POSTGRES=1`.
+    fn postgres_url(case: &str) -> Option<String> {
+        match std::env::var("ARCA_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                assert!(
+                    std::env::var("ARCA_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "ARCA_REQUIRE_POSTGRES=1 but ARCA_TEST_POSTGRES_URL is not set"
+                );
+                // Straight to stderr: libtest captures only the print macros, and a skip
+                // must show in a passing run.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIP store::{case}::postgres: ARCA_TEST_POSTGRES_URL is not set"
+                );
+                None
+            }
+        }
+    }
+
+    /// `base` with its database (the URL path) replaced by `name`.
+    fn with_database(base: &str, name: &str) -> String {
+        let (scheme, rest) = base.split_once("://").expect("a postgres:// URL");
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, format!("?{q}")),
+            None => (rest, String::new()),
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        format!("{scheme}://{authority}/{name}{query}")
+    }
+
+    /// Runs a case on `db` in a task (so a failing case still removes its database).
+    async fn run<F, Fut>(db: TestDb, case: F)
+    where
+        F: FnOnce(Arc<TestDb>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let db = Arc::new(db);
+        let outcome = tokio::spawn(case(Arc::clone(&db))).await;
+        if let Ok(db) = Arc::try_unwrap(db) {
+            db.remove().await;
+        }
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    /// Each case as `case::sqlite` and `case::postgres`.
+    macro_rules! on_both_backends {
+        ($($case:ident),* $(,)?) => {$(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::run(super::TestDb::sqlite(), super::$case).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    if let Some(db) = super::TestDb::postgres(stringify!($case)).await {
+                        super::run(db, super::$case).await;
+                    }
+                }
+            }
+        )*};
+    }
+
+    /// Cases for PostgreSQL only, as `case::postgres`.
+    macro_rules! on_postgres {
+        ($($case:ident),* $(,)?) => {$(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    if let Some(db) = super::TestDb::postgres(stringify!($case)).await {
+                        super::run(db, super::$case).await;
+                    }
+                }
+            }
+        )*};
+    }
+
+    on_both_backends!(
+        create_get_list,
+        names_and_objects_are_unique,
+        versions_are_consecutive,
+        state_changes_are_conditional_and_checked_by_the_database,
+        wrap_reservations_add_up,
+        tokens_by_hash_only,
+        keys_list_in_byte_order_of_names,
+        two_nodes_race_for_a_version_number_and_exactly_one_wins,
+        two_nodes_race_for_a_state_change_and_exactly_one_wins,
+        two_nodes_reserve_wraps_without_losing_any,
+        two_nodes_migrate_at_once,
+    );
+
+    on_postgres!(
+        a_lost_connection_is_unavailable_and_the_pool_recovers,
+        truncate_is_refused_too,
+    );
 
     fn new_key(name: &str, n: u8) -> NewKey {
         NewKey {
@@ -484,42 +758,58 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn create_get_list() {
-        let (_d, s) = store().await;
+    fn migration_versions(backend: Backend) -> Vec<i64> {
+        let all = match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS,
+            Backend::Postgres => POSTGRES_MIGRATIONS,
+        };
+        all.iter().map(|(v, _)| *v).collect()
+    }
+
+    fn names(page: &[KeyRecord]) -> Vec<&str> {
+        page.iter().map(|k| k.name.as_str()).collect()
+    }
+
+    async fn create_get_list(db: Arc<TestDb>) {
+        let s = db.open().await;
+        assert_eq!(s.backend(), db.backend());
         let k = s.create_key(&new_key("a", 1)).await.unwrap();
         assert_eq!(k.primary_version, 1);
         assert_eq!(k.versions.len(), 1);
         assert_eq!(k.versions[0].state, VersionState::Enabled);
+        assert_eq!(k.versions[0].hsm_id, ObjectId([1; 16]));
+        assert_eq!(k.created_at, 1000);
+        assert_eq!(k.description, "d");
         assert_eq!(s.key_by_name(&k.name).await.unwrap().id, k.id);
         assert_eq!(s.key_by_id(&k.id).await.unwrap().name, k.name);
         s.create_key(&new_key("b", 2)).await.unwrap();
         s.create_key(&new_key("c", 3)).await.unwrap();
-        let page = s.list_keys(None, 2).await.unwrap();
-        assert_eq!(
-            page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        let page = s.list_keys(Some("b"), 2).await.unwrap();
-        assert_eq!(
-            page.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
-            ["c"]
-        );
+        assert_eq!(names(&s.list_keys(None, 2).await.unwrap()), ["a", "b"]);
+        assert_eq!(names(&s.list_keys(Some("b"), 2).await.unwrap()), ["c"]);
+        assert!(s.list_keys(Some("c"), 2).await.unwrap().is_empty());
         assert!(matches!(
             s.key_by_name(&KeyName::parse("zz").unwrap()).await,
             Err(StoreError::NotFound)
         ));
+        assert!(matches!(
+            s.key_by_id(&KeyId([9; 16])).await,
+            Err(StoreError::NotFound)
+        ));
+        s.ping().await.unwrap();
         // Reopening applies no migration twice and keeps the data.
         drop(s);
-        let s = SqlStore::open_sqlite(&_d.path().join("t.db"))
-            .await
-            .unwrap();
+        let s = db.open().await;
         assert_eq!(s.list_keys(None, 10).await.unwrap().len(), 3);
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+                .fetch_all(&s.reader)
+                .await
+                .unwrap();
+        assert_eq!(applied, migration_versions(db.backend()));
     }
 
-    #[tokio::test]
-    async fn names_and_objects_are_unique() {
-        let (_d, s) = store().await;
+    async fn names_and_objects_are_unique(db: Arc<TestDb>) {
+        let s = db.open().await;
         s.create_key(&new_key("a", 1)).await.unwrap();
         let mut dup = new_key("a", 2);
         assert!(matches!(
@@ -534,11 +824,17 @@ mod tests {
         ));
         // Nothing of the failed create remains.
         assert!(s.key_by_name(&dup.name).await.is_err());
+        // The same id under another name is refused too.
+        let mut same_id = new_key("c", 3);
+        same_id.id = KeyId::from_random([1; 16]);
+        assert!(matches!(
+            s.create_key(&same_id).await,
+            Err(StoreError::AlreadyExists)
+        ));
     }
 
-    #[tokio::test]
-    async fn versions_are_consecutive() {
-        let (_d, s) = store().await;
+    async fn versions_are_consecutive(db: Arc<TestDb>) {
+        let s = db.open().await;
         let k = s.create_key(&new_key("a", 1)).await.unwrap();
         let k2 = s
             .add_version(&k.id, 2, &ObjectId([9; 16]), 2000)
@@ -546,6 +842,7 @@ mod tests {
             .unwrap();
         assert_eq!(k2.primary_version, 2);
         assert_eq!(k2.versions.len(), 2);
+        assert_eq!(k2.versions[1].hsm_id, ObjectId([9; 16]));
         // A lost race (same number) and a gap are refused.
         assert!(matches!(
             s.add_version(&k.id, 2, &ObjectId([8; 16]), 2000).await,
@@ -560,11 +857,16 @@ mod tests {
                 .await,
             Err(StoreError::NotFound)
         ));
+        // An HSM object id is never used twice, across keys too.
+        assert!(matches!(
+            s.add_version(&k.id, 3, &ObjectId([1; 16]), 2000).await,
+            Err(StoreError::AlreadyExists)
+        ));
+        assert_eq!(s.key_by_id(&k.id).await.unwrap().primary_version, 2);
     }
 
-    #[tokio::test]
-    async fn state_changes_are_conditional_and_checked_by_the_database() {
-        let (_d, s) = store().await;
+    async fn state_changes_are_conditional_and_checked_by_the_database(db: Arc<TestDb>) {
+        let s = db.open().await;
         let k = s.create_key(&new_key("a", 1)).await.unwrap();
         use VersionState::*;
         let r = s
@@ -572,47 +874,96 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.versions[0].state, Disabled);
+        assert_eq!(r.versions[0].updated_at, 5);
         assert!(matches!(
             s.set_version_state(&k.id, 1, &[Enabled], Disabled, 6).await,
             Err(StoreError::StateConflict {
                 current: "DISABLED"
             })
         ));
+        assert!(matches!(
+            s.set_version_state(&k.id, 2, &[Enabled], Disabled, 6).await,
+            Err(StoreError::NotFound)
+        ));
         // The trigger refuses an illegal edge even when Rust would allow it.
-        assert!(s
-            .set_version_state(&k.id, 1, &[Disabled], Destroyed, 7)
-            .await
-            .is_err());
+        assert!(matches!(
+            s.set_version_state(&k.id, 1, &[Disabled], Destroyed, 7)
+                .await,
+            Err(StoreError::Database(_))
+        ));
         assert_eq!(
             s.key_by_id(&k.id).await.unwrap().versions[0].state,
             Disabled
         );
-        // Direct SQL cannot delete keys or versions, nor resurrect a destroyed version.
-        assert!(sqlx::query("DELETE FROM keys")
+        // Direct SQL cannot delete keys or versions, nor change their identity.
+        for sql in [
+            "DELETE FROM keys",
+            "DELETE FROM key_versions",
+            "UPDATE keys SET name = 'renamed'",
+            "UPDATE keys SET id = 'other'",
+            "UPDATE key_versions SET version = 7",
+            "UPDATE key_versions SET hsm_id = 'ff'",
+            "UPDATE key_versions SET key_id = 'other'",
+            "UPDATE key_versions SET state = 'DESTROYED'",
+            "UPDATE key_versions SET state = 'BROKEN'",
+            "UPDATE key_versions SET wrap_count = -1",
+            "UPDATE keys SET primary_version = 0",
+        ] {
+            assert!(
+                sqlx::query(sql).execute(&s.writer).await.is_err(),
+                "{sql} was allowed"
+            );
+        }
+        // Updating other columns of the key stays possible.
+        sqlx::query("UPDATE keys SET description = 'changed'")
             .execute(&s.writer)
             .await
-            .is_err());
-        assert!(sqlx::query("DELETE FROM key_versions")
-            .execute(&s.writer)
-            .await
-            .is_err());
+            .unwrap();
         s.set_version_state(&k.id, 1, &[Disabled], ScheduledForDestruction, 8)
             .await
             .unwrap();
+        // Cancelling a scheduled destruction goes back to DISABLED, never straight to ENABLED.
+        assert!(sqlx::query("UPDATE key_versions SET state = 'ENABLED'")
+            .execute(&s.writer)
+            .await
+            .is_err());
         let r = s
             .set_version_state(&k.id, 1, &[ScheduledForDestruction], Destroyed, 9)
             .await
             .unwrap();
         assert_eq!(r.versions[0].destroyed_at, Some(9));
-        assert!(sqlx::query("UPDATE key_versions SET state = 'ENABLED'")
-            .execute(&s.writer)
-            .await
-            .is_err());
+        // DESTROYED is final.
+        for to in ["ENABLED", "DISABLED", "SCHEDULED_FOR_DESTRUCTION"] {
+            assert!(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE key_versions SET state = '{to}'"
+                )))
+                .execute(&s.writer)
+                .await
+                .is_err(),
+                "DESTROYED -> {to} was allowed"
+            );
+        }
+        // The legal edges, on a second key: ENABLED <-> DISABLED, either to
+        // SCHEDULED_FOR_DESTRUCTION, and back to DISABLED.
+        let k2 = s.create_key(&new_key("b", 2)).await.unwrap();
+        for (from, to) in [
+            (Enabled, Disabled),
+            (Disabled, Enabled),
+            (Enabled, ScheduledForDestruction),
+            (ScheduledForDestruction, Disabled),
+            (Disabled, ScheduledForDestruction),
+        ] {
+            let r = s
+                .set_version_state(&k2.id, 1, &[from], to, 10)
+                .await
+                .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"));
+            assert_eq!(r.versions[0].state, to);
+        }
     }
 
-    #[tokio::test]
-    async fn wrap_reservations_add_up() {
-        let (_d, s) = store().await;
+    async fn wrap_reservations_add_up(db: Arc<TestDb>) {
+        let s = db.open().await;
         let k = s.create_key(&new_key("a", 1)).await.unwrap();
         assert_eq!(s.reserve_wraps(&k.id, 1, 100).await.unwrap(), 100);
         assert_eq!(s.reserve_wraps(&k.id, 1, 28).await.unwrap(), 128);
@@ -620,11 +971,14 @@ mod tests {
             s.reserve_wraps(&k.id, 9, 1).await,
             Err(StoreError::NotFound)
         ));
+        assert_eq!(
+            s.key_by_id(&k.id).await.unwrap().versions[0].wrap_count,
+            128
+        );
     }
 
-    #[tokio::test]
-    async fn tokens_by_hash_only() {
-        let (_d, s) = store().await;
+    async fn tokens_by_hash_only(db: Arc<TestDb>) {
+        let s = db.open().await;
         let t = crate::secret::BearerToken::from_random(&[5; 32]);
         let rec = TokenRecord {
             id: "tok_1".into(),
@@ -639,6 +993,7 @@ mod tests {
         let got = s.token_by_hash(&t.hash()).await.unwrap();
         assert_eq!(got.roles, ["admin", "x"]);
         assert_eq!(got.expires_at, Some(2));
+        assert_eq!(got.revoked_at, None);
         assert!(matches!(
             s.insert_token(&rec).await,
             Err(StoreError::AlreadyExists)
@@ -653,5 +1008,305 @@ mod tests {
             .await
             .unwrap();
         assert!(!stored.contains(t.expose()));
+    }
+
+    /// Pages are in byte order of names on both back ends, whatever the PostgreSQL
+    /// collation (the test cluster's default is ICU en-US, which sorts `_` before `-`
+    /// before digits).
+    async fn keys_list_in_byte_order_of_names(db: Arc<TestDb>) {
+        let s = db.open().await;
+        let mut all = ["a_", "a0", "a/", "a-", "ab", "a", "b-c", "b/c"];
+        for (n, name) in all.iter().enumerate() {
+            s.create_key(&new_key(name, n as u8 + 1)).await.unwrap();
+        }
+        all.sort_unstable();
+        assert_eq!(all, ["a", "a-", "a/", "a0", "a_", "ab", "b-c", "b/c"]);
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.list_keys(after.as_deref(), 3).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            seen.extend(names(&page).into_iter().map(str::to_string));
+            after = seen.last().cloned();
+        }
+        assert_eq!(seen, all);
+    }
+
+    async fn two_nodes_race_for_a_version_number_and_exactly_one_wins(db: Arc<TestDb>) {
+        let a = Arc::new(db.open().await);
+        let b = Arc::new(db.open().await);
+        for round in 0..10u8 {
+            let k = a
+                .create_key(&new_key(&format!("k{round}"), 100 + round))
+                .await
+                .unwrap();
+            let race = |s: Arc<SqlStore>, obj: u8| {
+                let id = k.id;
+                tokio::spawn(async move { s.add_version(&id, 2, &ObjectId([obj; 16]), 5).await })
+            };
+            let (ra, rb) = tokio::join!(
+                race(Arc::clone(&a), round),
+                race(Arc::clone(&b), 200 - round)
+            );
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            let won: Vec<&KeyRecord> = [&ra, &rb]
+                .into_iter()
+                .filter_map(|r| r.as_ref().ok())
+                .collect();
+            assert_eq!(won.len(), 1, "round {round}: {ra:?} / {rb:?}");
+            for r in [&ra, &rb] {
+                if let Err(e) = r {
+                    assert!(
+                        matches!(e, StoreError::AlreadyExists),
+                        "round {round}: loser got {e:?}"
+                    );
+                }
+            }
+            let k = b.key_by_id(&k.id).await.unwrap();
+            assert_eq!(k.versions.len(), 2);
+            assert_eq!(k.primary_version, 2);
+            assert_eq!(k.versions[1].hsm_id, won[0].versions[1].hsm_id);
+        }
+    }
+
+    async fn two_nodes_race_for_a_state_change_and_exactly_one_wins(db: Arc<TestDb>) {
+        use VersionState::*;
+        let a = Arc::new(db.open().await);
+        let b = Arc::new(db.open().await);
+        for round in 0..10u8 {
+            let k = a
+                .create_key(&new_key(&format!("k{round}"), 100 + round))
+                .await
+                .unwrap();
+            let race = |s: Arc<SqlStore>| {
+                let id = k.id;
+                tokio::spawn(
+                    async move { s.set_version_state(&id, 1, &[Enabled], Disabled, 5).await },
+                )
+            };
+            let (ra, rb) = tokio::join!(race(Arc::clone(&a)), race(Arc::clone(&b)));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            let won = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+            assert_eq!(won, 1, "round {round}: {ra:?} / {rb:?}");
+            for r in [&ra, &rb] {
+                if let Err(e) = r {
+                    assert!(
+                        matches!(
+                            e,
+                            StoreError::StateConflict {
+                                current: "DISABLED"
+                            }
+                        ),
+                        "round {round}: loser got {e:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn two_nodes_reserve_wraps_without_losing_any(db: Arc<TestDb>) {
+        let a = Arc::new(db.open().await);
+        let b = Arc::new(db.open().await);
+        let k = a.create_key(&new_key("counted", 1)).await.unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..16u64 {
+            let s = Arc::clone(if i % 2 == 0 { &a } else { &b });
+            let id = k.id;
+            set.spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..5 {
+                    got.push(s.reserve_wraps(&id, 1, 7).await.unwrap());
+                }
+                got
+            });
+        }
+        let mut counts = Vec::new();
+        while let Some(r) = set.join_next().await {
+            counts.extend(r.unwrap());
+        }
+        // Every reservation saw its own total: no two were merged or lost.
+        counts.sort_unstable();
+        let expected: Vec<u64> = (1..=80).map(|n| n * 7).collect();
+        assert_eq!(counts, expected);
+        assert_eq!(
+            b.key_by_id(&k.id).await.unwrap().versions[0].wrap_count,
+            560
+        );
+    }
+
+    async fn two_nodes_migrate_at_once(db: Arc<TestDb>) {
+        // Several stores open a fresh database at the same moment: all succeed and the
+        // schema is applied once.
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let db = Arc::clone(&db);
+            set.spawn(async move { db.try_open().await.map(|_| ()) });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap()
+                .unwrap_or_else(|e| panic!("concurrent open: {e} ({e:?})"));
+        }
+        let s = db.open().await;
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+                .fetch_all(&s.reader)
+                .await
+                .unwrap();
+        assert_eq!(applied, migration_versions(db.backend()));
+        s.create_key(&new_key("a", 1)).await.unwrap();
+    }
+
+    async fn a_lost_connection_is_unavailable_and_the_pool_recovers(db: Arc<TestDb>) {
+        let s = db.open().await;
+        // A transaction whose connection the server then terminates (as on a failover or
+        // an administrator's pg_terminate_backend).
+        let mut tx = s.writer.begin().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let mut admin = db.admin().await;
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let _ = admin.close().await;
+        let mut lost = None;
+        for _ in 0..50 {
+            match sqlx::query("SELECT 1").execute(&mut *tx).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    lost = Some(classify(e));
+                    break;
+                }
+            }
+        }
+        let lost = lost.expect("the terminated connection kept answering");
+        assert!(matches!(lost, StoreError::Unavailable(_)), "{lost:?}");
+        drop(tx);
+        // The pool replaces the connection: the next calls work.
+        s.ping().await.unwrap();
+        s.create_key(&new_key("after", 1)).await.unwrap();
+
+        // A server that is not there at all: Unavailable, and no error text quotes the
+        // password of the URL.
+        let started = std::time::Instant::now();
+        let e = SqlStore::open_postgres("postgres://arca:pw-s3cret-42@127.0.0.1:1/arca")
+            .await
+            .err()
+            .expect("connected to port 1");
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        let mut text = format!("{e} {e:?}");
+        let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(s) = src {
+            text.push_str(&s.to_string());
+            src = s.source();
+        }
+        assert!(!text.contains("pw-s3cret-42"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    async fn truncate_is_refused_too(db: Arc<TestDb>) {
+        // Row triggers do not see TRUNCATE; statement triggers refuse it.
+        let s = db.open().await;
+        s.create_key(&new_key("a", 1)).await.unwrap();
+        for sql in [
+            "TRUNCATE key_versions",
+            "TRUNCATE keys CASCADE",
+            "TRUNCATE keys, key_versions",
+        ] {
+            assert!(
+                sqlx::query(sql).execute(&s.writer).await.is_err(),
+                "{sql} was allowed"
+            );
+        }
+        assert_eq!(s.list_keys(None, 10).await.unwrap().len(), 1);
+    }
+
+    /// A database error with a given SQLSTATE, for [`classify`].
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            "message text is never looked at"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            if self.0 == "23505" {
+                sqlx::error::ErrorKind::UniqueViolation
+            } else {
+                sqlx::error::ErrorKind::Other
+            }
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_by_type_and_sqlstate() {
+        let db = |c: &'static str| classify(sqlx::Error::Database(Box::new(Coded(c))));
+        for c in [
+            "08000", "08003", "08006", "08001", "08004", "08P01", "57P01", "57P02", "57P03",
+            "53300",
+        ] {
+            assert!(matches!(db(c), StoreError::Unavailable(_)), "{c}");
+        }
+        assert!(matches!(db("23505"), StoreError::AlreadyExists));
+        // Constraint and trigger failures, and SQLite's numeric codes, are not outages.
+        for c in ["23514", "P0001", "23000", "42P01", "5", "2067", "1811"] {
+            assert!(matches!(db(c), StoreError::Database(_)), "{c}");
+        }
+        assert!(matches!(
+            classify(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(sqlx::Error::PoolClosed),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset
+            ))),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(sqlx::Error::RowNotFound),
+            StoreError::NotFound
+        ));
+    }
+
+    #[test]
+    fn a_database_name_replaces_the_url_path() {
+        assert_eq!(
+            with_database("postgres://u@127.0.0.1:5/arca", "t1"),
+            "postgres://u@127.0.0.1:5/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h/x?sslmode=disable", "t2"),
+            "postgres://u:p@h/t2?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "t3"), "postgres://h/t3");
     }
 }

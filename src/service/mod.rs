@@ -15,6 +15,10 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+mod seal;
+
+pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -26,7 +30,7 @@ use crate::keys::{
     WrappedKey,
 };
 use crate::secret::{BearerToken, Plaintext};
-use crate::store::{NewKey, Store, StoreError, TokenRecord};
+use crate::store::{NewKey, QuorumStore, Store, StoreError, TokenRecord};
 
 pub use crate::store::{KeyRecord, VersionRecord};
 
@@ -66,6 +70,10 @@ pub enum ServiceError {
     /// A dependency (HSM, database) is unreachable, or the service is sealed.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// A custodian's submission refused (wrong share, TOTP, lock-out): the message says
+    /// which, since the custodian needs to know.
+    #[error("{0}")]
+    Rejected(&'static str),
     /// A race lost (e.g. concurrent rotations); retry.
     #[error("{0}")]
     Aborted(&'static str),
@@ -185,7 +193,10 @@ impl Default for ServiceConfig {
 /// The key use cases.
 pub struct KeyService {
     store: Arc<dyn Store>,
-    engine: Arc<KeyEngine>,
+    quorum: Arc<dyn QuorumStore>,
+    /// `None` while sealed.
+    engine: RwLock<Option<Arc<KeyEngine>>>,
+    seal: SealControl,
     clock: Arc<dyn Clock>,
     auth: Authenticator,
     cache: KeyCache,
@@ -197,16 +208,21 @@ pub struct KeyService {
 
 impl KeyService {
     /// Wires the service.
+    /// Wires the service, sealed: [`KeyService::unseal`] (or, in dev mode,
+    /// [`KeyService::unseal_with_shares`] / [`KeyService::open_with_pin`]) opens the HSM.
     pub fn new(
         store: Arc<dyn Store>,
-        engine: Arc<KeyEngine>,
+        quorum: Arc<dyn QuorumStore>,
+        seal: SealControl,
         clock: Arc<dyn Clock>,
         cfg: ServiceConfig,
     ) -> Self {
         KeyService {
             auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock)),
             store,
-            engine,
+            quorum,
+            engine: RwLock::new(None),
+            seal,
             clock,
             cache: KeyCache::default(),
             budgets: Mutex::new(HashMap::new()),
@@ -216,9 +232,13 @@ impl KeyService {
         }
     }
 
-    /// The engine (for health probes).
-    pub fn engine(&self) -> &KeyEngine {
-        &self.engine
+    /// The engine, or `Unavailable("sealed")` while sealed.
+    pub fn engine(&self) -> Result<Arc<KeyEngine>> {
+        self.engine
+            .read()
+            .ok()
+            .and_then(|e| e.clone())
+            .ok_or(ServiceError::Unavailable("sealed"))
     }
 
     /// The store (for health probes).
@@ -239,12 +259,14 @@ impl KeyService {
         roles: &[&str],
         expires_at: Option<i64>,
     ) -> Result<BearerToken> {
-        let secret: [u8; 32] = self.engine.random().await?;
-        let id: [u8; 8] = self.engine.random().await?;
+        let secret = crate::quorum::crypto::random::<32>()
+            .map_err(|e| ServiceError::Internal(Box::new(e)))?;
+        let id = crate::quorum::crypto::random::<8>()
+            .map_err(|e| ServiceError::Internal(Box::new(e)))?;
         let token = BearerToken::from_random(&secret);
         self.store
             .insert_token(&TokenRecord {
-                id: format!("tok_{}", hex::encode(id)),
+                id: format!("tok_{}", hex::encode(id.as_ref())),
                 hash: token.hash(),
                 principal: principal.to_string(),
                 roles: roles.iter().map(|r| r.to_string()).collect(),
@@ -267,10 +289,11 @@ impl KeyService {
         match self.store.token_by_hash(&token.hash()).await {
             Ok(_) => Ok(()),
             Err(StoreError::NotFound) => {
-                let id: [u8; 8] = self.engine.random().await?;
+                let id = crate::quorum::crypto::random::<8>()
+                    .map_err(|e| ServiceError::Internal(Box::new(e)))?;
                 self.store
                     .insert_token(&TokenRecord {
-                        id: format!("tok_{}", hex::encode(id)),
+                        id: format!("tok_{}", hex::encode(id.as_ref())),
                         hash: token.hash(),
                         principal: principal.to_string(),
                         roles: roles.iter().map(|r| r.to_string()).collect(),
@@ -292,6 +315,7 @@ impl KeyService {
         name: &str,
         description: &str,
     ) -> Result<KeyRecord> {
+        self.engine()?;
         let name = KeyName::parse(name)?;
         if description.len() > 1024 {
             return Err(ServiceError::InvalidArgument(
@@ -303,8 +327,8 @@ impl KeyService {
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        let id = KeyId::from_random(self.engine.random().await?);
-        let object = self.engine.create_version_object(id, 1).await?;
+        let id = KeyId::from_random(self.engine()?.random().await?);
+        let object = self.engine()?.create_version_object(id, 1).await?;
         let result = self
             .store
             .create_key(&NewKey {
@@ -319,7 +343,7 @@ impl KeyService {
             Ok(rec) => Ok(self.cache.put(rec)),
             Err(e) => {
                 // The row never existed, so the object can never be used: remove it.
-                if let Err(de) = self.engine.destroy_object(object).await {
+                if let Err(de) = self.engine()?.destroy_object(object).await {
                     tracing::warn!(error = %de, "could not remove the HSM object of a failed create");
                 }
                 Err(e.into())
@@ -329,6 +353,7 @@ impl KeyService {
 
     /// The key named `name`.
     pub async fn get_key(&self, _caller: &Caller, name: &str) -> Result<KeyRecord> {
+        self.engine()?;
         let name = KeyName::parse(name)?;
         Ok(self.store.key_by_name(&name).await?)
     }
@@ -340,6 +365,7 @@ impl KeyService {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<KeyRecord>, String)> {
+        self.engine()?;
         let size = match page_size {
             0 => 100,
             n => n.min(MAX_PAGE_SIZE),
@@ -372,7 +398,7 @@ impl KeyService {
         let ctx = canonical_context(context)?;
         self.take_wrap(key.id, version).await?;
         let (plaintext, wrapped) = self
-            .engine
+            .engine()?
             .generate_data_key(key.id, version, object, ctx)
             .await?;
         Ok(DataKey {
@@ -398,7 +424,7 @@ impl KeyService {
         let ctx = canonical_context(context)?;
         self.take_wrap(key.id, version).await?;
         let wrapped = self
-            .engine
+            .engine()?
             .wrap(key.id, version, object, plaintext, ctx)
             .await?;
         Ok(Wrapped {
@@ -418,7 +444,7 @@ impl KeyService {
         let ctx = canonical_context(context)?;
         let (key, blob, object) = self.version_for_unwrap(wrapped).await?;
         let version = blob.version;
-        let plaintext = self.engine.unwrap(blob, object, ctx).await?;
+        let plaintext = self.engine()?.unwrap(blob, object, ctx).await?;
         Ok(Unwrapped {
             plaintext,
             key_name: key.name.clone(),
@@ -438,7 +464,7 @@ impl KeyService {
         let (_, to_version, to_object) = self.primary_for_wrap(key.name.as_str()).await?;
         self.take_wrap(key.id, to_version).await?;
         let rewrapped = self
-            .engine
+            .engine()?
             .rewrap(blob, from_object, to_version, to_object, ctx)
             .await?;
         Ok(Wrapped {
@@ -450,6 +476,7 @@ impl KeyService {
 
     /// Adds a new version in the HSM and makes it primary.
     pub async fn rotate_key(&self, _caller: &Caller, name: &str) -> Result<AdminOutcome> {
+        self.engine()?;
         let name = KeyName::parse(name)?;
         // Local rotations queue here; rotations on other nodes lose the version number
         // race in the database and retry.
@@ -465,7 +492,7 @@ impl KeyService {
                 .ok_or(ServiceError::FailedPrecondition(
                     "key has too many versions",
                 ))?;
-            let object = self.engine.create_version_object(key.id, next).await?;
+            let object = self.engine()?.create_version_object(key.id, next).await?;
             match self
                 .store
                 .add_version(&key.id, next, &object, self.clock.now_ms())
@@ -476,7 +503,7 @@ impl KeyService {
                     return Ok(AdminOutcome::Done(self.cache.put(rec)));
                 }
                 Err(e) => {
-                    if let Err(de) = self.engine.destroy_object(object).await {
+                    if let Err(de) = self.engine()?.destroy_object(object).await {
                         tracing::warn!(error = %de, "could not remove the HSM object of a failed rotation");
                     }
                     match e {
@@ -518,6 +545,7 @@ impl KeyService {
         version: u32,
         to: VersionState,
     ) -> Result<AdminOutcome> {
+        self.engine()?;
         let name = KeyName::parse(name)?;
         let key = self.store.key_by_name(&name).await?;
         let current = key

@@ -1,0 +1,263 @@
+//! Storage of dual-control state: [`QuorumStore`] and its implementation on [`SqlStore`].
+//!
+//! Invariants: initialisation happens once (a single-row table); a TOTP step is recorded
+//! with a conditional update, so a code is accepted at most once even across nodes;
+//! failures are appended, never updated.
+
+use sqlx::Row;
+
+use super::sql::{classify, get, SqlStore};
+use super::{Result, StoreError, TokenRecord};
+
+/// The sealed configuration of the quorum.
+#[derive(Clone, Debug)]
+pub struct QuorumConfig {
+    /// Increases with every rekey.
+    pub generation: i64,
+    /// K.
+    pub threshold: u8,
+    /// N.
+    pub shares: u8,
+    /// The HSM user PIN sealed under the quorum secret (nonce ‖ ciphertext).
+    pub sealed_pin: Vec<u8>,
+    /// HKDF of the quorum secret, to check a rebuilt secret.
+    pub verifier: Vec<u8>,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+/// One custodian of the current (or a past) generation.
+#[derive(Clone, Debug)]
+pub struct CustodianRecord {
+    /// Name, e.g. `alice`.
+    pub name: String,
+    /// Quorum generation.
+    pub generation: i64,
+    /// Shamir x-coordinate of this custodian's share.
+    pub share_index: u8,
+    /// SHA-256 commitment to the share.
+    pub commitment: Vec<u8>,
+    /// TOTP secret sealed under a key derived from the share.
+    pub totp_sealed: Vec<u8>,
+    /// Last TOTP step accepted.
+    pub totp_last_step: Option<i64>,
+    /// Locked out until (Unix ms).
+    pub locked_until: Option<i64>,
+}
+
+/// A custodian's failed attempt, and the lock-out rule to apply.
+#[derive(Clone, Debug)]
+pub struct Failure<'a> {
+    /// Custodian.
+    pub name: &'a str,
+    /// Quorum generation.
+    pub generation: i64,
+    /// Unix ms.
+    pub at: i64,
+    /// What failed (`share`, `totp`, `totp replay`).
+    pub reason: &'a str,
+    /// Count failures after this time (Unix ms)...
+    pub since: i64,
+    /// ...and lock the custodian when there are this many...
+    pub limit: u32,
+    /// ...until this time (Unix ms).
+    pub lock_until: i64,
+}
+
+/// Storage of dual-control state.
+#[async_trait::async_trait]
+pub trait QuorumStore: Send + Sync + 'static {
+    /// The configuration, if the quorum was initialised.
+    async fn quorum_config(&self) -> Result<Option<QuorumConfig>>;
+
+    /// Stores the configuration, custodians and custodian tokens in one transaction.
+    /// `AlreadyExists` if the quorum was initialised before.
+    async fn init_quorum(
+        &self,
+        cfg: &QuorumConfig,
+        custodians: &[CustodianRecord],
+        tokens: &[TokenRecord],
+    ) -> Result<()>;
+
+    /// A custodian of the given generation.
+    async fn custodian(&self, name: &str, generation: i64) -> Result<CustodianRecord>;
+
+    /// Records that `step` was used; `StateConflict` if that step or a later one was
+    /// already used (a replay).
+    async fn use_totp_step(&self, name: &str, generation: i64, step: i64) -> Result<()>;
+
+    /// Appends a failure and returns how many failures the custodian has within the
+    /// policy's window; locks the custodian when that count reaches the limit.
+    async fn record_failure(&self, failure: &Failure<'_>) -> Result<u32>;
+}
+
+fn custodian_from_row(row: &sqlx::any::AnyRow) -> Result<CustodianRecord> {
+    Ok(CustodianRecord {
+        name: get(row, "name")?,
+        generation: get(row, "generation")?,
+        share_index: u8::try_from(get::<i64>(row, "share_index")?)
+            .map_err(|_| StoreError::Corrupt("share index"))?,
+        commitment: hex::decode(get::<String>(row, "commitment")?)
+            .map_err(|_| StoreError::Corrupt("commitment"))?,
+        totp_sealed: hex::decode(get::<String>(row, "totp_sealed")?)
+            .map_err(|_| StoreError::Corrupt("totp"))?,
+        totp_last_step: get(row, "totp_last_step")?,
+        locked_until: get(row, "locked_until")?,
+    })
+}
+
+#[async_trait::async_trait]
+impl QuorumStore for SqlStore {
+    async fn quorum_config(&self) -> Result<Option<QuorumConfig>> {
+        let row = sqlx::query(
+            "SELECT generation, threshold, shares, sealed_pin, verifier, created_at \
+             FROM quorum_config WHERE id = 1",
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(QuorumConfig {
+            generation: get(&row, "generation")?,
+            threshold: u8::try_from(get::<i64>(&row, "threshold")?)
+                .map_err(|_| StoreError::Corrupt("threshold"))?,
+            shares: u8::try_from(get::<i64>(&row, "shares")?)
+                .map_err(|_| StoreError::Corrupt("shares"))?,
+            sealed_pin: hex::decode(get::<String>(&row, "sealed_pin")?)
+                .map_err(|_| StoreError::Corrupt("sealed pin"))?,
+            verifier: hex::decode(get::<String>(&row, "verifier")?)
+                .map_err(|_| StoreError::Corrupt("verifier"))?,
+            created_at: get(&row, "created_at")?,
+        }))
+    }
+
+    async fn init_quorum(
+        &self,
+        cfg: &QuorumConfig,
+        custodians: &[CustodianRecord],
+        tokens: &[TokenRecord],
+    ) -> Result<()> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO quorum_config (id, generation, threshold, shares, sealed_pin, verifier, created_at, updated_at) \
+             VALUES (1, $1, $2, $3, $4, $5, $6, $6)",
+        )
+        .bind(cfg.generation)
+        .bind(i64::from(cfg.threshold))
+        .bind(i64::from(cfg.shares))
+        .bind(hex::encode(&cfg.sealed_pin))
+        .bind(hex::encode(&cfg.verifier))
+        .bind(cfg.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        for c in custodians {
+            sqlx::query(
+                "INSERT INTO custodians (name, generation, share_index, commitment, totp_sealed, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(c.name.clone())
+            .bind(c.generation)
+            .bind(i64::from(c.share_index))
+            .bind(hex::encode(&c.commitment))
+            .bind(hex::encode(&c.totp_sealed))
+            .bind(cfg.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        for t in tokens {
+            sqlx::query(
+                "INSERT INTO tokens (id, token_hash, principal, roles, created_at, expires_at, revoked_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(t.id.clone())
+            .bind(t.hash.to_hex())
+            .bind(t.principal.clone())
+            .bind(t.roles.join(","))
+            .bind(t.created_at)
+            .bind(t.expires_at)
+            .bind(t.revoked_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn custodian(&self, name: &str, generation: i64) -> Result<CustodianRecord> {
+        let row = sqlx::query(
+            "SELECT name, generation, share_index, commitment, totp_sealed, totp_last_step, locked_until \
+             FROM custodians WHERE name = $1 AND generation = $2",
+        )
+        .bind(name.to_string())
+        .bind(generation)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?
+        .ok_or(StoreError::NotFound)?;
+        custodian_from_row(&row)
+    }
+
+    async fn use_totp_step(&self, name: &str, generation: i64, step: i64) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE custodians SET totp_last_step = $1 \
+             WHERE name = $2 AND generation = $3 AND (totp_last_step IS NULL OR totp_last_step < $1)",
+        )
+        .bind(step)
+        .bind(name.to_string())
+        .bind(generation)
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::StateConflict { current: "used" })
+        }
+    }
+
+    async fn record_failure(&self, f: &Failure<'_>) -> Result<u32> {
+        let Failure {
+            name,
+            generation,
+            at,
+            reason,
+            since,
+            limit,
+            lock_until,
+        } = *f;
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        sqlx::query("INSERT INTO custodian_failures (custodian, at, reason) VALUES ($1, $2, $3)")
+            .bind(name.to_string())
+            .bind(at)
+            .bind(reason.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM custodian_failures WHERE custodian = $1 AND at > $2",
+        )
+        .bind(name.to_string())
+        .bind(since)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let n: i64 = row.try_get("n").map_err(|_| StoreError::Corrupt("count"))?;
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if n >= limit {
+            sqlx::query(
+                "UPDATE custodians SET locked_until = $1 WHERE name = $2 AND generation = $3",
+            )
+            .bind(lock_until)
+            .bind(name.to_string())
+            .bind(generation)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(n)
+    }
+}
