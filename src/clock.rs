@@ -25,6 +25,31 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock that moves only when told (unit tests).
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct ManualClock(pub std::sync::atomic::AtomicI64);
+
+#[cfg(test)]
+impl ManualClock {
+    /// A clock at `ms`.
+    pub fn at(ms: i64) -> Self {
+        ManualClock(std::sync::atomic::AtomicI64::new(ms))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Formats Unix milliseconds as RFC 3339 UTC with millisecond precision
 /// (`2026-11-26T14:18:05.123Z`). Out-of-range values render as the epoch.
 pub fn rfc3339(ms: i64) -> String {

@@ -488,3 +488,162 @@ impl KeyService {
         self.seal_status().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::authz::{AuthMethod, Principal};
+    use crate::clock::{Clock, ManualClock};
+    use crate::service::ServiceConfig;
+    use crate::store::{QuorumStore, SqlStore};
+    use arca_hsm::fake::FakeHsm;
+
+    const T0: i64 = 1_800_000_000_000;
+
+    async fn service(clock: Arc<ManualClock>) -> (tempfile::TempDir, Arc<SqlStore>, KeyService) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqlStore::open_sqlite(&dir.path().join("q.db"))
+                .await
+                .unwrap(),
+        );
+        let opener: HsmOpener = Arc::new(|_pin| Ok(Arc::new(FakeHsm::new()) as Arc<dyn Hsm>));
+        let setter: PinSetter = Arc::new(|_, _| Ok(()));
+        let svc = KeyService::new(
+            store.clone(),
+            store.clone(),
+            SealControl::new(opener, setter, EngineConfig::default()),
+            clock,
+            ServiceConfig::default(),
+        );
+        (dir, store, svc)
+    }
+
+    fn custodian(name: &str) -> Caller {
+        Caller {
+            principal: Arc::new(Principal {
+                name: format!("{CUSTODIAN_PREFIX}{name}"),
+                method: AuthMethod::Token {
+                    token_id: "t".into(),
+                },
+                roles: vec!["custodian".into()],
+            }),
+            request_id: "r".into(),
+        }
+    }
+
+    /// The current TOTP code of a custodian, recovered with their share.
+    async fn code(store: &SqlStore, kit: &CustodianKit, now: i64) -> String {
+        let rec = store.custodian(&kit.name, 1).await.unwrap();
+        let share = shamir::decode(&kit.share).unwrap();
+        let secret = crypto::open_totp(&kit.name, &share, &rec.totp_sealed).unwrap();
+        totp::hotp(&secret, totp::step_at(now) as u64)
+    }
+
+    #[tokio::test]
+    async fn unseal_progress_expires_after_ten_minutes() {
+        let clock = Arc::new(ManualClock::at(T0));
+        let (_d, store, svc) = service(clock.clone()).await;
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let kits = svc.store_new_quorum(2, &names, b"pin", 1).await.unwrap();
+
+        let c = code(&store, &kits[0], clock.now_ms()).await;
+        let st = svc
+            .unseal(&custodian("a"), &kits[0].share, &c)
+            .await
+            .unwrap();
+        assert_eq!(st.progress, ["a"]);
+        clock.advance(UNSEAL_PROGRESS_TTL_MS + 1);
+        assert!(svc.seal_status().await.unwrap().progress.is_empty());
+        // After expiry, one more share is not enough: the first one was dropped.
+        let c = code(&store, &kits[1], clock.now_ms()).await;
+        let st = svc
+            .unseal(&custodian("b"), &kits[1].share, &c)
+            .await
+            .unwrap();
+        assert!(st.sealed);
+        assert_eq!(st.progress, ["b"]);
+        let c = code(&store, &kits[2], clock.now_ms()).await;
+        let st = svc
+            .unseal(&custodian("c"), &kits[2].share, &c)
+            .await
+            .unwrap();
+        assert!(!st.sealed);
+        assert!(svc.engine().is_ok());
+    }
+
+    #[tokio::test]
+    async fn lockout_lasts_fifteen_minutes() {
+        let clock = Arc::new(ManualClock::at(T0));
+        let (_d, store, svc) = service(clock.clone()).await;
+        let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let kits = svc.store_new_quorum(2, &names, b"pin", 1).await.unwrap();
+        let good = code(&store, &kits[0], clock.now_ms()).await;
+        let wrong = if good == "000000" { "111111" } else { "000000" };
+        for _ in 0..FAILURE_LIMIT {
+            assert!(svc
+                .unseal(&custodian("a"), &kits[0].share, wrong)
+                .await
+                .is_err());
+        }
+        let e = svc
+            .unseal(&custodian("a"), &kits[0].share, &good)
+            .await
+            .err();
+        assert!(matches!(e, Some(ServiceError::Rejected(m)) if m.contains("locked out")));
+        clock.advance(LOCKOUT_MS + 60_000);
+        let c = code(&store, &kits[0], clock.now_ms()).await;
+        assert!(svc
+            .unseal(&custodian("a"), &kits[0].share, &c)
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn init_refuses_bad_parameters_and_reinit() {
+        let clock = Arc::new(ManualClock::at(T0));
+        let (_d, _store, svc) = service(clock).await;
+        let admin = Caller {
+            principal: Arc::new(Principal {
+                name: "admin".into(),
+                method: AuthMethod::Token {
+                    token_id: "t".into(),
+                },
+                roles: vec!["admin".into()],
+            }),
+            request_id: "r".into(),
+        };
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let so = || AuthPin::from("so".to_string());
+        for (k, list) in [
+            (1u8, names(&["a", "b"])),
+            (3, names(&["a", "b"])),
+            (2, names(&["a", "a"])),
+            (2, names(&["a", "B"])),
+        ] {
+            assert!(
+                svc.init_quorum(&admin, k, &list, so(), 2).await.is_err(),
+                "{k} {list:?}"
+            );
+        }
+        assert_eq!(
+            svc.init_quorum(&admin, 2, &names(&["a", "b", "c"]), so(), 2)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(matches!(
+            svc.init_quorum(&admin, 2, &names(&["x", "y"]), so(), 2)
+                .await,
+            Err(ServiceError::FailedPrecondition("already initialised"))
+        ));
+        // A custodian may not initialise.
+        assert!(matches!(
+            svc.init_quorum(&custodian("a"), 2, &names(&["x", "y"]), so(), 2)
+                .await,
+            Err(ServiceError::PermissionDenied)
+        ));
+    }
+}
