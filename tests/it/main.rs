@@ -1,21 +1,29 @@
 //! Arca's integration tests: one binary, one module per area. Every test runs the real
-//! `arca` binary in dev mode against a real SoftHSM token and a real SQLite database in
-//! its own temporary directory (see [`support::TestArca`]); nothing is mocked.
+//! `arca` binary in dev mode against a real SoftHSM token and a real database (SQLite in
+//! its own temporary directory, or a fresh PostgreSQL database) (see
+//! [`support::TestArca`]); nothing is mocked. The tests that touch storage run on both
+//! back ends (`NAME::sqlite`, `NAME::postgres`); PostgreSQL needs `ARCA_TEST_POSTGRES_URL`
+//! (scripts/test starts a throwaway server) and is skipped without it unless
+//! `ARCA_REQUIRE_POSTGRES=1`.
 //!
-//! Needs softhsm2, opensc (pkcs11-tool) and p11-kit (server and client module):
-//! `scripts/setup --no-run` installs them.
+//! Needs softhsm2, opensc (pkcs11-tool), p11-kit (server and client module) and the
+//! PostgreSQL client (psql, pg_dump): `scripts/setup --no-run` installs them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod support;
 
 mod access;
 mod cli;
+mod cluster;
+mod database;
 mod datakeys;
 mod hsm_objects;
 mod lifecycle;
 mod load;
 mod outage;
+mod quorum;
 mod secrets_at_rest;
 mod tamper;
 mod validation;

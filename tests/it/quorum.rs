@@ -50,8 +50,16 @@ fn base32_decode(s: &str) -> Vec<u8> {
 }
 
 fn kit(arca: &TestArca, n: u32) -> Kit {
-    let dir = arca.data_dir().join("custodians").join(format!("custodian-{n}"));
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap().trim().to_string();
+    let dir = arca
+        .data_dir()
+        .join("custodians")
+        .join(format!("custodian-{n}"));
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
     let uri = read("totp-uri");
     let secret = uri
         .split("secret=")
@@ -83,7 +91,12 @@ async fn quorum_client(arca: &TestArca, token: &str) -> QuorumClient {
     QuorumServiceClient::with_interceptor(arca.channel().await, Bearer(v))
 }
 
-async fn unseal(arca: &TestArca, k: &Kit, share: &str, code: String) -> Result<pb::SealStatusResponse, Status> {
+async fn unseal(
+    arca: &TestArca,
+    k: &Kit,
+    share: &str,
+    code: String,
+) -> Result<pb::SealStatusResponse, Status> {
     quorum_client(arca, &k.token)
         .await
         .unseal(pb::UnsealRequest {
@@ -113,10 +126,12 @@ async fn three_of_five() -> TestArca {
         .await
 }
 
-async fn unseal_with(arca: &TestArca, custodians: &[u32]) {
+/// Unseal submissions by `custodians`, each with the TOTP code `offset` steps from now
+/// (a code is accepted once: a custodian submitting twice within one step uses the next).
+async fn unseal_with(arca: &TestArca, custodians: &[u32], offset: i64) {
     for &n in custodians {
         let k = kit(arca, n);
-        unseal(arca, &k, &k.share, code(&k, 0)).await.unwrap();
+        unseal(arca, &k, &k.share, code(&k, offset)).await.unwrap();
     }
 }
 
@@ -138,21 +153,29 @@ async fn three_of_five_unseals_and_keys_survive_restart() {
     assert_sealed(&arca).await;
     let mut health = arca.health().await;
     let h = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
 
-    unseal_with(&arca, &[1, 3, 5]).await;
+    unseal_with(&arca, &[1, 3, 5], 0).await;
     let st = status(&arca).await;
     assert!(!st.sealed && st.initialized);
     assert_eq!((st.threshold, st.shares), (3, 5));
 
     let mut c = arca.client().await;
-    c.create_key(pb::CreateKeyRequest { name: "phi".into(), description: String::new() })
-        .await
-        .unwrap();
+    c.create_key(pb::CreateKeyRequest {
+        name: "phi".into(),
+        description: String::new(),
+    })
+    .await
+    .unwrap();
     let dk = c
         .generate_data_key(pb::GenerateDataKeyRequest {
             key_name: "phi".into(),
@@ -166,18 +189,21 @@ async fn three_of_five_unseals_and_keys_survive_restart() {
     arca.restart().await;
     assert_sealed(&arca).await;
     // Two shares do not unseal.
-    unseal_with(&arca, &[2, 4]).await;
+    unseal_with(&arca, &[2, 4], 0).await;
     let st = status(&arca).await;
     assert!(st.sealed);
     assert_eq!(st.progress, ["custodian-2", "custodian-4"]);
     assert_sealed(&arca).await;
     // The third does; a blob made before the restart unwraps.
-    unseal_with(&arca, &[5]).await;
+    unseal_with(&arca, &[5], 1).await;
     assert!(!status(&arca).await.sealed);
     let back = arca
         .client()
         .await
-        .unwrap_key(pb::UnwrapKeyRequest { wrapped_key: dk.wrapped_key, context: ctx(&[("t", "1")]) })
+        .unwrap_key(pb::UnwrapKeyRequest {
+            wrapped_key: dk.wrapped_key,
+            context: ctx(&[("t", "1")]),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -201,11 +227,15 @@ async fn bad_submissions_are_rejected_and_change_nothing() {
     let mut bad = k1.share.clone().into_bytes();
     let last = bad.len() - 1;
     bad[last] = if bad[last] == b'0' { b'1' } else { b'0' };
-    let e = unseal(&arca, &k1, std::str::from_utf8(&bad).unwrap(), code(&k1, 0)).await.unwrap_err();
+    let e = unseal(&arca, &k1, std::str::from_utf8(&bad).unwrap(), code(&k1, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("share rejected"), "{e:?}");
     // Another custodian's share under custodian-1's identity.
-    let e = unseal(&arca, &k1, &k2.share, code(&k1, 1)).await.unwrap_err();
+    let e = unseal(&arca, &k1, &k2.share, code(&k1, 1))
+        .await
+        .unwrap_err();
     assert!(e.message().contains("share rejected"), "{e:?}");
     // A wrong TOTP code.
     let e = unseal(&arca, &k1, &k1.share, "000000".into()).await;
@@ -217,7 +247,9 @@ async fn bad_submissions_are_rejected_and_change_nothing() {
     // A good share; then the same custodian again, and a replayed code.
     let used = code(&k2, 0);
     unseal(&arca, &k2, &k2.share, used.clone()).await.unwrap();
-    let e = unseal(&arca, &k2, &k2.share, code(&k2, 1)).await.unwrap_err();
+    let e = unseal(&arca, &k2, &k2.share, code(&k2, 1))
+        .await
+        .unwrap_err();
     assert!(e.message().contains("already submitted"), "{e:?}");
     let e = unseal(&arca, &k2, &k2.share, used).await.unwrap_err();
     assert!(e.message().contains("TOTP"), "{e:?}");
@@ -226,7 +258,10 @@ async fn bad_submissions_are_rejected_and_change_nothing() {
     // Someone who is not a custodian cannot submit a share.
     let e = quorum_client(&arca, arca.token())
         .await
-        .unseal(pb::UnsealRequest { share: k1.share.clone(), totp: code(&k1, 0) })
+        .unseal(pb::UnsealRequest {
+            share: k1.share.clone(),
+            totp: code(&k1, 0),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -254,7 +289,7 @@ async fn five_failures_lock_a_custodian_out() {
 #[tokio::test]
 async fn no_share_token_or_totp_secret_at_rest_or_in_logs() {
     let arca = three_of_five().await;
-    unseal_with(&arca, &[1, 2, 3]).await;
+    unseal_with(&arca, &[1, 2, 3], 0).await;
     let mut needles: Vec<Vec<u8>> = Vec::new();
     for n in 1..=5 {
         let k = kit(&arca, n);
@@ -293,7 +328,11 @@ async fn the_ceremony_through_the_cli() {
             .env("ARCA_TOKEN", token)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (ok, out, _) = run(&["operator", "status", "--output", "json"], arca.token());
     assert!(ok);
@@ -301,9 +340,22 @@ async fn the_ceremony_through_the_cli() {
     assert_eq!(v["sealed"], true);
     for n in [2, 3, 4] {
         let k = kit(&arca, n);
-        let share_file = arca.data_dir().join("custodians").join(format!("custodian-{n}")).join("share");
+        let share_file = arca
+            .data_dir()
+            .join("custodians")
+            .join(format!("custodian-{n}"))
+            .join("share");
         let (ok, out, err) = run(
-            &["operator", "unseal", "--share-file", share_file.to_str().unwrap(), "--totp", &code(&k, 0), "--output", "json"],
+            &[
+                "operator",
+                "unseal",
+                "--share-file",
+                share_file.to_str().unwrap(),
+                "--totp",
+                &code(&k, 0),
+                "--output",
+                "json",
+            ],
             &k.token,
         );
         assert!(ok, "{err}");
