@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub serve: crate::grpc::ServeOptions,
     /// How dev mode reaches an unsealed service.
     pub dev_quorum: DevQuorum,
+    /// TLS files (required outside dev mode, with a client CA).
+    pub tls: Option<crate::grpc::tls::TlsFiles>,
 }
 
 /// Dev mode's dual-control set-up.
@@ -71,6 +73,8 @@ pub enum DevQuorum {
     },
     /// No dual control: open the HSM with the PIN in this file (an external token).
     PinFile(PathBuf),
+    /// Outside dev mode: start sealed; custodians unseal (after `arca operator init`).
+    Sealed,
 }
 
 /// The database of a node: one SQLite file (a single node), or a PostgreSQL server that

@@ -59,8 +59,31 @@ impl Client {
         } else {
             format!("http://{}", opts.addr)
         };
-        let channel = Endpoint::from_shared(addr)?
-            .connect_timeout(std::time::Duration::from_secs(5))
+        let mut endpoint =
+            Endpoint::from_shared(addr.clone())?.connect_timeout(std::time::Duration::from_secs(5));
+        if addr.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &opts.cacert {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| format!("cannot read the CA certificate {}: {e}", ca.display()))?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&opts.client_cert, &opts.client_key) {
+                let cert_pem = std::fs::read(cert).map_err(|e| {
+                    format!("cannot read the client certificate {}: {e}", cert.display())
+                })?;
+                let key_pem =
+                    Zeroizing::new(std::fs::read(key).map_err(|e| {
+                        format!("cannot read the client key {}: {e}", key.display())
+                    })?);
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    cert_pem,
+                    key_pem.as_slice(),
+                ));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", opts.addr))?;

@@ -110,6 +110,15 @@ pub struct ClientOpts {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human, global = true)]
     output: Output,
+    /// CA certificate (PEM) that the server's certificate chains to (https:// addresses).
+    #[arg(long, env = "ARCA_CACERT", global = true)]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "ARCA_CLIENT_CERT", global = true, requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, env = "ARCA_CLIENT_KEY", global = true, requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
 }
 
 /// Output format of client commands.

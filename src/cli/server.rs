@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 
 use crate::clock::SystemClock;
 use crate::config::{Database, DevQuorum, HsmSettings, LogFormat, ServerConfig};
+use crate::grpc::tls::{TlsFiles, TlsReloader};
 use crate::grpc::{serve, ServeOptions};
 use crate::keys::EngineConfig;
 use crate::secret::BearerToken;
@@ -84,6 +85,20 @@ pub(super) struct ServerArgs {
     /// K, with --custodians.
     #[arg(long, requires = "custodians")]
     threshold: Option<u8>,
+    /// Server certificate chain (PEM). With --tls-key, serve TLS 1.2/1.3 (required
+    /// outside dev mode).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) client certificates must chain to: mutual TLS (required outside
+    /// dev mode).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Certificate revocation list(s) (PEM) for client certificates.
+    #[arg(long, requires = "tls_client_ca")]
+    tls_crl: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -149,12 +164,18 @@ enum Prepared {
 
 /// Validates the arguments and, in dev mode, prepares the data dir and token.
 fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
+    let tls = args
+        .tls_cert
+        .as_ref()
+        .zip(args.tls_key.as_ref())
+        .map(|(cert, key)| TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+            crl: args.tls_crl.clone(),
+        });
     if !args.dev {
-        return Err(
-            "only dev mode (--dev) is available: TLS and mutual TLS, required \
-                    outside dev mode, are not configured in this build"
-                .into(),
-        );
+        return prepare_production(args, tls);
     }
     if !args.listen.ip().is_loopback() {
         return Err(format!(
@@ -244,6 +265,50 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         wrap_reservation: args.wrap_reservation.max(1),
         serve: ServeOptions::default(),
         dev_quorum,
+        tls,
+    })))
+}
+
+/// Outside dev mode: mutual TLS is required, there are no PIN files and no auto-unseal;
+/// the service starts sealed and custodians unseal it (after `arca operator init`).
+fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepared, BoxError> {
+    let tls =
+        tls.ok_or("outside dev mode TLS is required: --tls-cert, --tls-key and --tls-client-ca")?;
+    if tls.client_ca.is_none() {
+        return Err("outside dev mode mutual TLS is required: --tls-client-ca".into());
+    }
+    if args.hsm_pin_file.is_some() || args.custodians.is_some() {
+        return Err("--hsm-pin-file and --custodians are dev-mode options".into());
+    }
+    let database = match args.database.as_deref() {
+        Some(value) => Some(Database::parse(value)?),
+        None => None,
+    };
+    make_private_dir(&args.data_dir)?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let database = database.unwrap_or_else(|| Database::Sqlite(data_dir.join("arca.db")));
+    let module = match &args.hsm_module {
+        Some(m) => m.clone(),
+        None => arca_hsm::softhsm::default_module_path()
+            .ok_or("no --hsm-module given and no SoftHSM2 installed")?,
+    };
+    Ok(Prepared::Config(Box::new(ServerConfig {
+        listen: args.listen,
+        dev: false,
+        database,
+        hsm: HsmSettings {
+            module,
+            token_label: args.hsm_token_label.clone(),
+            pin_file: PathBuf::new(),
+            sessions: args.hsm_sessions.max(1),
+            session_key_copies: !args.no_session_key_copies,
+            op_timeout: Duration::from_millis(args.hsm_timeout_ms.max(1)),
+        },
+        data_dir,
+        wrap_reservation: args.wrap_reservation.max(1),
+        serve: ServeOptions::default(),
+        dev_quorum: DevQuorum::Sealed,
+        tls: Some(tls),
     })))
 }
 
@@ -291,30 +356,62 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         },
     ));
 
-    let token_path = cfg.data_dir.join("dev-token");
+    // Dev mode: an admin token for the developer. Outside dev mode: a bootstrap admin
+    // token for the init ceremony, written once.
+    let token_path = cfg.data_dir.join(if cfg.dev {
+        "dev-token"
+    } else {
+        "bootstrap-token"
+    });
     ensure_dev_token(&svc, &token_path).await?;
     dev_unseal(&svc, &cfg).await?;
 
+    let tls = match &cfg.tls {
+        Some(files) => Some(Arc::new(TlsReloader::load(files.clone())?)),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     let prefix = crate::quorum::crypto::random::<6>()?;
-    println!("arca dev server listening on http://{addr}");
-    println!("dev admin token in {}", token_path.display());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let who = if cfg.dev {
+        "arca dev server"
+    } else {
+        "arca server"
+    };
+    println!("{who} listening on {scheme}://{addr}");
+    println!("admin token in {}", token_path.display());
     println!(
-        "  export ARCA_ADDR=http://{addr} ARCA_TOKEN=$(cat {})",
+        "  export ARCA_ADDR={scheme}://{addr} ARCA_TOKEN=$(cat {})",
         token_path.display()
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, "listening (dev mode, plaintext, loopback only)");
-    serve(
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        svc,
-        cfg.serve.clone(),
-        hex::encode(prefix.as_ref()),
-        shutdown_signal(),
-    )
-    .await?;
+    match tls {
+        Some(tls) => {
+            tracing::info!(%addr, mutual = tls.mutual(), "listening (TLS 1.2/1.3)");
+            tokio::spawn(reload_on_sighup(Arc::clone(&tls)));
+            serve(
+                crate::grpc::tls::incoming(listener, tls),
+                svc,
+                cfg.serve.clone(),
+                hex::encode(prefix.as_ref()),
+                shutdown_signal(),
+            )
+            .await?;
+        }
+        None => {
+            tracing::info!(%addr, "listening (dev mode, plaintext, loopback only)");
+            serve(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                svc,
+                cfg.serve.clone(),
+                hex::encode(prefix.as_ref()),
+                shutdown_signal(),
+            )
+            .await?;
+        }
+    }
     tracing::info!("shut down");
     Ok(())
 }
@@ -334,6 +431,12 @@ async fn dev_unseal(svc: &KeyService, cfg: &ServerConfig) -> Result<(), BoxError
             let pin = read_pin(path)?;
             svc.open_with_pin(AuthPin::from(pin.to_string())).await?;
         }
+        DevQuorum::Sealed => match svc.quorum_config().await? {
+            Some(_) => eprintln!("sealed: custodians unseal with `arca operator unseal`"),
+            None => eprintln!(
+                "not initialised: run `arca operator init` with the bootstrap token, then unseal"
+            ),
+        },
         DevQuorum::Custodians {
             custodians,
             threshold,
@@ -441,12 +544,34 @@ async fn open_store(database: &Database) -> Result<SqlStore, BoxError> {
         let mut reason = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
-            reason.push_str(": ");
-            reason.push_str(&s.to_string());
+            // sqlx's messages often repeat their source's already.
+            let text = s.to_string();
+            if !reason.contains(&text) {
+                reason.push_str(": ");
+                reason.push_str(&text);
+            }
             source = s.source();
         }
         format!("cannot open the database {database}: {reason}").into()
     })
+}
+
+/// Re-reads the TLS files on every SIGHUP; a bad file is refused and the old
+/// configuration stays in force.
+async fn reload_on_sighup(tls: Arc<TlsReloader>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; TLS files will not reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload refused; the previous configuration stays")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

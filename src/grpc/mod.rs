@@ -15,12 +15,13 @@ pub mod keys;
 pub mod quorum;
 pub mod request_id;
 pub mod status;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::Connected;
 use tonic::transport::Server;
 
 use crate::service::KeyService;
@@ -102,14 +103,21 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves the API on `incoming` until `shutdown` completes.
-pub async fn serve(
-    incoming: TcpIncoming,
+/// Serves the API on `incoming` (plain TCP in dev mode, or TLS connections from
+/// [`tls::incoming`]) until `shutdown` completes.
+pub async fn serve<I, IO, IE>(
+    incoming: I,
     svc: Arc<KeyService>,
     opts: ServeOptions,
     request_id_prefix: String,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: futures_core::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (health, health_svc) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

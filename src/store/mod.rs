@@ -1,8 +1,9 @@
 //! Persistent state: keys, key versions and bearer tokens.
 //!
-//! [`Store`] is the one interface the service uses; [`SqlStore`] implements it on SQLite
-//! (WAL, the default) through sqlx, with SQL kept portable so the PostgreSQL back end
-//! shares it. Migrations live beside the code, one directory per back end.
+//! [`Store`] is the one interface the service uses; [`SqlStore`] implements it through
+//! sqlx on SQLite (WAL, the default; one node) and on PostgreSQL (one or more nodes
+//! sharing a database), with one body of portable SQL. Migrations live beside the code,
+//! one directory per back end; the contract tests run on both.
 //!
 //! Invariants:
 //! - Every state change is one transaction; uniqueness (key names forever, version numbers
@@ -19,7 +20,7 @@ mod quorum;
 mod sql;
 
 pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
-pub use sql::SqlStore;
+pub use sql::{Backend, SqlStore};
 
 use arca_hsm::ObjectId;
 

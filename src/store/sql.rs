@@ -99,10 +99,20 @@ impl SqlStore {
     /// The URL may carry a password: it is handed to the driver only, and no error of
     /// this function quotes it.
     pub async fn open_postgres(url: &str) -> Result<Self> {
+        use sqlx::Connection;
         sqlx::any::install_default_drivers();
+        // One plain connection first: its error says why (refused, authentication, no
+        // such database), where the pool would retry and only report a timeout.
+        sqlx::AnyConnection::connect(url)
+            .await
+            .map_err(classify)?
+            .close()
+            .await
+            .map_err(classify)?;
         let pool = AnyPoolOptions::new()
             .max_connections(POSTGRES_POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(postgres_settings)
             .connect(url)
             .await
             .map_err(classify)?;
@@ -208,6 +218,20 @@ fn sqlite_pragmas(
     })
 }
 
+/// Per-connection PostgreSQL settings: notices (such as "relation already exists,
+/// skipping" from the migration runner) stay out of the log; warnings still reach it.
+fn postgres_settings(
+    conn: &mut sqlx::AnyConnection,
+    _meta: sqlx::pool::PoolConnectionMetadata,
+) -> BoxFuture<'_, std::result::Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::raw_sql("SET client_min_messages = warning")
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+}
+
 enum KeyLookup<'a> {
     Name(&'a KeyName),
     Id(&'a KeyId),
@@ -308,15 +332,16 @@ pub(super) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
 /// Classifies a sqlx error once, by type and SQLSTATE (never by message text).
 ///
 /// `Unavailable` (retryable) is every way of losing the database: I/O and TLS errors,
-/// pool timeouts and a closed pool, protocol errors, and on PostgreSQL the SQLSTATEs of
-/// a lost or refused connection (class 08), a server shutting down or restarting
-/// (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now) and 53300
-/// (too many connections).
+/// pool timeouts and a closed pool, protocol errors, on PostgreSQL the SQLSTATEs of a
+/// lost or refused connection (class 08), a server shutting down or restarting (57P01
+/// admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now) and 53300 (too many
+/// connections), and on SQLite a lock still held by another process when the busy
+/// timeout ends (`SQLITE_BUSY` and `SQLITE_LOCKED` with their extended codes).
 pub(super) fn classify(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::RowNotFound => StoreError::NotFound,
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists,
-        sqlx::Error::Database(db) if db.code().is_some_and(|c| is_unavailable_sqlstate(&c)) => {
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| is_unavailable_code(&c)) => {
             StoreError::Unavailable(e)
         }
         sqlx::Error::Io(_)
@@ -329,11 +354,14 @@ pub(super) fn classify(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// PostgreSQL SQLSTATEs that mean the server is gone or refuses connections for now.
-/// (SQLite's codes are decimal numbers, which none of these are.)
-fn is_unavailable_sqlstate(code: &str) -> bool {
-    code.len() == 5
-        && (code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300"))
+/// Error codes that mean the database is gone or busy for now. A PostgreSQL SQLSTATE is
+/// always five characters; SQLite's extended result codes are decimal numbers below
+/// 10000, with the primary code in the low byte (`SQLITE_BUSY` = 5, `SQLITE_LOCKED` = 6).
+fn is_unavailable_code(code: &str) -> bool {
+    if code.len() == 5 {
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
 }
 
 #[async_trait::async_trait]
@@ -581,11 +609,10 @@ mod tests {
             TestDb::Sqlite(tempfile::tempdir().unwrap())
         }
 
-        /// A fresh database on the test server, or `None` (after a SKIP line) without one.
-        async fn postgres(case: &str) -> Option<TestDb> {
-            let Some(admin_url) = postgres_url(case) else {
-                return None;
-            };
+        /// A fresh database on the test server, or `None` (after a SKIP line for `test`)
+        /// without one.
+        async fn postgres(test: &str) -> Option<TestDb> {
+            let admin_url = postgres_url(test)?;
             let mut raw = [0u8; 8];
             getrandom::fill(&mut raw).unwrap();
             let name = format!("arca_t_{}", hex::encode(raw));
@@ -650,7 +677,7 @@ mod tests {
 
     /// `ARCA_TEST_POSTGRES_URL`, or `None` after a SKIP line; panics without it when
     /// `ARCA_REQUIRE_POSTGRES=1`.
-    fn postgres_url(case: &str) -> Option<String> {
+    fn postgres_url(test: &str) -> Option<String> {
         match std::env::var("ARCA_TEST_POSTGRES_URL") {
             Ok(url) if !url.is_empty() => Some(url),
             _ => {
@@ -662,7 +689,7 @@ mod tests {
                 // must show in a passing run.
                 let _ = writeln!(
                     std::io::stderr(),
-                    "SKIP store::{case}::postgres: ARCA_TEST_POSTGRES_URL is not set"
+                    "SKIP {test}: ARCA_TEST_POSTGRES_URL is not set"
                 );
                 None
             }
@@ -707,7 +734,8 @@ mod tests {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
-                    if let Some(db) = super::TestDb::postgres(stringify!($case)).await {
+                    let test = concat!(module_path!(), "::postgres");
+                    if let Some(db) = super::TestDb::postgres(test).await {
                         super::run(db, super::$case).await;
                     }
                 }
@@ -721,7 +749,8 @@ mod tests {
             mod $case {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
-                    if let Some(db) = super::TestDb::postgres(stringify!($case)).await {
+                    let test = concat!(module_path!(), "::postgres");
+                    if let Some(db) = super::TestDb::postgres(test).await {
                         super::run(db, super::$case).await;
                     }
                 }
@@ -1226,6 +1255,26 @@ mod tests {
         assert_eq!(s.list_keys(None, 10).await.unwrap().len(), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sqlite_write_lock_held_past_the_busy_timeout_is_unavailable() {
+        // Another process holds the write lock for longer than the busy timeout (5 s):
+        // the write fails as retryable, not as an internal error.
+        let db = TestDb::sqlite();
+        let a = db.open().await;
+        let b = db.open().await;
+        let mut held = a.writer.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("UPDATE schema_migrations SET applied_at = applied_at")
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let r = b.create_key(&new_key("blocked", 1)).await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(started.elapsed() >= Duration::from_secs(4));
+        held.rollback().await.unwrap();
+        b.create_key(&new_key("blocked", 1)).await.unwrap();
+    }
+
     /// A database error with a given SQLSTATE, for [`classify`].
     #[derive(Debug)]
     struct Coded(&'static str);
@@ -1267,14 +1316,18 @@ mod tests {
     fn errors_are_classified_by_type_and_sqlstate() {
         let db = |c: &'static str| classify(sqlx::Error::Database(Box::new(Coded(c))));
         for c in [
+            // PostgreSQL
             "08000", "08003", "08006", "08001", "08004", "08P01", "57P01", "57P02", "57P03",
-            "53300",
+            "53300", // SQLite: BUSY and LOCKED, and their extended codes
+            "5", "6", "261", "517", "773", "262",
         ] {
             assert!(matches!(db(c), StoreError::Unavailable(_)), "{c}");
         }
         assert!(matches!(db("23505"), StoreError::AlreadyExists));
-        // Constraint and trigger failures, and SQLite's numeric codes, are not outages.
-        for c in ["23514", "P0001", "23000", "42P01", "5", "2067", "1811"] {
+        // Constraint and trigger failures are not outages, on either back end.
+        for c in [
+            "23514", "P0001", "23000", "42P01", "19", "2067", "1811", "787", "1",
+        ] {
             assert!(matches!(db(c), StoreError::Database(_)), "{c}");
         }
         assert!(matches!(

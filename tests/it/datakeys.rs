@@ -1,12 +1,16 @@
 //! GenerateDataKey and UnwrapKey: the round trip, the wrapped-key layout, and
 //! `without_plaintext`.
 
-use crate::support::{create_key, ctx, generate, unwrap, uuid_bytes, TestArca};
+use crate::support::{create_key, ctx, generate, unwrap, uuid_bytes, Db, TestArca};
 use arca::grpc::pb;
 
-#[tokio::test]
-async fn generate_then_unwrap_returns_the_same_32_bytes() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    generate_then_unwrap_returns_the_same_32_bytes
+);
+
+async fn generate_then_unwrap_returns_the_same_32_bytes(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     let key = create_key(&mut c, "patients-db").await;
     let context = ctx(&[("tenant", "clinic-7"), ("table", "patients")]);
@@ -51,9 +55,13 @@ async fn generate_then_unwrap_returns_the_same_32_bytes() {
     assert_eq!(u3.plaintext, dk3.plaintext);
 }
 
-#[tokio::test]
-async fn without_plaintext_returns_only_a_wrapped_key_that_unwraps() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    without_plaintext_returns_only_a_wrapped_key_that_unwraps
+);
+
+async fn without_plaintext_returns_only_a_wrapped_key_that_unwraps(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "billing/ssn").await;
     let context = ctx(&[("tenant", "t-1")]);

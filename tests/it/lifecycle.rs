@@ -4,7 +4,7 @@
 use tonic::Code;
 
 use crate::support::{
-    assert_code, create_key, ctx, generate, rotate, unwrap, uuid_bytes, TestArca,
+    assert_code, create_key, ctx, generate, rotate, unwrap, uuid_bytes, Db, TestArca,
 };
 use arca::grpc::pb;
 
@@ -20,9 +20,13 @@ fn state_of(key: &pb::Key, version: u32) -> pb::KeyVersionState {
         .state()
 }
 
-#[tokio::test]
-async fn rotation_wraps_under_v2_keeps_v1_unwrapping_and_rewrap_moves_blobs() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    rotation_wraps_under_v2_keeps_v1_unwrapping_and_rewrap_moves_blobs
+);
+
+async fn rotation_wraps_under_v2_keeps_v1_unwrapping_and_rewrap_moves_blobs(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     let key = create_key(&mut c, "rotating").await;
     let context = ctx(&[("tenant", "t-9")]);
@@ -161,9 +165,13 @@ async fn rotation_wraps_under_v2_keeps_v1_unwrapping_and_rewrap_moves_blobs() {
     assert_eq!(u.plaintext, new.plaintext);
 }
 
-#[tokio::test]
-async fn a_disabled_version_refuses_unwrap_and_enabling_restores_it() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    a_disabled_version_refuses_unwrap_and_enabling_restores_it
+);
+
+async fn a_disabled_version_refuses_unwrap_and_enabling_restores_it(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "suspend").await;
     let context = ctx(&[("patient", "p-1")]);
@@ -280,9 +288,13 @@ async fn a_disabled_version_refuses_unwrap_and_enabling_restores_it() {
     }
 }
 
-#[tokio::test]
-async fn restart_on_the_same_data_dir_keeps_keys_tokens_and_blobs() {
-    let mut arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    restart_on_the_same_data_dir_keeps_keys_tokens_and_blobs
+);
+
+async fn restart_on_the_same_data_dir_keeps_keys_tokens_and_blobs(db: Db) {
+    let mut arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     let key = create_key(&mut c, "durable").await;
     create_key(&mut c, "durable-2").await;
@@ -374,11 +386,16 @@ fn wrap_count(key: &pb::Key, version: u32) -> u64 {
         .wrap_count
 }
 
-#[tokio::test]
-async fn the_stored_wrap_count_is_never_below_the_wraps_made() {
+on_both_backends!(
+    #[tokio::test]
+    the_stored_wrap_count_is_never_below_the_wraps_made
+);
+
+async fn the_stored_wrap_count_is_never_below_the_wraps_made(db: Db) {
     // Small reservation blocks, so that the count is refilled many times.
     const BLOCK: u64 = 4;
     let mut arca = TestArca::builder()
+        .backend(db)
         .arg("--wrap-reservation")
         .arg(BLOCK.to_string())
         .start()
@@ -479,9 +496,13 @@ async fn the_stored_wrap_count_is_never_below_the_wraps_made() {
     );
 }
 
-#[tokio::test]
-async fn concurrent_rotations_each_make_one_new_version() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    concurrent_rotations_each_make_one_new_version
+);
+
+async fn concurrent_rotations_each_make_one_new_version(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "spun").await;
     let context = ctx(&[]);

@@ -4,14 +4,18 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 
-use crate::support::{create_key, ctx, generate, unwrap, TestArca};
+use crate::support::{create_key, ctx, generate, unwrap, Db, TestArca};
 
 const CALLERS: usize = 64;
 const UNWRAPS_EACH: usize = 50;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_concurrent_callers_unwrap_without_a_single_error() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    sixty_four_concurrent_callers_unwrap_without_a_single_error
+);
+
+async fn sixty_four_concurrent_callers_unwrap_without_a_single_error(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "busy").await;
     create_key(&mut c, "busy-2").await;
@@ -74,9 +78,13 @@ async fn sixty_four_concurrent_callers_unwrap_without_a_single_error() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_generates_rotations_and_unwraps_stay_consistent() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    concurrent_generates_rotations_and_unwraps_stay_consistent
+);
+
+async fn concurrent_generates_rotations_and_unwraps_stay_consistent(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "mixed").await;
     let context = ctx(&[("t", "1")]);

@@ -25,5 +25,7 @@ mod load;
 mod outage;
 mod quorum;
 mod secrets_at_rest;
+mod shutdown;
 mod tamper;
+mod tls;
 mod validation;

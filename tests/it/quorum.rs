@@ -74,10 +74,8 @@ fn kit(arca: &TestArca, n: u32) -> Kit {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    use arca::clock::Clock;
+    arca::clock::SystemClock.now_ms()
 }
 
 /// A TOTP code `offset` steps from now.

@@ -1,6 +1,7 @@
-//! No secret reaches the disk or the log: the SQLite files never hold a data key
-//! plaintext (nor caller-supplied key material, the dev token or the HSM PIN), and the
-//! server log never holds those nor encryption context values.
+//! No secret reaches the disk or the log: the database (the SQLite files, or a dump of the
+//! PostgreSQL database) never holds a data key plaintext (nor caller-supplied key
+//! material, the dev token or the HSM PIN), and the server log never holds those nor
+//! encryption context values, nor the database password.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -9,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use tokio::task::JoinSet;
 
-use crate::support::{create_key, ctx, generate, random_bytes, unwrap, TestArca};
+use crate::support::{create_key, ctx, generate, random_bytes, unwrap, Db, TestArca};
 use arca::grpc::pb;
 
 /// Finds any of `needles` (all `len` bytes long) in `hay`.
@@ -40,9 +41,30 @@ fn db_files(dir: &Path, running: bool) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_files_never_hold_data_keys_or_the_token() {
-    let mut arca = TestArca::start().await;
+/// What the database holds: the SQLite files, or a data dump of the PostgreSQL database
+/// (on which the data dir holds no database file at all).
+fn stored_state(arca: &TestArca, running: bool) -> Vec<(String, Vec<u8>)> {
+    match arca.postgres() {
+        None => db_files(arca.data_dir(), running),
+        Some(pg) => {
+            for name in ["arca.db", "arca.db-wal"] {
+                assert!(
+                    !arca.data_dir().join(name).exists(),
+                    "{name} made although the database is PostgreSQL"
+                );
+            }
+            vec![("pg_dump".to_string(), pg.dump())]
+        }
+    }
+}
+
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_database_never_holds_data_keys_or_the_token
+);
+
+async fn the_database_never_holds_data_keys_or_the_token(db: Db) {
+    let mut arca = TestArca::start_on(db).await;
     let c = arca.client().await;
     create_key(&mut c.clone(), "at-rest").await;
     create_key(&mut c.clone(), "at-rest-2").await;
@@ -124,16 +146,30 @@ async fn sqlite_files_never_hold_data_keys_or_the_token() {
             );
         }
     };
-    check(db_files(arca.data_dir(), true), "while running");
+    let stored = stored_state(&arca, true);
+    assert!(
+        stored.iter().any(|(_, b)| contains(b, b"at-rest-2")),
+        "the scan does not see the stored keys"
+    );
+    check(stored, "while running");
     let status = arca.stop().await;
     assert!(status.success(), "exit on SIGTERM: {status}");
-    check(db_files(arca.data_dir(), false), "after shutdown");
+    check(stored_state(&arca, false), "after shutdown");
+    check(
+        vec![("the server log".to_string(), arca.all_logs().into_bytes())],
+        "any run",
+    );
 }
 
-#[tokio::test]
-async fn the_server_log_holds_no_key_material_tokens_or_context_values() {
+on_both_backends!(
+    #[tokio::test]
+    the_server_log_holds_no_key_material_tokens_or_context_values
+);
+
+async fn the_server_log_holds_no_key_material_tokens_or_context_values(db: Db) {
     // Verbose logging of Arca's own crates, as an operator debugging an incident would use.
     let arca = TestArca::builder()
+        .backend(db)
         .env("RUST_LOG", "info,arca=debug,arca_hsm=debug")
         .start()
         .await;
@@ -180,6 +216,17 @@ async fn the_server_log_holds_no_key_material_tokens_or_context_values() {
     );
     let pin = std::fs::read_to_string(arca.data_dir().join("hsm-pin")).expect("pin");
     assert!(!log.contains(pin.trim()), "the HSM PIN is in the log");
+    if let Some(pg) = arca.postgres() {
+        let password = pg.password().expect("the test URL carries a password");
+        assert!(
+            !log.contains(password),
+            "the database password is in the log"
+        );
+        assert!(
+            log.contains("[REDACTED]@"),
+            "the database URL is not logged (redacted): {log}"
+        );
+    }
     for p in &plaintexts {
         for (enc, form) in [(B64.encode(p), "base64"), (hex::encode(p), "hex")] {
             assert!(!log.contains(&enc), "key material ({form}) is in the log");

@@ -5,12 +5,16 @@ use std::collections::BTreeSet;
 
 use tonic::Code;
 
-use crate::support::{assert_code, create_key, ctx, random_bytes, unwrap, TestArca};
+use crate::support::{assert_code, create_key, ctx, random_bytes, unwrap, Db, TestArca};
 use arca::grpc::pb;
 
-#[tokio::test]
-async fn wrap_key_takes_16_to_64_bytes() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    wrap_key_takes_16_to_64_bytes
+);
+
+async fn wrap_key_takes_16_to_64_bytes(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "wrapper").await;
     let context = ctx(&[("app", "billing")]);
@@ -67,9 +71,13 @@ const BAD_NAMES: &[&str] = &[
     "a\0b",
 ];
 
-#[tokio::test]
-async fn invalid_key_names_are_invalid_argument_everywhere() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    invalid_key_names_are_invalid_argument_everywhere
+);
+
+async fn invalid_key_names_are_invalid_argument_everywhere(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "real").await;
     let too_long = "a".repeat(129);
@@ -160,9 +168,13 @@ async fn invalid_key_names_are_invalid_argument_everywhere() {
     );
 }
 
-#[tokio::test]
-async fn unknown_keys_are_not_found_and_names_are_never_reused() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    unknown_keys_are_not_found_and_names_are_never_reused
+);
+
+async fn unknown_keys_are_not_found_and_names_are_never_reused(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     let first = create_key(&mut c, "taken").await;
 
@@ -260,9 +272,13 @@ async fn unknown_keys_are_not_found_and_names_are_never_reused() {
     assert_eq!(ok, 1, "racing CreateKey of one name");
 }
 
-#[tokio::test]
-async fn list_keys_pages_through_every_key_once() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    list_keys_pages_through_every_key_once
+);
+
+async fn list_keys_pages_through_every_key_once(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     let mut created = BTreeSet::new();
     for name in ["kb", "ka", "kg", "kd", "kc", "kf", "ke"] {
@@ -333,9 +349,13 @@ async fn list_keys_pages_through_every_key_once() {
     );
 }
 
-#[tokio::test]
-async fn oversized_or_malformed_inputs_are_refused_and_change_nothing() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    oversized_or_malformed_inputs_are_refused_and_change_nothing
+);
+
+async fn oversized_or_malformed_inputs_are_refused_and_change_nothing(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let mut c = arca.client().await;
     create_key(&mut c, "limits").await;
     let dk = crate::support::generate(&mut c, "limits", &ctx(&[])).await;

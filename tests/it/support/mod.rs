@@ -1,10 +1,18 @@
 //! Test support: [`TestArca`] runs the real `arca` binary in dev mode (real SoftHSM,
-//! real SQLite) in its own temporary directory on a free loopback port, and hands out
-//! connected gRPC clients that carry the dev token.
+//! real SQLite or PostgreSQL) in its own temporary directory on a free loopback port, and
+//! hands out connected gRPC clients that carry the dev token.
 //!
 //! Every `TestArca` owns exactly one child process at a time (the PID it spawned; `arca
 //! server --dev` re-executes itself under the same PID) and kills only that PID when
 //! dropped. Nothing here ships in the library.
+//!
+//! Back ends: [`Db::Sqlite`] is the data dir's `arca.db`. [`Db::Postgres`] is a fresh
+//! database per `TestArca` (`arca_it_<random>`) on the server at `ARCA_TEST_POSTGRES_URL`,
+//! created and dropped with `psql`, and handed to the server in `ARCA_DATABASE_URL` with a
+//! password added (the test cluster trusts loopback and ignores it) so that tests can
+//! check it never reaches a log. [`on_both_backends!`] turns one test body into
+//! `NAME::sqlite` and `NAME::postgres`; without `ARCA_TEST_POSTGRES_URL` the PostgreSQL
+//! variant prints a SKIP line and passes, unless `ARCA_REQUIRE_POSTGRES=1`.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -12,6 +20,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arca::grpc::pb;
@@ -55,14 +64,184 @@ impl Interceptor for Auth {
 /// A `KeyService` client with an authorization header (or none).
 pub type KeyClient = KeyServiceClient<InterceptedService<Channel, Auth>>;
 
+/// Which database a test server runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Db {
+    /// `DIR/arca.db`.
+    #[default]
+    Sqlite,
+    /// A fresh database on the server at `ARCA_TEST_POSTGRES_URL`.
+    Postgres,
+}
+
+/// Writes one line to stderr past libtest's capture (which only sees the print macros),
+/// so that it shows in a passing run.
+pub fn note(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The PostgreSQL server of the tests, or `None` after a SKIP line for `test`. Panics
+/// when it is missing and `ARCA_REQUIRE_POSTGRES=1`.
+pub fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var("ARCA_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("ARCA_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "ARCA_REQUIRE_POSTGRES=1 but ARCA_TEST_POSTGRES_URL is not set"
+            );
+            note(&format!("SKIP {test}: ARCA_TEST_POSTGRES_URL is not set"));
+            None
+        }
+    }
+}
+
+/// Runs a test body `async fn NAME(db: Db)` as two tests, `NAME::sqlite` and
+/// `NAME::postgres`, with the given test attribute.
+macro_rules! on_both_backends {
+    (#[$test:meta] $name:ident) => {
+        mod $name {
+            #[$test]
+            async fn sqlite() {
+                super::$name($crate::support::Db::Sqlite).await;
+            }
+
+            #[$test]
+            async fn postgres() {
+                if $crate::support::postgres_url(concat!(module_path!(), "::postgres")).is_some() {
+                    super::$name($crate::support::Db::Postgres).await;
+                }
+            }
+        }
+    };
+}
+
+/// A database of its own on the test PostgreSQL server, dropped (with `FORCE`, so even
+/// a killed server's connections go) when the last `TestArca` using it is dropped.
+pub struct PgDatabase {
+    admin_url: String,
+    url: String,
+    name: String,
+    password: Option<String>,
+}
+
+impl PgDatabase {
+    /// Creates `arca_it_<random>`. Panics without `ARCA_TEST_POSTGRES_URL`.
+    pub fn create() -> PgDatabase {
+        let admin_url = std::env::var("ARCA_TEST_POSTGRES_URL")
+            .expect("ARCA_TEST_POSTGRES_URL (a Db::Postgres test without a server)");
+        let name = format!("arca_it_{}", hex::encode(random_bytes(8)));
+        psql(&admin_url, &format!("CREATE DATABASE {name}"));
+        let (scheme, rest) = admin_url.split_once("://").expect("postgres:// URL");
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, format!("?{q}")),
+            None => (rest, String::new()),
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        // A password the trusting test cluster ignores, where the URL names a user but no
+        // password, so tests can look for it in logs.
+        let (authority, password) = match authority.rsplit_once('@') {
+            Some((user, host)) if !user.contains(':') => {
+                let pw = format!("itpw-{}", hex::encode(random_bytes(8)));
+                (format!("{user}:{pw}@{host}"), Some(pw))
+            }
+            _ => (authority.to_string(), None),
+        };
+        let url = format!("{scheme}://{authority}/{name}{query}");
+        PgDatabase {
+            admin_url,
+            url,
+            name,
+            password,
+        }
+    }
+
+    /// The URL the server gets.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The password in [`PgDatabase::url`], if the support added one.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// A plain-text dump of the database's data (`pg_dump --data-only`).
+    pub fn dump(&self) -> Vec<u8> {
+        let db_url = {
+            let (scheme, rest) = self.admin_url.split_once("://").expect("URL");
+            let (rest, query) = match rest.split_once('?') {
+                Some((r, q)) => (r, format!("?{q}")),
+                None => (rest, String::new()),
+            };
+            let authority = rest.split('/').next().unwrap_or_default();
+            format!("{scheme}://{authority}/{}{query}", self.name)
+        };
+        let out = Command::new("pg_dump")
+            .args(["--data-only", "--no-owner", "--dbname"])
+            .arg(&db_url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_dump");
+        assert!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(&self.admin_url)
+            .arg("-c")
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Runs one SQL command with `psql` on the server at `url`; panics on failure.
+pub fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(url)
+        .arg("-c")
+        .arg(sql)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql (the PostgreSQL client)");
+    assert!(
+        out.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Options of a server run.
 #[derive(Clone, Default)]
 pub struct Builder {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    db: Db,
 }
 
 impl Builder {
+    /// The database back end (default SQLite).
+    pub fn backend(mut self, db: Db) -> Self {
+        self.db = db;
+        self
+    }
+
     /// An extra argument after `arca server --dev --data-dir DIR --listen 127.0.0.1:0`.
     pub fn arg(mut self, a: impl Into<OsString>) -> Self {
         self.args.push(a.into());
@@ -75,17 +254,21 @@ impl Builder {
         self
     }
 
-    /// Starts a server in a fresh temporary directory.
+    /// Starts a server in a fresh temporary directory (and, on PostgreSQL, a fresh
+    /// database).
     pub async fn start(self) -> TestArca {
         let root = tempfile::Builder::new()
             .prefix("arca-it-")
             .tempdir()
             .expect("temp dir");
         let data_dir = root.path().join("data");
+        let pg = (self.db == Db::Postgres).then(|| Arc::new(PgDatabase::create()));
         let mut arca = TestArca {
-            root,
+            root: Arc::new(root),
             data_dir,
             opts: self,
+            pg,
+            node: 1,
             child: None,
             addr: None,
             token: String::new(),
@@ -99,9 +282,12 @@ impl Builder {
 
 /// A running `arca server --dev` and its data dir.
 pub struct TestArca {
-    root: TempDir,
+    root: Arc<TempDir>,
     data_dir: PathBuf,
     opts: Builder,
+    pg: Option<Arc<PgDatabase>>,
+    /// 1, or 2 for a second node on the same data dir and database.
+    node: u32,
     child: Option<Child>,
     addr: Option<SocketAddr>,
     token: String,
@@ -118,6 +304,37 @@ impl TestArca {
     /// A dev server with default options.
     pub async fn start() -> TestArca {
         Builder::default().start().await
+    }
+
+    /// A dev server with default options on `db`.
+    pub async fn start_on(db: Db) -> TestArca {
+        Builder::default().backend(db).start().await
+    }
+
+    /// A second node: another `arca server --dev` process with the same options on the
+    /// same data dir (so the same SoftHSM token, PINs and dev token) and the same
+    /// database. Only meaningful on PostgreSQL.
+    pub async fn second_node(&self) -> TestArca {
+        assert!(self.pg.is_some(), "a second node needs Db::Postgres");
+        let mut arca = TestArca {
+            root: Arc::clone(&self.root),
+            data_dir: self.data_dir.clone(),
+            opts: self.opts.clone(),
+            pg: self.pg.clone(),
+            node: self.node + 1,
+            child: None,
+            addr: None,
+            token: String::new(),
+            runs: 0,
+            log: PathBuf::new(),
+        };
+        arca.spawn().await;
+        arca
+    }
+
+    /// The PostgreSQL database, on [`Db::Postgres`].
+    pub fn postgres(&self) -> Option<&PgDatabase> {
+        self.pg.as_deref()
     }
 
     /// The listening address of the current run.
@@ -167,7 +384,10 @@ impl TestArca {
     }
 
     fn log_path(&self, run: u32) -> PathBuf {
-        self.root.path().join(format!("arca-{run}.log"))
+        match self.node {
+            1 => self.root.path().join(format!("arca-{run}.log")),
+            n => self.root.path().join(format!("arca-node{n}-{run}.log")),
+        }
     }
 
     fn log_tail(&self) -> String {
@@ -189,13 +409,18 @@ impl TestArca {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .args(&self.opts.args)
-            // Nothing from the caller's environment may pick another HSM.
+            // Nothing from the caller's environment may pick another HSM or database.
             .env_remove("ARCA_HSM_MODULE")
             .env_remove("SOFTHSM2_CONF")
+            .env_remove("ARCA_DATABASE_URL")
             .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
+        if let Some(pg) = &self.pg {
+            // The environment, not the command line, as operators are told to.
+            cmd.env("ARCA_DATABASE_URL", pg.url());
+        }
         let mut child = cmd.spawn().expect("spawn arca server");
         let stdout = child.stdout.take().expect("stdout");
         self.child = Some(child);

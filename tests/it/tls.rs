@@ -1,0 +1,256 @@
+//! TLS and mutual TLS on a real listener: protocol and suite policy (driven with
+//! `openssl s_client`), client-certificate verification (none, expired, another CA,
+//! revoked by CRL) and SIGHUP reload. The PKI comes from `scripts/make-test-ca`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arca::grpc::pb;
+use arca::grpc::pb::key_service_client::KeyServiceClient;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+struct TlsArca {
+    _dir: tempfile::TempDir,
+    pki: PathBuf,
+    data: PathBuf,
+    child: Child,
+    port: u16,
+    token: String,
+}
+
+impl Drop for TlsArca {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn make_pki(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-test-ca");
+    let out = Command::new(script).arg(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "make-test-ca: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn start() -> TlsArca {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    make_pki(&pki);
+    let data = dir.path().join("data");
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let out_path = dir.path().join("server.out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let p = |f: &str| pki.join(f);
+    let child = Command::new(crate::support::arca_bin())
+        .args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--tls-cert")
+        .arg(p("server.pem"))
+        .arg("--tls-key")
+        .arg(p("server.key"))
+        .arg("--tls-client-ca")
+        .arg(p("ca.pem"))
+        .arg("--tls-crl")
+        .arg(p("crl.pem"))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let port = loop {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if let Some(rest) = text.split("listening on https://127.0.0.1:").nth(1) {
+            break rest.lines().next().unwrap().trim().parse::<u16>().unwrap();
+        }
+        assert!(Instant::now() < deadline, "TLS server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let token = std::fs::read_to_string(data.join("dev-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    TlsArca {
+        _dir: dir,
+        pki,
+        data,
+        child,
+        port,
+        token,
+    }
+}
+
+impl TlsArca {
+    /// A KeyService call over TLS presenting `client` (a name in the PKI dir), or none.
+    async fn list_keys(&self, client: Option<&str>) -> Result<(), String> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                std::fs::read(self.pki.join("ca.pem")).unwrap(),
+            ))
+            .domain_name("localhost");
+        if let Some(name) = client {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(self.pki.join(format!("{name}.pem"))).unwrap(),
+                std::fs::read(self.pki.join(format!("{name}.key"))).unwrap(),
+            ));
+        }
+        let ch = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut c = KeyServiceClient::new(ch);
+        let mut req = tonic::Request::new(pb::ListKeysRequest::default());
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token).parse().unwrap(),
+        );
+        c.list_keys(req)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    /// Runs `openssl s_client` with `args` and a valid client certificate; returns the
+    /// negotiated cipher, or None when the handshake failed.
+    fn s_client(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("openssl")
+            .arg("s_client")
+            .arg("-connect")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(args)
+            .arg("-cert")
+            .arg(self.pki.join("client.pem"))
+            .arg("-key")
+            .arg(self.pki.join("client.key"))
+            .arg("-CAfile")
+            .arg(self.pki.join("ca.pem"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let cipher = text
+            .lines()
+            .find_map(|l| l.split("Cipher is ").nth(1))
+            .map(|c| c.trim().to_string())?;
+        (cipher != "(NONE)").then_some(cipher)
+    }
+}
+
+#[tokio::test]
+async fn protocol_and_suite_policy() {
+    let arca = start().await;
+    for refused in [
+        &["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"][..],
+        &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"],
+        &["-tls1_2", "-cipher", "AES128-SHA"], // RSA key exchange, CBC
+        &["-tls1_2", "-cipher", "AES256-GCM-SHA384"], // RSA key exchange: no forward secrecy
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"], // forward secret, but CBC
+    ] {
+        assert_eq!(arca.s_client(refused), None, "{refused:?} must be refused");
+    }
+    assert_eq!(
+        arca.s_client(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"])
+            .as_deref(),
+        Some("ECDHE-ECDSA-AES128-GCM-SHA256")
+    );
+    assert!(arca
+        .s_client(&["-tls1_3"])
+        .is_some_and(|c| c.starts_with("TLS_")));
+}
+
+#[tokio::test]
+async fn client_certificates_are_verified() {
+    let arca = start().await;
+    arca.list_keys(Some("client")).await.unwrap();
+    arca.list_keys(Some("client2")).await.unwrap();
+    for bad in [None, Some("expired"), Some("other"), Some("revoked")] {
+        assert!(
+            arca.list_keys(bad).await.is_err(),
+            "{bad:?} must be refused"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
+    let mut arca = start().await;
+    arca.list_keys(Some("client")).await.unwrap();
+    // Revoke `client` in a new CRL, then reload: new handshakes refuse it.
+    let pki = arca.pki.clone();
+    let ca = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .arg("ca")
+            .args([
+                "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key",
+            ])
+            .args(args)
+            .current_dir(&pki)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ca(&["-revoke", "client.pem"]);
+    ca(&["-gencrl", "-out", "crl.pem"]);
+    crate::support::signal(arca.child.id(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while arca.list_keys(Some("client")).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the reloaded CRL was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    arca.list_keys(Some("client2")).await.unwrap();
+    // A broken certificate file is refused on reload; the server keeps serving.
+    std::fs::write(pki.join("server.pem"), b"not a certificate").unwrap();
+    crate::support::signal(arca.child.id(), "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    arca.list_keys(Some("client2")).await.unwrap();
+    assert!(
+        arca.child.try_wait().unwrap().is_none(),
+        "server died on a bad reload"
+    );
+    let _ = &arca.data;
+}
+
+#[test]
+fn outside_dev_mode_mutual_tls_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    make_pki(&pki);
+    let run = |extra: &[&str]| {
+        Command::new(crate::support::arca_bin())
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS is required"));
+    let cert = pki.join("server.pem");
+    let key = pki.join("server.key");
+    let out = run(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mutual TLS is required"));
+}
