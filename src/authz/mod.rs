@@ -13,6 +13,8 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+pub mod cert;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

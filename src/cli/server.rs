@@ -512,6 +512,7 @@ fn dev_caller() -> crate::service::Caller {
             roles: vec!["admin".into()],
         }),
         request_id: "startup".into(),
+        peer_cert: None,
     }
 }
 

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tonic::body::Body;
 use tonic::server::NamedService;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower_service::Service;
 
 use super::request_id::RequestId;
@@ -80,9 +81,15 @@ where
             let token = bearer(&req);
             match svc.authenticate(token).await {
                 Ok(principal) => {
+                    let peer_cert = req
+                        .extensions()
+                        .get::<TlsConnectInfo<TcpConnectInfo>>()
+                        .and_then(|t| t.peer_certs())
+                        .and_then(|certs| certs.first().map(|c| Arc::<[u8]>::from(c.as_ref())));
                     req.extensions_mut().insert(Caller {
                         principal,
                         request_id,
+                        peer_cert,
                     });
                     inner.call(req).await
                 }

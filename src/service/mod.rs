@@ -135,6 +135,16 @@ pub struct Caller {
     pub principal: Arc<Principal>,
     /// The request id (also on the response as `x-request-id`).
     pub request_id: String,
+    /// The verified client certificate (DER) under mutual TLS.
+    pub peer_cert: Option<Arc<[u8]>>,
+}
+
+impl Caller {
+    /// The principal named by the client certificate (URI SAN, else DNS SAN, else CN),
+    /// parsed on demand.
+    pub fn cert_principal(&self) -> Option<String> {
+        crate::authz::cert::principal_from_der(self.peer_cert.as_deref()?)
+    }
 }
 
 /// A generated data key.

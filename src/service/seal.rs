@@ -530,6 +530,7 @@ mod tests {
                 roles: vec!["custodian".into()],
             }),
             request_id: "r".into(),
+            peer_cert: None,
         }
     }
 
@@ -613,6 +614,7 @@ mod tests {
                 roles: vec!["admin".into()],
             }),
             request_id: "r".into(),
+            peer_cert: None,
         };
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let so = || AuthPin::from("so".to_string());

@@ -254,3 +254,25 @@ fn outside_dev_mode_mutual_tls_is_required() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mutual TLS is required"));
 }
+
+#[test]
+fn certificate_principals() {
+    use rustls::pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let principal = |name: &str| {
+        let der = rustls::pki_types::CertificateDer::from_pem_file(dir.path().join(name)).unwrap();
+        arca::authz::cert::principal_from_der(der.as_ref())
+    };
+    // URI SAN first, else DNS SAN, else the subject CN.
+    assert_eq!(
+        principal("client.pem").as_deref(),
+        Some("spiffe://arca.test/svc/billing")
+    );
+    assert_eq!(principal("client2.pem").as_deref(), Some("ops.arca.test"));
+    assert_eq!(principal("other.pem").as_deref(), Some("intruder"));
+    assert_eq!(
+        arca::authz::cert::principal_from_der(b"not a certificate"),
+        None
+    );
+}
