@@ -4,7 +4,11 @@
 //! `{:?}` anywhere can print a data key; the crate implements a redacting `Debug` for them.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/arca/v1/keys.proto", "proto/arca/v1/quorum.proto"];
+    let protos = [
+        "proto/arca/v1/keys.proto",
+        "proto/arca/v1/quorum.proto",
+        "proto/arca/v1/access.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -18,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "arca.v1.InitRequest",
             "arca.v1.CustodianKit",
             "arca.v1.UnsealRequest",
+            "arca.v1.CreateTokenResponse",
         ])
         .compile_protos(&protos, &["proto"])?;
     Ok(())

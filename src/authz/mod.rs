@@ -45,6 +45,91 @@ pub struct Principal {
     pub method: AuthMethod,
     /// Roles granted to it.
     pub roles: Vec<String>,
+    /// Key-name globs its credential is scoped to; empty = no scope limit.
+    pub key_globs: Vec<String>,
+}
+
+impl Principal {
+    /// Whether the credential's scope covers the key `name`.
+    pub fn may_use_key(&self, name: &str) -> bool {
+        self.key_globs.is_empty() || self.key_globs.iter().any(|g| glob_match(g, name))
+    }
+}
+
+/// Where a request came from, as the transport saw it.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// Source address.
+    pub ip: Option<std::net::IpAddr>,
+    /// Verified client certificate (DER) under mutual TLS.
+    pub cert: Option<Arc<[u8]>>,
+}
+
+/// `*` matches any run of characters (including `/`); everything else is literal.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            pi += 1;
+            mark = ni;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// A network in CIDR notation (`10.0.0.0/8`, `::1/128`, or a bare address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/bits` or a bare address.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, bits) = match s.split_once('/') {
+            Some((a, b)) => (a, Some(b.parse::<u8>().ok()?)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = addr.parse().ok()?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        (bits <= max).then_some(Cidr { net, bits })
+    }
+
+    /// Whether `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Authentication failures.
@@ -62,8 +147,29 @@ pub enum AuthError {
 struct Verified {
     hash: TokenHash,
     expires_at: Option<i64>,
+    cidrs: Vec<Cidr>,
+    bound_principal: Option<String>,
     principal: Arc<Principal>,
     checked: Instant,
+}
+
+impl Verified {
+    /// Source-address and certificate-binding checks, on every request.
+    fn allows(&self, peer: &Peer) -> bool {
+        let from_ok = self.cidrs.is_empty()
+            || peer
+                .ip
+                .is_some_and(|ip| self.cidrs.iter().any(|c| c.contains(ip)));
+        let bound_ok = match &self.bound_principal {
+            None => true,
+            Some(want) => peer
+                .cert
+                .as_deref()
+                .and_then(cert::principal_from_der)
+                .is_some_and(|got| crate::secret::ct_eq(got.as_bytes(), want.as_bytes())),
+        };
+        from_ok && bound_ok
+    }
 }
 
 /// Verifies bearer tokens against the store, with a short cache.
@@ -83,10 +189,13 @@ impl Authenticator {
         }
     }
 
-    /// Authenticates a presented bearer token (`None` when the request had none).
+    /// Authenticates a presented bearer token (`None` when the request had none), from
+    /// `peer`. A token limited to networks or bound to a certificate principal works only
+    /// from there.
     pub async fn authenticate(
         &self,
         token: Option<BearerToken>,
+        peer: &Peer,
     ) -> Result<Arc<Principal>, AuthError> {
         let token = token.ok_or(AuthError::Unauthenticated)?;
         if !token.expose().starts_with(BearerToken::PREFIX) {
@@ -94,8 +203,8 @@ impl Authenticator {
         }
         let hash = token.hash();
         let now = self.clock.now_ms();
-        if let Some(p) = self.cached(&hash, now) {
-            return Ok(p);
+        if let Some(v) = self.cached(&hash, now, peer) {
+            return v;
         }
         let record = match self.store.token_by_hash(&hash).await {
             Ok(r) => r,
@@ -109,36 +218,119 @@ impl Authenticator {
         if record.expires_at.is_some_and(|exp| exp <= now) {
             return Err(AuthError::Unauthenticated);
         }
-        let principal = Arc::new(Principal {
-            name: record.principal,
-            method: AuthMethod::Token {
-                token_id: record.id,
-            },
-            roles: record.roles,
-        });
+        let verified = Verified {
+            hash,
+            expires_at: record.expires_at,
+            // A stored CIDR that does not parse matches nothing (fail closed).
+            cidrs: record
+                .cidrs
+                .iter()
+                .map(|c| {
+                    Cidr::parse(c).unwrap_or(Cidr {
+                        net: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                        bits: 255,
+                    })
+                })
+                .collect(),
+            bound_principal: record.bound_principal,
+            principal: Arc::new(Principal {
+                name: record.principal,
+                method: AuthMethod::Token {
+                    token_id: record.id,
+                },
+                roles: record.roles,
+                key_globs: record.key_globs,
+            }),
+            checked: Instant::now(),
+        };
+        let result = if verified.allows(peer) {
+            Ok(Arc::clone(&verified.principal))
+        } else {
+            Err(AuthError::Unauthenticated)
+        };
         if let Ok(mut c) = self.cache.lock() {
             if c.len() > 10_000 {
                 c.clear();
             }
-            c.insert(
-                hash.0,
-                Verified {
-                    hash,
-                    expires_at: record.expires_at,
-                    principal: Arc::clone(&principal),
-                    checked: Instant::now(),
-                },
-            );
+            c.insert(hash.0, verified);
         }
-        Ok(principal)
+        result
     }
 
-    fn cached(&self, hash: &TokenHash, now: i64) -> Option<Arc<Principal>> {
+    /// Drops a token from this node's cache (after revocation here, so it stops working
+    /// at once on this node; other nodes see it within [`TOKEN_CACHE_TTL`]).
+    pub fn forget_token(&self, token_id: &str) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.retain(|_, v| match &v.principal.method {
+                AuthMethod::Token { token_id: id } => id != token_id,
+            });
+        }
+    }
+
+    fn cached(
+        &self,
+        hash: &TokenHash,
+        now: i64,
+        peer: &Peer,
+    ) -> Option<Result<Arc<Principal>, AuthError>> {
         let c = self.cache.lock().ok()?;
         let v = c.get(&hash.0)?;
         let fresh = v.checked.elapsed() < TOKEN_CACHE_TTL
             && v.hash == *hash
             && v.expires_at.is_none_or(|exp| exp > now);
-        fresh.then(|| Arc::clone(&v.principal))
+        if !fresh {
+            return None;
+        }
+        Some(if v.allows(peer) {
+            Ok(Arc::clone(&v.principal))
+        } else {
+            Err(AuthError::Unauthenticated)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        for (p, n, ok) in [
+            ("billing/*", "billing/ssn", true),
+            ("billing/*", "billing/a/b", true),
+            ("billing/*", "patients/x", false),
+            ("billing/*", "billing", false),
+            ("*", "anything", true),
+            ("a*c", "abbbc", true),
+            ("a*c", "abbbd", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+        ] {
+            assert_eq!(glob_match(p, n), ok, "{p} ~ {n}");
+        }
+    }
+
+    #[test]
+    fn cidrs() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
+        let c = Cidr::parse("10.0.0.0/8");
+        assert!(c.is_some_and(
+            |c| c.contains(ip("10.1.2.3").unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()))
+        ));
+        assert!(c.is_some_and(
+            |c| !c.contains(ip("11.0.0.1").unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()))
+        ));
+        let l = Cidr::parse("127.0.0.1");
+        assert!(l.is_some_and(|c| c
+            .contains(ip("::ffff:127.0.0.1").unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()))));
+        assert!(Cidr::parse("::1/128").is_some_and(
+            |c| c.contains(ip("::1").unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()))
+        ));
+        assert!(Cidr::parse("0.0.0.0/0").is_some_and(
+            |c| c.contains(ip("8.8.8.8").unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()))
+        ));
+        for bad in ["10.0.0.0/33", "x", "::/129", ""] {
+            assert!(Cidr::parse(bad).is_none(), "{bad}");
+        }
     }
 }

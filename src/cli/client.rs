@@ -11,8 +11,11 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 use zeroize::Zeroizing;
 
-use super::{ClientOpts, Command, DatakeyCommand, KeyCommand, OperatorCommand, Output};
+use super::{
+    ClientOpts, Command, DatakeyCommand, KeyCommand, OperatorCommand, Output, TokenCommand,
+};
 use crate::grpc::pb;
+use crate::grpc::pb::access_service_client::AccessServiceClient;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
 use crate::grpc::pb::quorum_service_client::QuorumServiceClient;
 
@@ -48,6 +51,7 @@ fn call_error(s: tonic::Status) -> BoxError {
 struct Client {
     inner: KeyServiceClient<Channel>,
     quorum: QuorumServiceClient<Channel>,
+    access: AccessServiceClient<Channel>,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
     output: Output,
 }
@@ -97,7 +101,8 @@ impl Client {
         };
         Ok(Client {
             inner: KeyServiceClient::new(channel.clone()),
-            quorum: QuorumServiceClient::new(channel),
+            quorum: QuorumServiceClient::new(channel.clone()),
+            access: AccessServiceClient::new(channel),
             auth,
             output: opts.output,
         })
@@ -219,6 +224,7 @@ pub(super) async fn run(cmd: Command) -> Result<(), BoxError> {
         Command::Server(_) => Err("not a client command".into()),
         Command::Key(k) => run_key(k).await,
         Command::Operator(o) => run_operator(o).await,
+        Command::Token(t) => run_token(t).await,
         Command::Datakey(DatakeyCommand::Generate {
             name,
             context,
@@ -581,6 +587,106 @@ async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
                 .map_err(call_error)?
                 .into_inner();
             print_seal_status(c.output, &s);
+        }
+    }
+    Ok(())
+}
+
+async fn run_token(cmd: TokenCommand) -> Result<(), BoxError> {
+    match cmd {
+        TokenCommand::Create {
+            principal,
+            roles,
+            key_globs,
+            ttl,
+            cidrs,
+            bound_principal,
+            description,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .access
+                .create_token(c.req(pb::CreateTokenRequest {
+                    principal,
+                    roles,
+                    key_globs,
+                    ttl_seconds: ttl.unwrap_or(0),
+                    cidrs,
+                    bound_principal: bound_principal.unwrap_or_default(),
+                    description,
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            let token = Zeroizing::new(r.token);
+            match c.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"id": r.id, "token": token.as_str(), "expires_at": r.expires_at})
+                ),
+                Output::Human => {
+                    println!("id:      {}", r.id);
+                    println!("token:   {}  (shown once)", token.as_str());
+                    if !r.expires_at.is_empty() {
+                        println!("expires: {}", r.expires_at);
+                    }
+                }
+            }
+        }
+        TokenCommand::Revoke { id, opts } => {
+            let mut c = Client::connect(&opts).await?;
+            c.access
+                .revoke_token(c.req(pb::RevokeTokenRequest { id: id.clone() }))
+                .await
+                .map_err(call_error)?;
+            println!("revoked {id}");
+        }
+        TokenCommand::List { opts } => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .access
+                .list_tokens(c.req(pb::ListTokensRequest {}))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            match c.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"tokens": r.tokens.iter().map(|t| json!({
+                        "id": t.id, "principal": t.principal, "roles": t.roles,
+                        "key_globs": t.key_globs, "cidrs": t.cidrs,
+                        "bound_principal": t.bound_principal, "created_at": t.created_at,
+                        "expires_at": t.expires_at, "revoked_at": t.revoked_at,
+                    })).collect::<Vec<_>>()})
+                ),
+                Output::Human => {
+                    println!(
+                        "{:<22} {:<28} {:<20} {:<24} STATE",
+                        "ID", "PRINCIPAL", "ROLES", "KEYS"
+                    );
+                    for t in &r.tokens {
+                        let state = if !t.revoked_at.is_empty() {
+                            "revoked"
+                        } else if !t.expires_at.is_empty() {
+                            "expires"
+                        } else {
+                            "active"
+                        };
+                        println!(
+                            "{:<22} {:<28} {:<20} {:<24} {state}",
+                            t.id,
+                            t.principal,
+                            t.roles.join(","),
+                            if t.key_globs.is_empty() {
+                                "*".to_string()
+                            } else {
+                                t.key_globs.join(",")
+                            }
+                        );
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -42,9 +42,69 @@ enum Command {
     Unwrap(UnwrapArgs),
     /// Move a wrapped key (base64) to its key's primary version.
     Rewrap(UnwrapArgs),
+    /// Scoped bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Dual control: init, unseal, seal, status.
     #[command(subcommand)]
     Operator(OperatorCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a token (printed once).
+    Create {
+        /// Principal the token authenticates, e.g. svc:billing.
+        #[arg(long)]
+        principal: String,
+        /// Role (repeat).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Key-name glob the token is limited to, e.g. 'billing/*' (repeat).
+        #[arg(long = "key-glob")]
+        key_globs: Vec<String>,
+        /// Lifetime: 90s, 15m, 12h, 30d (default: no expiry).
+        #[arg(long, value_parser = parse_duration_secs)]
+        ttl: Option<u64>,
+        /// Source network allowed, e.g. 10.0.0.0/8 (repeat).
+        #[arg(long = "cidr")]
+        cidrs: Vec<String>,
+        /// Works only over mTLS with a client certificate naming this principal.
+        #[arg(long)]
+        bound_principal: Option<String>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Revoke a token by id (effective at once).
+    Revoke {
+        /// Token id (tok_…).
+        id: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// List tokens (never shows a token).
+    List {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+/// `90s`, `15m`, `12h`, `30d` or plain seconds.
+pub(crate) fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("bad duration unit in {s:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("duration {s:?} too large"))
 }
 
 #[derive(Subcommand)]

@@ -340,6 +340,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     });
     let svc = Arc::new(KeyService::new(
         store.clone(),
+        store.clone(),
         store,
         SealControl::new(
             opener,
@@ -510,9 +511,10 @@ fn dev_caller() -> crate::service::Caller {
                 token_id: "dev".into(),
             },
             roles: vec!["admin".into()],
+            key_globs: Vec::new(),
         }),
         request_id: "startup".into(),
-        peer_cert: None,
+        peer: crate::authz::Peer::default(),
     }
 }
 

@@ -15,6 +15,7 @@ use tower_service::Service;
 
 use super::request_id::RequestId;
 use super::status::to_status;
+use crate::authz::Peer;
 use crate::secret::BearerToken;
 use crate::service::{Caller, KeyService};
 
@@ -34,6 +35,27 @@ impl<S> Authenticated<S> {
 
 impl<S: NamedService> NamedService for Authenticated<S> {
     const NAME: &'static str = S::NAME;
+}
+
+/// The source address and (under mutual TLS) the verified client certificate.
+fn peer_of<B>(req: &Request<B>) -> Peer {
+    if let Some(tls) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
+        Peer {
+            ip: tls.get_ref().remote_addr().map(|a| a.ip()),
+            cert: tls
+                .peer_certs()
+                .and_then(|certs| certs.first().map(|c| Arc::<[u8]>::from(c.as_ref()))),
+        }
+    } else {
+        Peer {
+            ip: req
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(|t| t.remote_addr())
+                .map(|a| a.ip()),
+            cert: None,
+        }
+    }
 }
 
 /// The bearer token of a request, if it carries one in the `authorization` header.
@@ -79,17 +101,13 @@ where
                 .map(|r| r.0.clone())
                 .unwrap_or_default();
             let token = bearer(&req);
-            match svc.authenticate(token).await {
+            let peer = peer_of(&req);
+            match svc.authenticate(token, &peer).await {
                 Ok(principal) => {
-                    let peer_cert = req
-                        .extensions()
-                        .get::<TlsConnectInfo<TcpConnectInfo>>()
-                        .and_then(|t| t.peer_certs())
-                        .and_then(|certs| certs.first().map(|c| Arc::<[u8]>::from(c.as_ref())));
                     req.extensions_mut().insert(Caller {
                         principal,
                         request_id,
-                        peer_cert,
+                        peer,
                     });
                     inner.call(req).await
                 }

@@ -10,6 +10,7 @@
 //!
 //! Must not import: sqlx, cryptoki.
 
+pub mod access;
 pub mod auth;
 pub mod keys;
 pub mod quorum;
@@ -66,6 +67,15 @@ pub mod pb {
                 .field("share", &"[REDACTED]")
                 .field("token", &"[REDACTED]")
                 .field("totp_uri", &"[REDACTED]")
+                .finish()
+        }
+    }
+    impl std::fmt::Debug for CreateTokenResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("CreateTokenResponse")
+                .field("id", &self.id)
+                .field("token", &"[REDACTED]")
+                .field("expires_at", &self.expires_at)
                 .finish()
         }
     }
@@ -130,6 +140,11 @@ where
     ))
     .max_decoding_message_size(opts.max_message_bytes);
 
+    let access = pb::access_service_server::AccessServiceServer::new(access::AccessApi::new(
+        Arc::clone(&svc),
+    ))
+    .max_decoding_message_size(opts.max_message_bytes);
+
     let probe = tokio::spawn(health_loop(health, Arc::clone(&svc), opts.health_interval));
 
     let result = Server::builder()
@@ -141,6 +156,7 @@ where
         .add_service(health_svc)
         .add_service(auth::Authenticated::new(keys, Arc::clone(&svc)))
         .add_service(auth::Authenticated::new(quorum, Arc::clone(&svc)))
+        .add_service(auth::Authenticated::new(access, Arc::clone(&svc)))
         .add_service(auth::Authenticated::new(reflection, Arc::clone(&svc)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -21,6 +21,10 @@ use arca_hsm::{Hsm, HsmError, KeyAttributes, KeyKind, ObjectId, GCM_IV_LEN};
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
+mod meta;
+
+pub use meta::{META_KEY_ID, META_KEY_LABEL};
+
 use super::wrapped::check_plaintext_len;
 use super::{version_label, KeyId, KeysError, WrappedKey};
 use crate::secret::{Plaintext, DATA_KEY_LEN};

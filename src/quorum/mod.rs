@@ -19,7 +19,9 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+pub mod approvals;
 pub mod crypto;
+pub mod policy;
 pub mod shamir;
 pub mod totp;
 

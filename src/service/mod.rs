@@ -15,8 +15,10 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+mod access;
 mod seal;
 
+pub use access::{NewToken, TokenInfo};
 pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
 
 use std::collections::HashMap;
@@ -30,7 +32,7 @@ use crate::keys::{
     WrappedKey,
 };
 use crate::secret::{BearerToken, Plaintext};
-use crate::store::{NewKey, QuorumStore, Store, StoreError, TokenRecord};
+use crate::store::{NewKey, QuorumStore, Store, StoreError, TokenRecord, TokenStore};
 
 pub use crate::store::{KeyRecord, VersionRecord};
 
@@ -135,15 +137,15 @@ pub struct Caller {
     pub principal: Arc<Principal>,
     /// The request id (also on the response as `x-request-id`).
     pub request_id: String,
-    /// The verified client certificate (DER) under mutual TLS.
-    pub peer_cert: Option<Arc<[u8]>>,
+    /// Where the request came from (address, verified client certificate).
+    pub peer: crate::authz::Peer,
 }
 
 impl Caller {
     /// The principal named by the client certificate (URI SAN, else DNS SAN, else CN),
     /// parsed on demand.
     pub fn cert_principal(&self) -> Option<String> {
-        crate::authz::cert::principal_from_der(self.peer_cert.as_deref()?)
+        crate::authz::cert::principal_from_der(self.peer.cert.as_deref()?)
     }
 }
 
@@ -204,6 +206,7 @@ impl Default for ServiceConfig {
 pub struct KeyService {
     store: Arc<dyn Store>,
     quorum: Arc<dyn QuorumStore>,
+    tokens: Arc<dyn TokenStore>,
     /// `None` while sealed.
     engine: RwLock<Option<Arc<KeyEngine>>>,
     seal: SealControl,
@@ -223,6 +226,7 @@ impl KeyService {
     pub fn new(
         store: Arc<dyn Store>,
         quorum: Arc<dyn QuorumStore>,
+        tokens: Arc<dyn TokenStore>,
         seal: SealControl,
         clock: Arc<dyn Clock>,
         cfg: ServiceConfig,
@@ -231,6 +235,7 @@ impl KeyService {
             auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock)),
             store,
             quorum,
+            tokens,
             engine: RwLock::new(None),
             seal,
             clock,
@@ -257,8 +262,12 @@ impl KeyService {
     }
 
     /// Authenticates a presented bearer token.
-    pub async fn authenticate(&self, token: Option<BearerToken>) -> Result<Arc<Principal>> {
-        Ok(self.auth.authenticate(token).await?)
+    pub async fn authenticate(
+        &self,
+        token: Option<BearerToken>,
+        peer: &crate::authz::Peer,
+    ) -> Result<Arc<Principal>> {
+        Ok(self.auth.authenticate(token, peer).await?)
     }
 
     /// Mints a bearer token for `principal` with `roles`, stores its hash, and returns it
@@ -283,6 +292,10 @@ impl KeyService {
                 created_at: self.clock.now_ms(),
                 expires_at,
                 revoked_at: None,
+                key_globs: Vec::new(),
+                cidrs: Vec::new(),
+                bound_principal: None,
+                description: String::new(),
             })
             .await?;
         Ok(token)
@@ -310,6 +323,10 @@ impl KeyService {
                         created_at: self.clock.now_ms(),
                         expires_at: None,
                         revoked_at: None,
+                        key_globs: Vec::new(),
+                        cidrs: Vec::new(),
+                        bound_principal: None,
+                        description: String::new(),
                     })
                     .await?;
                 Ok(())
@@ -321,12 +338,13 @@ impl KeyService {
     /// Creates a key and its version 1 in the HSM.
     pub async fn create_key(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         name: &str,
         description: &str,
     ) -> Result<KeyRecord> {
         self.engine()?;
         let name = KeyName::parse(name)?;
+        scope(caller, &name)?;
         if description.len() > 1024 {
             return Err(ServiceError::InvalidArgument(
                 "description longer than 1024 bytes",
@@ -362,16 +380,17 @@ impl KeyService {
     }
 
     /// The key named `name`.
-    pub async fn get_key(&self, _caller: &Caller, name: &str) -> Result<KeyRecord> {
+    pub async fn get_key(&self, caller: &Caller, name: &str) -> Result<KeyRecord> {
         self.engine()?;
         let name = KeyName::parse(name)?;
+        scope(caller, &name)?;
         Ok(self.store.key_by_name(&name).await?)
     }
 
     /// A page of keys by name; the token is the last name of the previous page.
     pub async fn list_keys(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<KeyRecord>, String)> {
@@ -385,13 +404,13 @@ impl KeyService {
         } else {
             Some(decode_page_token(page_token)?)
         };
-        let keys = self.store.list_keys(after.as_deref(), size).await?;
-        let next = if keys.len() == size as usize {
-            keys.last()
-                .map(|k| encode_page_token(k.name.as_str()))
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let mut keys = self.store.list_keys(after.as_deref(), size).await?;
+        let keys_full = keys.len() == size as usize;
+        let last = keys.last().map(|k| k.name.to_string());
+        keys.retain(|k| caller.principal.may_use_key(k.name.as_str()));
+        let next = match last {
+            Some(last) if keys_full => encode_page_token(&last),
+            _ => String::new(),
         };
         Ok((keys, next))
     }
@@ -399,12 +418,12 @@ impl KeyService {
     /// Generates a data key under the key's primary version.
     pub async fn generate_data_key(
         self: &Arc<Self>,
-        _caller: &Caller,
+        caller: &Caller,
         key_name: &str,
         context: &EncryptionContext,
         without_plaintext: bool,
     ) -> Result<DataKey> {
-        let (key, version, object) = self.primary_for_wrap(key_name).await?;
+        let (key, version, object) = self.primary_for_wrap(caller, key_name).await?;
         let ctx = canonical_context(context)?;
         self.take_wrap(key.id, version).await?;
         let (plaintext, wrapped) = self
@@ -422,7 +441,7 @@ impl KeyService {
     /// Wraps caller-supplied key material under the key's primary version.
     pub async fn wrap_key(
         self: &Arc<Self>,
-        _caller: &Caller,
+        caller: &Caller,
         key_name: &str,
         plaintext: Plaintext,
         context: &EncryptionContext,
@@ -430,7 +449,7 @@ impl KeyService {
         if !(16..=64).contains(&plaintext.len()) {
             return Err(KeysError::InvalidPlaintextLength.into());
         }
-        let (key, version, object) = self.primary_for_wrap(key_name).await?;
+        let (key, version, object) = self.primary_for_wrap(caller, key_name).await?;
         let ctx = canonical_context(context)?;
         self.take_wrap(key.id, version).await?;
         let wrapped = self
@@ -447,12 +466,12 @@ impl KeyService {
     /// Unwraps a wrapped key.
     pub async fn unwrap_key(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> Result<Unwrapped> {
         let ctx = canonical_context(context)?;
-        let (key, blob, object) = self.version_for_unwrap(wrapped).await?;
+        let (key, blob, object) = self.version_for_unwrap(caller, wrapped).await?;
         let version = blob.version;
         let plaintext = self.engine()?.unwrap(blob, object, ctx).await?;
         Ok(Unwrapped {
@@ -465,13 +484,13 @@ impl KeyService {
     /// Moves a wrapped key to its key's primary version, inside the server.
     pub async fn rewrap_key(
         self: &Arc<Self>,
-        _caller: &Caller,
+        caller: &Caller,
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> Result<Wrapped> {
         let ctx = canonical_context(context)?;
-        let (key, blob, from_object) = self.version_for_unwrap(wrapped).await?;
-        let (_, to_version, to_object) = self.primary_for_wrap(key.name.as_str()).await?;
+        let (key, blob, from_object) = self.version_for_unwrap(caller, wrapped).await?;
+        let (_, to_version, to_object) = self.primary_for_wrap(caller, key.name.as_str()).await?;
         self.take_wrap(key.id, to_version).await?;
         let rewrapped = self
             .engine()?
@@ -485,9 +504,10 @@ impl KeyService {
     }
 
     /// Adds a new version in the HSM and makes it primary.
-    pub async fn rotate_key(&self, _caller: &Caller, name: &str) -> Result<AdminOutcome> {
+    pub async fn rotate_key(&self, caller: &Caller, name: &str) -> Result<AdminOutcome> {
         self.engine()?;
         let name = KeyName::parse(name)?;
+        scope(caller, &name)?;
         // Local rotations queue here; rotations on other nodes lose the version number
         // race in the database and retry.
         let _serial = self.rotations.lock().await;
@@ -550,13 +570,14 @@ impl KeyService {
 
     async fn set_state(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         name: &str,
         version: u32,
         to: VersionState,
     ) -> Result<AdminOutcome> {
         self.engine()?;
         let name = KeyName::parse(name)?;
+        scope(caller, &name)?;
         let key = self.store.key_by_name(&name).await?;
         let current = key
             .version(version)
@@ -589,9 +610,11 @@ impl KeyService {
     /// The key, its primary version and that version's HSM object, if it may wrap.
     async fn primary_for_wrap(
         &self,
+        caller: &Caller,
         name: &str,
     ) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
         let name = KeyName::parse(name)?;
+        scope(caller, &name)?;
         let key = self.cache.by_name(&name, self.store.as_ref()).await?;
         let v = key
             .version(key.primary_version)
@@ -608,6 +631,7 @@ impl KeyService {
     /// Parses a wrapped key and finds its version, if it may unwrap.
     async fn version_for_unwrap(
         &self,
+        caller: &Caller,
         wrapped: &[u8],
     ) -> Result<(Arc<KeyRecord>, WrappedKey, arca_hsm::ObjectId)> {
         let blob = WrappedKey::parse(wrapped)?;
@@ -616,6 +640,8 @@ impl KeyService {
             Err(ServiceError::NotFound(_)) => return Err(ServiceError::InvalidWrappedKey),
             Err(e) => return Err(e),
         };
+        // Scope first: a caller learns nothing about versions of keys it may not use.
+        scope(caller, &key.name)?;
         let v = key
             .version(blob.version)
             .ok_or(ServiceError::InvalidWrappedKey)?;
@@ -761,6 +787,16 @@ impl KeyCache {
         self.put(rec);
         self.fresh(&id)
             .ok_or(ServiceError::Internal("key cache".into()))
+    }
+}
+
+/// The caller's credential must cover the key (`PERMISSION_DENIED` otherwise, checked
+/// before any lookup so existence never leaks).
+fn scope(caller: &Caller, name: &KeyName) -> Result<()> {
+    if caller.principal.may_use_key(name.as_str()) {
+        Ok(())
+    } else {
+        Err(ServiceError::PermissionDenied)
     }
 }
 

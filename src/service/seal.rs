@@ -295,6 +295,10 @@ impl KeyService {
                 created_at: now,
                 expires_at: None,
                 revoked_at: None,
+                key_globs: Vec::new(),
+                cidrs: Vec::new(),
+                bound_principal: None,
+                description: String::new(),
             });
             kits.push(CustodianKit {
                 name: name.clone(),
@@ -513,6 +517,7 @@ mod tests {
         let svc = KeyService::new(
             store.clone(),
             store.clone(),
+            store.clone(),
             SealControl::new(opener, setter, EngineConfig::default()),
             clock,
             ServiceConfig::default(),
@@ -528,9 +533,10 @@ mod tests {
                     token_id: "t".into(),
                 },
                 roles: vec!["custodian".into()],
+                key_globs: Vec::new(),
             }),
             request_id: "r".into(),
-            peer_cert: None,
+            peer: crate::authz::Peer::default(),
         }
     }
 
@@ -612,9 +618,10 @@ mod tests {
                     token_id: "t".into(),
                 },
                 roles: vec!["admin".into()],
+                key_globs: Vec::new(),
             }),
             request_id: "r".into(),
-            peer_cert: None,
+            peer: crate::authz::Peer::default(),
         };
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let so = || AuthPin::from("so".to_string());

@@ -16,11 +16,17 @@
 //!
 //! Must not import: tonic, prost, cryptoki. The only module that uses sqlx.
 
+mod approvals;
 mod quorum;
 mod sql;
+mod tokens;
 
+pub use approvals::{
+    ApprovalEntry, ApprovalRecord, ApprovalStore, NewRequest, RequestResult, SealedShare,
+};
 pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use sql::{Backend, SqlStore};
+pub use tokens::TokenStore;
 
 use arca_hsm::ObjectId;
 
@@ -131,6 +137,14 @@ pub struct TokenRecord {
     pub created_at: i64,
     /// Unix ms; `None` = no expiry.
     pub expires_at: Option<i64>,
+    /// Key-name globs the token may touch; empty = every key its roles allow.
+    pub key_globs: Vec<String>,
+    /// Source networks it may be used from; empty = anywhere.
+    pub cidrs: Vec<String>,
+    /// Certificate principal it only works with (over mutual TLS).
+    pub bound_principal: Option<String>,
+    /// Free text.
+    pub description: String,
     /// Unix ms when revoked.
     pub revoked_at: Option<i64>,
 }

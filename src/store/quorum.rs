@@ -64,9 +64,10 @@ pub struct Failure<'a> {
     pub lock_until: i64,
 }
 
-/// Storage of dual-control state.
+/// Storage of dual-control state; approval requests of quorum operations come with it
+/// ([`super::ApprovalStore`]).
 #[async_trait::async_trait]
-pub trait QuorumStore: Send + Sync + 'static {
+pub trait QuorumStore: super::ApprovalStore + Send + Sync + 'static {
     /// The configuration, if the quorum was initialised.
     async fn quorum_config(&self) -> Result<Option<QuorumConfig>>;
 
@@ -167,20 +168,7 @@ impl QuorumStore for SqlStore {
             .map_err(classify)?;
         }
         for t in tokens {
-            sqlx::query(
-                "INSERT INTO tokens (id, token_hash, principal, roles, created_at, expires_at, revoked_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(t.id.clone())
-            .bind(t.hash.to_hex())
-            .bind(t.principal.clone())
-            .bind(t.roles.join(","))
-            .bind(t.created_at)
-            .bind(t.expires_at)
-            .bind(t.revoked_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+            super::tokens::insert_token_in(&mut *tx, t).await?;
         }
         tx.commit().await.map_err(classify)?;
         Ok(())

@@ -39,10 +39,14 @@ pub enum Backend {
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/sqlite/0001_keys.sql")),
     (2, include_str!("migrations/sqlite/0002_quorum.sql")),
+    (3, include_str!("migrations/sqlite/0003_approvals.sql")),
+    (4, include_str!("migrations/sqlite/0004_token_scopes.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
     (2, include_str!("migrations/postgres/0002_quorum.sql")),
+    (3, include_str!("migrations/postgres/0003_approvals.sql")),
+    (4, include_str!("migrations/postgres/0004_token_scopes.sql")),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"
@@ -176,7 +180,7 @@ impl SqlStore {
         Ok(())
     }
 
-    async fn load_key<'e, E>(&self, exec: E, by: KeyLookup<'_>) -> Result<KeyRecord>
+    pub(super) async fn load_key<'e, E>(&self, exec: E, by: KeyLookup<'_>) -> Result<KeyRecord>
     where
         E: sqlx::Executor<'e, Database = sqlx::Any>,
     {
@@ -232,7 +236,7 @@ fn postgres_settings(
     })
 }
 
-enum KeyLookup<'a> {
+pub(super) enum KeyLookup<'a> {
     Name(&'a KeyName),
     Id(&'a KeyId),
 }
@@ -307,26 +311,6 @@ fn object_id_from_hex(s: &str) -> Result<ObjectId> {
     let mut id = [0u8; 16];
     hex::decode_to_slice(s, &mut id).map_err(|_| StoreError::Corrupt("hsm id"))?;
     Ok(ObjectId(id))
-}
-
-pub(super) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
-    let mut hash = [0u8; 32];
-    hex::decode_to_slice(get::<String>(row, "token_hash")?, &mut hash)
-        .map_err(|_| StoreError::Corrupt("token hash"))?;
-    let roles: String = get(row, "roles")?;
-    Ok(TokenRecord {
-        id: get(row, "id")?,
-        hash: TokenHash(hash),
-        principal: get(row, "principal")?,
-        roles: roles
-            .split(',')
-            .filter(|r| !r.is_empty())
-            .map(str::to_string)
-            .collect(),
-        created_at: get(row, "created_at")?,
-        expires_at: get(row, "expires_at")?,
-        revoked_at: get(row, "revoked_at")?,
-    })
 }
 
 /// Classifies a sqlx error once, by type and SQLSTATE (never by message text).
@@ -539,34 +523,21 @@ impl Store for SqlStore {
     }
 
     async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tokens (id, token_hash, principal, roles, created_at, expires_at, revoked_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(token.id.clone())
-        .bind(token.hash.to_hex())
-        .bind(token.principal.clone())
-        .bind(token.roles.join(","))
-        .bind(token.created_at)
-        .bind(token.expires_at)
-        .bind(token.revoked_at)
-        .execute(&self.writer)
-        .await
-        .map_err(classify)?;
-        Ok(())
+        super::tokens::insert_token_in(&self.writer, token).await
     }
 
     async fn token_by_hash(&self, hash: &TokenHash) -> Result<TokenRecord> {
-        let row = sqlx::query(
-            "SELECT id, token_hash, principal, roles, created_at, expires_at, revoked_at \
-             FROM tokens WHERE token_hash = $1",
-        )
-        .bind(hash.to_hex())
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(classify)?
-        .ok_or(StoreError::NotFound)?;
-        token_from_row(&row)
+        let sql = format!(
+            "SELECT {} FROM tokens WHERE token_hash = $1",
+            super::tokens::TOKEN_COLUMNS
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(hash.to_hex())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(classify)?
+            .ok_or(StoreError::NotFound)?;
+        super::tokens::token_from_row(&row)
     }
 
     async fn ping(&self) -> Result<()> {
@@ -1017,6 +988,10 @@ mod tests {
             created_at: 1,
             expires_at: Some(2),
             revoked_at: None,
+            key_globs: Vec::new(),
+            cidrs: Vec::new(),
+            bound_principal: None,
+            description: String::new(),
         };
         s.insert_token(&rec).await.unwrap();
         let got = s.token_by_hash(&t.hash()).await.unwrap();

@@ -28,4 +28,5 @@ mod secrets_at_rest;
 mod shutdown;
 mod tamper;
 mod tls;
+mod tokens;
 mod validation;

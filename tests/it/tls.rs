@@ -87,6 +87,23 @@ async fn start() -> TlsArca {
 impl TlsArca {
     /// A KeyService call over TLS presenting `client` (a name in the PKI dir), or none.
     async fn list_keys(&self, client: Option<&str>) -> Result<(), String> {
+        self.list_keys_as(client, &self.token).await
+    }
+
+    /// The same with another bearer token.
+    async fn list_keys_as(&self, client: Option<&str>, token: &str) -> Result<(), String> {
+        let ch = self.channel(client).await?;
+        let mut c = KeyServiceClient::new(ch);
+        let mut req = tonic::Request::new(pb::ListKeysRequest::default());
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        c.list_keys(req)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    async fn channel(&self, client: Option<&str>) -> Result<tonic::transport::Channel, String> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
                 std::fs::read(self.pki.join("ca.pem")).unwrap(),
@@ -98,7 +115,7 @@ impl TlsArca {
                 std::fs::read(self.pki.join(format!("{name}.key"))).unwrap(),
             ));
         }
-        let ch = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
             .unwrap()
             .tls_config(tls)
             .unwrap()
@@ -106,17 +123,7 @@ impl TlsArca {
             .timeout(Duration::from_secs(10))
             .connect()
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut c = KeyServiceClient::new(ch);
-        let mut req = tonic::Request::new(pb::ListKeysRequest::default());
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.token).parse().unwrap(),
-        );
-        c.list_keys(req)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e:?}"))
+            .map_err(|e| format!("connect: {e}"))
     }
 
     /// Runs `openssl s_client` with `args` and a valid client certificate; returns the
@@ -275,4 +282,27 @@ fn certificate_principals() {
         arca::authz::cert::principal_from_der(b"not a certificate"),
         None
     );
+}
+
+#[tokio::test]
+async fn a_bound_token_works_only_with_its_certificate() {
+    let arca = start().await;
+    let ch = arca.channel(Some("client")).await.unwrap();
+    let mut access = arca::grpc::pb::access_service_client::AccessServiceClient::new(ch);
+    let mut req = tonic::Request::new(pb::CreateTokenRequest {
+        principal: "svc:billing".into(),
+        bound_principal: "spiffe://arca.test/svc/billing".into(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", arca.token).parse().unwrap(),
+    );
+    let bound = access.create_token(req).await.unwrap().into_inner().token;
+    arca.list_keys_as(Some("client"), &bound).await.unwrap();
+    let e = arca
+        .list_keys_as(Some("client2"), &bound)
+        .await
+        .unwrap_err();
+    assert!(e.contains("Unauthenticated"), "{e}");
 }

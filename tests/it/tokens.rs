@@ -1,0 +1,266 @@
+//! Scoped tokens (DESIGN §5): key-name globs, expiry, immediate revocation, source
+//! networks, admin-only administration, hashes only at rest, and existence never leaking
+//! through a scope refusal.
+
+use std::time::Duration;
+
+use arca::grpc::pb;
+use arca::grpc::pb::access_service_client::AccessServiceClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::support::{ctx, TestArca};
+
+async fn access(arca: &TestArca) -> AccessServiceClient<Channel> {
+    AccessServiceClient::new(arca.channel().await)
+}
+
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+async fn create(arca: &TestArca, req: pb::CreateTokenRequest) -> pb::CreateTokenResponse {
+    access(arca)
+        .await
+        .create_token(authed(arca.token(), req))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn create_key(arca: &TestArca, token: &str, name: &str) -> Result<(), tonic::Status> {
+    arca.client_with_header(Some(&format!("Bearer {token}")))
+        .await
+        .create_key(pb::CreateKeyRequest {
+            name: name.into(),
+            description: String::new(),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn key_globs_scope_a_token_and_hide_existence() {
+    let arca = TestArca::start().await;
+    create_key(&arca, arca.token(), "patients/records")
+        .await
+        .unwrap();
+    let mut admin = arca.client().await;
+    let patients_blob = admin
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_name: "patients/records".into(),
+            context: ctx(&[]),
+            without_plaintext: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .wrapped_key;
+
+    let t = create(
+        &arca,
+        pb::CreateTokenRequest {
+            principal: "svc:billing".into(),
+            roles: vec!["service".into()],
+            key_globs: vec!["billing/*".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(t.token.starts_with("arca_"));
+    create_key(&arca, &t.token, "billing/ssn").await.unwrap();
+    let mut c = arca
+        .client_with_header(Some(&format!("Bearer {}", t.token)))
+        .await;
+    c.generate_data_key(pb::GenerateDataKeyRequest {
+        key_name: "billing/ssn".into(),
+        context: ctx(&[]),
+        without_plaintext: false,
+    })
+    .await
+    .unwrap();
+
+    // A key outside the scope: refused the same way whether it exists or not.
+    let existing = c
+        .get_key(pb::GetKeyRequest {
+            name: "patients/records".into(),
+        })
+        .await
+        .unwrap_err();
+    let missing = c
+        .get_key(pb::GetKeyRequest {
+            name: "patients/nothing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(existing.code(), Code::PermissionDenied);
+    assert_eq!(
+        (existing.code(), existing.message()),
+        (missing.code(), missing.message())
+    );
+    let e = c
+        .unwrap_key(pb::UnwrapKeyRequest {
+            wrapped_key: patients_blob,
+            context: ctx(&[]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(
+        create_key(&arca, &t.token, "patients/new")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let names: Vec<String> = c
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(names, ["billing/ssn"]);
+
+    // Only an admin administers tokens.
+    let e = access(&arca)
+        .await
+        .create_token(authed(
+            &t.token,
+            pb::CreateTokenRequest {
+                principal: "x".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // The database holds hashes, never tokens.
+    for f in ["arca.db", "arca.db-wal"] {
+        if let Ok(bytes) = std::fs::read(arca.data_dir().join(f)) {
+            assert!(
+                !bytes
+                    .windows(t.token.len())
+                    .any(|w| w == t.token.as_bytes()),
+                "token in {f}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn expiry_revocation_and_source_networks() {
+    let arca = TestArca::start().await;
+    let short = create(
+        &arca,
+        pb::CreateTokenRequest {
+            principal: "svc:a".into(),
+            ttl_seconds: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!short.expires_at.is_empty());
+    create_key(&arca, &short.token, "a1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        create_key(&arca, &short.token, "a2")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    let t = create(
+        &arca,
+        pb::CreateTokenRequest {
+            principal: "svc:b".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    create_key(&arca, &t.token, "b1").await.unwrap();
+    access(&arca)
+        .await
+        .revoke_token(authed(
+            arca.token(),
+            pb::RevokeTokenRequest { id: t.id.clone() },
+        ))
+        .await
+        .unwrap();
+    // At once, not after a cache expiry.
+    assert_eq!(
+        create_key(&arca, &t.token, "b2").await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let e = access(&arca)
+        .await
+        .revoke_token(authed(
+            arca.token(),
+            pb::RevokeTokenRequest { id: t.id.clone() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    let far = create(
+        &arca,
+        pb::CreateTokenRequest {
+            principal: "svc:c".into(),
+            cidrs: vec!["10.0.0.0/8".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        create_key(&arca, &far.token, "c1")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let near = create(
+        &arca,
+        pb::CreateTokenRequest {
+            principal: "svc:d".into(),
+            cidrs: vec!["127.0.0.0/8".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    create_key(&arca, &near.token, "d1").await.unwrap();
+
+    let e = access(&arca)
+        .await
+        .create_token(authed(
+            arca.token(),
+            pb::CreateTokenRequest {
+                principal: "svc:e".into(),
+                cidrs: vec!["not-a-cidr".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let listed = access(&arca)
+        .await
+        .list_tokens(authed(arca.token(), pb::ListTokensRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let revoked = listed.iter().find(|x| x.id == t.id).unwrap();
+    assert!(!revoked.revoked_at.is_empty());
+    assert!(
+        !format!("{listed:?}").contains("arca_"),
+        "a token appears in ListTokens"
+    );
+}
