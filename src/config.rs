@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub wrap_reservation: u64,
     /// Request limits.
     pub serve: crate::grpc::ServeOptions,
+    /// Per-principal rate limit.
+    pub rate_limit: Option<crate::authz::ratelimit::Limit>,
+    /// Which operations wait for K-of-N approval (`policies/quorum.toml`).
+    pub quorum_policy: crate::quorum::policy::QuorumPolicy,
     /// How dev mode reaches an unsealed service.
     pub dev_quorum: DevQuorum,
     /// TLS files (required outside dev mode, with a client CA).

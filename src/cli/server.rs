@@ -99,6 +99,17 @@ pub(super) struct ServerArgs {
     /// Certificate revocation list(s) (PEM) for client certificates.
     #[arg(long, requires = "tls_client_ca")]
     tls_crl: Option<PathBuf>,
+    /// Requests per second allowed to each principal (token bucket; 0 = unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    rate_limit: f64,
+    /// Burst of the per-principal bucket (default: one second's worth).
+    #[arg(long)]
+    rate_burst: Option<f64>,
+    /// Quorum policy (which operations wait for K-of-N approval; request lifetime).
+    /// Default: policies/quorum.toml in the working directory if it exists, else the
+    /// built-in copy of the shipped file.
+    #[arg(long, value_name = "PATH")]
+    quorum_policy: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -264,9 +275,23 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         },
         wrap_reservation: args.wrap_reservation.max(1),
         serve: ServeOptions::default(),
+        rate_limit: rate_limit(args),
+        quorum_policy: quorum_policy(args)?,
         dev_quorum,
         tls,
     })))
+}
+
+/// The quorum policy, read and validated once (a bad file stops the start).
+fn quorum_policy(args: &ServerArgs) -> Result<crate::quorum::policy::QuorumPolicy, BoxError> {
+    Ok(crate::quorum::policy::QuorumPolicy::resolve(args.quorum_policy.as_deref())?.0)
+}
+
+fn rate_limit(args: &ServerArgs) -> Option<crate::authz::ratelimit::Limit> {
+    (args.rate_limit > 0.0).then(|| crate::authz::ratelimit::Limit {
+        per_second: args.rate_limit,
+        burst: args.rate_burst.unwrap_or(args.rate_limit).max(1.0),
+    })
 }
 
 /// Outside dev mode: mutual TLS is required, there are no PIN files and no auto-unseal;
@@ -307,6 +332,8 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
         data_dir,
         wrap_reservation: args.wrap_reservation.max(1),
         serve: ServeOptions::default(),
+        rate_limit: rate_limit(args),
+        quorum_policy: quorum_policy(args)?,
         dev_quorum: DevQuorum::Sealed,
         tls: Some(tls),
     })))
@@ -354,6 +381,14 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         Arc::new(SystemClock),
         ServiceConfig {
             wrap_reservation: cfg.wrap_reservation,
+            rate_limit: cfg.rate_limit,
+            // A real quorum (custodians): quorum operations wait for approval. Dev
+            // mode's 1-of-1 (and a plain PIN file) runs them at once.
+            quorum_gates: matches!(
+                cfg.dev_quorum,
+                DevQuorum::Custodians { .. } | DevQuorum::Sealed
+            ),
+            quorum_policy: cfg.quorum_policy.clone(),
         },
     ));
 

@@ -17,9 +17,18 @@ pub fn to_status(err: ServiceError, request_id: &str) -> Status {
         ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
         ServiceError::Unavailable(_) => Code::Unavailable,
         ServiceError::Aborted(_) => Code::Aborted,
+        ServiceError::RateLimited(_) => Code::ResourceExhausted,
         ServiceError::Internal(_) => Code::Internal,
     };
     match err {
+        ServiceError::RateLimited(wait) => {
+            let mut s = Status::new(code, "rate limit exceeded");
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            if let Ok(v) = secs.max(1).to_string().parse() {
+                s.metadata_mut().insert("retry-after", v);
+            }
+            s
+        }
         ServiceError::Internal(source) => {
             tracing::error!(request_id, error = %source, source = ?source.source(), "internal error");
             Status::new(code, format!("internal error (request id {request_id})"))

@@ -16,9 +16,11 @@
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
 mod access;
+mod approvals;
 mod seal;
 
 pub use access::{NewToken, TokenInfo};
+pub use approvals::{MAX_REASON_BYTES, MAX_REQUEST_PAGE};
 pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
 
 use std::collections::HashMap;
@@ -34,7 +36,10 @@ use crate::keys::{
 use crate::secret::{BearerToken, Plaintext};
 use crate::store::{NewKey, QuorumStore, Store, StoreError, TokenRecord, TokenStore};
 
-pub use crate::store::{KeyRecord, VersionRecord};
+pub use crate::store::{ApprovalEntry, ApprovalRecord, KeyRecord, RequestResult, VersionRecord};
+
+use crate::quorum::approvals::Operation;
+use approvals::{key_params, Commit};
 
 /// How long key metadata is trusted without asking the store again.
 pub const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
@@ -76,6 +81,9 @@ pub enum ServiceError {
     /// which, since the custodian needs to know.
     #[error("{0}")]
     Rejected(&'static str),
+    /// The caller is over its rate limit; retry after this long.
+    #[error("rate limit exceeded")]
+    RateLimited(std::time::Duration),
     /// A race lost (e.g. concurrent rotations); retry.
     #[error("{0}")]
     Aborted(&'static str),
@@ -185,6 +193,8 @@ pub struct Unwrapped {
 pub enum AdminOutcome {
     /// The operation ran; the key as it is now.
     Done(KeyRecord),
+    /// The operation waits for K-of-N approval: the request made for it.
+    Pending(ApprovalRecord),
 }
 
 /// Tuning of the service.
@@ -192,12 +202,23 @@ pub enum AdminOutcome {
 pub struct ServiceConfig {
     /// Wraps reserved in the store at a time.
     pub wrap_reservation: u64,
+    /// Per-principal request rate limit (`None`: unlimited).
+    pub rate_limit: Option<crate::authz::ratelimit::Limit>,
+    /// Whether operations the quorum policy lists wait for K-of-N approval: true with a
+    /// real quorum (`--custodians`, production), false in dev mode's 1-of-1, where they
+    /// run at once.
+    pub quorum_gates: bool,
+    /// Which operations need approval, and how long requests live.
+    pub quorum_policy: crate::quorum::policy::QuorumPolicy,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
         ServiceConfig {
             wrap_reservation: DEFAULT_WRAP_RESERVATION,
+            rate_limit: None,
+            quorum_gates: false,
+            quorum_policy: crate::quorum::policy::QuorumPolicy::default(),
         }
     }
 }
@@ -212,6 +233,7 @@ pub struct KeyService {
     seal: SealControl,
     clock: Arc<dyn Clock>,
     auth: Authenticator,
+    limiter: crate::authz::ratelimit::RateLimiter,
     cache: KeyCache,
     budgets: Mutex<HashMap<(KeyId, u32), WrapBudget>>,
     refill: tokio::sync::Mutex<()>,
@@ -233,6 +255,7 @@ impl KeyService {
     ) -> Self {
         KeyService {
             auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock)),
+            limiter: crate::authz::ratelimit::RateLimiter::new(cfg.rate_limit),
             store,
             quorum,
             tokens,
@@ -267,7 +290,11 @@ impl KeyService {
         token: Option<BearerToken>,
         peer: &crate::authz::Peer,
     ) -> Result<Arc<Principal>> {
-        Ok(self.auth.authenticate(token, peer).await?)
+        let principal = self.auth.authenticate(token, peer).await?;
+        self.limiter
+            .check(&principal.name, Instant::now())
+            .map_err(ServiceError::RateLimited)?;
+        Ok(principal)
     }
 
     /// Mints a bearer token for `principal` with `roles`, stores its hash, and returns it
@@ -508,11 +535,28 @@ impl KeyService {
         self.engine()?;
         let name = KeyName::parse(name)?;
         scope(caller, &name)?;
+        if self.needs_quorum(Operation::RotateKey) {
+            // Refused now rather than after K approvals: the key must exist.
+            self.store.key_by_name(&name).await?;
+            let params = key_params(&name, None);
+            let req = self
+                .open_request(caller, Operation::RotateKey, params)
+                .await?;
+            return Ok(AdminOutcome::Pending(req));
+        }
+        Ok(AdminOutcome::Done(
+            self.rotate(&name, Commit::Direct).await?,
+        ))
+    }
+
+    /// Adds the next version in the HSM and makes it primary, committed as `commit` says
+    /// (on its own, or with the completion of the approval request that ordered it).
+    async fn rotate(&self, name: &KeyName, commit: Commit<'_>) -> Result<KeyRecord> {
         // Local rotations queue here; rotations on other nodes lose the version number
         // race in the database and retry.
         let _serial = self.rotations.lock().await;
         for _attempt in 0..5 {
-            let key = self.store.key_by_name(&name).await?;
+            let key = self.store.key_by_name(name).await?;
             let next = key
                 .versions
                 .last()
@@ -523,14 +567,19 @@ impl KeyService {
                     "key has too many versions",
                 ))?;
             let object = self.engine()?.create_version_object(key.id, next).await?;
-            match self
-                .store
-                .add_version(&key.id, next, &object, self.clock.now_ms())
-                .await
-            {
+            let now = self.clock.now_ms();
+            let stored = match commit {
+                Commit::Direct => self.store.add_version(&key.id, next, &object, now).await,
+                Commit::Approved(id, approved) => {
+                    self.quorum
+                        .complete_add_version(id, approved, &key.id, next, &object, now)
+                        .await
+                }
+            };
+            match stored {
                 Ok(rec) => {
                     tracing::info!(key = %rec.name, version = next, "key rotated");
-                    return Ok(AdminOutcome::Done(self.cache.put(rec)));
+                    return Ok(self.cache.put(rec));
                 }
                 Err(e) => {
                     if let Err(de) = self.engine()?.destroy_object(object).await {
@@ -578,33 +627,65 @@ impl KeyService {
         self.engine()?;
         let name = KeyName::parse(name)?;
         scope(caller, &name)?;
-        let key = self.store.key_by_name(&name).await?;
+        let op = match to {
+            VersionState::Enabled => Operation::EnableKeyVersion,
+            _ => Operation::DisableKeyVersion,
+        };
+        if self.needs_quorum(op) {
+            // Checked now, so that no request is made for a change that cannot happen.
+            let key = self.store.key_by_name(&name).await?;
+            let current = key
+                .version(version)
+                .ok_or(ServiceError::NotFound("key version not found"))?;
+            if current.state == to {
+                return Ok(AdminOutcome::Done(key));
+            }
+            transition_sources(current.state, to)?;
+            let req = self
+                .open_request(caller, op, key_params(&name, Some(version)))
+                .await?;
+            return Ok(AdminOutcome::Pending(req));
+        }
+        Ok(AdminOutcome::Done(
+            self.change_state(&name, version, to, Commit::Direct)
+                .await?,
+        ))
+    }
+
+    /// Moves a version to `to`, committed as `commit` says. Already in `to`: nothing
+    /// changes (an approved request still completes).
+    async fn change_state(
+        &self,
+        name: &KeyName,
+        version: u32,
+        to: VersionState,
+        commit: Commit<'_>,
+    ) -> Result<KeyRecord> {
+        let key = self.store.key_by_name(name).await?;
         let current = key
             .version(version)
             .ok_or(ServiceError::NotFound("key version not found"))?;
-        if current.state == to {
-            return Ok(AdminOutcome::Done(key));
-        }
-        // Enabling is only the reverse of disabling; a version scheduled for destruction
-        // must have its retirement cancelled first.
-        let from: &[VersionState] = match to {
-            VersionState::Enabled => &[VersionState::Disabled],
-            VersionState::Disabled => &[VersionState::Enabled],
-            _ => VersionState::sources_of(to),
+        let from = if current.state == to {
+            &[][..]
+        } else {
+            transition_sources(current.state, to)?
         };
-        if !from.contains(&current.state) {
-            return Err(ServiceError::FailedPrecondition(match current.state {
-                VersionState::Destroyed => "key version destroyed",
-                VersionState::ScheduledForDestruction => "key version is scheduled for destruction",
-                _ => "illegal key version state transition",
-            }));
-        }
-        let rec = self
-            .store
-            .set_version_state(&key.id, version, from, to, self.clock.now_ms())
-            .await?;
+        let now = self.clock.now_ms();
+        let rec = match commit {
+            Commit::Direct if current.state == to => return Ok(key),
+            Commit::Direct => {
+                self.store
+                    .set_version_state(&key.id, version, from, to, now)
+                    .await?
+            }
+            Commit::Approved(id, approved) => {
+                self.quorum
+                    .complete_set_version_state(id, approved, &key.id, version, from, to, now)
+                    .await?
+            }
+        };
         tracing::info!(key = %rec.name, version, state = to.as_str(), "key version state changed");
-        Ok(AdminOutcome::Done(self.cache.put(rec)))
+        Ok(self.cache.put(rec))
     }
 
     /// The key, its primary version and that version's HSM object, if it may wrap.
@@ -726,6 +807,26 @@ impl KeyService {
             }
         }
         Ok(result?)
+    }
+}
+
+/// The states a version may enter `to` from, if `current` is one of them. Enabling is
+/// only the reverse of disabling; a version scheduled for destruction must have its
+/// retirement cancelled first.
+fn transition_sources(current: VersionState, to: VersionState) -> Result<&'static [VersionState]> {
+    let from: &'static [VersionState] = match to {
+        VersionState::Enabled => &[VersionState::Disabled],
+        VersionState::Disabled => &[VersionState::Enabled],
+        _ => VersionState::sources_of(to),
+    };
+    if from.contains(&current) {
+        Ok(from)
+    } else {
+        Err(ServiceError::FailedPrecondition(match current {
+            VersionState::Destroyed => "key version destroyed",
+            VersionState::ScheduledForDestruction => "key version is scheduled for destruction",
+            _ => "illegal key version state transition",
+        }))
     }
 }
 

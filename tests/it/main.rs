@@ -15,6 +15,7 @@
 mod support;
 
 mod access;
+mod approvals;
 mod cli;
 mod cluster;
 mod database;
@@ -24,6 +25,7 @@ mod lifecycle;
 mod load;
 mod outage;
 mod quorum;
+mod ratelimit;
 mod secrets_at_rest;
 mod shutdown;
 mod tamper;
