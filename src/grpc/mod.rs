@@ -87,6 +87,16 @@ pub mod pb {
                 .finish()
         }
     }
+    impl std::fmt::Debug for ApproveRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ApproveRequest")
+                .field("id", &self.id)
+                .field("digest", &self.digest)
+                .field("share", &"[REDACTED]")
+                .field("totp", &"[REDACTED]")
+                .finish()
+        }
+    }
 }
 
 /// Limits applied to every connection.
@@ -149,6 +159,7 @@ where
 
     let result = Server::builder()
         .max_concurrent_streams(opts.max_concurrent_streams)
+        .http2_max_header_list_size(Some(16 * 1024))
         .timeout(opts.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -22,6 +22,7 @@ mod database;
 mod datakeys;
 mod hsm_objects;
 mod lifecycle;
+mod limits;
 mod load;
 mod outage;
 mod quorum;
