@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/arca/v1/keys.proto",
         "proto/arca/v1/quorum.proto",
+        "proto/arca/v1/types.proto",
         "proto/arca/v1/access.proto",
     ];
     for p in &protos {
@@ -22,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "arca.v1.InitRequest",
             "arca.v1.CustodianKit",
             "arca.v1.UnsealRequest",
+            "arca.v1.ApproveRequest",
             "arca.v1.CreateTokenResponse",
         ])
         .compile_protos(&protos, &["proto"])?;

@@ -19,6 +19,10 @@ use crate::grpc::pb::access_service_client::AccessServiceClient;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
 use crate::grpc::pb::quorum_service_client::QuorumServiceClient;
 
+mod requests;
+
+pub(super) use requests::{ApproveArgs, RejectArgs, RequestCommand};
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A failed call, shown as `CODE: message (request id …)`.
@@ -190,17 +194,7 @@ fn print_key(output: Output, k: &pb::Key) {
 fn print_admin(output: Output, r: &pb::AdminResponse) {
     match (&r.key, &r.approval_request) {
         (Some(k), _) => print_key(output, k),
-        (None, Some(a)) => match output {
-            Output::Json => println!(
-                "{}",
-                json!({"approval_request": {"id": a.id, "operation": a.operation, "digest": a.digest, "state": a.state, "expires_at": a.expires_at}})
-            ),
-            Output::Human => {
-                println!("approval required: request {} ({})", a.id, a.operation);
-                println!("digest:  {}", a.digest);
-                println!("expires: {}", a.expires_at);
-            }
-        },
+        (None, Some(a)) => requests::print_created(output, a),
         (None, None) => println!("done"),
     }
 }
@@ -225,6 +219,9 @@ pub(super) async fn run(cmd: Command) -> Result<(), BoxError> {
         Command::Key(k) => run_key(k).await,
         Command::Operator(o) => run_operator(o).await,
         Command::Token(t) => run_token(t).await,
+        Command::Request(r) => requests::run_request(r).await,
+        Command::Approve(a) => requests::run_approve(a).await,
+        Command::Reject(a) => requests::run_reject(a).await,
         Command::Datakey(DatakeyCommand::Generate {
             name,
             context,

@@ -48,6 +48,13 @@ enum Command {
     /// Dual control: init, unseal, seal, status.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Approval requests of quorum operations: list, show.
+    #[command(subcommand)]
+    Request(client::RequestCommand),
+    /// Approve a request as a custodian (digest reviewed, share, TOTP code).
+    Approve(client::ApproveArgs),
+    /// Reject (cancel) a pending request, as a custodian or its requester.
+    Reject(client::RejectArgs),
 }
 
 #[derive(Subcommand)]

@@ -342,6 +342,7 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
 async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     let store = Arc::new(open_store(&cfg.database).await?);
     tracing::info!(database = %cfg.database, backend = ?store.backend(), "database open");
+    tracing::info!(policy = %cfg.quorum_policy, "quorum policy");
 
     let (module, label, sessions, copies) = (
         cfg.hsm.module.clone(),

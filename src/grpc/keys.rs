@@ -46,7 +46,7 @@ fn state_to_pb(s: VersionState) -> pb::KeyVersionState {
     }
 }
 
-fn key_to_pb(k: &KeyRecord) -> pb::Key {
+pub(super) fn key_to_pb(k: &KeyRecord) -> pb::Key {
     pb::Key {
         name: k.name.to_string(),
         id: k.id.to_string(),
@@ -73,6 +73,10 @@ fn admin_to_pb(o: AdminOutcome) -> pb::AdminResponse {
         AdminOutcome::Done(k) => pb::AdminResponse {
             key: Some(key_to_pb(&k)),
             approval_request: None,
+        },
+        AdminOutcome::Pending(r) => pb::AdminResponse {
+            key: None,
+            approval_request: Some(super::quorum::request_to_pb(&r)),
         },
     }
 }

@@ -1,4 +1,5 @@
-//! `arca.v1.QuorumService`: proto ↔ domain conversion around the seal use cases.
+//! `arca.v1.QuorumService`: proto ↔ domain conversion around the seal and approval
+//! use cases.
 
 use std::sync::Arc;
 
@@ -7,7 +8,8 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use super::status::to_status;
-use crate::service::{Caller, KeyService, SealStatus};
+use crate::clock::rfc3339;
+use crate::service::{ApprovalRecord, Caller, KeyService, RequestResult, SealStatus};
 
 /// Smallest K outside dev mode (DESIGN §2: 2 ≤ K).
 const MIN_THRESHOLD: u8 = 2;
@@ -38,6 +40,35 @@ fn status_to_pb(s: SealStatus) -> pb::SealStatusResponse {
         threshold: s.threshold,
         shares: s.shares,
         progress: s.progress,
+    }
+}
+
+/// An approval request on the wire (no share is part of a record).
+pub(super) fn request_to_pb(r: &ApprovalRecord) -> pb::ApprovalRequest {
+    pb::ApprovalRequest {
+        id: r.id.clone(),
+        operation: r.operation.as_str().to_string(),
+        parameters: r.parameters.clone().into_iter().collect(),
+        digest: r.digest.clone(),
+        requester: r.requester.clone(),
+        approvals: r
+            .approvals
+            .iter()
+            .map(|a| pb::Approval {
+                custodian: a.custodian.clone(),
+                approved_at: rfc3339(a.approved_at),
+            })
+            .collect(),
+        threshold: u32::from(r.threshold),
+        state: r.state.as_str().to_string(),
+        expires_at: rfc3339(r.expires_at),
+        result: r.result.as_ref().map(|res| match res {
+            RequestResult::Key(k) => super::keys::key_to_pb(k),
+        }),
+        rejected_by: r.decided_by.clone().unwrap_or_default(),
+        reason: r.reason.clone().unwrap_or_default(),
+        created_at: rfc3339(r.created_at),
+        decided_at: r.decided_at.map(rfc3339).unwrap_or_default(),
     }
 }
 
@@ -114,5 +145,65 @@ impl pb::quorum_service_server::QuorumService for QuorumApi {
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(status_to_pb(s)))
+    }
+
+    async fn list_requests(
+        &self,
+        req: Request<pb::ListRequestsRequest>,
+    ) -> Result<Response<pb::ListRequestsResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let (recs, next) = self
+            .svc
+            .list_requests(&c, &r.state, r.page_size, &r.page_token)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::ListRequestsResponse {
+            requests: recs.iter().map(request_to_pb).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn get_request(
+        &self,
+        req: Request<pb::GetRequestRequest>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let c = caller(&req)?;
+        let r = self
+            .svc
+            .get_request(&c, &req.get_ref().id)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(request_to_pb(&r)))
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let c = caller(&req)?;
+        let mut r = req.into_inner();
+        let share = zeroize::Zeroizing::new(std::mem::take(&mut r.share));
+        let totp = zeroize::Zeroizing::new(std::mem::take(&mut r.totp));
+        let rec = self
+            .svc
+            .approve(&c, &r.id, &r.digest, &share, &totp)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(request_to_pb(&rec)))
+    }
+
+    async fn reject(
+        &self,
+        req: Request<pb::RejectRequest>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let rec = self
+            .svc
+            .reject(&c, &r.id, &r.reason)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(request_to_pb(&rec)))
     }
 }

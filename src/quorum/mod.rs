@@ -11,6 +11,10 @@
 //! custodian's own share, so it can be checked while the service is sealed (the HSM is
 //! locked then) and a stolen database reveals no second factor.
 //!
+//! Quorum operations ([`approvals`], [`policy`]): the operations `policies/quorum.toml`
+//! lists wait for K custodians to approve a request's digest; the K shares rebuild S,
+//! which is checked against the verifier into a [`approvals::QuorumApproved`] proof.
+//!
 //! Invariants:
 //! - The Shamir library is never given duplicate x-coordinates or fewer shares than the
 //!   threshold (it would return a wrong secret without error); [`shamir::combine`] refuses

@@ -68,6 +68,15 @@ impl KeyService {
                 "invalid principal or role name",
             ));
         }
+        // Custodian identities are issued only by the init ceremony: an admin must not be
+        // able to mint one (the identity half of dual control).
+        if t.principal.starts_with(super::seal::CUSTODIAN_PREFIX)
+            || t.roles.iter().any(|r| r == "custodian")
+        {
+            return Err(ServiceError::InvalidArgument(
+                "custodian identities come only from the init ceremony",
+            ));
+        }
         if t.key_globs.iter().any(|g| !valid_glob(g)) {
             return Err(ServiceError::InvalidArgument(
                 "key globs are 1-128 of [a-z0-9_/-] and *",

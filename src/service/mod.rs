@@ -194,7 +194,7 @@ pub enum AdminOutcome {
     /// The operation ran; the key as it is now.
     Done(KeyRecord),
     /// The operation waits for K-of-N approval: the request made for it.
-    Pending(ApprovalRecord),
+    Pending(Box<ApprovalRecord>),
 }
 
 /// Tuning of the service.
@@ -242,7 +242,6 @@ pub struct KeyService {
 }
 
 impl KeyService {
-    /// Wires the service.
     /// Wires the service, sealed: [`KeyService::unseal`] (or, in dev mode,
     /// [`KeyService::unseal_with_shares`] / [`KeyService::open_with_pin`]) opens the HSM.
     pub fn new(
@@ -542,7 +541,7 @@ impl KeyService {
             let req = self
                 .open_request(caller, Operation::RotateKey, params)
                 .await?;
-            return Ok(AdminOutcome::Pending(req));
+            return Ok(AdminOutcome::Pending(Box::new(req)));
         }
         Ok(AdminOutcome::Done(
             self.rotate(&name, Commit::Direct).await?,
@@ -644,7 +643,7 @@ impl KeyService {
             let req = self
                 .open_request(caller, op, key_params(&name, Some(version)))
                 .await?;
-            return Ok(AdminOutcome::Pending(req));
+            return Ok(AdminOutcome::Pending(Box::new(req)));
         }
         Ok(AdminOutcome::Done(
             self.change_state(&name, version, to, Commit::Direct)

@@ -114,7 +114,7 @@ fn quorum_err(e: QuorumError) -> ServiceError {
 }
 
 /// The custodian name of a caller, if it is a custodian identity.
-fn custodian_name(caller: &Caller) -> Result<&str> {
+pub(super) fn custodian_name(caller: &Caller) -> Result<&str> {
     caller
         .principal
         .name
@@ -367,7 +367,7 @@ impl KeyService {
 
     /// Checks a custodian's share and TOTP code (lock-out, commitment, replay), counting
     /// failures. Returns the share.
-    async fn check_custodian(
+    pub(super) async fn check_custodian(
         &self,
         name: &str,
         cfg: &QuorumConfig,
@@ -474,6 +474,8 @@ impl KeyService {
         if let Ok(mut slot) = self.engine.write() {
             *slot = Some(Arc::new(engine));
         }
+        // The system key, and approved requests a crash left unrun (approvals.rs).
+        self.after_unseal().await;
         Ok(())
     }
 

@@ -25,7 +25,7 @@ use sqlx::Row;
 use super::sql::{classify, get, KeyLookup, SqlStore};
 use super::{KeyRecord, Result, StoreError, VersionRecord};
 use crate::keys::{KeyId, KeyName, VersionState};
-use crate::quorum::approvals::{Operation, Parameters, RequestState, Standing};
+use crate::quorum::approvals::{Operation, Parameters, QuorumApproved, RequestState, Standing};
 
 /// A request to store.
 #[derive(Clone, Debug)]
@@ -177,11 +177,13 @@ pub trait ApprovalStore: Send + Sync + 'static {
     async fn ready_requests(&self) -> Result<Vec<String>>;
 
     /// In one transaction: adds version `version` of `key` (as [`super::Store::add_version`])
-    /// and marks request `id` `EXECUTED` with the key as result, wiping its shares.
+    /// and marks request `id` `EXECUTED` with the key as result, wiping its shares. Takes
+    /// the proof that K approvals rebuilt the quorum secret.
     /// `StateConflict` if the request is not pending with K approvals (nothing changes).
     async fn complete_add_version(
         &self,
         id: &str,
+        approved: &QuorumApproved,
         key: &KeyId,
         version: u32,
         hsm_id: &ObjectId,
@@ -195,6 +197,7 @@ pub trait ApprovalStore: Send + Sync + 'static {
     async fn complete_set_version_state(
         &self,
         id: &str,
+        approved: &QuorumApproved,
         key: &KeyId,
         version: u32,
         from: &[VersionState],
@@ -643,6 +646,7 @@ impl ApprovalStore for SqlStore {
     async fn complete_add_version(
         &self,
         id: &str,
+        _approved: &QuorumApproved,
         key: &KeyId,
         version: u32,
         hsm_id: &ObjectId,
@@ -695,9 +699,11 @@ impl ApprovalStore for SqlStore {
         Ok(rec)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn complete_set_version_state(
         &self,
         id: &str,
+        _approved: &QuorumApproved,
         key: &KeyId,
         version: u32,
         from: &[VersionState],
@@ -763,6 +769,8 @@ impl ApprovalStore for SqlStore {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::sync::Arc;
+
     use super::*;
     use crate::quorum::approvals::digest;
     use crate::store::{NewKey, Store};
@@ -770,13 +778,134 @@ mod tests {
     const T0: i64 = 1_800_000_000_000;
     const TTL: i64 = 60_000;
 
-    async fn open() -> (tempfile::TempDir, SqlStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqlStore::open_sqlite(&dir.path().join("a.db"))
-            .await
-            .unwrap();
-        (dir, s)
+    /// A real proof, from a 1-of-1 split.
+    fn proof() -> QuorumApproved {
+        use crate::quorum::{approvals::verify_quorum, crypto, shamir};
+        let s = crate::secret::QuorumSecret::from_slice(&[1; 32]).unwrap();
+        let shares = shamir::split(&s, 1, 1).unwrap();
+        verify_quorum(&[&shares[0]], 1, &crypto::verifier(&s)).unwrap()
     }
+
+    /// Where a case's database lives: a SQLite file in a temporary directory, or a fresh
+    /// database on the PostgreSQL server at `ARCA_TEST_POSTGRES_URL` (dropped after the
+    /// case). Without that variable the PostgreSQL cases print a SKIP line and pass,
+    /// unless `ARCA_REQUIRE_POSTGRES=1`.
+    enum Db {
+        Sqlite(tempfile::TempDir),
+        Postgres {
+            admin: String,
+            url: String,
+            name: String,
+        },
+    }
+
+    impl Db {
+        async fn postgres(test: &str) -> Option<Db> {
+            use sqlx::Connection;
+            let admin = match std::env::var("ARCA_TEST_POSTGRES_URL") {
+                Ok(u) if !u.is_empty() => u,
+                _ => {
+                    assert!(
+                        std::env::var("ARCA_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                        "ARCA_REQUIRE_POSTGRES=1 but ARCA_TEST_POSTGRES_URL is not set"
+                    );
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "SKIP {test}: ARCA_TEST_POSTGRES_URL is not set"
+                    );
+                    return None;
+                }
+            };
+            let mut raw = [0u8; 8];
+            getrandom::fill(&mut raw).unwrap();
+            let name = format!("arca_ta_{}", hex::encode(raw));
+            sqlx::any::install_default_drivers();
+            let mut conn = sqlx::AnyConnection::connect(&admin).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let _ = conn.close().await;
+            let (base, query) = match admin.split_once('?') {
+                Some((b, q)) => (b, format!("?{q}")),
+                None => (admin.as_str(), String::new()),
+            };
+            let (scheme, rest) = base.split_once("://").unwrap();
+            let authority = rest.split('/').next().unwrap_or_default();
+            let url = format!("{scheme}://{authority}/{name}{query}");
+            Some(Db::Postgres { admin, url, name })
+        }
+
+        async fn open(&self) -> SqlStore {
+            match self {
+                Db::Sqlite(dir) => SqlStore::open_sqlite(&dir.path().join("a.db")).await,
+                Db::Postgres { url, .. } => SqlStore::open_postgres(url).await,
+            }
+            .unwrap()
+        }
+
+        async fn remove(self) {
+            use sqlx::Connection;
+            if let Db::Postgres { admin, name, .. } = self {
+                if let Ok(mut conn) = sqlx::AnyConnection::connect(&admin).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                    let _ = conn.close().await;
+                }
+            }
+        }
+    }
+
+    /// Runs a case in a task (so a failing case still removes its database).
+    async fn run<F, Fut>(db: Db, case: F)
+    where
+        F: FnOnce(Arc<Db>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let db = Arc::new(db);
+        let outcome = tokio::spawn(case(Arc::clone(&db))).await;
+        if let Ok(db) = Arc::try_unwrap(db) {
+            db.remove().await;
+        }
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    /// Each case as `case::sqlite` and `case::postgres`.
+    macro_rules! on_both_backends {
+        ($($case:ident),* $(,)?) => {$(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let db = super::Db::Sqlite(tempfile::tempdir().unwrap());
+                    super::run(db, super::$case).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let test = concat!(module_path!(), "::postgres");
+                    if let Some(db) = super::Db::postgres(test).await {
+                        super::run(db, super::$case).await;
+                    }
+                }
+            }
+        )*};
+    }
+
+    on_both_backends!(
+        approvals_count_once_and_only_while_open,
+        completion_runs_once_records_the_result_and_wipes_the_shares,
+        a_failed_effect_leaves_the_request_pending,
+        rejection_and_expiry_decide_and_wipe,
+        lists_newest_first_by_page_and_state,
+        two_nodes_complete_at_once_and_one_wins,
+        two_custodians_take_the_last_place_at_once_and_one_gets_it,
+    );
 
     async fn key(s: &SqlStore, name: &str, n: u8) -> KeyRecord {
         s.create_key(&NewKey {
@@ -813,9 +942,8 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn approvals_count_once_and_only_while_open() {
-        let (_d, s) = open().await;
+    async fn approvals_count_once_and_only_while_open(db: Arc<Db>) {
+        let s = db.open().await;
         let r = request(&s, "req_1", Operation::RotateKey, &rotate_params("a")).await;
         assert_eq!(r.state, RequestState::Pending);
         assert_eq!(r.parameters, rotate_params("a"));
@@ -855,27 +983,26 @@ mod tests {
         assert!(matches!(s.request("nope").await, Err(StoreError::NotFound)));
     }
 
-    #[tokio::test]
-    async fn completion_runs_once_records_the_result_and_wipes_the_shares() {
-        let (_d, s) = open().await;
+    async fn completion_runs_once_records_the_result_and_wipes_the_shares(db: Arc<Db>) {
+        let s = db.open().await;
         let k = key(&s, "a", 1).await;
         request(&s, "req_1", Operation::RotateKey, &rotate_params("a")).await;
         s.add_approval("req_1", "c1", b"x", T0 + 1).await.unwrap();
         // Short of K: nothing runs.
         assert!(matches!(
-            s.complete_add_version("req_1", &k.id, 2, &ObjectId([9; 16]), T0 + 2)
+            s.complete_add_version("req_1", &proof(), &k.id, 2, &ObjectId([9; 16]), T0 + 2)
                 .await,
             Err(StoreError::StateConflict { current: "PENDING" })
         ));
         s.add_approval("req_1", "c2", b"y", T0 + 2).await.unwrap();
         let rec = s
-            .complete_add_version("req_1", &k.id, 2, &ObjectId([9; 16]), T0 + 3)
+            .complete_add_version("req_1", &proof(), &k.id, 2, &ObjectId([9; 16]), T0 + 3)
             .await
             .unwrap();
         assert_eq!(rec.primary_version, 2);
         // The second completion changes nothing: the version stays single.
         assert!(matches!(
-            s.complete_add_version("req_1", &k.id, 3, &ObjectId([8; 16]), T0 + 4)
+            s.complete_add_version("req_1", &proof(), &k.id, 3, &ObjectId([8; 16]), T0 + 4)
                 .await,
             Err(StoreError::StateConflict {
                 current: "EXECUTED"
@@ -920,16 +1047,15 @@ mod tests {
         .is_err());
     }
 
-    #[tokio::test]
-    async fn a_failed_effect_leaves_the_request_pending() {
-        let (_d, s) = open().await;
+    async fn a_failed_effect_leaves_the_request_pending(db: Arc<Db>) {
+        let s = db.open().await;
         let k = key(&s, "a", 1).await;
         request(&s, "req_1", Operation::RotateKey, &rotate_params("a")).await;
         s.add_approval("req_1", "c1", b"x", T0 + 1).await.unwrap();
         s.add_approval("req_1", "c2", b"y", T0 + 2).await.unwrap();
         // A version number another rotation took: the whole transaction rolls back.
         assert!(matches!(
-            s.complete_add_version("req_1", &k.id, 5, &ObjectId([9; 16]), T0 + 3)
+            s.complete_add_version("req_1", &proof(), &k.id, 5, &ObjectId([9; 16]), T0 + 3)
                 .await,
             Err(StoreError::AlreadyExists)
         ));
@@ -947,6 +1073,7 @@ mod tests {
         assert!(matches!(
             s.complete_set_version_state(
                 "req_2",
+                &proof(),
                 &k.id,
                 1,
                 &[VersionState::Disabled],
@@ -963,6 +1090,7 @@ mod tests {
         let rec = s
             .complete_set_version_state(
                 "req_2",
+                &proof(),
                 &k.id,
                 1,
                 &[VersionState::Enabled],
@@ -978,9 +1106,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn rejection_and_expiry_decide_and_wipe() {
-        let (_d, s) = open().await;
+    async fn rejection_and_expiry_decide_and_wipe(db: Arc<Db>) {
+        let s = db.open().await;
         request(&s, "req_1", Operation::RotateKey, &rotate_params("a")).await;
         request(&s, "req_2", Operation::RotateKey, &rotate_params("b")).await;
         s.add_approval("req_1", "c1", b"x", T0 + 1).await.unwrap();
@@ -1023,9 +1150,8 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn lists_newest_first_by_page_and_state() {
-        let (_d, s) = open().await;
+    async fn lists_newest_first_by_page_and_state(db: Arc<Db>) {
+        let s = db.open().await;
         for i in 0..5 {
             let d = digest(Operation::RotateKey, &rotate_params("a"));
             s.create_request(&NewRequest {
@@ -1063,5 +1189,71 @@ mod tests {
             .unwrap();
         assert_eq!(rejected.len(), 1);
         assert_eq!(rejected[0].id, "req_1");
+    }
+
+    async fn two_nodes_complete_at_once_and_one_wins(db: Arc<Db>) {
+        let a = Arc::new(db.open().await);
+        let b = Arc::new(db.open().await);
+        for round in 0..8u8 {
+            let k = key(&a, &format!("k{round}"), 100 + round).await;
+            let id = format!("req_{round}");
+            request(&a, &id, Operation::RotateKey, &rotate_params("k")).await;
+            a.add_approval(&id, "c1", b"x", T0 + 1).await.unwrap();
+            a.add_approval(&id, "c2", b"y", T0 + 2).await.unwrap();
+            let race = |s: Arc<SqlStore>, obj: u8| {
+                let (id, key) = (id.clone(), k.id);
+                tokio::spawn(async move {
+                    s.complete_add_version(&id, &proof(), &key, 2, &ObjectId([obj; 16]), T0 + 3)
+                        .await
+                })
+            };
+            let (ra, rb) = tokio::join!(
+                race(Arc::clone(&a), round),
+                race(Arc::clone(&b), 200 - round)
+            );
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert_eq!(
+                [&ra, &rb].iter().filter(|r| r.is_ok()).count(),
+                1,
+                "round {round}: {ra:?} / {rb:?}"
+            );
+            for r in [&ra, &rb] {
+                if let Err(e) = r {
+                    assert!(
+                        matches!(
+                            e,
+                            StoreError::StateConflict {
+                                current: "EXECUTED"
+                            } | StoreError::AlreadyExists
+                        ),
+                        "round {round}: loser got {e:?}"
+                    );
+                }
+            }
+            assert_eq!(b.key_by_id(&k.id).await.unwrap().versions.len(), 2);
+            assert_eq!(b.request(&id).await.unwrap().state, RequestState::Executed);
+        }
+    }
+
+    async fn two_custodians_take_the_last_place_at_once_and_one_gets_it(db: Arc<Db>) {
+        let a = Arc::new(db.open().await);
+        let b = Arc::new(db.open().await);
+        for round in 0..8u8 {
+            let id = format!("req_{round}");
+            request(&a, &id, Operation::RotateKey, &rotate_params("k")).await;
+            a.add_approval(&id, "c1", b"x", T0 + 1).await.unwrap();
+            let add = |s: Arc<SqlStore>, who: &'static str| {
+                let id = id.clone();
+                tokio::spawn(async move { s.add_approval(&id, who, b"z", T0 + 2).await })
+            };
+            let (ra, rb) = tokio::join!(add(Arc::clone(&a), "c2"), add(Arc::clone(&b), "c3"));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert_eq!(
+                [&ra, &rb].iter().filter(|r| r.is_ok()).count(),
+                1,
+                "round {round}: {ra:?} / {rb:?}"
+            );
+            assert_eq!(b.request(&id).await.unwrap().approvals.len(), 2);
+        }
     }
 }

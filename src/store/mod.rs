@@ -1,4 +1,5 @@
-//! Persistent state: keys, key versions and bearer tokens.
+//! Persistent state: keys, key versions, bearer tokens, dual control and approval
+//! requests.
 //!
 //! [`Store`] is the one interface the service uses; [`SqlStore`] implements it through
 //! sqlx on SQLite (WAL, the default; one node) and on PostgreSQL (one or more nodes
@@ -11,6 +12,8 @@
 //!   database (constraints and triggers), not only by checks in Rust.
 //! - Keys are never deleted (a trigger refuses DELETE), so a name is never reused.
 //! - No key material, token or PIN is ever stored: only HSM object ids and token hashes.
+//!   A custodian's share rests only sealed under the HSM key `arca:meta`, while its
+//!   approval request is pending.
 //! - `wrap_count` is an upper bound of the wraps made under a version: nodes reserve
 //!   blocks of wraps before using them.
 //!

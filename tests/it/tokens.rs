@@ -141,6 +141,23 @@ async fn key_globs_scope_a_token_and_hide_existence() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
+    // Nobody mints a custodian identity outside the init ceremony.
+    for (principal, role) in [("custodian:alice", "service"), ("svc:x", "custodian")] {
+        let e = access(&arca)
+            .await
+            .create_token(authed(
+                arca.token(),
+                pb::CreateTokenRequest {
+                    principal: principal.into(),
+                    roles: vec![role.into()],
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{principal} {role}");
+    }
+
     // The database holds hashes, never tokens.
     for f in ["arca.db", "arca.db-wal"] {
         if let Ok(bytes) = std::fs::read(arca.data_dir().join(f)) {

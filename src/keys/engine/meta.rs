@@ -110,7 +110,10 @@ mod tests {
             .await
             .unwrap();
         assert!(!sealed.windows(secret.len()).any(|w| w == secret.as_slice()));
-        let back = e.open_meta(b"row-1".to_vec(), sealed.clone()).await.unwrap();
+        let back = e
+            .open_meta(b"row-1".to_vec(), sealed.clone())
+            .await
+            .unwrap();
         assert_eq!(back.as_slice(), secret.as_slice());
         // Another row's AAD, a flipped bit, a truncation: one error.
         assert!(matches!(

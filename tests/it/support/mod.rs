@@ -499,6 +499,15 @@ impl TestArca {
         self.spawn().await;
     }
 
+    /// Kills the server with SIGKILL (no shutdown of any kind, as a crash or a power
+    /// cut) and waits until it is gone. Start it again with [`TestArca::start_with`].
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("server not running");
+        self.addr = None;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Starts the server again (it must be stopped) with other extra arguments and
     /// environment.
     pub async fn start_with(&mut self, opts: Builder) {
