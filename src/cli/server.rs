@@ -637,7 +637,7 @@ async fn ensure_dev_token(svc: &KeyService, path: &Path) -> Result<(), BoxError>
             svc.ensure_token(&token, DEV_PRINCIPAL, &["admin"]).await?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = svc.issue_token(DEV_PRINCIPAL, &["admin"], None).await?;
+            let token = svc.issue_token(DEV_PRINCIPAL, &["admin"]).await?;
             write_private(path, token.expose().as_bytes())?;
         }
         Err(e) => return Err(e.into()),

@@ -298,32 +298,11 @@ impl KeyService {
 
     /// Mints a bearer token for `principal` with `roles`, stores its hash, and returns it
     /// (the only time the token exists outside its holder).
-    pub async fn issue_token(
-        &self,
-        principal: &str,
-        roles: &[&str],
-        expires_at: Option<i64>,
-    ) -> Result<BearerToken> {
+    pub async fn issue_token(&self, principal: &str, roles: &[&str]) -> Result<BearerToken> {
         let secret = crate::quorum::crypto::random::<32>()
             .map_err(|e| ServiceError::Internal(Box::new(e)))?;
-        let id = crate::quorum::crypto::random::<8>()
-            .map_err(|e| ServiceError::Internal(Box::new(e)))?;
         let token = BearerToken::from_random(&secret);
-        self.store
-            .insert_token(&TokenRecord {
-                id: format!("tok_{}", hex::encode(id.as_ref())),
-                hash: token.hash(),
-                principal: principal.to_string(),
-                roles: roles.iter().map(|r| r.to_string()).collect(),
-                created_at: self.clock.now_ms(),
-                expires_at,
-                revoked_at: None,
-                key_globs: Vec::new(),
-                cidrs: Vec::new(),
-                bound_principal: None,
-                description: String::new(),
-            })
-            .await?;
+        self.ensure_token(&token, principal, roles).await?;
         Ok(token)
     }
 

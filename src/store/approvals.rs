@@ -23,7 +23,9 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::sql::{classify, get, KeyLookup, SqlStore};
-use super::{KeyRecord, Result, StoreError, VersionRecord};
+use super::{
+    CustodianRecord, KeyRecord, QuorumConfig, Result, StoreError, TokenRecord, VersionRecord,
+};
 use crate::keys::{KeyId, KeyName, VersionState};
 use crate::quorum::approvals::{Operation, Parameters, QuorumApproved, RequestState, Standing};
 
@@ -64,6 +66,41 @@ pub struct ApprovalEntry {
 pub enum RequestResult {
     /// The key as it was right after the operation.
     Key(KeyRecord),
+    /// A rekey: the new quorum (no share or token is ever part of a result).
+    Rekey {
+        /// K.
+        threshold: u8,
+        /// N.
+        shares: u8,
+        /// The new generation.
+        generation: i64,
+    },
+}
+
+impl RequestResult {
+    /// A one-line summary, e.g. `rekeyed to 2 of 3, generation 2`.
+    pub fn summary(&self) -> String {
+        match self {
+            RequestResult::Key(k) => format!("{} at primary version {}", k.name, k.primary_version),
+            RequestResult::Rekey {
+                threshold,
+                shares,
+                generation,
+            } => format!("rekeyed to {threshold} of {shares}, generation {generation}"),
+        }
+    }
+}
+
+/// What a rekey stores, in one transaction with the completion of its request.
+pub struct NewQuorum<'a> {
+    /// The generation being replaced: the rekey commits only while it is current.
+    pub previous_generation: i64,
+    /// The new configuration (its generation is `previous_generation + 1`).
+    pub config: &'a QuorumConfig,
+    /// The new generation's custodians.
+    pub custodians: &'a [CustodianRecord],
+    /// The new generation's custodian tokens (hashes only).
+    pub tokens: &'a [TokenRecord],
 }
 
 /// A stored approval request.
@@ -204,6 +241,20 @@ pub trait ApprovalStore: Send + Sync + 'static {
         to: VersionState,
         now: i64,
     ) -> Result<KeyRecord>;
+
+    /// In one transaction: replaces the quorum configuration (only while
+    /// `previous_generation` is current; `StateConflict` otherwise), adds the new
+    /// generation's custodians and tokens, revokes every earlier custodian token, and
+    /// marks request `id` `EXECUTED` with the rekey as result, wiping its shares.
+    /// Returns the ids of the revoked tokens. `StateConflict` as for the other
+    /// completions.
+    async fn complete_rekey(
+        &self,
+        id: &str,
+        approved: &QuorumApproved,
+        quorum: &NewQuorum<'_>,
+        now: i64,
+    ) -> Result<Vec<String>>;
 }
 
 /// The joined request/approval select, with a tail (WHERE and ORDER BY) appended.
@@ -294,12 +345,31 @@ fn result_to_json(r: &RequestResult) -> String {
             }
         })
         .to_string(),
+        RequestResult::Rekey {
+            threshold,
+            shares,
+            generation,
+        } => json!({
+            "kind": "rekey",
+            "threshold": threshold,
+            "shares": shares,
+            "generation": generation,
+        })
+        .to_string(),
     }
 }
 
 fn result_from_json(text: &str) -> Result<RequestResult> {
     const BAD: StoreError = StoreError::Corrupt("request result");
     let v: Value = serde_json::from_str(text).map_err(|_| BAD)?;
+    if v["kind"] == "rekey" {
+        let small = |v: &Value| v.as_u64().and_then(|n| u8::try_from(n).ok()).ok_or(BAD);
+        return Ok(RequestResult::Rekey {
+            threshold: small(&v["threshold"])?,
+            shares: small(&v["shares"])?,
+            generation: v["generation"].as_i64().ok_or(BAD)?,
+        });
+    }
     if v["kind"] != "key" {
         return Err(BAD);
     }
@@ -655,34 +725,7 @@ impl ApprovalStore for SqlStore {
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
         self.claim_for_completion(&mut tx, id, now).await?;
         // As `Store::add_version`: the next number only, then primary.
-        let max: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM key_versions WHERE key_id = $1")
-                .bind(key.to_string())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-        match max {
-            None => return Err(StoreError::NotFound),
-            Some(m) if m + 1 != i64::from(version) => return Err(StoreError::AlreadyExists),
-            Some(_) => {}
-        }
-        sqlx::query(
-            "INSERT INTO key_versions (key_id, version, state, hsm_id, wrap_count, created_at, updated_at) \
-             VALUES ($1, $2, 'ENABLED', $3, 0, $4, $4)",
-        )
-        .bind(key.to_string())
-        .bind(i64::from(version))
-        .bind(hsm_id.to_string())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        sqlx::query("UPDATE keys SET primary_version = $1 WHERE id = $2")
-            .bind(i64::from(version))
-            .bind(key.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+        super::sql::insert_next_version(&mut tx, key, version, hsm_id, now).await?;
         let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
         let result = result_to_json(&RequestResult::Key(rec.clone()));
         Self::decide(
@@ -712,43 +755,9 @@ impl ApprovalStore for SqlStore {
     ) -> Result<KeyRecord> {
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
         self.claim_for_completion(&mut tx, id, now).await?;
-        let current: Option<String> =
-            sqlx::query_scalar("SELECT state FROM key_versions WHERE key_id = $1 AND version = $2")
-                .bind(key.to_string())
-                .bind(i64::from(version))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(classify)?;
-        let current = VersionState::parse(&current.ok_or(StoreError::NotFound)?)
-            .ok_or(StoreError::Corrupt("version state"))?;
-        if current != to {
-            if !from.contains(&current) {
-                return Err(StoreError::StateConflict {
-                    current: current.as_str(),
-                });
-            }
-            let done = sqlx::query(
-                "UPDATE key_versions SET state = $1, updated_at = $2, \
-                 destroyed_at = COALESCE($3, destroyed_at) \
-                 WHERE key_id = $4 AND version = $5 AND state = $6",
-            )
-            .bind(to.as_str())
-            .bind(now)
-            .bind((to == VersionState::Destroyed).then_some(now))
-            .bind(key.to_string())
-            .bind(i64::from(version))
-            .bind(current.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if done.rows_affected() != 1 {
-                // Another node changed the version meanwhile (PostgreSQL); the caller
-                // decides again from the new state.
-                return Err(StoreError::StateConflict {
-                    current: current.as_str(),
-                });
-            }
-        }
+        // Another node may have changed the version meanwhile (PostgreSQL): then the
+        // caller decides again from the new state.
+        super::sql::change_version_state(&mut tx, key, version, from, to, now, true).await?;
         let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
         let result = result_to_json(&RequestResult::Key(rec.clone()));
         Self::decide(
@@ -763,6 +772,90 @@ impl ApprovalStore for SqlStore {
         .await?;
         tx.commit().await.map_err(classify)?;
         Ok(rec)
+    }
+
+    async fn complete_rekey(
+        &self,
+        id: &str,
+        _approved: &QuorumApproved,
+        q: &NewQuorum<'_>,
+        now: i64,
+    ) -> Result<Vec<String>> {
+        let cfg = q.config;
+        if cfg.generation != q.previous_generation + 1 {
+            return Err(StoreError::Corrupt("rekey generation"));
+        }
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        self.claim_for_completion(&mut tx, id, now).await?;
+        let done = sqlx::query(
+            "UPDATE quorum_config SET generation = $1, threshold = $2, shares = $3, \
+             sealed_pin = $4, verifier = $5, updated_at = $6 WHERE id = 1 AND generation = $7",
+        )
+        .bind(cfg.generation)
+        .bind(i64::from(cfg.threshold))
+        .bind(i64::from(cfg.shares))
+        .bind(hex::encode(&cfg.sealed_pin))
+        .bind(hex::encode(&cfg.verifier))
+        .bind(now)
+        .bind(q.previous_generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::StateConflict {
+                current: "generation",
+            });
+        }
+        for c in q.custodians {
+            sqlx::query(
+                "INSERT INTO custodians (name, generation, share_index, commitment, totp_sealed, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(c.name.clone())
+            .bind(c.generation)
+            .bind(i64::from(c.share_index))
+            .bind(hex::encode(&c.commitment))
+            .bind(hex::encode(&c.totp_sealed))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        // Every custodian token issued so far belongs to an earlier generation.
+        let revoked: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM tokens WHERE principal LIKE 'custodian:%' AND revoked_at IS NULL",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        sqlx::query(
+            "UPDATE tokens SET revoked_at = $1 \
+             WHERE principal LIKE 'custodian:%' AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        for t in q.tokens {
+            super::tokens::insert_token_in(&mut *tx, t).await?;
+        }
+        let result = result_to_json(&RequestResult::Rekey {
+            threshold: cfg.threshold,
+            shares: cfg.shares,
+            generation: cfg.generation,
+        });
+        Self::decide(
+            &mut tx,
+            id,
+            RequestState::Executed,
+            None,
+            None,
+            Some(result),
+            now,
+        )
+        .await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(revoked)
     }
 }
 

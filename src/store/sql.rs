@@ -313,6 +313,106 @@ fn object_id_from_hex(s: &str) -> Result<ObjectId> {
     Ok(ObjectId(id))
 }
 
+/// Inside a transaction: adds version `version` (which must be the next number) as
+/// ENABLED and makes it primary. `AlreadyExists` if another rotation took the number.
+pub(super) async fn insert_next_version(
+    tx: &mut sqlx::AnyConnection,
+    key: &KeyId,
+    version: u32,
+    hsm_id: &ObjectId,
+    now: i64,
+) -> Result<()> {
+    let max: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM key_versions WHERE key_id = $1")
+            .bind(key.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+    match max {
+        None => return Err(StoreError::NotFound),
+        Some(m) if m + 1 != i64::from(version) => return Err(StoreError::AlreadyExists),
+        Some(_) => {}
+    }
+    sqlx::query(
+        "INSERT INTO key_versions (key_id, version, state, hsm_id, wrap_count, created_at, updated_at) \
+         VALUES ($1, $2, 'ENABLED', $3, 0, $4, $4)",
+    )
+    .bind(key.to_string())
+    .bind(i64::from(version))
+    .bind(hsm_id.to_string())
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(classify)?;
+    sqlx::query("UPDATE keys SET primary_version = $1 WHERE id = $2")
+        .bind(i64::from(version))
+        .bind(key.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+    Ok(())
+}
+
+/// Inside a transaction: moves a version to `to` if it is in one of `from`
+/// (`StateConflict` naming the state found otherwise; with `already_ok`, a version
+/// already in `to` is left as it is).
+///
+/// On SQLite the transaction holds the write lock, so the first pass decides. On
+/// PostgreSQL a concurrent writer may change the row between the read and the
+/// conditional update; the update then matches nothing, and the state is read again (a
+/// new statement sees the other commit) so that the answer names the state that won, or
+/// the change is made from it if it is still allowed.
+pub(super) async fn change_version_state(
+    tx: &mut sqlx::AnyConnection,
+    key: &KeyId,
+    version: u32,
+    from: &[VersionState],
+    to: VersionState,
+    now: i64,
+    already_ok: bool,
+) -> Result<()> {
+    let destroyed_at = (to == VersionState::Destroyed).then_some(now);
+    for _attempt in 0..3 {
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT state FROM key_versions WHERE key_id = $1 AND version = $2")
+                .bind(key.to_string())
+                .bind(i64::from(version))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+        let current = VersionState::parse(&current.ok_or(StoreError::NotFound)?)
+            .ok_or(StoreError::Corrupt("version state"))?;
+        if already_ok && current == to {
+            return Ok(());
+        }
+        if !from.contains(&current) {
+            return Err(StoreError::StateConflict {
+                current: current.as_str(),
+            });
+        }
+        let done = sqlx::query(
+            "UPDATE key_versions SET state = $1, updated_at = $2, \
+             destroyed_at = COALESCE($3, destroyed_at) \
+             WHERE key_id = $4 AND version = $5 AND state = $6",
+        )
+        .bind(to.as_str())
+        .bind(now)
+        .bind(destroyed_at)
+        .bind(key.to_string())
+        .bind(i64::from(version))
+        .bind(current.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+    }
+    Err(StoreError::StateConflict {
+        current: "changed concurrently",
+    })
+}
+
 /// Classifies a sqlx error once, by type and SQLSTATE (never by message text).
 ///
 /// `Unavailable` (retryable) is every way of losing the database: I/O and TLS errors,
@@ -404,34 +504,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
-        let max: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM key_versions WHERE key_id = $1")
-                .bind(key.to_string())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-        match max {
-            None => return Err(StoreError::NotFound),
-            Some(m) if m + 1 != i64::from(version) => return Err(StoreError::AlreadyExists),
-            Some(_) => {}
-        }
-        sqlx::query(
-            "INSERT INTO key_versions (key_id, version, state, hsm_id, wrap_count, created_at, updated_at) \
-             VALUES ($1, $2, 'ENABLED', $3, 0, $4, $4)",
-        )
-        .bind(key.to_string())
-        .bind(i64::from(version))
-        .bind(hsm_id.to_string())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        sqlx::query("UPDATE keys SET primary_version = $1 WHERE id = $2")
-            .bind(i64::from(version))
-            .bind(key.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+        insert_next_version(&mut tx, key, version, hsm_id, now).await?;
         let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
         tx.commit().await.map_err(classify)?;
         Ok(rec)
@@ -446,49 +519,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
-        let destroyed_at = (to == VersionState::Destroyed).then_some(now);
-        // On SQLite the transaction holds the write lock, so the first pass decides. On
-        // PostgreSQL a concurrent writer may change the row between the read and the
-        // conditional update; the update then matches nothing, and the state is read
-        // again (a new statement sees the other commit) so that the answer names the
-        // state that won, or the change is made from it if it is still allowed.
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let current: Option<String> = sqlx::query_scalar(
-                "SELECT state FROM key_versions WHERE key_id = $1 AND version = $2",
-            )
-            .bind(key.to_string())
-            .bind(i64::from(version))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let current = current.ok_or(StoreError::NotFound)?;
-            let current =
-                VersionState::parse(&current).ok_or(StoreError::Corrupt("version state"))?;
-            if !from.contains(&current) || attempts > 3 {
-                return Err(StoreError::StateConflict {
-                    current: current.as_str(),
-                });
-            }
-            let done = sqlx::query(
-                "UPDATE key_versions SET state = $1, updated_at = $2, \
-                 destroyed_at = COALESCE($3, destroyed_at) \
-                 WHERE key_id = $4 AND version = $5 AND state = $6",
-            )
-            .bind(to.as_str())
-            .bind(now)
-            .bind(destroyed_at)
-            .bind(key.to_string())
-            .bind(i64::from(version))
-            .bind(current.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if done.rows_affected() == 1 {
-                break;
-            }
-        }
+        change_version_state(&mut tx, key, version, from, to, now, false).await?;
         let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
         tx.commit().await.map_err(classify)?;
         Ok(rec)
