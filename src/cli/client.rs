@@ -477,7 +477,7 @@ fn print_seal_status(output: Output, s: &pb::SealStatusResponse) {
     }
 }
 
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -564,6 +564,28 @@ async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
                 .map_err(call_error)?
                 .into_inner();
             print_seal_status(c.output, &s);
+        }
+        OperatorCommand::Rekey {
+            shares,
+            threshold,
+            custodians,
+            opts,
+        } => {
+            if shares.is_some_and(|n| n as usize != custodians.len()) {
+                return Err("--shares must equal the number of --custodian names".into());
+            }
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .quorum
+                .rekey(c.req(pb::RekeyRequest {
+                    threshold,
+                    custodians,
+                    shares: shares.unwrap_or(0),
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            requests::print_created(c.output, &r);
         }
         OperatorCommand::Seal { opts } => {
             let mut c = Client::connect(&opts).await?;

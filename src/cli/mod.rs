@@ -45,7 +45,7 @@ enum Command {
     /// Scoped bearer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Dual control: init, unseal, seal, status.
+    /// Dual control: init, unseal, seal, status, rekey.
     #[command(subcommand)]
     Operator(OperatorCommand),
     /// Approval requests of quorum operations: list, show.
@@ -145,6 +145,21 @@ enum OperatorCommand {
         /// Current TOTP code from the custodian's authenticator.
         #[arg(long, env = "ARCA_TOTP")]
         totp: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Change the custodians, threshold or shares (a quorum operation: prints the
+    /// approval request; the approval that executes it receives the new kits).
+    Rekey {
+        /// New N: must equal the number of --custodian names.
+        #[arg(long)]
+        shares: Option<u32>,
+        /// New K: custodians needed to unseal or approve.
+        #[arg(long)]
+        threshold: u32,
+        /// New custodian names (repeat).
+        #[arg(long = "custodian", required = true)]
+        custodians: Vec<String>,
         #[command(flatten)]
         opts: ClientOpts,
     },

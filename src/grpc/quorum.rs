@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use super::status::to_status;
 use crate::clock::rfc3339;
-use crate::service::{ApprovalRecord, Caller, KeyService, RequestResult, SealStatus};
+use crate::service::{ApprovalRecord, Caller, CustodianKit, KeyService, RequestResult, SealStatus};
 
 /// Smallest K outside dev mode (DESIGN §2: 2 ≤ K).
 const MIN_THRESHOLD: u8 = 2;
@@ -62,13 +62,29 @@ pub(super) fn request_to_pb(r: &ApprovalRecord) -> pb::ApprovalRequest {
         threshold: u32::from(r.threshold),
         state: r.state.as_str().to_string(),
         expires_at: rfc3339(r.expires_at),
-        result: r.result.as_ref().map(|res| match res {
-            RequestResult::Key(k) => super::keys::key_to_pb(k),
+        result: r.result.as_ref().and_then(|res| match res {
+            RequestResult::Key(k) => Some(super::keys::key_to_pb(k)),
+            RequestResult::Rekey { .. } => None,
         }),
         rejected_by: r.decided_by.clone().unwrap_or_default(),
         reason: r.reason.clone().unwrap_or_default(),
         created_at: rfc3339(r.created_at),
         decided_at: r.decided_at.map(rfc3339).unwrap_or_default(),
+        new_kits: Vec::new(),
+        outcome: r
+            .result
+            .as_ref()
+            .map(|res| res.summary())
+            .unwrap_or_default(),
+    }
+}
+
+fn kit_to_pb(k: CustodianKit) -> pb::CustodianKit {
+    pb::CustodianKit {
+        custodian: k.name,
+        share: k.share.to_string(),
+        token: k.token.expose().to_string(),
+        totp_uri: k.totp_uri.to_string(),
     }
 }
 
@@ -93,15 +109,7 @@ impl pb::quorum_service_server::QuorumService for QuorumApi {
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(pb::InitResponse {
-            custodians: kits
-                .into_iter()
-                .map(|k| pb::CustodianKit {
-                    custodian: k.name,
-                    share: k.share.to_string(),
-                    token: k.token.expose().to_string(),
-                    totp_uri: k.totp_uri.to_string(),
-                })
-                .collect(),
+            custodians: kits.into_iter().map(kit_to_pb).collect(),
             threshold: u32::from(threshold),
         }))
     }
@@ -185,9 +193,32 @@ impl pb::quorum_service_server::QuorumService for QuorumApi {
         let mut r = req.into_inner();
         let share = zeroize::Zeroizing::new(std::mem::take(&mut r.share));
         let totp = zeroize::Zeroizing::new(std::mem::take(&mut r.totp));
-        let rec = self
+        let out = self
             .svc
             .approve(&c, &r.id, &r.digest, &share, &totp)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        let mut msg = request_to_pb(&out.request);
+        msg.new_kits = out.new_kits.into_iter().map(kit_to_pb).collect();
+        Ok(Response::new(msg))
+    }
+
+    async fn rekey(
+        &self,
+        req: Request<pb::RekeyRequest>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let threshold = u8::try_from(r.threshold).map_err(|_| {
+            to_status(
+                crate::service::ServiceError::InvalidArgument("threshold too large"),
+                &c.request_id,
+            )
+        })?;
+        let shares = (r.shares != 0).then_some(r.shares);
+        let rec = self
+            .svc
+            .request_rekey(&c, threshold, &r.custodians, shares, MIN_THRESHOLD)
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(request_to_pb(&rec)))

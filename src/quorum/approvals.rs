@@ -22,7 +22,7 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 
 use super::{crypto, shamir, QuorumError};
-use crate::secret::Share;
+use crate::secret::{QuorumSecret, Share};
 
 /// Parameters of an operation, sorted by name.
 pub type Parameters = BTreeMap<String, String>;
@@ -31,6 +31,12 @@ pub type Parameters = BTreeMap<String, String>;
 pub const PARAM_KEY: &str = "key";
 /// Parameter naming the key version an operation acts on.
 pub const PARAM_VERSION: &str = "version";
+/// Parameter of a rekey: the new threshold K.
+pub const PARAM_THRESHOLD: &str = "threshold";
+/// Parameter of a rekey: the new number of shares N.
+pub const PARAM_SHARES: &str = "shares";
+/// Parameter of a rekey: the new custodians, comma-separated in share order.
+pub const PARAM_CUSTODIANS: &str = "custodians";
 
 /// An operation that a quorum policy may put under K-of-N approval. Every name here is
 /// known to the policy loader; operations that have no RPC yet never create requests.
@@ -48,7 +54,7 @@ pub enum Operation {
     RetireKey,
     /// `KeyService.CancelRetirement` (planned).
     CancelRetirement,
-    /// `QuorumService.Rekey` (planned).
+    /// `QuorumService.Rekey` {threshold, custodians}.
     Rekey,
     /// A policy change (planned).
     UpdatePolicy,
@@ -275,10 +281,22 @@ pub fn verify_quorum(
     threshold: u8,
     verifier: &[u8],
 ) -> Result<QuorumApproved, QuorumError> {
+    verify_quorum_with(shares, threshold, verifier, |_| Ok(())).map(|(ok, ())| ok)
+}
+
+/// As [`verify_quorum`], and runs `use_secret` on the checked secret before wiping it
+/// (a rekey opens the sealed HSM PIN with it). `use_secret` must not keep the secret.
+pub fn verify_quorum_with<T>(
+    shares: &[&Share],
+    threshold: u8,
+    verifier: &[u8],
+    use_secret: impl FnOnce(&QuorumSecret) -> Result<T, QuorumError>,
+) -> Result<(QuorumApproved, T), QuorumError> {
     let secret = shamir::combine(shares, threshold)?;
     crypto::check_verifier(&secret, verifier)?;
+    let out = use_secret(&secret);
     drop(secret);
-    Ok(QuorumApproved { _proof: () })
+    Ok((QuorumApproved { _proof: () }, out?))
 }
 
 #[cfg(test)]
@@ -286,7 +304,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::clock::{Clock, ManualClock};
-    use crate::secret::QuorumSecret;
 
     fn params(pairs: &[(&str, &str)]) -> Parameters {
         pairs

@@ -24,15 +24,46 @@
 
 use zeroize::Zeroizing;
 
-use super::seal::custodian_name;
-use super::{Caller, KeyService, Result, ServiceError};
+use super::seal::{custodian_name, valid_custodian_name};
+use super::{Caller, CustodianKit, KeyService, Result, ServiceError};
 use crate::keys::{KeyName, KeysError, VersionState};
 use crate::quorum::approvals::{
-    self, Operation, Parameters, QuorumApproved, Refusal, RequestState, PARAM_KEY, PARAM_VERSION,
+    self, Operation, Parameters, QuorumApproved, Refusal, RequestState, PARAM_CUSTODIANS,
+    PARAM_KEY, PARAM_SHARES, PARAM_THRESHOLD, PARAM_VERSION,
 };
-use crate::quorum::{crypto, QuorumError};
+use crate::quorum::{crypto, shamir, QuorumError};
 use crate::secret::Share;
-use crate::store::{ApprovalRecord, KeyRecord, NewRequest, StoreError};
+use crate::store::{ApprovalRecord, KeyRecord, NewQuorum, NewRequest, QuorumConfig, StoreError};
+
+/// Why a rekey with K approvals found at unseal is failed rather than run: its new kits
+/// would reach no one.
+pub const REKEY_NEEDS_LIVE_APPROVER: &str = "rekey needs a live approver; request again";
+
+/// What an approval answers: the request as it is after, and — only from the approval
+/// that executed a rekey — the new custodians' kits, which exist nowhere else.
+pub struct ApproveOutcome {
+    /// The request.
+    pub request: ApprovalRecord,
+    /// The new kits of an executed rekey (empty otherwise). Shown once; never stored.
+    pub new_kits: Vec<CustodianKit>,
+}
+
+impl ApproveOutcome {
+    fn plain(request: ApprovalRecord) -> Self {
+        ApproveOutcome {
+            request,
+            new_kits: Vec::new(),
+        }
+    }
+}
+
+/// What an approved operation produced.
+enum Ran {
+    /// A key operation: the key as it is after.
+    Key(KeyRecord),
+    /// A rekey: the new kits.
+    Rekey(Vec<CustodianKit>),
+}
 
 /// Largest page of `ListRequests`.
 pub const MAX_REQUEST_PAGE: u32 = 100;
@@ -248,7 +279,8 @@ impl KeyService {
 
     /// A custodian approves request `id`, having reviewed `digest`, with their share and
     /// a TOTP code. The K-th approval runs the operation; the answer is the request as it
-    /// is after (`EXECUTED`, with the result, once it ran).
+    /// is after (`EXECUTED`, with the result, once it ran), and the new kits if it
+    /// executed a rekey.
     pub async fn approve(
         &self,
         caller: &Caller,
@@ -256,7 +288,7 @@ impl KeyService {
         digest: &str,
         share_text: &str,
         totp_code: &str,
-    ) -> Result<ApprovalRecord> {
+    ) -> Result<ApproveOutcome> {
         let engine = self.engine()?;
         let name = custodian_name(caller)
             .map_err(|_| ServiceError::Rejected("only custodians approve requests"))?
@@ -321,7 +353,9 @@ impl KeyService {
         if rec.approvals.len() >= usize::from(rec.threshold) {
             return self.execute(id).await;
         }
-        Ok(self.effective(rec, self.clock.now_ms()))
+        Ok(ApproveOutcome::plain(
+            self.effective(rec, self.clock.now_ms()),
+        ))
     }
 
     /// A custodian of the current quorum, or the requester, cancels a pending request.
@@ -393,10 +427,38 @@ impl KeyService {
             }
         };
         for id in ready {
+            // A rekey's new kits go to the custodian whose approval runs it; run here,
+            // they would reach no one.
+            match self.load_request(&id).await {
+                Ok(r) if r.operation == Operation::Rekey => {
+                    match self
+                        .quorum
+                        .fail_request(&id, REKEY_NEEDS_LIVE_APPROVER, self.clock.now_ms())
+                        .await
+                    {
+                        Ok(_) => tracing::warn!(
+                            request = %id,
+                            reason = REKEY_NEEDS_LIVE_APPROVER,
+                            "approved rekey failed after unseal"
+                        ),
+                        Err(e) => tracing::warn!(
+                            request = %id,
+                            error = %e,
+                            "could not fail an approved rekey after unseal"
+                        ),
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(request = %id, error = %e, "could not load an approved request");
+                    continue;
+                }
+            }
             match self.execute(&id).await {
                 Ok(r) => tracing::info!(
                     request = %id,
-                    state = r.state.as_str(),
+                    state = r.request.state.as_str(),
                     "approved request completed after unseal"
                 ),
                 Err(e) => tracing::warn!(
@@ -422,33 +484,62 @@ impl KeyService {
     /// Runs an approved request and returns it as it is after. A request that is no
     /// longer pending (another approval or node ran it, or it was rejected) is returned
     /// as it is.
-    async fn execute(&self, id: &str) -> Result<ApprovalRecord> {
+    async fn execute(&self, id: &str) -> Result<ApproveOutcome> {
         let req = self.load_request(id).await?;
         if req.state != RequestState::Pending || req.approvals.len() < usize::from(req.threshold) {
-            return Ok(self.effective(req, self.clock.now_ms()));
+            return Ok(ApproveOutcome::plain(
+                self.effective(req, self.clock.now_ms()),
+            ));
         }
         let outcome = match self.rebuild_quorum(&req).await {
-            Ok(approved) => self.run_approved(&req, &approved).await,
+            Ok((approved, cfg, pin)) => {
+                self.run_approved(&req, &approved, &cfg, pin.as_deref().map(|p| &p[..]))
+                    .await
+            }
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(key) => {
-                tracing::info!(
-                    request = id,
-                    operation = %req.operation,
-                    key = %key.name,
-                    "approved request executed"
-                );
+            Ok(ran) => {
+                let new_kits = match ran {
+                    Ran::Key(key) => {
+                        tracing::info!(
+                            request = id,
+                            operation = %req.operation,
+                            key = %key.name,
+                            "approved request executed"
+                        );
+                        Vec::new()
+                    }
+                    Ran::Rekey(kits) => {
+                        tracing::warn!(
+                            request = id,
+                            operation = %req.operation,
+                            custodians = kits.len(),
+                            "approved rekey executed; the new kits go to the executing custodian only"
+                        );
+                        kits
+                    }
+                };
                 let rec = self.load_request(id).await?;
-                Ok(self.effective(rec, self.clock.now_ms()))
+                Ok(ApproveOutcome {
+                    request: self.effective(rec, self.clock.now_ms()),
+                    new_kits,
+                })
             }
-            Err(e) => self.after_failed_run(&req, e).await,
+            Err(e) => self
+                .after_failed_run(&req, e)
+                .await
+                .map(ApproveOutcome::plain),
         }
     }
 
     /// Opens the stored shares, rebuilds the quorum secret and checks it against the
-    /// verifier. The shares and the secret are wiped before this returns.
-    async fn rebuild_quorum(&self, req: &ApprovalRecord) -> Result<QuorumApproved> {
+    /// verifier; for a rekey, also opens the sealed HSM PIN with it. The shares and the
+    /// secret are wiped before this returns.
+    async fn rebuild_quorum(
+        &self,
+        req: &ApprovalRecord,
+    ) -> Result<(QuorumApproved, QuorumConfig, Option<Zeroizing<Vec<u8>>>)> {
         let engine = self.engine()?;
         let cfg = self
             .quorum
@@ -477,18 +568,39 @@ impl KeyService {
             }
         }
         let refs: Vec<&Share> = shares.iter().collect();
-        approvals::verify_quorum(&refs, req.threshold, &cfg.verifier).map_err(|e| match e {
-            QuorumError::NotEnoughShares => {
-                ServiceError::FailedPrecondition("fewer stored shares than the threshold")
-            }
-            _ => ServiceError::FailedPrecondition(
-                "the approvals' shares do not rebuild the quorum secret",
-            ),
-        })
+        let want_pin = req.operation == Operation::Rekey;
+        let (ok, pin) =
+            approvals::verify_quorum_with(&refs, req.threshold, &cfg.verifier, |secret| {
+                if want_pin {
+                    crypto::open_pin(secret, &cfg.sealed_pin).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .map_err(|e| match e {
+                QuorumError::NotEnoughShares => {
+                    ServiceError::FailedPrecondition("fewer stored shares than the threshold")
+                }
+                QuorumError::SealedValueCorrupt => ServiceError::FailedPrecondition(
+                    "the sealed HSM PIN does not open with the quorum secret",
+                ),
+                _ => ServiceError::FailedPrecondition(
+                    "the approvals' shares do not rebuild the quorum secret",
+                ),
+            })?;
+        drop(shares);
+        Ok((ok, cfg, pin))
     }
 
-    /// Runs the request's operation, committing its effect with `EXECUTED`.
-    async fn run_approved(&self, req: &ApprovalRecord, ok: &QuorumApproved) -> Result<KeyRecord> {
+    /// Runs the request's operation, committing its effect with `EXECUTED`. `pin` is the
+    /// opened HSM PIN (a rekey only).
+    async fn run_approved(
+        &self,
+        req: &ApprovalRecord,
+        ok: &QuorumApproved,
+        cfg: &QuorumConfig,
+        pin: Option<&[u8]>,
+    ) -> Result<Ran> {
         const BAD: ServiceError = ServiceError::InvalidArgument("invalid request parameters");
         let commit = Commit::Approved(&req.id, ok);
         let key = || {
@@ -503,7 +615,7 @@ impl KeyService {
                 .and_then(|v| v.parse::<u32>().ok())
                 .ok_or(BAD)
         };
-        match req.operation {
+        let key_op = match req.operation {
             Operation::RotateKey => self.rotate(&key()?, commit).await,
             Operation::DisableKeyVersion => {
                 self.change_state(&key()?, version()?, VersionState::Disabled, commit)
@@ -513,15 +625,98 @@ impl KeyService {
                 self.change_state(&key()?, version()?, VersionState::Enabled, commit)
                     .await
             }
+            Operation::Rekey => {
+                let pin = pin.ok_or(ServiceError::Internal("rekey without the PIN".into()))?;
+                return self.rekey(req, ok, cfg, pin).await.map(Ran::Rekey);
+            }
             Operation::RetireKeyVersion
             | Operation::RetireKey
             | Operation::CancelRetirement
-            | Operation::Rekey
             | Operation::UpdatePolicy
             | Operation::Elevate => Err(ServiceError::FailedPrecondition(
                 "this operation cannot run in this build",
             )),
+        };
+        key_op.map(Ran::Key)
+    }
+
+    /// Runs an approved rekey: a new quorum secret split K'-of-N' among the new
+    /// custodians, the PIN sealed under it, and — in one transaction with `EXECUTED` —
+    /// the new configuration, custodians and tokens, with every earlier custodian token
+    /// revoked. Returns the new kits (nothing of them is stored but hashes, commitments
+    /// and share-sealed TOTP secrets).
+    async fn rekey(
+        &self,
+        req: &ApprovalRecord,
+        ok: &QuorumApproved,
+        cfg: &QuorumConfig,
+        pin: &[u8],
+    ) -> Result<Vec<CustodianKit>> {
+        const BAD: ServiceError = ServiceError::InvalidArgument("invalid request parameters");
+        let threshold: u8 = req
+            .parameters
+            .get(PARAM_THRESHOLD)
+            .and_then(|v| v.parse().ok())
+            .ok_or(BAD)?;
+        let custodians: Vec<String> = req
+            .parameters
+            .get(PARAM_CUSTODIANS)
+            .ok_or(BAD)?
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let shares: usize = req
+            .parameters
+            .get(PARAM_SHARES)
+            .and_then(|v| v.parse().ok())
+            .ok_or(BAD)?;
+        let mut seen = std::collections::HashSet::new();
+        if shares != custodians.len()
+            || threshold == 0
+            || usize::from(threshold) > shares
+            || shares > usize::from(shamir::MAX_SHARES)
+            || !custodians
+                .iter()
+                .all(|c| valid_custodian_name(c) && seen.insert(c.as_str()))
+        {
+            return Err(BAD);
         }
+        let q = self.new_quorum(threshold, &custodians, pin, cfg.generation + 1)?;
+        let revoked = self
+            .quorum
+            .complete_rekey(
+                &req.id,
+                ok,
+                &NewQuorum {
+                    previous_generation: cfg.generation,
+                    config: &q.config,
+                    custodians: &q.custodians,
+                    tokens: &q.tokens,
+                },
+                self.clock.now_ms(),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::StateConflict {
+                    current: "generation",
+                } => ServiceError::FailedPrecondition(
+                    "the custodians changed since this request was made",
+                ),
+                e => request_conflict(e),
+            })?;
+        // Revoked custodian tokens stop working here at once (other nodes: within the
+        // token cache's lifetime).
+        for id in &revoked {
+            self.auth.forget_token(id);
+        }
+        tracing::warn!(
+            threshold,
+            custodians = custodians.len(),
+            generation = q.config.generation,
+            revoked_tokens = revoked.len(),
+            "quorum rekeyed: earlier shares and custodian tokens no longer work"
+        );
+        Ok(q.kits)
     }
 
     /// After a run that did not complete: a request decided meanwhile is returned as it
@@ -691,6 +886,7 @@ mod tests {
                     &code,
                 )
                 .await
+                .map(|o| o.request)
         }
 
         async fn key(&self, name: &str) -> KeyRecord {
@@ -1048,6 +1244,186 @@ mod tests {
         assert!(matches!(
             w.svc.get_request(&admin(), &req.id).await,
             Err(ServiceError::Unavailable("sealed"))
+        ));
+    }
+
+    /// The TOTP code now of a kit of generation `generation`.
+    async fn kit_code(w: &World, kit: &CustodianKit, generation: i64) -> String {
+        let rec = w.store.custodian(&kit.name, generation).await.unwrap();
+        let share = shamir::decode(&kit.share).unwrap();
+        let secret = crypto::open_totp(&kit.name, &share, &rec.totp_sealed).unwrap();
+        totp::hotp(&secret, totp::step_at(w.clock.now_ms()) as u64)
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_rekey_waits_for_the_quorum_and_hands_the_new_kits_to_the_executing_approval() {
+        let w = world(true).await;
+        let new = names(&["n1", "n2", "n3"]);
+        // Bad parameters are refused up front.
+        for (k, list, shares) in [
+            (1u8, new.clone(), None),
+            (4, new.clone(), None),
+            (2, names(&["n1", "n1"]), None),
+            (2, names(&["n1", "N2"]), None),
+            (2, names(&["n1", "a,b"]), None),
+            (2, new.clone(), Some(4)),
+        ] {
+            assert!(matches!(
+                w.svc.request_rekey(&admin(), k, &list, shares, 2).await,
+                Err(ServiceError::InvalidArgument(_))
+            ));
+        }
+        assert!(matches!(
+            w.svc.request_rekey(&custodian(1), 2, &new, None, 2).await,
+            Err(ServiceError::PermissionDenied)
+        ));
+        let req = w
+            .svc
+            .request_rekey(&admin(), 2, &new, Some(3), 2)
+            .await
+            .unwrap();
+        assert_eq!(req.operation, Operation::Rekey);
+        assert_eq!(
+            req.parameters.get(PARAM_CUSTODIANS).map(String::as_str),
+            Some("n1,n2,n3")
+        );
+        assert_eq!(
+            req.digest,
+            approvals::digest(Operation::Rekey, &req.parameters)
+        );
+        w.next_step();
+        let o = w
+            .svc
+            .approve(
+                &custodian(1),
+                &req.id,
+                &req.digest,
+                &w.kits[0].share,
+                &w.code(1).await,
+            )
+            .await
+            .unwrap();
+        assert!(o.new_kits.is_empty());
+        w.approve(2, &req).await.unwrap();
+        assert_eq!(w.svc.quorum_config().await.unwrap().unwrap().generation, 1);
+        let o = w
+            .svc
+            .approve(
+                &custodian(3),
+                &req.id,
+                &req.digest,
+                &w.kits[2].share,
+                &w.code(3).await,
+            )
+            .await
+            .unwrap();
+        assert_eq!(o.request.state, RequestState::Executed);
+        assert_eq!(
+            o.request
+                .result
+                .as_ref()
+                .map(RequestResult::summary)
+                .as_deref(),
+            Some("rekeyed to 2 of 3, generation 2")
+        );
+        let kits = o.new_kits;
+        assert_eq!(
+            kits.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["n1", "n2", "n3"]
+        );
+        let cfg = w.svc.quorum_config().await.unwrap().unwrap();
+        assert_eq!((cfg.generation, cfg.threshold, cfg.shares), (2, 2, 3));
+        assert!(w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+        // The stored request holds no secret.
+        let stored = format!("{:?}", w.store.request(&req.id).await.unwrap());
+        for k in &kits {
+            assert!(!stored.contains(k.share.as_str()));
+        }
+        // Every generation-1 custodian token is revoked; the new ones are live.
+        let tokens = w.svc.tokens.list_tokens().await.unwrap();
+        for t in tokens
+            .iter()
+            .filter(|t| t.principal.starts_with(CUSTODIAN_PREFIX))
+        {
+            let new_gen = ["n1", "n2", "n3"]
+                .iter()
+                .any(|n| t.principal == format!("{CUSTODIAN_PREFIX}{n}"));
+            assert_eq!(t.revoked_at.is_none(), new_gen, "{}", t.principal);
+        }
+        // No second run.
+        w.next_step();
+        assert!(matches!(
+            w.approve(4, &req).await,
+            Err(ServiceError::FailedPrecondition(_))
+        ));
+
+        // Old shares no longer unseal; two new kits do, and keys still work.
+        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc.seal(&custodian(1)).await.unwrap();
+        w.next_step();
+        let old = w.code(1).await;
+        assert!(w
+            .svc
+            .unseal(&custodian(1), &w.kits[0].share, &old)
+            .await
+            .is_err());
+        let as_new = |n: &str| principal(&format!("{CUSTODIAN_PREFIX}{n}"), &["custodian"]);
+        // An old share under a new identity fails the new commitment.
+        let c = kit_code(&w, &kits[0], 2).await;
+        assert!(w
+            .svc
+            .unseal(&as_new("n1"), &w.kits[0].share, &c)
+            .await
+            .is_err());
+        w.next_step();
+        for k in &kits[1..] {
+            let c = kit_code(&w, k, 2).await;
+            w.svc.unseal(&as_new(&k.name), &k.share, &c).await.unwrap();
+        }
+        assert!(w.svc.engine().is_ok());
+        assert_eq!(w.key("phi").await.versions.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_approved_rekey_found_at_unseal_fails_rather_than_run_silently() {
+        let w = world(true).await;
+        let req = w
+            .svc
+            .request_rekey(&admin(), 2, &names(&["n1", "n2", "n3"]), None, 2)
+            .await
+            .unwrap();
+        for n in [1, 2, 5] {
+            let share = shamir::decode(&w.kits[n - 1].share).unwrap();
+            stored_approval(&w, n, &req, share.expose()).await;
+        }
+        w.svc.seal(&custodian(1)).await.unwrap();
+        w.next_step();
+        for n in 1..=3 {
+            let code = w.code(n).await;
+            w.svc
+                .unseal(&custodian(n), &w.kits[n - 1].share, &code)
+                .await
+                .unwrap();
+        }
+        let r = w.svc.get_request(&admin(), &req.id).await.unwrap();
+        assert_eq!(r.state, RequestState::Failed);
+        assert_eq!(r.reason.as_deref(), Some(REKEY_NEEDS_LIVE_APPROVER));
+        assert!(w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+        assert_eq!(w.svc.quorum_config().await.unwrap().unwrap().generation, 1);
+    }
+
+    #[tokio::test]
+    async fn rekey_needs_a_real_quorum() {
+        let w = world(false).await;
+        assert!(matches!(
+            w.svc
+                .request_rekey(&admin(), 2, &names(&["n1", "n2"]), None, 2)
+                .await,
+            Err(ServiceError::FailedPrecondition(_))
         ));
     }
 }

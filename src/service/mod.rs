@@ -20,7 +20,9 @@ mod approvals;
 mod seal;
 
 pub use access::{NewToken, TokenInfo};
-pub use approvals::{MAX_REASON_BYTES, MAX_REQUEST_PAGE};
+pub use approvals::{
+    ApproveOutcome, MAX_REASON_BYTES, MAX_REQUEST_PAGE, REKEY_NEEDS_LIVE_APPROVER,
+};
 pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
 
 use std::collections::HashMap;

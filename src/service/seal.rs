@@ -18,8 +18,11 @@ use std::sync::Arc;
 use arca_hsm::{AuthPin, Hsm, HsmError};
 use zeroize::Zeroizing;
 
-use super::{Caller, KeyService, Result, ServiceError};
+use super::{ApprovalRecord, Caller, KeyService, Result, ServiceError};
 use crate::keys::{EngineConfig, KeyEngine};
+use crate::quorum::approvals::{
+    Operation, Parameters, PARAM_CUSTODIANS, PARAM_SHARES, PARAM_THRESHOLD,
+};
 use crate::quorum::{crypto, shamir, totp, QuorumError};
 use crate::secret::{BearerToken, Share};
 use crate::store::{CustodianRecord, Failure, QuorumConfig, StoreError, TokenRecord};
@@ -82,7 +85,8 @@ pub struct SealStatus {
     pub progress: Vec<String>,
 }
 
-/// What one custodian receives from `Init`, once.
+/// What one custodian receives from `Init` (or from the approval that executes a
+/// rekey), once. No `Debug`: it holds a share, a token and a TOTP secret.
 pub struct CustodianKit {
     /// Custodian name.
     pub name: String,
@@ -94,7 +98,7 @@ pub struct CustodianKit {
     pub totp_uri: Zeroizing<String>,
 }
 
-fn quorum_err(e: QuorumError) -> ServiceError {
+pub(super) fn quorum_err(e: QuorumError) -> ServiceError {
     match e {
         QuorumError::InvalidParameters(m) => ServiceError::InvalidArgument(m),
         QuorumError::ShareRejected => {
@@ -136,7 +140,7 @@ fn require_role(caller: &Caller, roles: &[&str]) -> Result<()> {
     }
 }
 
-fn valid_custodian_name(n: &str) -> bool {
+pub(super) fn valid_custodian_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.bytes().all(|b| {
@@ -144,7 +148,73 @@ fn valid_custodian_name(n: &str) -> bool {
         })
 }
 
+/// Checks K and the custodian list of a new quorum (`min_threshold ≤ K ≤ N ≤ 16`,
+/// distinct valid names); returns N.
+fn check_quorum_params(threshold: u8, custodians: &[String], min_threshold: u8) -> Result<u8> {
+    let n = u8::try_from(custodians.len())
+        .map_err(|_| ServiceError::InvalidArgument("at most 16 custodians"))?;
+    if threshold < min_threshold.max(1) || threshold > n || n > shamir::MAX_SHARES {
+        return Err(ServiceError::InvalidArgument(
+            "need 2 <= threshold <= custodians <= 16",
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for c in custodians {
+        if !valid_custodian_name(c) {
+            return Err(ServiceError::InvalidArgument(
+                "custodian names are 1-64 of [a-z0-9._-]",
+            ));
+        }
+        if !names.insert(c) {
+            return Err(ServiceError::InvalidArgument(
+                "custodian names must be distinct",
+            ));
+        }
+    }
+    Ok(n)
+}
+
+/// A new quorum, ready to store: the configuration, the custodians and their tokens
+/// (hashes), and the kits to hand out (never stored).
+pub(super) struct NewQuorumParts {
+    pub(super) config: QuorumConfig,
+    pub(super) custodians: Vec<CustodianRecord>,
+    pub(super) tokens: Vec<TokenRecord>,
+    pub(super) kits: Vec<CustodianKit>,
+}
+
 impl KeyService {
+    /// Asks for a rekey to `threshold` of `custodians` (a quorum operation: it answers
+    /// an approval request and runs at the K-th approval of the current custodians).
+    /// `shares`, when given, must equal the number of custodians.
+    pub async fn request_rekey(
+        &self,
+        caller: &Caller,
+        threshold: u8,
+        custodians: &[String],
+        shares: Option<u32>,
+        min_threshold: u8,
+    ) -> Result<ApprovalRecord> {
+        self.engine()?;
+        require_role(caller, &["admin"])?;
+        if shares.is_some_and(|n| n as usize != custodians.len()) {
+            return Err(ServiceError::InvalidArgument(
+                "shares must equal the number of custodians",
+            ));
+        }
+        let n = check_quorum_params(threshold, custodians, min_threshold)?;
+        if !self.cfg.quorum_gates {
+            return Err(ServiceError::FailedPrecondition(
+                "rekey needs a quorum of custodians (not dev mode's 1-of-1 or a PIN file)",
+            ));
+        }
+        let mut params = Parameters::new();
+        params.insert(PARAM_THRESHOLD.to_string(), threshold.to_string());
+        params.insert(PARAM_SHARES.to_string(), n.to_string());
+        params.insert(PARAM_CUSTODIANS.to_string(), custodians.join(","));
+        self.open_request(caller, Operation::Rekey, params).await
+    }
+
     /// Seal state and unseal progress.
     pub async fn seal_status(&self) -> Result<SealStatus> {
         let cfg = self.quorum.quorum_config().await?;
@@ -180,26 +250,7 @@ impl KeyService {
         min_threshold: u8,
     ) -> Result<Vec<CustodianKit>> {
         require_role(caller, &["admin"])?;
-        let n = u8::try_from(custodians.len())
-            .map_err(|_| ServiceError::InvalidArgument("at most 16 custodians"))?;
-        if threshold < min_threshold || threshold > n || n > shamir::MAX_SHARES {
-            return Err(ServiceError::InvalidArgument(
-                "need 2 <= threshold <= custodians <= 16",
-            ));
-        }
-        let mut names = std::collections::HashSet::new();
-        for c in custodians {
-            if !valid_custodian_name(c) {
-                return Err(ServiceError::InvalidArgument(
-                    "custodian names are 1-64 of [a-z0-9._-]",
-                ));
-            }
-            if !names.insert(c) {
-                return Err(ServiceError::InvalidArgument(
-                    "custodian names must be distinct",
-                ));
-            }
-        }
+        let n = check_quorum_params(threshold, custodians, min_threshold)?;
         if self.quorum.quorum_config().await?.is_some() {
             return Err(ServiceError::FailedPrecondition("already initialised"));
         }
@@ -256,6 +307,30 @@ impl KeyService {
         pin: &[u8],
         generation: i64,
     ) -> Result<Vec<CustodianKit>> {
+        let q = self.new_quorum(threshold, custodians, pin, generation)?;
+        match self
+            .quorum
+            .init_quorum(&q.config, &q.custodians, &q.tokens)
+            .await
+        {
+            Ok(()) => Ok(q.kits),
+            Err(StoreError::AlreadyExists) => {
+                Err(ServiceError::FailedPrecondition("already initialised"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes a new quorum secret, splits it K-of-N among `custodians`, seals `pin`
+    /// under it, and returns what to store and the kits. The secret is wiped before
+    /// this returns; nothing is stored.
+    pub(super) fn new_quorum(
+        &self,
+        threshold: u8,
+        custodians: &[String],
+        pin: &[u8],
+        generation: i64,
+    ) -> Result<NewQuorumParts> {
         let n = custodians.len() as u8;
         let secret = crypto::new_secret().map_err(quorum_err)?;
         let shares = shamir::split(&secret, threshold, n).map_err(quorum_err)?;
@@ -307,13 +382,12 @@ impl KeyService {
                 totp_uri: Zeroizing::new(totp::otpauth_uri(name, totp_secret.as_ref())),
             });
         }
-        match self.quorum.init_quorum(&cfg, &records, &tokens).await {
-            Ok(()) => Ok(kits),
-            Err(StoreError::AlreadyExists) => {
-                Err(ServiceError::FailedPrecondition("already initialised"))
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(NewQuorumParts {
+            config: cfg,
+            custodians: records,
+            tokens,
+            kits,
+        })
     }
 
     /// A custodian submits a share with a TOTP code. At the K-th distinct share the

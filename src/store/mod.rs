@@ -25,7 +25,7 @@ mod sql;
 mod tokens;
 
 pub use approvals::{
-    ApprovalEntry, ApprovalRecord, ApprovalStore, NewRequest, RequestResult, SealedShare,
+    ApprovalEntry, ApprovalRecord, ApprovalStore, NewQuorum, NewRequest, RequestResult, SealedShare,
 };
 pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use sql::{Backend, SqlStore};

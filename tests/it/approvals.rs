@@ -729,3 +729,109 @@ async fn the_approval_through_the_cli() {
     );
     assert_eq!(key(&arca, "phi").await.versions.len(), 2);
 }
+
+#[tokio::test]
+async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian() {
+    let (arca, cs) = unsealed(three_of_five(Db::Sqlite)).await;
+    let run = |args: &[&str], token: &str| {
+        let out = std::process::Command::new(arca_bin())
+            .args(args)
+            .env("ARCA_ADDR", arca.url())
+            .env("ARCA_TOKEN", token)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, err) = run(
+        &[
+            "operator",
+            "rekey",
+            "--threshold",
+            "2",
+            "--shares",
+            "3",
+            "--custodian",
+            "new-1",
+            "--custodian",
+            "new-2",
+        ],
+        arca.token(),
+    );
+    assert!(!ok && err.contains("--shares"), "{err}");
+    let (ok, out, err) = run(
+        &[
+            "operator",
+            "rekey",
+            "--threshold",
+            "2",
+            "--custodian",
+            "new-1",
+            "--custodian",
+            "new-2",
+            "--custodian",
+            "new-3",
+            "--output",
+            "json",
+        ],
+        arca.token(),
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["approval_request"]["id"].as_str().unwrap().to_string();
+    let digest = v["approval_request"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(v["approval_request"]["operation"], "Rekey");
+    assert_eq!(v["approval_request"]["digest_verified"], true);
+
+    let out_dir = arca.root().join("new-kits");
+    for (i, n) in [4usize, 5, 1].into_iter().enumerate() {
+        let code = cs.code(n).await;
+        let share_file = cs.kit(n).share_file.to_str().unwrap().to_string();
+        let (ok, out, err) = run(
+            &[
+                "approve",
+                &id,
+                "--digest",
+                &digest,
+                "--share-file",
+                &share_file,
+                "--totp",
+                &code,
+                "--out-dir",
+                out_dir.to_str().unwrap(),
+            ],
+            &cs.kit(n).token,
+        );
+        assert!(ok, "{err}");
+        if i < 2 {
+            assert!(out.contains("PENDING") && !out_dir.exists(), "{out}");
+        } else {
+            assert!(
+                out.contains("EXECUTED") && out.contains("rekeyed to 2 of 3, generation 2"),
+                "{out}"
+            );
+            assert!(!out.contains("arca-share-v1:"), "{out}");
+            assert!(err.contains("written under"), "{err}");
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for n in 1..=3 {
+        for f in ["share", "token", "totp-uri"] {
+            let p = out_dir.join(format!("new-{n}")).join(f);
+            let meta = std::fs::metadata(&p).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", p.display());
+        }
+        let share =
+            std::fs::read_to_string(out_dir.join(format!("new-{n}")).join("share")).unwrap();
+        assert!(share.starts_with(&format!("arca-share-v1:{n}:")), "{share}");
+    }
+    // The old custodians' tokens are revoked.
+    let (ok, _, err) = run(&["request", "show", &id], &cs.kit(2).token);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+}

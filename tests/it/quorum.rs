@@ -363,3 +363,209 @@ async fn the_ceremony_through_the_cli() {
     let (ok, _, err) = run(&["key", "create", "after-unseal"], arca.token());
     assert!(ok, "{err}");
 }
+
+fn kit_from_pb(k: &pb::CustodianKit) -> Kit {
+    let secret = k
+        .totp_uri
+        .split("secret=")
+        .nth(1)
+        .and_then(|s| s.split('&').next())
+        .unwrap();
+    Kit {
+        share: k.share.clone(),
+        token: k.token.clone(),
+        totp_secret: base32_decode(secret),
+    }
+}
+
+/// Rekey (DESIGN §2): 3-of-5 → 2-of-3 (new-1..3), approved by three old custodians. The
+/// executing approval alone receives the new kits; afterwards old shares and tokens are
+/// refused, two new kits unseal, earlier blobs still unwrap, and no new share is at rest
+/// or in a log.
+#[tokio::test]
+async fn rekey_to_two_of_three_hands_new_kits_to_the_executing_approval() {
+    let mut arca = three_of_five().await;
+    unseal_with(&arca, &[1, 2, 3], 0).await;
+    let mut c = arca.client().await;
+    c.create_key(pb::CreateKeyRequest {
+        name: "phi".into(),
+        description: String::new(),
+    })
+    .await
+    .unwrap();
+    let dk = c
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_name: "phi".into(),
+            context: ctx(&[("t", "1")]),
+            without_plaintext: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let new_names: Vec<String> = (1..=3).map(|i| format!("new-{i}")).collect();
+    let mut admin = quorum_client(&arca, arca.token()).await;
+    // Parameters are checked up front.
+    for (threshold, custodians, shares) in [
+        (1, new_names.clone(), 0),
+        (4, new_names.clone(), 0),
+        (2, vec!["new-1".to_string(), "new-1".to_string()], 0),
+        (2, new_names.clone(), 5),
+    ] {
+        let e = admin
+            .rekey(pb::RekeyRequest {
+                threshold,
+                custodians,
+                shares,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    let req = admin
+        .rekey(pb::RekeyRequest {
+            threshold: 2,
+            custodians: new_names.clone(),
+            shares: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(req.operation, "Rekey");
+    assert_eq!(req.state, "PENDING");
+    assert_eq!(req.threshold, 3);
+    assert!(req.new_kits.is_empty());
+
+    let approve = |n: u32, offset: i64| {
+        let (id, digest) = (req.id.clone(), req.digest.clone());
+        let arca = &arca;
+        async move {
+            let k = kit(arca, n);
+            quorum_client(arca, &k.token)
+                .await
+                .approve(pb::ApproveRequest {
+                    id,
+                    digest,
+                    share: k.share.clone(),
+                    totp: code(&k, offset),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    // Each custodian used step 0 to unseal: step +1 now.
+    for n in [1, 2] {
+        let r = approve(n, 1).await;
+        assert_eq!(r.state, "PENDING");
+        assert!(r.new_kits.is_empty());
+    }
+    assert_eq!(status(&arca).await.threshold, 3);
+    let done = approve(3, 1).await;
+    assert_eq!(done.state, "EXECUTED");
+    assert_eq!(done.outcome, "rekeyed to 2 of 3, generation 2");
+    assert_eq!(
+        done.new_kits
+            .iter()
+            .map(|k| k.custodian.as_str())
+            .collect::<Vec<_>>(),
+        ["new-1", "new-2", "new-3"]
+    );
+    let new_kits: Vec<Kit> = done.new_kits.iter().map(kit_from_pb).collect();
+    let debug = format!("{done:?}");
+    for k in &new_kits {
+        assert!(k.share.starts_with("arca-share-v1:"));
+        assert!(!debug.contains(&k.share) && !debug.contains(&k.token));
+    }
+    // Afterwards the request shows its outcome, and no kit.
+    let shown = admin
+        .get_request(pb::GetRequestRequest { id: req.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.outcome, "rekeyed to 2 of 3, generation 2");
+    assert!(shown.new_kits.is_empty());
+    let st = status(&arca).await;
+    assert_eq!((st.threshold, st.shares, st.sealed), (2, 3, false));
+    // Old custodian tokens are refused at once.
+    for n in 1..=5 {
+        let e = quorum_client(&arca, &kit(&arca, n).token)
+            .await
+            .seal_status(pb::SealStatusRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+
+    arca.restart().await;
+    assert_sealed(&arca).await;
+    // Old shares no longer unseal: with the old tokens (refused), or under a new
+    // custodian's identity (they fail the new generation's commitments).
+    let old = kit(&arca, 4);
+    let e = unseal(&arca, &old, &old.share, code(&old, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = unseal(&arca, &new_kits[0], &old.share, code(&new_kits[0], 0))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("share rejected"), "{e:?}");
+    assert_sealed(&arca).await;
+    // Two of the new kits unseal.
+    for k in &new_kits[1..] {
+        unseal(&arca, k, &k.share, code(k, 0)).await.unwrap();
+    }
+    assert!(!status(&arca).await.sealed);
+    // A blob wrapped before the rekey still unwraps.
+    let back = arca
+        .client()
+        .await
+        .unwrap_key(pb::UnwrapKeyRequest {
+            wrapped_key: dk.wrapped_key,
+            context: ctx(&[("t", "1")]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.plaintext, dk.plaintext);
+    // A new custodian's token works.
+    quorum_client(&arca, &new_kits[0].token)
+        .await
+        .seal_status(pb::SealStatusRequest {})
+        .await
+        .unwrap();
+
+    // No new share (in any form), token or TOTP secret at rest or in the logs.
+    let mut needles: Vec<(String, Vec<u8>)> = Vec::new();
+    for (i, k) in new_kits.iter().enumerate() {
+        let hexpart = k.share.rsplit(':').next().unwrap().to_string();
+        needles.push((format!("new share {i}"), k.share.clone().into_bytes()));
+        needles.push((format!("new share {i} (hex)"), hexpart.clone().into_bytes()));
+        needles.push((
+            format!("new share {i} (hex, upper)"),
+            hexpart.to_uppercase().into_bytes(),
+        ));
+        needles.push((
+            format!("new share {i} (y raw)"),
+            hex::decode(&hexpart).unwrap(),
+        ));
+        needles.push((format!("new token {i}"), k.token.clone().into_bytes()));
+        needles.push((format!("new totp secret {i}"), k.totp_secret.clone()));
+    }
+    let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
+    for f in ["arca.db", "arca.db-wal", "arca.db-shm"] {
+        if let Ok(b) = std::fs::read(arca.data_dir().join(f)) {
+            haystacks.push((f.to_string(), b));
+        }
+    }
+    assert!(!haystacks.is_empty());
+    haystacks.push(("log".into(), arca.all_logs().into_bytes()));
+    for (name, hay) in &haystacks {
+        for (what, needle) in &needles {
+            assert!(
+                !hay.windows(needle.len()).any(|w| w == needle.as_slice()),
+                "{what} appears in {name}"
+            );
+        }
+    }
+}

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{call_error, key_json, print_key, read_secret, BoxError, Client};
+use super::{call_error, key_json, print_key, read_secret, write_private, BoxError, Client};
 use crate::cli::{ClientOpts, Output};
 use crate::grpc::pb;
 use crate::quorum::approvals::{digest, Operation, Parameters};
@@ -54,6 +54,10 @@ pub(in crate::cli) struct ApproveArgs {
     /// Current TOTP code from your authenticator.
     #[arg(long, env = "ARCA_TOTP")]
     totp: String,
+    /// If this approval executes a rekey: write each new custodian's kit to
+    /// DIR/NAME/{share,token,totp-uri} (0600) instead of printing it.
+    #[arg(long)]
+    out_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     opts: ClientOpts,
 }
@@ -110,6 +114,7 @@ fn request_json(r: &pb::ApprovalRequest) -> serde_json::Value {
         "rejected_by": r.rejected_by,
         "reason": r.reason,
         "result": r.result.as_ref().map(key_json),
+        "outcome": r.outcome,
     })
 }
 
@@ -153,6 +158,9 @@ pub(super) fn print_request(output: Output, r: &pb::ApprovalRequest) {
                     "WARNING: this digest is NOT the digest of the operation and parameters \
                      shown: do not approve"
                 );
+            }
+            if !r.outcome.is_empty() {
+                println!("outcome:    {}", r.outcome);
             }
             if let Some(k) = &r.result {
                 println!("result:");
@@ -253,7 +261,7 @@ pub(in crate::cli) async fn run_approve(a: ApproveArgs) -> Result<(), BoxError> 
     let share = read_secret(a.share_file.as_deref(), "share")?;
     let totp = Zeroizing::new(a.totp);
     let mut c = Client::connect(&a.opts).await?;
-    let r = c
+    let mut r = c
         .quorum
         .approve(c.req(pb::ApproveRequest {
             id: a.id,
@@ -264,6 +272,7 @@ pub(in crate::cli) async fn run_approve(a: ApproveArgs) -> Result<(), BoxError> 
         .await
         .map_err(call_error)?
         .into_inner();
+    let kits = std::mem::take(&mut r.new_kits);
     if c.output == Output::Human {
         match r.state.as_str() {
             "EXECUTED" => println!("approved: the request had its quorum and was executed"),
@@ -274,7 +283,77 @@ pub(in crate::cli) async fn run_approve(a: ApproveArgs) -> Result<(), BoxError> 
             ),
         }
     }
-    print_request(c.output, &r);
+    let written = match (c.output, a.out_dir.as_deref()) {
+        (Output::Json, None) if !kits.is_empty() => {
+            let mut v = request_json(&r);
+            v["new_kits"] = json!(kits
+                .iter()
+                .map(|k| json!({
+                    "custodian": k.custodian,
+                    "share": k.share,
+                    "token": k.token,
+                    "totp_uri": k.totp_uri,
+                }))
+                .collect::<Vec<_>>());
+            println!("{v}");
+            Ok(())
+        }
+        (output, out_dir) => {
+            print_request(output, &r);
+            deliver_kits(&kits, out_dir)
+        }
+    };
+    for k in kits {
+        drop(Zeroizing::new(k.share));
+        drop(Zeroizing::new(k.token));
+        drop(Zeroizing::new(k.totp_uri));
+    }
+    written
+}
+
+/// The new kits of an executed rekey: printed once, or written under `out_dir`.
+fn deliver_kits(
+    kits: &[pb::CustodianKit],
+    out_dir: Option<&std::path::Path>,
+) -> Result<(), BoxError> {
+    if kits.is_empty() {
+        if out_dir.is_some() {
+            eprintln!("note: this approval executed no rekey; nothing written");
+        }
+        return Ok(());
+    }
+    match out_dir {
+        Some(dir) => {
+            for k in kits {
+                let d = dir.join(&k.custodian);
+                std::fs::create_dir_all(&d)?;
+                write_private(&d.join("share"), k.share.as_bytes())?;
+                write_private(&d.join("token"), k.token.as_bytes())?;
+                write_private(&d.join("totp-uri"), k.totp_uri.as_bytes())?;
+            }
+            eprintln!(
+                "rekeyed: {} new kits written under {} — they exist nowhere else: hand each \
+                 directory to its custodian, then delete it",
+                kits.len(),
+                dir.display()
+            );
+        }
+        None => {
+            println!();
+            println!(
+                "rekeyed. The {} kits below exist nowhere else and are shown once: hand each \
+                 block to its custodian only.",
+                kits.len()
+            );
+            for k in kits {
+                println!();
+                println!("custodian: {}", k.custodian);
+                println!("share:     {}", k.share);
+                println!("token:     {}", k.token);
+                println!("totp:      {}", k.totp_uri);
+            }
+        }
+    }
     Ok(())
 }
 
