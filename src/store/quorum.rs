@@ -217,6 +217,17 @@ impl QuorumStore for SqlStore {
             lock_until,
         } = *f;
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        // Lock the custodian's row first (a no-op update), so concurrent failures on
+        // several PostgreSQL nodes count each other; SQLite's IMMEDIATE transaction
+        // already serialises them.
+        sqlx::query(
+            "UPDATE custodians SET locked_until = locked_until WHERE name = $1 AND generation = $2",
+        )
+        .bind(name.to_string())
+        .bind(generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
         sqlx::query("INSERT INTO custodian_failures (custodian, at, reason) VALUES ($1, $2, $3)")
             .bind(name.to_string())
             .bind(at)
