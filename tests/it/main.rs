@@ -25,6 +25,7 @@ mod lifecycle;
 mod limits;
 mod load;
 mod outage;
+mod production;
 mod quorum;
 mod ratelimit;
 mod secrets_at_rest;

@@ -24,13 +24,13 @@ impl Interceptor for Bearer {
 
 type QuorumClient = QuorumServiceClient<InterceptedService<Channel, Bearer>>;
 
-struct Kit {
+pub(crate) struct Kit {
     share: String,
     token: String,
     totp_secret: Vec<u8>,
 }
 
-fn base32_decode(s: &str) -> Vec<u8> {
+pub(crate) fn base32_decode(s: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let (mut buf, mut bits) = (0u32, 0);
     for c in s.bytes() {
