@@ -683,6 +683,87 @@ mod tests {
             .is_ok());
     }
 
+    /// The PIN that init sets, the quorum secret's shares and the opened PIN reach the
+    /// HSM and the custodians only: the database files hold none of them.
+    #[tokio::test]
+    async fn init_stores_no_pin_or_share_and_unseal_opens_with_the_new_pin() {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqlStore::open_sqlite(&dir.path().join("q.db"))
+                .await
+                .unwrap(),
+        );
+        let set_pin = Arc::new(std::sync::Mutex::new(String::new()));
+        let opened_with = Arc::new(std::sync::Mutex::new(String::new()));
+        let (sp, ow) = (set_pin.clone(), opened_with.clone());
+        let opener: HsmOpener = Arc::new(move |pin: AuthPin| {
+            *ow.lock().unwrap() = pin.expose_secret().to_string();
+            Ok(Arc::new(FakeHsm::new()) as Arc<dyn Hsm>)
+        });
+        let setter: PinSetter = Arc::new(move |_so: &AuthPin, new: &AuthPin| {
+            *sp.lock().unwrap() = new.expose_secret().to_string();
+            Ok(())
+        });
+        let svc = KeyService::new(
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            SealControl::new(opener, setter, EngineConfig::default()),
+            Arc::new(ManualClock::at(T0)),
+            ServiceConfig::default(),
+        );
+        let admin = Caller {
+            principal: Arc::new(Principal {
+                name: "admin".into(),
+                method: AuthMethod::Token {
+                    token_id: "t".into(),
+                },
+                roles: vec!["admin".into()],
+                key_globs: Vec::new(),
+            }),
+            request_id: "r".into(),
+            peer: crate::authz::Peer::default(),
+        };
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let kits = svc
+            .init_quorum(&admin, 2, &names, AuthPin::from("so".to_string()), 2)
+            .await
+            .unwrap();
+        let pin = set_pin.lock().unwrap().clone();
+        assert_eq!(pin.len(), 64, "a 256-bit random PIN");
+        let mut needles: Vec<Vec<u8>> = vec![pin.clone().into_bytes()];
+        for k in &kits {
+            let share = shamir::decode(&k.share).unwrap();
+            needles.push(share.expose().to_vec());
+            needles.push(hex::encode(&share.expose()[1..]).into_bytes());
+            needles.push(k.token.expose().as_bytes().to_vec());
+        }
+        for k in &kits[..2] {
+            let c = code(&store, k, T0).await;
+            let who = k.name.clone();
+            svc.unseal(&custodian(&who), &k.share, &c).await.unwrap();
+        }
+        assert_eq!(
+            *opened_with.lock().unwrap(),
+            pin,
+            "unseal opens the HSM with the PIN init set"
+        );
+        drop(svc);
+        drop(store);
+        for f in ["q.db", "q.db-wal", "q.db-shm"] {
+            let Ok(bytes) = std::fs::read(dir.path().join(f)) else {
+                continue;
+            };
+            for n in &needles {
+                assert!(
+                    !bytes.windows(n.len()).any(|w| w == n.as_slice()),
+                    "a secret is in {f}"
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn init_refuses_bad_parameters_and_reinit() {
         let clock = Arc::new(ManualClock::at(T0));
