@@ -19,7 +19,8 @@
 # p11-kit + p11-kit-modules: `p11-kit server` and p11-kit-client.so (HSM outage tests);
 # protobuf-compiler + libprotobuf-dev: protoc and the well-known types for build.rs;
 # postgresql: the second store back end (a throwaway cluster in scripts/test); pkg-config, build-essential: native
-# builds (bundled SQLite); ca-certificates: TLS to the package registries.
+# builds (bundled SQLite); ca-certificates: TLS to the package registries; age: tests that
+# decrypt custodian shares encrypted with `operator init --age-recipient`.
 ARCA_PACKAGES=(
     softhsm2
     opensc
@@ -31,6 +32,7 @@ ARCA_PACKAGES=(
     pkg-config
     build-essential
     ca-certificates
+    age
 )
 
 _arca_pkg_installed() {

@@ -497,6 +497,7 @@ async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
             custodians,
             so_pin_file,
             out_dir,
+            age_recipients,
             opts,
         } => {
             if shares.is_some_and(|n| n as usize != custodians.len()) {
@@ -510,6 +511,7 @@ async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
                     threshold,
                     custodians,
                     so_pin: so_pin.to_string(),
+                    age_recipients: age_recipients.into_iter().collect(),
                 }))
                 .await
                 .map_err(call_error)?
@@ -535,7 +537,11 @@ async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
                     for k in &r.custodians {
                         println!();
                         println!("custodian: {}", k.custodian);
-                        println!("share:     {}", k.share);
+                        if k.share.contains('\n') {
+                            print!("share (age-encrypted):\n{}", k.share);
+                        } else {
+                            println!("share:     {}", k.share);
+                        }
                         println!("token:     {}", k.token);
                         println!("totp:      {}", k.totp_uri);
                     }

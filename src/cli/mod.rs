@@ -134,6 +134,10 @@ enum OperatorCommand {
         /// printing it.
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
+        /// NAME=age1…: return NAME's share age-encrypted (ASCII armor) to that X25519
+        /// recipient; decrypt with `age -d -i KEY`. Tokens and TOTP URIs stay plain (repeat).
+        #[arg(long = "age-recipient", value_parser = parse_age_recipient)]
+        age_recipients: Vec<(String, String)>,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -341,5 +345,15 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `NAME=age1…` of `operator init --age-recipient` (the server checks the recipient).
+fn parse_age_recipient(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, r)) if !name.is_empty() && r.starts_with("age1") => {
+            Ok((name.to_string(), r.to_string()))
+        }
+        _ => Err("expected NAME=age1…".to_string()),
     }
 }

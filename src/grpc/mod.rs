@@ -57,6 +57,7 @@ pub mod pb {
                 .field("threshold", &self.threshold)
                 .field("custodians", &self.custodians)
                 .field("so_pin", &"[REDACTED]")
+                .field("age_recipients", &self.age_recipients)
                 .finish()
         }
     }

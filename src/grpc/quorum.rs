@@ -1,6 +1,7 @@
 //! `arca.v1.QuorumService`: proto ↔ domain conversion around the seal and approval
 //! use cases.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arca_hsm::AuthPin;
@@ -9,7 +10,10 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use super::status::to_status;
 use crate::clock::rfc3339;
-use crate::service::{ApprovalRecord, Caller, CustodianKit, KeyService, RequestResult, SealStatus};
+use crate::quorum::age;
+use crate::service::{
+    ApprovalRecord, Caller, CustodianKit, KeyService, RequestResult, SealStatus, ServiceError,
+};
 
 /// Smallest K outside dev mode (DESIGN §2: 2 ≤ K).
 const MIN_THRESHOLD: u8 = 2;
@@ -88,6 +92,39 @@ fn kit_to_pb(k: CustodianKit) -> pb::CustodianKit {
     }
 }
 
+/// Parses `custodian → age1…`; every name must be one of the ceremony's custodians.
+fn age_recipients(
+    map: &HashMap<String, String>,
+    custodians: &[String],
+) -> Result<HashMap<String, [u8; 32]>, ServiceError> {
+    map.iter()
+        .map(|(name, r)| {
+            if !custodians.iter().any(|c| c == name) {
+                return Err(ServiceError::InvalidArgument(
+                    "age recipient for an unknown custodian",
+                ));
+            }
+            let key = age::parse_recipient(r)
+                .map_err(|_| ServiceError::InvalidArgument("invalid age recipient"))?;
+            Ok((name.clone(), key))
+        })
+        .collect()
+}
+
+/// Replaces the share of a custodian that has an age recipient by its armored
+/// encryption to that recipient.
+fn encrypt_share(
+    mut k: CustodianKit,
+    recipients: &HashMap<String, [u8; 32]>,
+) -> Result<CustodianKit, ServiceError> {
+    if let Some(r) = recipients.get(&k.name) {
+        let armored = age::encrypt_armored(r, k.share.as_bytes())
+            .map_err(|e| ServiceError::Internal(Box::new(e)))?;
+        k.share = zeroize::Zeroizing::new(armored);
+    }
+    Ok(k)
+}
+
 #[tonic::async_trait]
 impl pb::quorum_service_server::QuorumService for QuorumApi {
     async fn init(
@@ -102,11 +139,20 @@ impl pb::quorum_service_server::QuorumService for QuorumApi {
                 &c.request_id,
             )
         })?;
+        // Validated before anything is initialised: a bad recipient must not cost a
+        // ceremony whose kits could then not be handed out as planned.
+        let recipients = age_recipients(&r.age_recipients, &r.custodians)
+            .map_err(|e| to_status(e, &c.request_id))?;
         let so_pin = AuthPin::from(std::mem::take(&mut r.so_pin));
         let kits = self
             .svc
             .init_quorum(&c, threshold, &r.custodians, so_pin, MIN_THRESHOLD)
             .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        let kits = kits
+            .into_iter()
+            .map(|k| encrypt_share(k, &recipients))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(pb::InitResponse {
             custodians: kits.into_iter().map(kit_to_pb).collect(),

@@ -23,6 +23,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+pub mod age;
 pub mod approvals;
 pub mod crypto;
 pub mod policy;

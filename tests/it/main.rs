@@ -15,6 +15,7 @@
 mod support;
 
 mod access;
+mod age;
 mod approvals;
 mod cli;
 mod cluster;

@@ -1,7 +1,8 @@
 //! The full production ceremony through the real CLI, over mutual TLS: a token made with
 //! `hsm/softhsm/init-token`, `arca server` outside dev mode (sealed, bootstrap token),
 //! `arca operator init`, a restart (sealed again), three `arca operator unseal`, a key,
-//! `arca key rotate` answering an approval request, and three `arca approve`.
+//! `arca key rotate` answering an approval request, and three `arca approve`; and an
+//! init whose share for one custodian comes back encrypted to that custodian's `age` key.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -134,8 +135,8 @@ fn totp(kit: &Path, offset: i64) -> String {
     arca::quorum::totp::hotp(&secret, step as u64)
 }
 
-#[tokio::test]
-async fn the_production_ceremony_through_the_cli() {
+/// A fresh PKI and token (`arca-prod`); the server is not started yet.
+fn fresh_prod() -> Prod {
     let root = tempfile::tempdir().unwrap();
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let ok = Command::new(manifest.join("scripts/make-test-ca"))
@@ -154,11 +155,16 @@ async fn the_production_ceremony_through_the_cli() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let mut prod = Prod {
+    Prod {
         root,
         child: None,
         port: 0,
-    };
+    }
+}
+
+#[tokio::test]
+async fn the_production_ceremony_through_the_cli() {
+    let mut prod = fresh_prod();
     prod.start().await;
     let boot = read(&prod.p("data/bootstrap-token"));
 
@@ -269,4 +275,82 @@ async fn the_production_ceremony_through_the_cli() {
     let k = prod.json(&["key", "get", "phi/records"], &boot);
     assert_eq!(k["primary_version"], 2, "{k}");
     assert_eq!(k["versions"].as_array().unwrap().len(), 2);
+}
+
+/// `operator init --age-recipient`: bad recipients and unknown custodians are refused
+/// before anything is initialised; alice's share comes back age-encrypted, `age -d`
+/// recovers it, and it unseals together with bob's plain share.
+#[tokio::test]
+async fn init_encrypts_a_share_to_the_custodians_age_key() {
+    let mut prod = fresh_prod();
+    prod.start().await;
+    let boot = read(&prod.p("data/bootstrap-token"));
+    let (age_key, recipient) = crate::age::keygen(prod.root.path());
+    let so = prod.p("hsm/so-pin");
+    let kits = prod.p("kits");
+    let init = |extra: &[&str]| {
+        let mut args = vec![
+            "operator",
+            "init",
+            "--threshold",
+            "2",
+            "--custodian",
+            "alice",
+            "--custodian",
+            "bob",
+            "--so-pin-file",
+            so.to_str().unwrap(),
+            "--out-dir",
+            kits.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        prod.cli(&args, &boot)
+    };
+
+    let unknown = format!("mallory={recipient}");
+    // One character changed: the Bech32 checksum no longer matches.
+    let last = if recipient.ends_with('q') { 'p' } else { 'q' };
+    let corrupt = format!("alice={}{last}", &recipient[..recipient.len() - 1]);
+    for bad in [unknown.as_str(), corrupt.as_str()] {
+        let (ok, _, err) = init(&["--age-recipient", bad]);
+        assert!(!ok && err.contains("age recipient"), "{bad}: {err}");
+    }
+    let st = prod.json(&["operator", "status"], &boot);
+    assert_eq!(st["initialized"].as_bool(), Some(false), "{st}");
+
+    let good = format!("alice={recipient}");
+    let (ok, out, err) = init(&["--age-recipient", &good]);
+    assert!(ok, "{err}");
+    assert!(out.contains("2 of 2"), "{out}");
+    let armored = std::fs::read_to_string(kits.join("alice/share")).unwrap();
+    assert!(
+        armored.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"),
+        "{armored}"
+    );
+    let share = crate::age::decrypt(&age_key, &armored);
+    std::fs::write(kits.join("alice/share.txt"), &share).unwrap();
+    // Tokens, TOTP URIs and bob's share stay plain.
+    assert!(read(&kits.join("alice/totp-uri")).starts_with("otpauth://"));
+    assert!(!read(&kits.join("bob/share")).contains("AGE"));
+
+    prod.stop();
+    prod.start().await;
+    for (i, (who, file)) in [("alice", "share.txt"), ("bob", "share")]
+        .iter()
+        .enumerate()
+    {
+        let kit = kits.join(who);
+        let st = prod.json(
+            &[
+                "operator",
+                "unseal",
+                "--share-file",
+                kit.join(file).to_str().unwrap(),
+                "--totp",
+                &totp(&kit, 0),
+            ],
+            &read(&kit.join("token")),
+        );
+        assert_eq!(st["sealed"].as_bool(), Some(i < 1), "{st}");
+    }
 }
