@@ -36,6 +36,8 @@ pub struct TokenInfo {
     pub record: TokenRecord,
 }
 
+/// Token administration answers only while unsealed (DESIGN §2: while sealed only
+/// health, status and unseal answer).
 fn require_admin(caller: &Caller) -> Result<()> {
     if caller.principal.roles.iter().any(|r| r == "admin") {
         Ok(())
@@ -62,6 +64,7 @@ impl KeyService {
         caller: &Caller,
         t: NewToken,
     ) -> Result<(String, BearerToken)> {
+        self.engine()?;
         require_admin(caller)?;
         if !valid_name(&t.principal) || t.roles.iter().any(|r| !valid_name(r)) {
             return Err(ServiceError::InvalidArgument(
@@ -125,6 +128,7 @@ impl KeyService {
 
     /// Revokes a token at once.
     pub async fn revoke_token(&self, caller: &Caller, id: &str) -> Result<()> {
+        self.engine()?;
         require_admin(caller)?;
         match self.tokens.revoke_token(id, self.clock.now_ms()).await {
             Ok(()) => {
@@ -142,6 +146,7 @@ impl KeyService {
 
     /// Every token (hashes only).
     pub async fn list_tokens(&self, caller: &Caller) -> Result<Vec<TokenInfo>> {
+        self.engine()?;
         require_admin(caller)?;
         Ok(self
             .tokens

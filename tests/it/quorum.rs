@@ -142,6 +142,17 @@ async fn assert_sealed(arca: &TestArca) {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(err.message(), "sealed");
+    // Token administration is closed too: only status and unseal answer.
+    let mut req = tonic::Request::new(pb::ListTokensRequest {});
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", arca.token()).parse().unwrap(),
+    );
+    let err = arca::grpc::pb::access_service_client::AccessServiceClient::new(arca.channel().await)
+        .list_tokens(req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(status(arca).await.sealed);
 }
 
