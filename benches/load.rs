@@ -107,6 +107,8 @@ fn parse_args() -> Opts {
 #[derive(Clone)]
 struct Client {
     inner: KeyServiceClient<H2>,
+    inner_h2: H2,
+    origin: http::Uri,
     auth: MetadataValue<Ascii>,
 }
 
@@ -122,6 +124,9 @@ impl Client {
 enum Op {
     Generate,
     Unwrap,
+    /// `grpc.health.v1.Health/Check` on the same server: no auth, HSM or database — the
+    /// gRPC stack's own ceiling on this machine, for comparison.
+    Health,
 }
 
 async fn measure(
@@ -157,6 +162,15 @@ async fn measure(
                         }))
                         .await
                         .is_ok(),
+                    Op::Health => tonic_health::pb::health_client::HealthClient::with_origin(
+                        c.inner_h2.clone(),
+                        c.origin.clone(),
+                    )
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok(),
                     Op::Unwrap => c
                         .inner
                         .unwrap_key(c.req(pb::UnwrapKeyRequest {
@@ -207,8 +221,11 @@ fn main() {
         let mut clients = Vec::new();
         for _ in 0..o.connections.max(1) {
             let ch = connect(&o.addr).await;
+            let origin: http::Uri = o.addr.parse().expect("addr uri");
             clients.push(Client {
-                inner: KeyServiceClient::with_origin(ch, o.addr.parse().expect("addr uri")),
+                inner: KeyServiceClient::with_origin(ch.clone(), origin.clone()),
+                inner_h2: ch,
+                origin,
                 auth: auth.clone(),
             });
         }
@@ -238,7 +255,11 @@ fn main() {
         let blobs = Arc::new(blobs);
         // Warm-up: connections, caches, session key copies.
         measure(&clients, Op::Unwrap, 16, 0.5, &o.key, Arc::clone(&blobs)).await;
-        for (op, name) in [(Op::Generate, "GenerateDataKey"), (Op::Unwrap, "UnwrapKey")] {
+        for (op, name) in [
+            (Op::Generate, "GenerateDataKey"),
+            (Op::Unwrap, "UnwrapKey"),
+            (Op::Health, "HealthCheck"),
+        ] {
             for &n in &o.concurrency {
                 let (rate, p50, p99, errors) =
                     measure(&clients, op, n, o.secs, &o.key, Arc::clone(&blobs)).await;
