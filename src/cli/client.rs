@@ -575,6 +575,7 @@ async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
             shares,
             threshold,
             custodians,
+            age_recipients,
             opts,
         } => {
             if shares.is_some_and(|n| n as usize != custodians.len()) {
@@ -587,6 +588,7 @@ async fn run_operator(cmd: OperatorCommand) -> Result<(), BoxError> {
                     threshold,
                     custodians,
                     shares: shares.unwrap_or(0),
+                    age_recipients: age_recipients.into_iter().collect(),
                 }))
                 .await
                 .map_err(call_error)?

@@ -164,6 +164,9 @@ enum OperatorCommand {
         /// New custodian names (repeat).
         #[arg(long = "custodian", required = true)]
         custodians: Vec<String>,
+        /// Return this new custodian's share encrypted to an age key: NAME=age1… (repeat).
+        #[arg(long = "age-recipient", value_parser = parse_kv)]
+        age_recipients: Vec<(String, String)>,
         #[command(flatten)]
         opts: ClientOpts,
     },

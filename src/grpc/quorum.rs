@@ -264,7 +264,14 @@ impl pb::quorum_service_server::QuorumService for QuorumApi {
         let shares = (r.shares != 0).then_some(r.shares);
         let rec = self
             .svc
-            .request_rekey(&c, threshold, &r.custodians, shares, MIN_THRESHOLD)
+            .request_rekey(
+                &c,
+                threshold,
+                &r.custodians,
+                shares,
+                MIN_THRESHOLD,
+                &r.age_recipients.clone().into_iter().collect(),
+            )
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(request_to_pb(&rec)))

@@ -307,7 +307,19 @@ impl KeyService {
             // K approvals are in, but the operation did not run (an outage interrupted
             // it): run it now. The shares are in the store; nothing is taken from the
             // caller.
-            Err(Refusal::NotPending(RequestState::Pending)) => return self.execute(id).await,
+            Err(Refusal::NotPending(RequestState::Pending)) => {
+                // Only a custodian of the current generation may set it going.
+                let cfg = self
+                    .quorum
+                    .quorum_config()
+                    .await?
+                    .ok_or(ServiceError::FailedPrecondition("not initialised"))?;
+                match self.quorum.custodian(&name, cfg.generation).await {
+                    Ok(_) => return self.execute(id).await,
+                    Err(StoreError::NotFound) => return Err(ServiceError::PermissionDenied),
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Err(r) => return Err(refusal(r)),
         }
         let cfg = self
@@ -716,7 +728,18 @@ impl KeyService {
             revoked_tokens = revoked.len(),
             "quorum rekeyed: earlier shares and custodian tokens no longer work"
         );
-        Ok(q.kits)
+        // Kits whose custodian named an age key leave only encrypted to it.
+        let mut kits = q.kits;
+        for kit in &mut kits {
+            let param = format!("{}{}", super::seal::AGE_PARAM_PREFIX, kit.name);
+            if let Some(recipient) = req.parameters.get(&param) {
+                let key = crate::quorum::age::parse_recipient(recipient).map_err(|_| BAD)?;
+                let armored = crate::quorum::age::encrypt_armored(&key, kit.share.as_bytes())
+                    .map_err(|e| ServiceError::Internal(Box::new(e)))?;
+                kit.share = zeroize::Zeroizing::new(armored);
+            }
+        }
+        Ok(kits)
     }
 
     /// After a run that did not complete: a request decided meanwhile is returned as it
@@ -1273,17 +1296,21 @@ mod tests {
             (2, new.clone(), Some(4)),
         ] {
             assert!(matches!(
-                w.svc.request_rekey(&admin(), k, &list, shares, 2).await,
+                w.svc
+                    .request_rekey(&admin(), k, &list, shares, 2, &Default::default())
+                    .await,
                 Err(ServiceError::InvalidArgument(_))
             ));
         }
         assert!(matches!(
-            w.svc.request_rekey(&custodian(1), 2, &new, None, 2).await,
+            w.svc
+                .request_rekey(&custodian(1), 2, &new, None, 2, &Default::default())
+                .await,
             Err(ServiceError::PermissionDenied)
         ));
         let req = w
             .svc
-            .request_rekey(&admin(), 2, &new, Some(3), 2)
+            .request_rekey(&admin(), 2, &new, Some(3), 2, &Default::default())
             .await
             .unwrap();
         assert_eq!(req.operation, Operation::Rekey);
@@ -1393,7 +1420,14 @@ mod tests {
         let w = world(true).await;
         let req = w
             .svc
-            .request_rekey(&admin(), 2, &names(&["n1", "n2", "n3"]), None, 2)
+            .request_rekey(
+                &admin(),
+                2,
+                &names(&["n1", "n2", "n3"]),
+                None,
+                2,
+                &Default::default(),
+            )
             .await
             .unwrap();
         for n in [1, 2, 5] {
@@ -1421,7 +1455,14 @@ mod tests {
         let w = world(false).await;
         assert!(matches!(
             w.svc
-                .request_rekey(&admin(), 2, &names(&["n1", "n2"]), None, 2)
+                .request_rekey(
+                    &admin(),
+                    2,
+                    &names(&["n1", "n2"]),
+                    None,
+                    2,
+                    &Default::default()
+                )
                 .await,
             Err(ServiceError::FailedPrecondition(_))
         ));

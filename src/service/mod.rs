@@ -430,6 +430,8 @@ impl KeyService {
         context: &EncryptionContext,
         without_plaintext: bool,
     ) -> Result<DataKey> {
+        // Sealed first: while sealed a caller learns nothing about keys.
+        self.engine()?;
         let (key, version, object) = self.primary_for_wrap(caller, key_name).await?;
         let ctx = canonical_context(context)?;
         self.take_wrap(key.id, version).await?;
@@ -453,6 +455,8 @@ impl KeyService {
         plaintext: Plaintext,
         context: &EncryptionContext,
     ) -> Result<Wrapped> {
+        // Sealed first: while sealed a caller learns nothing about keys.
+        self.engine()?;
         if !(16..=64).contains(&plaintext.len()) {
             return Err(KeysError::InvalidPlaintextLength.into());
         }
@@ -477,6 +481,8 @@ impl KeyService {
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> Result<Unwrapped> {
+        // Sealed first: while sealed a caller learns nothing about keys.
+        self.engine()?;
         let ctx = canonical_context(context)?;
         let (key, blob, object) = self.version_for_unwrap(caller, wrapped).await?;
         let version = blob.version;
@@ -495,6 +501,8 @@ impl KeyService {
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> Result<Wrapped> {
+        // Sealed first: while sealed a caller learns nothing about keys.
+        self.engine()?;
         let ctx = canonical_context(context)?;
         let (key, blob, from_object) = self.version_for_unwrap(caller, wrapped).await?;
         let (_, to_version, to_object) = self.primary_for_wrap(caller, key.name.as_str()).await?;

@@ -35,6 +35,8 @@ pub const FAILURE_WINDOW_MS: i64 = 15 * 60 * 1000;
 pub const FAILURE_LIMIT: u32 = 5;
 /// ...for this long.
 pub const LOCKOUT_MS: i64 = 15 * 60 * 1000;
+/// Request-parameter prefix of a rekey's age recipients (`age.NAME = age1…`).
+pub const AGE_PARAM_PREFIX: &str = "age.";
 /// Principal-name prefix of custodian identities.
 pub const CUSTODIAN_PREFIX: &str = "custodian:";
 
@@ -194,9 +196,18 @@ impl KeyService {
         custodians: &[String],
         shares: Option<u32>,
         min_threshold: u8,
+        age_recipients: &std::collections::BTreeMap<String, String>,
     ) -> Result<ApprovalRecord> {
         self.engine()?;
         require_role(caller, &["admin"])?;
+        for (who, recipient) in age_recipients {
+            if !custodians.contains(who) {
+                return Err(ServiceError::InvalidArgument(
+                    "age recipient for an unknown custodian",
+                ));
+            }
+            crate::quorum::age::parse_recipient(recipient).map_err(quorum_err)?;
+        }
         if shares.is_some_and(|n| n as usize != custodians.len()) {
             return Err(ServiceError::InvalidArgument(
                 "shares must equal the number of custodians",
@@ -212,6 +223,9 @@ impl KeyService {
         params.insert(PARAM_THRESHOLD.to_string(), threshold.to_string());
         params.insert(PARAM_SHARES.to_string(), n.to_string());
         params.insert(PARAM_CUSTODIANS.to_string(), custodians.join(","));
+        for (who, recipient) in age_recipients {
+            params.insert(format!("{AGE_PARAM_PREFIX}{who}"), recipient.clone());
+        }
         self.open_request(caller, Operation::Rekey, params).await
     }
 

@@ -428,20 +428,51 @@ async fn rekey_to_two_of_three_hands_new_kits_to_the_executing_approval() {
                 threshold,
                 custodians,
                 shares,
+                age_recipients: Default::default(),
             })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     }
+    // new-1 takes its new share encrypted to an age key; an unknown name is refused.
+    let age_dir = tempfile::tempdir().unwrap();
+    let identity = age_dir.path().join("new-1.key");
+    let keygen = std::process::Command::new("age-keygen")
+        .arg("-o")
+        .arg(&identity)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let recipient = std::fs::read_to_string(&identity)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_string))
+        .unwrap();
+    let e = admin
+        .rekey(pb::RekeyRequest {
+            threshold: 2,
+            custodians: new_names.clone(),
+            shares: 3,
+            age_recipients: [("mallory".to_string(), recipient.clone())].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let req = admin
         .rekey(pb::RekeyRequest {
             threshold: 2,
             custodians: new_names.clone(),
             shares: 3,
+            age_recipients: [("new-1".to_string(), recipient.clone())].into(),
         })
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(
+        req.parameters.get("age.new-1"),
+        Some(&recipient),
+        "covered by the digest"
+    );
     assert_eq!(req.operation, "Rekey");
     assert_eq!(req.state, "PENDING");
     assert_eq!(req.threshold, 3);
@@ -482,7 +513,30 @@ async fn rekey_to_two_of_three_hands_new_kits_to_the_executing_approval() {
             .collect::<Vec<_>>(),
         ["new-1", "new-2", "new-3"]
     );
-    let new_kits: Vec<Kit> = done.new_kits.iter().map(kit_from_pb).collect();
+    let mut new_kits: Vec<Kit> = done.new_kits.iter().map(kit_from_pb).collect();
+    // new-1's share is age-encrypted; `age -d` with its identity recovers it.
+    assert!(new_kits[0]
+        .share
+        .starts_with("-----BEGIN AGE ENCRYPTED FILE-----"));
+    let mut dec = std::process::Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(&identity)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        dec.stdin
+            .take()
+            .unwrap()
+            .write_all(new_kits[0].share.as_bytes())
+            .unwrap();
+    }
+    let out = dec.wait_with_output().unwrap();
+    assert!(out.status.success());
+    new_kits[0].share = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let debug = format!("{done:?}");
     for k in &new_kits {
         assert!(k.share.starts_with("arca-share-v1:"));
