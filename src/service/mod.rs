@@ -431,12 +431,11 @@ impl KeyService {
         without_plaintext: bool,
     ) -> Result<DataKey> {
         // Sealed first: while sealed a caller learns nothing about keys.
-        self.engine()?;
+        let engine = self.engine()?;
         let (key, version, object) = self.primary_for_wrap(caller, key_name).await?;
         let ctx = canonical_context(context)?;
         self.take_wrap(key.id, version).await?;
-        let (plaintext, wrapped) = self
-            .engine()?
+        let (plaintext, wrapped) = engine
             .generate_data_key(key.id, version, object, ctx)
             .await?;
         Ok(DataKey {
@@ -456,17 +455,14 @@ impl KeyService {
         context: &EncryptionContext,
     ) -> Result<Wrapped> {
         // Sealed first: while sealed a caller learns nothing about keys.
-        self.engine()?;
+        let engine = self.engine()?;
         if !(16..=64).contains(&plaintext.len()) {
             return Err(KeysError::InvalidPlaintextLength.into());
         }
         let (key, version, object) = self.primary_for_wrap(caller, key_name).await?;
         let ctx = canonical_context(context)?;
         self.take_wrap(key.id, version).await?;
-        let wrapped = self
-            .engine()?
-            .wrap(key.id, version, object, plaintext, ctx)
-            .await?;
+        let wrapped = engine.wrap(key.id, version, object, plaintext, ctx).await?;
         Ok(Wrapped {
             wrapped: wrapped.encode(),
             key_name: key.name.clone(),
@@ -482,11 +478,11 @@ impl KeyService {
         context: &EncryptionContext,
     ) -> Result<Unwrapped> {
         // Sealed first: while sealed a caller learns nothing about keys.
-        self.engine()?;
+        let engine = self.engine()?;
         let ctx = canonical_context(context)?;
         let (key, blob, object) = self.version_for_unwrap(caller, wrapped).await?;
         let version = blob.version;
-        let plaintext = self.engine()?.unwrap(blob, object, ctx).await?;
+        let plaintext = engine.unwrap(blob, object, ctx).await?;
         Ok(Unwrapped {
             plaintext,
             key_name: key.name.clone(),
@@ -502,13 +498,12 @@ impl KeyService {
         context: &EncryptionContext,
     ) -> Result<Wrapped> {
         // Sealed first: while sealed a caller learns nothing about keys.
-        self.engine()?;
+        let engine = self.engine()?;
         let ctx = canonical_context(context)?;
         let (key, blob, from_object) = self.version_for_unwrap(caller, wrapped).await?;
         let (_, to_version, to_object) = self.primary_for_wrap(caller, key.name.as_str()).await?;
         self.take_wrap(key.id, to_version).await?;
-        let rewrapped = self
-            .engine()?
+        let rewrapped = engine
             .rewrap(blob, from_object, to_version, to_object, ctx)
             .await?;
         Ok(Wrapped {
