@@ -452,6 +452,31 @@ impl SqlStore {
         }
     }
 
+    /// Ends a completion transaction: reads the key as it is now, marks the request
+    /// `EXECUTED` with it as the result, and commits.
+    async fn executed_with_key(
+        &self,
+        mut tx: Tx<'static>,
+        id: &str,
+        key: &KeyId,
+        now: i64,
+    ) -> Result<KeyRecord> {
+        let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
+        let result = result_to_json(&RequestResult::Key(rec.clone()));
+        Self::decide(
+            &mut tx,
+            id,
+            RequestState::Executed,
+            None,
+            None,
+            Some(result),
+            now,
+        )
+        .await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(rec)
+    }
+
     /// Locks a pending request with K approvals for its completion (see the module
     /// docs); `StateConflict` otherwise.
     async fn claim_for_completion(&self, tx: &mut Tx<'_>, id: &str, now: i64) -> Result<()> {
@@ -726,20 +751,7 @@ impl ApprovalStore for SqlStore {
         self.claim_for_completion(&mut tx, id, now).await?;
         // As `Store::add_version`: the next number only, then primary.
         super::sql::insert_next_version(&mut tx, key, version, hsm_id, now).await?;
-        let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
-        let result = result_to_json(&RequestResult::Key(rec.clone()));
-        Self::decide(
-            &mut tx,
-            id,
-            RequestState::Executed,
-            None,
-            None,
-            Some(result),
-            now,
-        )
-        .await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(rec)
+        self.executed_with_key(tx, id, key, now).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -758,20 +770,7 @@ impl ApprovalStore for SqlStore {
         // Another node may have changed the version meanwhile (PostgreSQL): then the
         // caller decides again from the new state.
         super::sql::change_version_state(&mut tx, key, version, from, to, now, true).await?;
-        let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
-        let result = result_to_json(&RequestResult::Key(rec.clone()));
-        Self::decide(
-            &mut tx,
-            id,
-            RequestState::Executed,
-            None,
-            None,
-            Some(result),
-            now,
-        )
-        .await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(rec)
+        self.executed_with_key(tx, id, key, now).await
     }
 
     async fn complete_rekey(
