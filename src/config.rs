@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub rate_limit: Option<crate::authz::ratelimit::Limit>,
     /// Which operations wait for K-of-N approval (`policies/quorum.toml`).
     pub quorum_policy: crate::quorum::policy::QuorumPolicy,
+    /// Waiting periods, rotation bounds, usage limit (`policies/lifecycle.toml`).
+    pub lifecycle: crate::keys::policy::LifecyclePolicy,
+    /// How the lifecycle jobs run.
+    pub jobs: crate::service::JobConfig,
     /// How dev mode reaches an unsealed service.
     pub dev_quorum: DevQuorum,
     /// TLS files (required outside dev mode, with a client CA).

@@ -17,12 +17,14 @@
 //! - [`store`]: the [`store::Store`] trait and its SQLite back end. The only module that
 //!   uses sqlx.
 //! - [`authz`]: principals and bearer-token authentication.
-//! - [`service`]: the use cases (authenticate → act → persist). No tonic types.
+//! - [`service`]: the use cases (authenticate → act → persist), and the background jobs
+//!   of the key lifecycle (rotation, retention, destruction). No tonic types.
 //! - [`grpc`]: generated code, proto ↔ domain conversion, the one error → `Status` mapping,
 //!   request ids. The only module (with `cli`) that uses tonic/prost.
 //! - [`cli`]: the `arca` subcommands; `server` wires everything together, the others are
 //!   gRPC clients.
 //! - [`config`]: server configuration.
+//! - [`fault`]: crash points for the kill -9 tests (debug builds only).
 //!
 //! Vendor crates stay in their rooms: cryptoki only in `arca-hsm`, sqlx only in `store`,
 //! tonic/prost only in `grpc` and `cli` (checked by `scripts/check-layering`).
@@ -33,6 +35,7 @@ pub mod authz;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod fault;
 pub mod grpc;
 pub mod keys;
 pub mod quorum;

@@ -162,8 +162,47 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
             "wrap_count": v.wrap_count,
             "destroy_at": v.destroy_at,
             "destroyed_at": v.destroyed_at,
+            "retire_request": v.retire_request,
         })).collect::<Vec<_>>(),
+        "rotation_period_seconds": k.rotation_period_seconds,
+        "retain_until": k.retain_until,
     })
+}
+
+fn print_versions(output: Output, k: &pb::Key) {
+    match output {
+        Output::Json => println!("{}", key_json(k)),
+        Output::Human => {
+            println!(
+                "{:<8} {:<26} {:<25} {:>12}  SCHEDULE",
+                "VERSION", "STATE", "CREATED", "WRAPS<="
+            );
+            for v in &k.versions {
+                let primary = if v.version == k.primary_version {
+                    "*"
+                } else {
+                    ""
+                };
+                let schedule = match (v.destroyed_at.as_str(), v.destroy_at.as_str()) {
+                    ("", "") => String::new(),
+                    ("", at) => format!("destroy at {at}"),
+                    (at, _) => format!("destroyed {at} (tombstone)"),
+                };
+                let by = if v.retire_request.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by {}", v.retire_request)
+                };
+                println!(
+                    "{:<8} {:<26} {:<25} {:>12}  {schedule}{by}",
+                    format!("v{}{primary}", v.version),
+                    state_name(v.state),
+                    v.created_at,
+                    v.wrap_count
+                );
+            }
+        }
+    }
 }
 
 fn print_key(output: Output, k: &pb::Key) {
@@ -177,6 +216,12 @@ fn print_key(output: Output, k: &pb::Key) {
             }
             println!("primary version: {}", k.primary_version);
             println!("created:         {}", k.created_at);
+            if k.rotation_period_seconds > 0 {
+                println!("rotate every:    {}s", k.rotation_period_seconds);
+            }
+            if !k.retain_until.is_empty() {
+                println!("retain until:    {}", k.retain_until);
+            }
             println!("versions:");
             for v in &k.versions {
                 println!(
@@ -331,16 +376,101 @@ async fn run_key(cmd: KeyCommand) -> Result<(), BoxError> {
         KeyCommand::Create {
             name,
             description,
+            rotate_every,
+            retain_until,
             opts,
         } => {
             let mut c = Client::connect(&opts).await?;
             let k = c
                 .inner
-                .create_key(c.req(pb::CreateKeyRequest { name, description }))
+                .create_key(c.req(pb::CreateKeyRequest {
+                    name,
+                    description,
+                    rotation_period_seconds: rotate_every.unwrap_or(0),
+                    retain_until: retain_until.unwrap_or_default(),
+                }))
                 .await
                 .map_err(call_error)?
                 .into_inner();
             print_key(c.output, &k);
+        }
+        KeyCommand::Versions { name, opts } => {
+            let mut c = Client::connect(&opts).await?;
+            let k = c
+                .inner
+                .get_key(c.req(pb::GetKeyRequest { name }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_versions(c.output, &k);
+        }
+        KeyCommand::Retire {
+            name,
+            version,
+            waiting_period,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let waiting_period_seconds = waiting_period.unwrap_or(0);
+            let r = match version {
+                Some(version) => c
+                    .inner
+                    .retire_key_version(c.req(pb::RetireKeyVersionRequest {
+                        name,
+                        version,
+                        waiting_period_seconds,
+                    }))
+                    .await
+                    .map_err(call_error)?
+                    .into_inner(),
+                None => c
+                    .inner
+                    .retire_key(c.req(pb::RetireKeyRequest {
+                        name,
+                        waiting_period_seconds,
+                    }))
+                    .await
+                    .map_err(call_error)?
+                    .into_inner(),
+            };
+            print_admin(c.output, &r);
+        }
+        KeyCommand::CancelRetirement {
+            name,
+            version,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let r = c
+                .inner
+                .cancel_retirement(c.req(pb::CancelRetirementRequest {
+                    name,
+                    version: version.unwrap_or(0),
+                }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_admin(c.output, &r);
+        }
+        KeyCommand::SetRetention {
+            name,
+            until,
+            clear,
+            opts,
+        } => {
+            let mut c = Client::connect(&opts).await?;
+            let retain_until = if clear {
+                String::new()
+            } else {
+                until.unwrap_or_default()
+            };
+            let r = c
+                .inner
+                .set_retention(c.req(pb::SetRetentionRequest { name, retain_until }))
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_admin(c.output, &r);
         }
         KeyCommand::Get { name, opts } => {
             let mut c = Client::connect(&opts).await?;
@@ -373,14 +503,22 @@ async fn run_key(cmd: KeyCommand) -> Result<(), BoxError> {
                     json!({"keys": r.keys.iter().map(key_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token})
                 ),
                 Output::Human => {
-                    println!("{:<40} {:>8} {:>9}  CREATED", "NAME", "PRIMARY", "VERSIONS");
+                    println!(
+                        "{:<40} {:>8} {:>9}  {:<25} RETAIN UNTIL",
+                        "NAME", "PRIMARY", "VERSIONS", "CREATED"
+                    );
                     for k in &r.keys {
                         println!(
-                            "{:<40} {:>8} {:>9}  {}",
+                            "{:<40} {:>8} {:>9}  {:<25} {}",
                             k.name,
                             format!("v{}", k.primary_version),
                             k.versions.len(),
-                            k.created_at
+                            k.created_at,
+                            if k.retain_until.is_empty() {
+                                "-"
+                            } else {
+                                &k.retain_until
+                            }
                         );
                     }
                     if !r.next_page_token.is_empty() {

@@ -219,6 +219,14 @@ pub enum Output {
     Json,
 }
 
+/// `90d`, `12h`, `1d12h`, `30s` → seconds.
+fn parse_seconds(s: &str) -> Result<u64, String> {
+    crate::clock::parse_duration_ms(s)
+        .filter(|ms| *ms >= 1000 && ms % 1000 == 0)
+        .and_then(|ms| u64::try_from(ms / 1000).ok())
+        .ok_or_else(|| format!("invalid duration {s:?}: use e.g. 90d, 12h, 1d12h, 30s"))
+}
+
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Create a key (its version 1 is generated in the HSM).
@@ -228,6 +236,59 @@ enum KeyCommand {
         /// Free-text description.
         #[arg(long, default_value = "")]
         description: String,
+        /// Scheduled rotation: a new primary version this often (e.g. 90d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+        rotate_every: Option<u64>,
+        /// Retention date (RFC 3339 or YYYY-MM-DD): then the whole key is retired with
+        /// the policy's default waiting period, and destroyed after it.
+        #[arg(long, value_name = "TIME")]
+        retain_until: Option<String>,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Show a key's versions: state, wraps, destruction schedule and tombstones.
+    Versions {
+        /// Key name.
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Retire a key version (or with no --version, every version of the key): after the
+    /// waiting period its HSM object is destroyed and everything wrapped under it is
+    /// unrecoverable. A quorum operation.
+    Retire {
+        /// Key name.
+        name: String,
+        /// Version to retire (default: the whole key).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Time before destruction (default: the policy's, 7d as shipped).
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+        waiting_period: Option<u64>,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Cancel a retirement before destruction starts: the version(s) become DISABLED
+    /// (then `arca key enable`). A quorum operation.
+    CancelRetirement {
+        /// Key name.
+        name: String,
+        /// Version (default: every version scheduled for destruction).
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Set or clear a key's retention date. A quorum operation.
+    SetRetention {
+        /// Key name.
+        name: String,
+        /// Retention date (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_name = "TIME", required_unless_present = "clear")]
+        until: Option<String>,
+        /// Remove the retention date.
+        #[arg(long, conflicts_with = "until")]
+        clear: bool,
         #[command(flatten)]
         opts: ClientOpts,
     },

@@ -110,6 +110,19 @@ pub(super) struct ServerArgs {
     /// built-in copy of the shipped file.
     #[arg(long, value_name = "PATH")]
     quorum_policy: Option<PathBuf>,
+    /// Lifecycle policy (waiting periods, rotation bounds, usage limit). Default:
+    /// policies/lifecycle.toml in the working directory if it exists, else the built-in
+    /// copy of the shipped file.
+    #[arg(long, value_name = "PATH")]
+    lifecycle_policy: Option<PathBuf>,
+    /// Time between passes of the lifecycle jobs (rotation, retention, destruction),
+    /// e.g. "1s".
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    job_interval: Duration,
+    /// How long a node keeps the jobs' lease without renewing it: after a node dies,
+    /// another takes the jobs over after this long.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    job_lease: Duration,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -277,12 +290,42 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         serve: ServeOptions::default(),
         rate_limit: rate_limit(args),
         quorum_policy: quorum_policy(args)?,
+        lifecycle: lifecycle_policy(args)?,
+        jobs: job_config(args)?,
         dev_quorum,
         tls,
     })))
 }
 
 /// The quorum policy, read and validated once (a bad file stops the start).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::clock::parse_duration_ms(s)
+        .and_then(|ms| u64::try_from(ms).ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("invalid duration {s:?}: use e.g. 250ms, 1s, 30s, 5m"))
+}
+
+fn lifecycle_policy(args: &ServerArgs) -> Result<crate::keys::policy::LifecyclePolicy, BoxError> {
+    Ok(crate::keys::policy::LifecyclePolicy::resolve(
+        args.lifecycle_policy.as_deref(),
+    )?)
+}
+
+fn job_config(args: &ServerArgs) -> Result<crate::service::JobConfig, BoxError> {
+    let node = hex::encode(crate::quorum::crypto::random::<4>()?.as_ref());
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    Ok(crate::service::JobConfig {
+        interval: args.job_interval,
+        lease_ttl: args.job_lease.max(args.job_interval * 2),
+        node: if host.is_empty() {
+            format!("node-{node}")
+        } else {
+            format!("{host}-{node}")
+        },
+    })
+}
+
 fn quorum_policy(args: &ServerArgs) -> Result<crate::quorum::policy::QuorumPolicy, BoxError> {
     Ok(crate::quorum::policy::QuorumPolicy::resolve(args.quorum_policy.as_deref())?.0)
 }
@@ -334,6 +377,8 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
         serve: ServeOptions::default(),
         rate_limit: rate_limit(args),
         quorum_policy: quorum_policy(args)?,
+        lifecycle: lifecycle_policy(args)?,
+        jobs: job_config(args)?,
         dev_quorum: DevQuorum::Sealed,
         tls: Some(tls),
     })))
@@ -343,6 +388,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     let store = Arc::new(open_store(&cfg.database).await?);
     tracing::info!(database = %cfg.database, backend = ?store.backend(), "database open");
     tracing::info!(policy = %cfg.quorum_policy, "quorum policy");
+    tracing::info!(policy = %cfg.lifecycle, "lifecycle policy");
 
     let (module, label, sessions, copies) = (
         cfg.hsm.module.clone(),
@@ -390,6 +436,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
                 DevQuorum::Custodians { .. } | DevQuorum::Sealed
             ),
             quorum_policy: cfg.quorum_policy.clone(),
+            lifecycle: cfg.lifecycle.clone(),
         },
     ));
 
@@ -424,7 +471,9 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    match tls {
+    tracing::info!(node = %cfg.jobs.node, interval = ?cfg.jobs.interval, lease = ?cfg.jobs.lease_ttl, "lifecycle jobs running");
+    let jobs = tokio::spawn(Arc::clone(&svc).run_jobs(cfg.jobs.clone()));
+    let served = match tls {
         Some(tls) => {
             tracing::info!(%addr, mutual = tls.mutual(), "listening (TLS 1.2/1.3)");
             tokio::spawn(reload_on_sighup(Arc::clone(&tls)));
@@ -435,7 +484,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
                 hex::encode(prefix.as_ref()),
                 shutdown_signal(),
             )
-            .await?;
+            .await
         }
         None => {
             tracing::info!(%addr, "listening (dev mode, plaintext, loopback only)");
@@ -446,9 +495,13 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
                 hex::encode(prefix.as_ref()),
                 shutdown_signal(),
             )
-            .await?;
+            .await
         }
-    }
+    };
+    // The jobs hold the service (and through it the HSM): stop them before it goes.
+    jobs.abort();
+    let _ = jobs.await;
+    served?;
     tracing::info!("shut down");
     Ok(())
 }

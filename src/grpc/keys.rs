@@ -11,7 +11,7 @@ use super::status::to_status;
 use crate::clock::rfc3339;
 use crate::keys::{EncryptionContext, VersionState};
 use crate::secret::Plaintext;
-use crate::service::{AdminOutcome, Caller, KeyRecord, KeyService};
+use crate::service::{AdminOutcome, Caller, KeyOptions, KeyRecord, KeyService, ServiceError};
 
 /// The gRPC face of the key service.
 pub struct KeyApi {
@@ -61,10 +61,16 @@ pub(super) fn key_to_pb(k: &KeyRecord) -> pb::Key {
                 wrap_count: v.wrap_count,
                 destroy_at: v.destroy_at.map(rfc3339).unwrap_or_default(),
                 destroyed_at: v.destroyed_at.map(rfc3339).unwrap_or_default(),
+                retire_request: v.retire_request.clone().unwrap_or_default(),
             })
             .collect(),
         created_at: rfc3339(k.created_at),
         description: k.description.clone(),
+        rotation_period_seconds: k
+            .rotation_period_ms
+            .and_then(|ms| u64::try_from(ms / 1000).ok())
+            .unwrap_or(0),
+        retain_until: k.retain_until.map(rfc3339).unwrap_or_default(),
     }
 }
 
@@ -89,9 +95,16 @@ impl pb::key_service_server::KeyService for KeyApi {
     ) -> Result<Response<pb::Key>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
+        let opts = KeyOptions {
+            rotation_period_ms: match r.rotation_period_seconds {
+                0 => None,
+                s => Some(seconds_to_ms(s).map_err(|e| to_status(e, &c.request_id))?),
+            },
+            retain_until: time_of(&r.retain_until).map_err(|e| to_status(e, &c.request_id))?,
+        };
         let k = self
             .svc
-            .create_key(&c, &r.name, &r.description)
+            .create_key(&c, &r.name, &r.description, opts)
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(key_to_pb(&k)))
@@ -246,4 +259,84 @@ impl pb::key_service_server::KeyService for KeyApi {
             .map_err(|e| to_status(e, &c.request_id))?;
         Ok(Response::new(admin_to_pb(o)))
     }
+
+    async fn retire_key_version(
+        &self,
+        req: Request<pb::RetireKeyVersionRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let o = async {
+            let waiting = seconds_to_ms(r.waiting_period_seconds)?;
+            self.svc.retire(&c, &r.name, Some(r.version), waiting).await
+        }
+        .await
+        .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(admin_to_pb(o)))
+    }
+
+    async fn retire_key(
+        &self,
+        req: Request<pb::RetireKeyRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let o = async {
+            let waiting = seconds_to_ms(r.waiting_period_seconds)?;
+            self.svc.retire(&c, &r.name, None, waiting).await
+        }
+        .await
+        .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(admin_to_pb(o)))
+    }
+
+    async fn cancel_retirement(
+        &self,
+        req: Request<pb::CancelRetirementRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let version = (r.version != 0).then_some(r.version);
+        let o = self
+            .svc
+            .cancel_retirement(&c, &r.name, version)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(admin_to_pb(o)))
+    }
+
+    async fn set_retention(
+        &self,
+        req: Request<pb::SetRetentionRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let o = async {
+            let until = time_of(&r.retain_until)?;
+            self.svc.set_retention(&c, &r.name, until).await
+        }
+        .await
+        .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(admin_to_pb(o)))
+    }
+}
+
+/// Seconds on the wire → ms, refusing what does not fit.
+fn seconds_to_ms(s: u64) -> Result<i64, ServiceError> {
+    i64::try_from(s)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .ok_or(ServiceError::InvalidArgument("duration out of range"))
+}
+
+/// An RFC 3339 time or date on the wire ("" = none) → Unix ms.
+fn time_of(s: &str) -> Result<Option<i64>, ServiceError> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    crate::clock::parse_rfc3339(s)
+        .map(Some)
+        .ok_or(ServiceError::InvalidArgument(
+            "time must be RFC 3339 UTC (2027-01-31T00:00:00Z) or a date (2027-01-31)",
+        ))
 }

@@ -290,6 +290,16 @@ impl KeyEngine {
             .await
     }
 
+    /// Drops every handle and session copy of an object this process holds (after
+    /// another node destroyed it).
+    pub async fn forget_object(&self, object: ObjectId) -> Result<(), KeysError> {
+        self.run(move |hsm| {
+            hsm.forget_key(&object);
+            Ok(())
+        })
+        .await
+    }
+
     /// Reads back an HSM object's security attributes.
     pub async fn object_attributes(&self, object: ObjectId) -> Result<KeyAttributes, KeysError> {
         self.run(move |hsm| hsm.key_attributes(&object).map_err(hsm_err))

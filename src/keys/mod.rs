@@ -12,6 +12,7 @@
 
 mod context;
 mod engine;
+pub mod policy;
 mod wrapped;
 
 pub use context::{canonical_context, EncryptionContext, MAX_CONTEXT_ENTRIES};

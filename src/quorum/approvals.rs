@@ -31,6 +31,10 @@ pub type Parameters = BTreeMap<String, String>;
 pub const PARAM_KEY: &str = "key";
 /// Parameter naming the key version an operation acts on.
 pub const PARAM_VERSION: &str = "version";
+/// Parameter: a retirement's waiting period, in ms.
+pub const PARAM_WAITING_MS: &str = "waiting_period_ms";
+/// Parameter: a retention date, Unix ms ("" for none).
+pub const PARAM_RETAIN_UNTIL: &str = "retain_until_ms";
 /// Parameter of a rekey: the new threshold K.
 pub const PARAM_THRESHOLD: &str = "threshold";
 /// Parameter of a rekey: the new number of shares N.
@@ -48,12 +52,14 @@ pub enum Operation {
     DisableKeyVersion,
     /// `KeyService.EnableKeyVersion` {key, version}.
     EnableKeyVersion,
-    /// `KeyService.RetireKeyVersion` (planned).
+    /// `KeyService.RetireKeyVersion` {key, version, waiting_period_ms}.
     RetireKeyVersion,
-    /// `KeyService.RetireKey` (planned).
+    /// `KeyService.RetireKey` {key, waiting_period_ms}.
     RetireKey,
-    /// `KeyService.CancelRetirement` (planned).
+    /// `KeyService.CancelRetirement` {key, version?}.
     CancelRetirement,
+    /// `KeyService.SetRetention` {key, retain_until}.
+    SetRetention,
     /// `QuorumService.Rekey` {threshold, custodians}.
     Rekey,
     /// A policy change (planned).
@@ -64,13 +70,14 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, in declaration order.
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::RotateKey,
         Operation::DisableKeyVersion,
         Operation::EnableKeyVersion,
         Operation::RetireKeyVersion,
         Operation::RetireKey,
         Operation::CancelRetirement,
+        Operation::SetRetention,
         Operation::Rekey,
         Operation::UpdatePolicy,
         Operation::Elevate,
@@ -85,6 +92,7 @@ impl Operation {
             Operation::RetireKeyVersion => "RetireKeyVersion",
             Operation::RetireKey => "RetireKey",
             Operation::CancelRetirement => "CancelRetirement",
+            Operation::SetRetention => "SetRetention",
             Operation::Rekey => "Rekey",
             Operation::UpdatePolicy => "UpdatePolicy",
             Operation::Elevate => "Elevate",

@@ -88,6 +88,7 @@ impl Default for QuorumPolicy {
                 Operation::RetireKeyVersion,
                 Operation::RetireKey,
                 Operation::CancelRetirement,
+                Operation::SetRetention,
                 Operation::Rekey,
                 Operation::UpdatePolicy,
                 Operation::Elevate,
@@ -178,32 +179,7 @@ impl fmt::Display for QuorumPolicy {
     }
 }
 
-/// `24h`, `30m`, `90s`, `7d`, `1h30m` → ms. `None` for anything else (no number, no
-/// unit, an unknown unit, overflow).
-fn parse_duration_ms(s: &str) -> Option<i64> {
-    let mut total: i64 = 0;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let n: i64 = rest[..digits].parse().ok()?;
-        let unit_ms = match rest.as_bytes().get(digits)? {
-            b's' => 1000,
-            b'm' => 60 * 1000,
-            b'h' => 3600 * 1000,
-            b'd' => DAY_MS,
-            _ => return None,
-        };
-        total = total.checked_add(n.checked_mul(unit_ms)?)?;
-        rest = &rest[digits + 1..];
-    }
-    Some(total)
-}
+pub use crate::clock::parse_duration_ms;
 
 #[cfg(test)]
 mod tests {
@@ -261,10 +237,22 @@ mod tests {
             ("24h", 86_400_000),
             ("1h30m", 5_400_000),
             ("7d", 7 * DAY_MS),
+            ("250ms", 250),
+            ("1s500ms", 1500),
         ] {
             assert_eq!(parse_duration_ms(s), Some(ms), "{s}");
         }
-        for bad in ["", "h", "1", "1x", "-1s", "1.5h", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "h",
+            "1",
+            "1x",
+            "-1s",
+            "1.5h",
+            "99999999999999999999s",
+            "ms",
+            "5m s",
+        ] {
             assert_eq!(parse_duration_ms(bad), None, "{bad}");
         }
     }

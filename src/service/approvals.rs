@@ -641,11 +641,18 @@ impl KeyService {
                 let pin = pin.ok_or(ServiceError::Internal("rekey without the PIN".into()))?;
                 return self.rekey(req, ok, cfg, pin).await.map(Ran::Rekey);
             }
-            Operation::RetireKeyVersion
+            op @ (Operation::RetireKeyVersion
             | Operation::RetireKey
             | Operation::CancelRetirement
-            | Operation::UpdatePolicy
-            | Operation::Elevate => Err(ServiceError::FailedPrecondition(
+            | Operation::SetRetention) => {
+                let version = match req.parameters.get(PARAM_VERSION) {
+                    Some(_) => Some(version()?),
+                    None => None,
+                };
+                self.run_approved_lifecycle(op, &req.parameters, &key()?, version, commit)
+                    .await
+            }
+            Operation::UpdatePolicy | Operation::Elevate => Err(ServiceError::FailedPrecondition(
                 "this operation cannot run in this build",
             )),
         };
@@ -927,7 +934,10 @@ mod tests {
     #[tokio::test]
     async fn a_rotation_waits_for_three_custodians_and_runs_once() {
         let w = world(true).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         let req = pending(w.svc.rotate_key(&admin(), "phi").await.unwrap());
         assert_eq!(req.state, RequestState::Pending);
         assert_eq!(req.operation, Operation::RotateKey);
@@ -1029,7 +1039,10 @@ mod tests {
     #[tokio::test]
     async fn expiry_and_rejection_with_a_fixed_clock() {
         let w = world(true).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         let req = pending(w.svc.rotate_key(&admin(), "phi").await.unwrap());
         w.next_step();
         w.approve(1, &req).await.unwrap();
@@ -1099,7 +1112,10 @@ mod tests {
     #[tokio::test]
     async fn disable_through_quorum_and_at_once_without_gates() {
         let w = world(true).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         let req = pending(w.svc.disable_version(&admin(), "phi", 1).await.unwrap());
         assert_eq!(req.parameters.get("version").map(String::as_str), Some("1"));
         // Enabling is not in the default policy; an enabled version needs nothing.
@@ -1123,7 +1139,10 @@ mod tests {
         );
 
         let w = world(false).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         assert!(matches!(
             w.svc.rotate_key(&admin(), "phi").await.unwrap(),
             AdminOutcome::Done(k) if k.primary_version == 2
@@ -1155,7 +1174,10 @@ mod tests {
     #[tokio::test]
     async fn an_approved_request_left_unrun_completes_at_the_next_unseal() {
         let w = world(true).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         let req = pending(w.svc.rotate_key(&admin(), "phi").await.unwrap());
         for n in [1, 2, 5] {
             let share = shamir::decode(&w.kits[n - 1].share).unwrap();
@@ -1191,7 +1213,10 @@ mod tests {
     #[tokio::test]
     async fn shares_that_do_not_rebuild_the_secret_fail_the_request() {
         let w = world(true).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         let req = pending(w.svc.rotate_key(&admin(), "phi").await.unwrap());
         for n in [1, 2] {
             let share = shamir::decode(&w.kits[n - 1].share).unwrap();
@@ -1224,7 +1249,10 @@ mod tests {
     #[tokio::test]
     async fn a_token_limited_to_other_keys_sees_no_request_about_this_one() {
         let w = world(true).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         let req = pending(w.svc.rotate_key(&admin(), "phi").await.unwrap());
         let mut billing = principal("svc:billing", &["admin"]);
         billing.principal = Arc::new(Principal {
@@ -1256,7 +1284,10 @@ mod tests {
     #[tokio::test]
     async fn approvals_need_the_service_unsealed() {
         let w = world(true).await;
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         let req = pending(w.svc.rotate_key(&admin(), "phi").await.unwrap());
         w.svc.seal(&custodian(1)).await.unwrap();
         w.next_step();
@@ -1389,7 +1420,10 @@ mod tests {
         ));
 
         // Old shares no longer unseal; two new kits do, and keys still work.
-        w.svc.create_key(&admin(), "phi", "").await.unwrap();
+        w.svc
+            .create_key(&admin(), "phi", "", Default::default())
+            .await
+            .unwrap();
         w.svc.seal(&custodian(1)).await.unwrap();
         w.next_step();
         let old = w.code(1).await;

@@ -17,12 +17,14 @@
 
 mod access;
 mod approvals;
+mod lifecycle;
 mod seal;
 
 pub use access::{NewToken, TokenInfo};
 pub use approvals::{
     ApproveOutcome, MAX_REASON_BYTES, MAX_REQUEST_PAGE, REKEY_NEEDS_LIVE_APPROVER,
 };
+pub use lifecycle::{JobConfig, KeyOptions, LIFECYCLE_LEASE};
 pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
 
 use std::collections::HashMap;
@@ -212,6 +214,8 @@ pub struct ServiceConfig {
     pub quorum_gates: bool,
     /// Which operations need approval, and how long requests live.
     pub quorum_policy: crate::quorum::policy::QuorumPolicy,
+    /// Waiting periods, rotation bounds and the usage limit.
+    pub lifecycle: crate::keys::policy::LifecyclePolicy,
 }
 
 impl Default for ServiceConfig {
@@ -221,6 +225,7 @@ impl Default for ServiceConfig {
             rate_limit: None,
             quorum_gates: false,
             quorum_policy: crate::quorum::policy::QuorumPolicy::default(),
+            lifecycle: crate::keys::policy::LifecyclePolicy::default(),
         }
     }
 }
@@ -348,10 +353,12 @@ impl KeyService {
         caller: &Caller,
         name: &str,
         description: &str,
+        opts: KeyOptions,
     ) -> Result<KeyRecord> {
         self.engine()?;
         let name = KeyName::parse(name)?;
         scope(caller, &name)?;
+        self.check_key_options(&opts)?;
         if description.len() > 1024 {
             return Err(ServiceError::InvalidArgument(
                 "description longer than 1024 bytes",
@@ -371,6 +378,8 @@ impl KeyService {
                 name,
                 description: description.to_string(),
                 first_hsm_id: object,
+                rotation_period_ms: opts.rotation_period_ms,
+                retain_until: opts.retain_until,
                 now: self.clock.now_ms(),
             })
             .await;
@@ -432,9 +441,8 @@ impl KeyService {
     ) -> Result<DataKey> {
         // Sealed first: while sealed a caller learns nothing about keys.
         let engine = self.engine()?;
-        let (key, version, object) = self.primary_for_wrap(caller, key_name).await?;
         let ctx = canonical_context(context)?;
-        self.take_wrap(key.id, version).await?;
+        let (key, version, object) = self.reserve_primary(caller, key_name).await?;
         let (plaintext, wrapped) = engine
             .generate_data_key(key.id, version, object, ctx)
             .await?;
@@ -459,9 +467,8 @@ impl KeyService {
         if !(16..=64).contains(&plaintext.len()) {
             return Err(KeysError::InvalidPlaintextLength.into());
         }
-        let (key, version, object) = self.primary_for_wrap(caller, key_name).await?;
         let ctx = canonical_context(context)?;
-        self.take_wrap(key.id, version).await?;
+        let (key, version, object) = self.reserve_primary(caller, key_name).await?;
         let wrapped = engine.wrap(key.id, version, object, plaintext, ctx).await?;
         Ok(Wrapped {
             wrapped: wrapped.encode(),
@@ -501,8 +508,7 @@ impl KeyService {
         let engine = self.engine()?;
         let ctx = canonical_context(context)?;
         let (key, blob, from_object) = self.version_for_unwrap(caller, wrapped).await?;
-        let (_, to_version, to_object) = self.primary_for_wrap(caller, key.name.as_str()).await?;
-        self.take_wrap(key.id, to_version).await?;
+        let (_, to_version, to_object) = self.reserve_primary(caller, key.name.as_str()).await?;
         let rewrapped = engine
             .rewrap(blob, from_object, to_version, to_object, ctx)
             .await?;
@@ -727,14 +733,36 @@ impl KeyService {
         Ok((key, blob, object))
     }
 
-    /// Counts one wrap against the version's reserved budget. When the budget runs low a
-    /// refill is reserved in the store in the background, so requests rarely wait for it;
-    /// when it is empty, the request waits for the refill.
-    async fn take_wrap(self: &Arc<Self>, key: KeyId, version: u32) -> Result<()> {
+    /// The primary version with one wrap reserved under it. A primary that reached
+    /// the usage limit is rotated (once, whichever node notices first) and the wrap
+    /// goes to the new primary.
+    async fn reserve_primary(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
+        for _attempt in 0..3 {
+            let (key, version, object) = self.primary_for_wrap(caller, name).await?;
+            if self.take_wrap(key.id, version).await? {
+                return Ok((key, version, object));
+            }
+            self.rotate_if_primary(&key.id, version, "usage limit")
+                .await?;
+        }
+        Err(ServiceError::Aborted(
+            "key version reached its usage limit; retry",
+        ))
+    }
+
+    /// Counts one wrap against the version's reserved budget: `false` if the version
+    /// has reached the usage limit. When the budget runs low a refill is reserved in the
+    /// store in the background, so requests rarely wait for it; when it is empty, the
+    /// request waits for the refill.
+    async fn take_wrap(self: &Arc<Self>, key: KeyId, version: u32) -> Result<bool> {
         let block = self.cfg.wrap_reservation.max(1);
         loop {
             match self.try_take_wrap(key, version, block) {
-                Take::Taken => return Ok(()),
+                Take::Taken => return Ok(true),
                 Take::TakenRefill => {
                     let this = Arc::clone(self);
                     tokio::spawn(async move {
@@ -742,9 +770,13 @@ impl KeyService {
                             tracing::warn!(error = %e, "background wrap reservation failed");
                         }
                     });
-                    return Ok(());
+                    return Ok(true);
                 }
-                Take::Empty => self.refill_wraps(key, version, block).await?,
+                Take::Empty => {
+                    if !self.refill_wraps(key, version, block).await? {
+                        return Ok(false);
+                    }
+                }
             }
         }
     }
@@ -766,8 +798,9 @@ impl KeyService {
         }
     }
 
-    /// Reserves `block` more wraps in the store (one refill at a time per service).
-    async fn refill_wraps(&self, key: KeyId, version: u32, block: u64) -> Result<()> {
+    /// Reserves up to `block` more wraps in the store, within the usage limit (one refill
+    /// at a time per service). `false` when the version has no wraps left at all.
+    async fn refill_wraps(&self, key: KeyId, version: u32, block: u64) -> Result<bool> {
         let _one = self.refill.lock().await;
         let low = self
             .budgets
@@ -776,20 +809,22 @@ impl KeyService {
             .unwrap_or(true);
         let result = if low {
             self.store
-                .reserve_wraps(&key, version, block)
+                .reserve_wraps_within(&key, version, block, self.cfg.lifecycle.usage_limit)
                 .await
-                .map(|_| ())
         } else {
-            Ok(())
+            Ok(block)
         };
+        let mut left = 0;
         if let Ok(mut b) = self.budgets.lock() {
             let budget = b.entry((key, version)).or_default();
             budget.refilling = false;
-            if low && result.is_ok() {
-                budget.left += block;
+            if let (true, Ok(granted)) = (low, &result) {
+                budget.left += granted;
             }
+            left = budget.left;
         }
-        Ok(result?)
+        result?;
+        Ok(left > 0)
     }
 }
 

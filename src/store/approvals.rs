@@ -242,6 +242,18 @@ pub trait ApprovalStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<KeyRecord>;
 
+    /// In one transaction: applies a lifecycle change to `key` and marks request `id`
+    /// `EXECUTED` with the key as result, wiping its shares. `StateConflict` as for the
+    /// other completions (and as [`super::Store::apply_lifecycle`]).
+    async fn complete_lifecycle(
+        &self,
+        id: &str,
+        approved: &QuorumApproved,
+        key: &KeyId,
+        change: &super::LifecycleChange,
+        now: i64,
+    ) -> Result<KeyRecord>;
+
     /// In one transaction: replaces the quorum configuration (only while
     /// `previous_generation` is current; `StateConflict` otherwise), adds the new
     /// generation's custodians and tokens, revokes every earlier custodian token, and
@@ -341,7 +353,12 @@ fn result_to_json(r: &RequestResult) -> String {
                     "updated_at": v.updated_at,
                     "destroy_at": v.destroy_at,
                     "destroyed_at": v.destroyed_at,
+                    "retire_request": v.retire_request,
+                    "destroying_at": v.destroying_at,
                 })).collect::<Vec<_>>(),
+                "rotation_period_ms": k.rotation_period_ms,
+                "retain_until": k.retain_until,
+                "retention_applied_at": k.retention_applied_at,
             }
         })
         .to_string(),
@@ -390,6 +407,8 @@ fn result_from_json(text: &str) -> Result<RequestResult> {
             updated_at: i(&x["updated_at"])?,
             destroy_at: x["destroy_at"].as_i64(),
             destroyed_at: x["destroyed_at"].as_i64(),
+            retire_request: x["retire_request"].as_str().map(str::to_string),
+            destroying_at: x["destroying_at"].as_i64(),
         });
     }
     Ok(RequestResult::Key(KeyRecord {
@@ -398,6 +417,9 @@ fn result_from_json(text: &str) -> Result<RequestResult> {
         description: s(&k["description"])?,
         primary_version: u32_(&k["primary_version"])?,
         created_at: i(&k["created_at"])?,
+        rotation_period_ms: k["rotation_period_ms"].as_i64(),
+        retain_until: k["retain_until"].as_i64(),
+        retention_applied_at: k["retention_applied_at"].as_i64(),
         versions,
     }))
 }
@@ -773,6 +795,20 @@ impl ApprovalStore for SqlStore {
         self.executed_with_key(tx, id, key, now).await
     }
 
+    async fn complete_lifecycle(
+        &self,
+        id: &str,
+        _approved: &QuorumApproved,
+        key: &KeyId,
+        change: &super::LifecycleChange,
+        now: i64,
+    ) -> Result<KeyRecord> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        self.claim_for_completion(&mut tx, id, now).await?;
+        super::lifecycle::apply_in(&mut tx, key, change, now).await?;
+        self.executed_with_key(tx, id, key, now).await
+    }
+
     async fn complete_rekey(
         &self,
         id: &str,
@@ -1005,6 +1041,8 @@ mod tests {
             name: KeyName::parse(name).unwrap(),
             description: String::new(),
             first_hsm_id: ObjectId([n; 16]),
+            rotation_period_ms: None,
+            retain_until: None,
             now: T0,
         })
         .await

@@ -20,6 +20,7 @@
 //! Must not import: tonic, prost, cryptoki. The only module that uses sqlx.
 
 mod approvals;
+mod lifecycle;
 mod quorum;
 mod sql;
 mod tokens;
@@ -29,6 +30,7 @@ pub use approvals::{
 };
 pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use sql::{Backend, SqlStore};
+
 pub use tokens::TokenStore;
 
 use arca_hsm::ObjectId;
@@ -78,6 +80,12 @@ pub struct KeyRecord {
     pub primary_version: u32,
     /// Unix ms.
     pub created_at: i64,
+    /// Scheduled rotation: a new version when the primary is this old (ms).
+    pub rotation_period_ms: Option<i64>,
+    /// Retention date (Unix ms): then the whole key is scheduled for destruction.
+    pub retain_until: Option<i64>,
+    /// When the retention date was acted on (Unix ms).
+    pub retention_applied_at: Option<i64>,
     /// Versions, ascending.
     pub versions: Vec<VersionRecord>,
 }
@@ -108,6 +116,10 @@ pub struct VersionRecord {
     pub destroy_at: Option<i64>,
     /// When it was destroyed (Unix ms).
     pub destroyed_at: Option<i64>,
+    /// The approval request that retired it (`None`: retention, or no quorum gate).
+    pub retire_request: Option<String>,
+    /// When the destroyer started on it (Unix ms): no cancelling from then on.
+    pub destroying_at: Option<i64>,
 }
 
 /// A new key with its first version.
@@ -121,8 +133,72 @@ pub struct NewKey {
     pub description: String,
     /// HSM object id of version 1.
     pub first_hsm_id: ObjectId,
+    /// Scheduled rotation period (ms).
+    pub rotation_period_ms: Option<i64>,
+    /// Retention date (Unix ms).
+    pub retain_until: Option<i64>,
     /// Unix ms.
     pub now: i64,
+}
+
+/// A lifecycle change to one key, made in one transaction (directly, or with the
+/// completion of the approval request that ordered it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LifecycleChange {
+    /// ENABLED/DISABLED → SCHEDULED_FOR_DESTRUCTION for each listed version, due at
+    /// `destroy_at`; `StateConflict` (nothing changed) if any is in another state.
+    Schedule {
+        /// Versions to retire.
+        versions: Vec<u32>,
+        /// When the destroyer may act (Unix ms).
+        destroy_at: i64,
+        /// The approval request that ordered it.
+        request: Option<String>,
+    },
+    /// SCHEDULED_FOR_DESTRUCTION → DISABLED for each listed version, unless the
+    /// destroyer has started on it (`StateConflict { current: "DESTROYING" }`).
+    Cancel {
+        /// Versions to restore.
+        versions: Vec<u32>,
+    },
+    /// Sets or clears the retention date (and forgets an earlier application of it).
+    Retention {
+        /// The new date (Unix ms).
+        retain_until: Option<i64>,
+    },
+    /// The retention job: schedules every version not yet retired, like `Schedule`,
+    /// and records that the retention date was acted on — only if the date has passed
+    /// and was not acted on already (`StateConflict`).
+    ApplyRetention {
+        /// When the destroyer may act (Unix ms).
+        destroy_at: i64,
+    },
+}
+
+/// A version whose destruction is due.
+#[derive(Clone, Debug)]
+pub struct DueDestruction {
+    /// Key id.
+    pub key: KeyId,
+    /// Version.
+    pub version: u32,
+    /// Its HSM object.
+    pub hsm_id: ObjectId,
+}
+
+/// The permanent record of a destroyed version.
+#[derive(Clone, Debug)]
+pub struct Tombstone {
+    /// Key id.
+    pub key: KeyId,
+    /// Version.
+    pub version: u32,
+    /// The destroyed HSM object's `CKA_ID`.
+    pub hsm_id: ObjectId,
+    /// Unix ms.
+    pub destroyed_at: i64,
+    /// The approval request that retired it, if any.
+    pub retire_request: Option<String>,
 }
 
 /// A bearer token's stored form (the token itself is never stored).
@@ -198,6 +274,57 @@ pub trait Store: Send + Sync + 'static {
 
     /// The token with that hash.
     async fn token_by_hash(&self, hash: &TokenHash) -> Result<TokenRecord>;
+
+    /// Reserves up to `n` wraps under a version without passing `limit` wraps in all;
+    /// returns how many were granted (0: the version has reached its usage limit).
+    async fn reserve_wraps_within(
+        &self,
+        key: &KeyId,
+        version: u32,
+        n: u64,
+        limit: u64,
+    ) -> Result<u64>;
+
+    /// Applies a lifecycle change in one transaction.
+    async fn apply_lifecycle(
+        &self,
+        key: &KeyId,
+        change: &LifecycleChange,
+        now: i64,
+    ) -> Result<KeyRecord>;
+
+    /// Ids of keys whose primary version is ENABLED and older than the key's rotation
+    /// period. (The usage limit is enforced where wraps are reserved.)
+    async fn keys_due_rotation(&self, now: i64) -> Result<Vec<KeyId>>;
+
+    /// Ids of keys whose retention date has passed and was not acted on yet.
+    async fn keys_due_retention(&self, now: i64) -> Result<Vec<KeyId>>;
+
+    /// Versions SCHEDULED_FOR_DESTRUCTION whose `destroy_at` has passed (or whose
+    /// destruction was started), oldest first.
+    async fn due_destructions(&self, now: i64, limit: u32) -> Result<Vec<DueDestruction>>;
+
+    /// Marks the destruction of a due version as started (no cancelling from now on).
+    /// `StateConflict` if it is no longer scheduled or not yet due.
+    async fn begin_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<()>;
+
+    /// SCHEDULED_FOR_DESTRUCTION (started) → DESTROYED, writing the tombstone, in one
+    /// transaction. A version already DESTROYED is left as it is.
+    async fn finish_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<KeyRecord>;
+
+    /// HSM object ids of versions destroyed at or after `since` (Unix ms), so every
+    /// node can drop what it still holds of them.
+    async fn destroyed_since(&self, since: i64) -> Result<Vec<(ObjectId, i64)>>;
+
+    /// The tombstones of a key.
+    async fn tombstones(&self, key: &KeyId) -> Result<Vec<Tombstone>>;
+
+    /// Takes or renews the lease `name` for `holder` until `now + ttl_ms`, if it is free,
+    /// expired or already `holder`'s. Returns whether `holder` holds it.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64, now: i64) -> Result<bool>;
+
+    /// Gives the lease up (if `holder` holds it).
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
 
     /// Cheap round trip, for health checks.
     async fn ping(&self) -> Result<()>;

@@ -23,7 +23,10 @@ use arca_hsm::ObjectId;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{KeyRecord, NewKey, Result, Store, StoreError, TokenRecord, VersionRecord};
+use super::{
+    DueDestruction, KeyRecord, LifecycleChange, NewKey, Result, Store, StoreError, TokenRecord,
+    Tombstone, VersionRecord,
+};
 use crate::keys::{KeyId, KeyName, VersionState};
 use crate::secret::TokenHash;
 
@@ -41,12 +44,14 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/sqlite/0002_quorum.sql")),
     (3, include_str!("migrations/sqlite/0003_approvals.sql")),
     (4, include_str!("migrations/sqlite/0004_token_scopes.sql")),
+    (5, include_str!("migrations/sqlite/0005_lifecycle.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
     (2, include_str!("migrations/postgres/0002_quorum.sql")),
     (3, include_str!("migrations/postgres/0003_approvals.sql")),
     (4, include_str!("migrations/postgres/0004_token_scopes.sql")),
+    (5, include_str!("migrations/postgres/0005_lifecycle.sql")),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"
@@ -236,7 +241,7 @@ fn postgres_settings(
     })
 }
 
-pub(super) enum KeyLookup<'a> {
+pub(crate) enum KeyLookup<'a> {
     Name(&'a KeyName),
     Id(&'a KeyId),
 }
@@ -246,8 +251,9 @@ macro_rules! key_select {
     ($tail:literal) => {
         concat!(
             "SELECT k.id, k.name, k.description, k.primary_version, k.created_at, ",
+            "k.rotation_period_ms, k.retain_until, k.retention_applied_at, ",
             "v.version, v.state, v.hsm_id, v.wrap_count, v.created_at AS v_created_at, ",
-            "v.updated_at, v.destroy_at, v.destroyed_at ",
+            "v.updated_at, v.destroy_at, v.destroyed_at, v.retire_request, v.destroying_at ",
             "FROM keys k JOIN key_versions v ON v.key_id = k.id ",
             $tail
         )
@@ -278,6 +284,8 @@ fn keys_from_rows(rows: &[AnyRow]) -> Result<Vec<KeyRecord>> {
             updated_at: get(row, "updated_at")?,
             destroy_at: get(row, "destroy_at")?,
             destroyed_at: get(row, "destroyed_at")?,
+            retire_request: get(row, "retire_request")?,
+            destroying_at: get(row, "destroying_at")?,
         };
         match out.last_mut() {
             Some(k) if k.id == id => k.versions.push(version),
@@ -288,6 +296,9 @@ fn keys_from_rows(rows: &[AnyRow]) -> Result<Vec<KeyRecord>> {
                 description: get(row, "description")?,
                 primary_version: u32_of(get::<i64>(row, "primary_version")?)?,
                 created_at: get(row, "created_at")?,
+                rotation_period_ms: get(row, "rotation_period_ms")?,
+                retain_until: get(row, "retain_until")?,
+                retention_applied_at: get(row, "retention_applied_at")?,
                 versions: vec![version],
             }),
         }
@@ -303,11 +314,11 @@ where
         .map_err(|_| StoreError::Corrupt("column type"))
 }
 
-fn u32_of(v: i64) -> Result<u32> {
+pub(super) fn u32_of(v: i64) -> Result<u32> {
     u32::try_from(v).map_err(|_| StoreError::Corrupt("version number"))
 }
 
-fn object_id_from_hex(s: &str) -> Result<ObjectId> {
+pub(super) fn object_id_from_hex(s: &str) -> Result<ObjectId> {
     let mut id = [0u8; 16];
     hex::decode_to_slice(s, &mut id).map_err(|_| StoreError::Corrupt("hsm id"))?;
     Ok(ObjectId(id))
@@ -453,13 +464,15 @@ impl Store for SqlStore {
     async fn create_key(&self, key: &NewKey) -> Result<KeyRecord> {
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
         sqlx::query(
-            "INSERT INTO keys (id, name, description, primary_version, created_at) \
-             VALUES ($1, $2, $3, 1, $4)",
+            "INSERT INTO keys (id, name, description, primary_version, created_at, \
+             rotation_period_ms, retain_until) VALUES ($1, $2, $3, 1, $4, $5, $6)",
         )
         .bind(key.id.to_string())
         .bind(key.name.to_string())
         .bind(key.description.clone())
         .bind(key.now)
+        .bind(key.rotation_period_ms)
+        .bind(key.retain_until)
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -551,6 +564,65 @@ impl Store for SqlStore {
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         u64::try_from(count).map_err(|_| StoreError::Corrupt("wrap count"))
+    }
+
+    async fn reserve_wraps_within(
+        &self,
+        key: &KeyId,
+        version: u32,
+        n: u64,
+        limit: u64,
+    ) -> Result<u64> {
+        super::lifecycle::reserve_wraps_within(self, key, version, n, limit).await
+    }
+
+    async fn apply_lifecycle(
+        &self,
+        key: &KeyId,
+        change: &LifecycleChange,
+        now: i64,
+    ) -> Result<KeyRecord> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        super::lifecycle::apply_in(&mut tx, key, change, now).await?;
+        let rec = self.load_key(&mut *tx, KeyLookup::Id(key)).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(rec)
+    }
+
+    async fn keys_due_rotation(&self, now: i64) -> Result<Vec<KeyId>> {
+        super::lifecycle::keys_due_rotation(self, now).await
+    }
+
+    async fn keys_due_retention(&self, now: i64) -> Result<Vec<KeyId>> {
+        super::lifecycle::keys_due_retention(self, now).await
+    }
+
+    async fn due_destructions(&self, now: i64, limit: u32) -> Result<Vec<DueDestruction>> {
+        super::lifecycle::due_destructions(self, now, limit).await
+    }
+
+    async fn begin_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<()> {
+        super::lifecycle::begin_destruction(self, key, version, now).await
+    }
+
+    async fn finish_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<KeyRecord> {
+        super::lifecycle::finish_destruction(self, key, version, now).await
+    }
+
+    async fn destroyed_since(&self, since: i64) -> Result<Vec<(ObjectId, i64)>> {
+        super::lifecycle::destroyed_since(self, since).await
+    }
+
+    async fn tombstones(&self, key: &KeyId) -> Result<Vec<Tombstone>> {
+        super::lifecycle::tombstones(self, key).await
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64, now: i64) -> Result<bool> {
+        super::lifecycle::acquire_lease(self, name, holder, ttl_ms, now).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        super::lifecycle::release_lease(self, name, holder).await
     }
 
     async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
@@ -785,6 +857,8 @@ mod tests {
             name: KeyName::parse(name).unwrap(),
             description: "d".into(),
             first_hsm_id: ObjectId([n; 16]),
+            rotation_period_ms: None,
+            retain_until: None,
             now: 1000,
         }
     }
