@@ -235,6 +235,7 @@ fn main() {
             .create_key(c.req(pb::CreateKeyRequest {
                 name: o.key.clone(),
                 description: "benchmark".into(),
+                ..Default::default()
             }))
             .await;
         let mut ctx = HashMap::new();

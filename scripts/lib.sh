@@ -20,7 +20,8 @@
 # protobuf-compiler + libprotobuf-dev: protoc and the well-known types for build.rs;
 # postgresql: the second store back end (a throwaway cluster in scripts/test); pkg-config, build-essential: native
 # builds (bundled SQLite); ca-certificates: TLS to the package registries; age: tests that
-# decrypt custodian shares encrypted with `operator init --age-recipient`.
+# decrypt custodian shares encrypted with `operator init --age-recipient`; sqlite3: tests
+# that tamper with a copy of the database by hand (as an attacker with file access would).
 ARCA_PACKAGES=(
     softhsm2
     opensc
@@ -33,6 +34,7 @@ ARCA_PACKAGES=(
     build-essential
     ca-certificates
     age
+    sqlite3
 )
 
 _arca_pkg_installed() {

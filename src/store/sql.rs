@@ -1086,7 +1086,10 @@ mod tests {
             destroy_at: at,
             request: Some("req_1".into()),
         };
-        let r = s.apply_lifecycle(&k.id, &schedule(1, 5000), 2000).await.unwrap();
+        let r = s
+            .apply_lifecycle(&k.id, &schedule(1, 5000), 2000)
+            .await
+            .unwrap();
         let v1 = r.version(1).unwrap();
         assert_eq!(v1.state, VersionState::ScheduledForDestruction);
         assert_eq!(v1.destroy_at, Some(5000));
@@ -1137,17 +1140,18 @@ mod tests {
         s.begin_destruction(&k.id, 1, 5000).await.unwrap();
         // Started: no cancel, neither through the store nor by hand.
         assert!(matches!(
-            s.apply_lifecycle(&k.id, &Cancel { versions: vec![1] }, 5001).await,
+            s.apply_lifecycle(&k.id, &Cancel { versions: vec![1] }, 5001)
+                .await,
             Err(StoreError::StateConflict {
                 current: "DESTROYING"
             })
         ));
-        assert!(sqlx::query(
-            "UPDATE key_versions SET state = 'DISABLED' WHERE version = 1"
-        )
-        .execute(&s.writer)
-        .await
-        .is_err());
+        assert!(
+            sqlx::query("UPDATE key_versions SET state = 'DISABLED' WHERE version = 1")
+                .execute(&s.writer)
+                .await
+                .is_err()
+        );
         // Still listed as due (a restart finishes it), and finishing is idempotent.
         assert_eq!(s.due_destructions(0, 10).await.unwrap().len(), 1);
         let r = s.finish_destruction(&k.id, 1, 6000).await.unwrap();
@@ -1159,7 +1163,12 @@ mod tests {
         let t = s.tombstones(&k.id).await.unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(
-            (t[0].version, t[0].hsm_id, t[0].destroyed_at, t[0].retire_request.as_deref()),
+            (
+                t[0].version,
+                t[0].hsm_id,
+                t[0].destroyed_at,
+                t[0].retire_request.as_deref()
+            ),
             (1, ObjectId([1; 16]), 6000, Some("req_1"))
         );
         assert_eq!(
@@ -1179,7 +1188,8 @@ mod tests {
             );
         }
         assert!(matches!(
-            s.apply_lifecycle(&k.id, &Cancel { versions: vec![1] }, 8000).await,
+            s.apply_lifecycle(&k.id, &Cancel { versions: vec![1] }, 8000)
+                .await,
             Err(StoreError::StateConflict {
                 current: "DESTROYED"
             })
@@ -1223,9 +1233,15 @@ mod tests {
             Err(StoreError::StateConflict { .. })
         ));
         // A new date re-arms it; clearing it disarms it.
-        s.apply_lifecycle(&k.id, &Retention { retain_until: Some(7000) }, 6000)
-            .await
-            .unwrap();
+        s.apply_lifecycle(
+            &k.id,
+            &Retention {
+                retain_until: Some(7000),
+            },
+            6000,
+        )
+        .await
+        .unwrap();
         assert_eq!(s.keys_due_retention(7000).await.unwrap(), vec![k.id]);
         s.apply_lifecycle(&k.id, &Retention { retain_until: None }, 6000)
             .await
@@ -1240,7 +1256,12 @@ mod tests {
         assert_eq!(s.reserve_wraps_within(&k.id, 1, 64, 100).await.unwrap(), 36);
         assert_eq!(s.reserve_wraps_within(&k.id, 1, 64, 100).await.unwrap(), 0);
         assert_eq!(
-            s.key_by_id(&k.id).await.unwrap().version(1).unwrap().wrap_count,
+            s.key_by_id(&k.id)
+                .await
+                .unwrap()
+                .version(1)
+                .unwrap()
+                .wrap_count,
             100
         );
         // Two nodes at once: together never more than the limit.
@@ -1257,24 +1278,50 @@ mod tests {
         }
         assert_eq!(ga + gb, 100);
         assert_eq!(
-            s.key_by_id(&k2.id).await.unwrap().version(1).unwrap().wrap_count,
+            s.key_by_id(&k2.id)
+                .await
+                .unwrap()
+                .version(1)
+                .unwrap()
+                .wrap_count,
             100
         );
     }
 
     async fn leases_have_one_holder_until_they_expire(db: Arc<TestDb>) {
         let (a, b) = (db.open().await, db.open().await);
-        assert!(a.acquire_lease("jobs", "node-a", 1000, 10_000).await.unwrap());
-        assert!(!b.acquire_lease("jobs", "node-b", 1000, 10_500).await.unwrap());
+        assert!(a
+            .acquire_lease("jobs", "node-a", 1000, 10_000)
+            .await
+            .unwrap());
+        assert!(!b
+            .acquire_lease("jobs", "node-b", 1000, 10_500)
+            .await
+            .unwrap());
         // The holder renews.
-        assert!(a.acquire_lease("jobs", "node-a", 1000, 10_900).await.unwrap());
-        assert!(!b.acquire_lease("jobs", "node-b", 1000, 11_800).await.unwrap());
+        assert!(a
+            .acquire_lease("jobs", "node-a", 1000, 10_900)
+            .await
+            .unwrap());
+        assert!(!b
+            .acquire_lease("jobs", "node-b", 1000, 11_800)
+            .await
+            .unwrap());
         // Expired: the other node takes it, and the first one no longer holds it.
-        assert!(b.acquire_lease("jobs", "node-b", 1000, 11_900).await.unwrap());
-        assert!(!a.acquire_lease("jobs", "node-a", 1000, 12_000).await.unwrap());
+        assert!(b
+            .acquire_lease("jobs", "node-b", 1000, 11_900)
+            .await
+            .unwrap());
+        assert!(!a
+            .acquire_lease("jobs", "node-a", 1000, 12_000)
+            .await
+            .unwrap());
         // Given up: free at once.
         b.release_lease("jobs", "node-b").await.unwrap();
-        assert!(a.acquire_lease("jobs", "node-a", 1000, 12_100).await.unwrap());
+        assert!(a
+            .acquire_lease("jobs", "node-a", 1000, 12_100)
+            .await
+            .unwrap());
         // Other leases are independent; racing takers: exactly one wins.
         let (x, y) = tokio::join!(
             a.acquire_lease("other", "node-a", 1000, 0),
@@ -1297,9 +1344,15 @@ mod tests {
         assert!(s.keys_due_rotation(3099).await.unwrap().is_empty());
         assert_eq!(s.keys_due_rotation(3100).await.unwrap(), vec![k.id]);
         // A primary that is not ENABLED is not rotated by the schedule.
-        s.set_version_state(&k.id, 2, &[VersionState::Enabled], VersionState::Disabled, 3200)
-            .await
-            .unwrap();
+        s.set_version_state(
+            &k.id,
+            2,
+            &[VersionState::Enabled],
+            VersionState::Disabled,
+            3200,
+        )
+        .await
+        .unwrap();
         assert!(s.keys_due_rotation(i64::MAX / 2).await.unwrap().is_empty());
     }
 

@@ -90,6 +90,7 @@ async fn missing_or_wrong_tokens_are_unauthenticated_and_change_nothing() {
             c.create_key(pb::CreateKeyRequest {
                 name: "sneaky".into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await,
             Code::Unauthenticated,
@@ -169,6 +170,7 @@ async fn every_response_carries_a_request_id() {
         .create_key(pb::CreateKeyRequest {
             name: "rid".into(),
             description: String::new(),
+            ..Default::default()
         })
         .await
         .expect("CreateKey");
@@ -241,6 +243,7 @@ async fn every_response_carries_a_request_id() {
             c.create_key(pb::CreateKeyRequest {
                 name: "rid".into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await
             .map(|_| ()),

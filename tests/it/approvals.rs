@@ -26,7 +26,7 @@ use crate::support::{
 };
 
 #[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
+pub(crate) struct Bearer(MetadataValue<Ascii>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -35,9 +35,9 @@ impl Interceptor for Bearer {
     }
 }
 
-type QuorumClient = QuorumServiceClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type QuorumClient = QuorumServiceClient<InterceptedService<Channel, Bearer>>;
 
-async fn quorum_client(arca: &TestArca, token: &str) -> QuorumClient {
+pub(crate) async fn quorum_client(arca: &TestArca, token: &str) -> QuorumClient {
     let v = format!("Bearer {token}").parse().unwrap();
     QuorumServiceClient::with_interceptor(arca.channel().await, Bearer(v))
 }
@@ -57,13 +57,13 @@ fn now_ms() -> i64 {
 }
 
 /// The five custodians of a test server, and the TOTP steps each has used.
-struct Custodians {
+pub(crate) struct Custodians {
     kits: Vec<Kit>,
     used: Mutex<HashMap<usize, i64>>,
 }
 
 impl Custodians {
-    fn read(arca: &TestArca) -> Custodians {
+    pub(crate) fn read(arca: &TestArca) -> Custodians {
         let kits = (1..=5)
             .map(|n| {
                 let dir = arca
@@ -145,7 +145,7 @@ impl Custodians {
         quorum_client(arca, &self.kit(n).token).await
     }
 
-    async fn unseal(&self, arca: &TestArca, who: &[usize]) {
+    pub(crate) async fn unseal(&self, arca: &TestArca, who: &[usize]) {
         for &n in who {
             let code = self.code(n).await;
             self.client(arca, n)
@@ -159,7 +159,7 @@ impl Custodians {
         }
     }
 
-    async fn approve(
+    pub(crate) async fn approve(
         &self,
         arca: &TestArca,
         n: usize,
@@ -191,7 +191,7 @@ impl Custodians {
     }
 }
 
-fn three_of_five(db: Db) -> Builder {
+pub(crate) fn three_of_five(db: Db) -> Builder {
     TestArca::builder()
         .backend(db)
         .arg("--custodians")
@@ -201,7 +201,7 @@ fn three_of_five(db: Db) -> Builder {
 }
 
 /// A 3-of-5 server, unsealed by custodians 1, 2 and 3, with a key `phi`.
-async fn unsealed(builder: Builder) -> (TestArca, Custodians) {
+pub(crate) async fn unsealed(builder: Builder) -> (TestArca, Custodians) {
     let arca = builder.start().await;
     let cs = Custodians::read(&arca);
     cs.unseal(&arca, &[1, 2, 3]).await;
@@ -218,7 +218,7 @@ async fn get_request(arca: &TestArca, id: &str) -> pb::ApprovalRequest {
         .into_inner()
 }
 
-async fn key(arca: &TestArca, name: &str) -> pb::Key {
+pub(crate) async fn key(arca: &TestArca, name: &str) -> pb::Key {
     arca.client()
         .await
         .get_key(pb::GetKeyRequest {
@@ -229,7 +229,7 @@ async fn key(arca: &TestArca, name: &str) -> pb::Key {
         .into_inner()
 }
 
-async fn request_rotation(arca: &TestArca) -> pb::ApprovalRequest {
+pub(crate) async fn request_rotation(arca: &TestArca) -> pb::ApprovalRequest {
     let r = arca
         .client()
         .await

@@ -90,6 +90,7 @@ async fn two_nodes_share_keys_and_see_each_others_changes_within_a_second() {
         .create_key(pb::CreateKeyRequest {
             name: "shared".into(),
             description: String::new(),
+            ..Default::default()
         })
         .await;
     assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::AlreadyExists);

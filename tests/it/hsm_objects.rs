@@ -125,6 +125,49 @@ async fn list_secret_keys(arca: &TestArca) -> Vec<Object> {
         .expect("DIR/hsm-pin")
         .trim()
         .to_string();
+    secret_keys_with_pin(dir, pin).await
+}
+
+/// The `CKA_ID`s (hex) of every secret key on the dev token of data dir `dir`, listed
+/// through `pkcs11-tool` with the user PIN `pin`.
+pub(crate) async fn secret_key_ids(dir: std::path::PathBuf, pin: String) -> Vec<String> {
+    secret_keys_with_pin(dir, pin)
+        .await
+        .iter()
+        .filter_map(|o| o.field("ID").map(str::to_string))
+        .collect()
+}
+
+/// Sets the user PIN of the dev token in data dir `dir` with its SO PIN
+/// (`DIR/hsm-so-pin`), through `pkcs11-tool`: how an operator holding the SO PIN reaches
+/// the objects of a token whose user PIN only the custodians can open.
+pub(crate) async fn so_set_user_pin(dir: std::path::PathBuf, new_pin: String) {
+    let so = std::fs::read_to_string(dir.join("hsm-so-pin"))
+        .expect("DIR/hsm-so-pin")
+        .trim()
+        .to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("pkcs11-tool")
+            .args(["--module", SOFTHSM_MODULE, "--token-label", "arca-dev"])
+            .args(["--login", "--login-type", "so", "--so-pin"])
+            .arg(&so)
+            .args(["--init-pin", "--new-pin"])
+            .arg(&new_pin)
+            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("pkcs11-tool (apt-get install opensc)")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool --init-pin failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn secret_keys_with_pin(dir: std::path::PathBuf, pin: String) -> Vec<Object> {
     let out = tokio::task::spawn_blocking(move || {
         Command::new("pkcs11-tool")
             .args([
@@ -168,6 +211,7 @@ async fn failed_and_raced_creates_leave_no_orphan_hsm_objects() {
             c.create_key(pb::CreateKeyRequest {
                 name: "contended".into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner().id)
@@ -186,6 +230,7 @@ async fn failed_and_raced_creates_leave_no_orphan_hsm_objects() {
             .create_key(pb::CreateKeyRequest {
                 name: "solo".into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await;
         assert!(r.is_err());

@@ -362,6 +362,7 @@ async fn restart_on_the_same_data_dir_keeps_keys_tokens_and_blobs(db: Db) {
         c.create_key(pb::CreateKeyRequest {
             name: "durable".into(),
             description: String::new(),
+            ..Default::default()
         })
         .await,
         Code::AlreadyExists,

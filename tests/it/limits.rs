@@ -30,6 +30,7 @@ async fn a_10_mib_message_is_refused() {
     c.create_key(pb::CreateKeyRequest {
         name: "k".into(),
         description: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -58,6 +59,7 @@ async fn ten_thousand_streams_on_one_connection_do_not_starve_others() {
     c.create_key(pb::CreateKeyRequest {
         name: "k".into(),
         description: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();

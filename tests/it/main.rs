@@ -30,6 +30,7 @@ mod production;
 mod quorum;
 mod ratelimit;
 mod secrets_at_rest;
+mod shred;
 mod shutdown;
 mod tamper;
 mod tls;

@@ -155,6 +155,7 @@ async fn load_call(c: &mut KeyClient, gcm: bool, n: usize) -> (&'static str, Out
             .create_key(pb::CreateKeyRequest {
                 name: format!("load-{n}"),
                 description: String::new(),
+                ..Default::default()
             })
             .await;
         ("CreateKey", outcome(&r))
@@ -349,6 +350,7 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
                 .create_key(pb::CreateKeyRequest {
                     name: format!("during-outage-{round}"),
                     description: String::new(),
+                    ..Default::default()
                 })
                 .await;
             v.push(("CreateKey", outcome(&r), t.elapsed()));
@@ -558,6 +560,7 @@ async fn a_hung_hsm_times_out_with_unavailable_and_recovers() {
                 c.create_key(pb::CreateKeyRequest {
                     name: format!("during-hang-{i}"),
                     description: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())

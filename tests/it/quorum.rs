@@ -182,6 +182,7 @@ async fn three_of_five_unseals_and_keys_survive_restart() {
     c.create_key(pb::CreateKeyRequest {
         name: "phi".into(),
         description: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -401,6 +402,7 @@ async fn rekey_to_two_of_three_hands_new_kits_to_the_executing_approval() {
     c.create_key(pb::CreateKeyRequest {
         name: "phi".into(),
         description: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -16,6 +16,7 @@ async fn sigterm_under_load_exits_cleanly() {
         c.create_key(pb::CreateKeyRequest {
             name: "k".into(),
             description: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

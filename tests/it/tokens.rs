@@ -37,6 +37,7 @@ async fn create_key(arca: &TestArca, token: &str, name: &str) -> Result<(), toni
         .create_key(pb::CreateKeyRequest {
             name: name.into(),
             description: String::new(),
+            ..Default::default()
         })
         .await
         .map(|_| ())

@@ -90,6 +90,7 @@ async fn invalid_key_names_are_invalid_argument_everywhere(db: Db) {
             c.create_key(pb::CreateKeyRequest {
                 name: name.into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await,
             Code::InvalidArgument,
@@ -231,6 +232,7 @@ async fn unknown_keys_are_not_found_and_names_are_never_reused(db: Db) {
             c.create_key(pb::CreateKeyRequest {
                 name: "taken".into(),
                 description: description.into(),
+                ..Default::default()
             })
             .await,
             Code::AlreadyExists,
@@ -256,6 +258,7 @@ async fn unknown_keys_are_not_found_and_names_are_never_reused(db: Db) {
             c.create_key(pb::CreateKeyRequest {
                 name: "raced".into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await
             .map(|_| ())
@@ -405,6 +408,7 @@ async fn oversized_or_malformed_inputs_are_refused_and_change_nothing(db: Db) {
         c.create_key(pb::CreateKeyRequest {
             name: "described".into(),
             description: "d".repeat(1025),
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -414,6 +418,7 @@ async fn oversized_or_malformed_inputs_are_refused_and_change_nothing(db: Db) {
         .create_key(pb::CreateKeyRequest {
             name: "described".into(),
             description: "d".repeat(1024),
+            ..Default::default()
         })
         .await
         .expect("description of 1024 bytes")

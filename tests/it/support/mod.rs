@@ -227,6 +227,37 @@ pub fn psql(url: &str, sql: &str) {
     );
 }
 
+/// Copies a directory tree (files and directories only).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Runs SQL on a SQLite file with the `sqlite3` shell, as someone with access to the
+/// file would (no Arca code involved).
+pub fn sqlite3(file: &Path, sql: &str) -> String {
+    let out = std::process::Command::new("sqlite3")
+        .arg(file)
+        .arg(sql)
+        .stdin(Stdio::null())
+        .output()
+        .expect("sqlite3 (apt-get install sqlite3)");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Options of a server run.
 #[derive(Clone, Default)]
 pub struct Builder {
@@ -313,9 +344,8 @@ impl TestArca {
 
     /// A second node: another `arca server --dev` process with the same options on the
     /// same data dir (so the same SoftHSM token, PINs and dev token) and the same
-    /// database. Only meaningful on PostgreSQL.
+    /// database (on SQLite, the same file: two processes on one host).
     pub async fn second_node(&self) -> TestArca {
-        assert!(self.pg.is_some(), "a second node needs Db::Postgres");
         let mut arca = TestArca {
             root: Arc::clone(&self.root),
             data_dir: self.data_dir.clone(),
@@ -330,6 +360,40 @@ impl TestArca {
         };
         arca.spawn().await;
         arca
+    }
+
+    /// A fresh server on a copy of this one's data dir (its SQLite file, SoftHSM token
+    /// and PIN files) taken now, in a new temporary directory, with `opts`. SQLite only.
+    pub async fn start_on_copy(&self, opts: Builder) -> TestArca {
+        assert!(
+            self.pg.is_none(),
+            "a copy of the data dir holds only a SQLite database"
+        );
+        let root = tempfile::Builder::new()
+            .prefix("arca-it-copy-")
+            .tempdir()
+            .expect("temp dir");
+        let data_dir = root.path().join("data");
+        copy_dir(&self.data_dir, &data_dir);
+        let mut arca = TestArca {
+            root: Arc::new(root),
+            data_dir,
+            opts,
+            pg: None,
+            node: 1,
+            child: None,
+            addr: None,
+            token: String::new(),
+            runs: 0,
+            log: PathBuf::new(),
+        };
+        arca.spawn().await;
+        arca
+    }
+
+    /// The SQLite database file of a dev server (DIR/arca.db).
+    pub fn sqlite_file(&self) -> PathBuf {
+        self.data_dir.join("arca.db")
     }
 
     /// The PostgreSQL database, on [`Db::Postgres`].
@@ -607,6 +671,7 @@ pub async fn create_key(c: &mut KeyClient, name: &str) -> pb::Key {
     c.create_key(pb::CreateKeyRequest {
         name: name.to_string(),
         description: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|s| panic!("CreateKey {name}: {s:?}"))
