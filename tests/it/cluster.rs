@@ -201,3 +201,210 @@ async fn two_nodes_share_keys_and_see_each_others_changes_within_a_second() {
         }
     }
 }
+
+/// Job options for two-node lifecycle tests: any waiting period from 1 s, passes every
+/// 200 ms, and a lease of `lease`.
+fn lifecycle_nodes(root: &std::path::Path, lease: &str) -> crate::support::Builder {
+    let policy = root.join("lifecycle.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\ndefault_waiting_period = \"7d\"\nmin_waiting_period = \"1s\"\n\
+         max_waiting_period = \"90d\"\nmin_rotation_period = \"1s\"\nusage_limit = 1073741824\n",
+    )
+    .unwrap();
+    TestArca::builder()
+        .backend(Db::Postgres)
+        .arg("--lifecycle-policy")
+        .arg(policy)
+        .arg("--job-interval")
+        .arg("200ms")
+        .arg("--job-lease")
+        .arg(lease)
+}
+
+fn version_state(k: &pb::Key, v: u32) -> pb::KeyVersionState {
+    k.versions
+        .iter()
+        .find(|x| x.version == v)
+        .map(|x| x.state())
+        .unwrap()
+}
+
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retire_and_destroy_on_a_and_revoke_on_b_reach_the_other_node_within_a_second() {
+    if postgres_url("cluster::retire_and_destroy").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = lifecycle_nodes(dir.path(), "2s").start().await;
+    let b = a.second_node().await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let context = ctx(&[("tenant", "t-9")]);
+    create_key(&mut ca, "shred").await;
+    let dk = generate(&mut ca, "shred", &context).await;
+    // B has v1 cached and unwraps.
+    unwrap(&mut cb, &dk.wrapped_key, &context).await.unwrap();
+    ca.rotate_key(pb::RotateKeyRequest {
+        name: "shred".into(),
+    })
+    .await
+    .unwrap();
+
+    // Retire v1 on A: B refuses within a second, then it is destroyed (by either node)
+    // and B still refuses, now as destroyed.
+    ca.retire_key_version(pb::RetireKeyVersionRequest {
+        name: "shred".into(),
+        version: 1,
+        waiting_period_seconds: 1,
+    })
+    .await
+    .unwrap();
+    within_propagation("retirement on A reaching B", || {
+        let mut cb = cb.clone();
+        let (blob, context) = (dk.wrapped_key.clone(), context.clone());
+        async move { unwrap(&mut cb, &blob, &context).await.is_err() }
+    })
+    .await;
+    let started = Instant::now();
+    loop {
+        let k = get_key(&mut ca, "shred").await;
+        if version_state(&k, 1) == pb::KeyVersionState::Destroyed {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "not destroyed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    within_propagation("destruction reaching B", || {
+        let mut cb = cb.clone();
+        let (blob, context) = (dk.wrapped_key.clone(), context.clone());
+        async move {
+            matches!(unwrap(&mut cb, &blob, &context).await,
+                Err(s) if s.message() == "key version destroyed")
+        }
+    })
+    .await;
+    let logs = format!("{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(
+        logs.lines()
+            .filter(|l| l.contains("key version destroyed"))
+            .count(),
+        1,
+        "destroyed exactly once across the nodes"
+    );
+
+    // A token made and used on A, revoked on B: A refuses it within a second.
+    let mut access_a = pb::access_service_client::AccessServiceClient::new(a.channel().await);
+    let mut access_b = pb::access_service_client::AccessServiceClient::new(b.channel().await);
+    let t = access_a
+        .create_token(authed(
+            a.token(),
+            pb::CreateTokenRequest {
+                principal: "svc:cluster".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut with_token = a
+        .client_with_header(Some(&format!("Bearer {}", t.token)))
+        .await;
+    get_key(&mut with_token, "shred").await;
+    access_b
+        .revoke_token(authed(
+            b.token(),
+            pb::RevokeTokenRequest { id: t.id.clone() },
+        ))
+        .await
+        .unwrap();
+    let took = within_propagation("revocation on B reaching A", || {
+        let mut c = with_token.clone();
+        async move {
+            match c
+                .get_key(pb::GetKeyRequest {
+                    name: "shred".into(),
+                })
+                .await
+            {
+                Ok(_) => false,
+                Err(s) => {
+                    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+                    true
+                }
+            }
+        }
+    })
+    .await;
+    eprintln!("revocation on B refused on A after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_lease_holder_hands_the_jobs_to_the_other_node_after_the_lease() {
+    let Some(_) = postgres_url("cluster::kill_9_of_the_lease_holder") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = lifecycle_nodes(dir.path(), "3s").start().await;
+    let url = a.postgres().unwrap().url().to_string();
+    // A starts first and takes the jobs' lease; B starts after and waits for it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let b = a.second_node().await;
+    let mut cb = b.client().await;
+    create_key(&mut cb, "handover").await;
+    cb.rotate_key(pb::RotateKeyRequest {
+        name: "handover".into(),
+    })
+    .await
+    .unwrap();
+    let holder = |url: &str| {
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-q", "-t", "-A", "-d", url, "-c"])
+            .arg("SELECT holder FROM job_leases WHERE name = 'lifecycle'")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let first = holder(&url);
+    assert!(!first.is_empty(), "no lease holder");
+    assert!(
+        a.log_text().contains(&first),
+        "A ({first}) should hold the lease: it started first"
+    );
+    // Kill A (holding the lease) and retire v1 through B with a 1 s waiting period: the
+    // destruction waits for A's lease to run out (3 s), then B does it.
+    a.kill();
+    let killed = Instant::now();
+    cb.retire_key_version(pb::RetireKeyVersionRequest {
+        name: "handover".into(),
+        version: 1,
+        waiting_period_seconds: 1,
+    })
+    .await
+    .unwrap();
+    let destroyed_after = loop {
+        let k = get_key(&mut cb, "handover").await;
+        if version_state(&k, 1) == pb::KeyVersionState::Destroyed {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "B never took the jobs over:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        destroyed_after >= Duration::from_millis(2000),
+        "destroyed {destroyed_after:?} after the kill: before A's lease could have ended"
+    );
+    assert_ne!(holder(&url), first, "B holds the lease now");
+    assert!(b.log_text().contains("key version destroyed"));
+    eprintln!("jobs handed over; destruction {destroyed_after:?} after the kill");
+}
