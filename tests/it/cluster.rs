@@ -408,3 +408,155 @@ async fn kill_9_of_the_lease_holder_hands_the_jobs_to_the_other_node_after_the_l
     assert!(b.log_text().contains("key version destroyed"));
     eprintln!("jobs handed over; destruction {destroyed_after:?} after the kill");
 }
+
+/// A private PostgreSQL cluster (`scripts/throwaway-postgres`), stopped and removed on
+/// drop, so that this test can stop and start its database without touching the one the
+/// other tests share.
+struct PrivatePg {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl PrivatePg {
+    fn run(cmd: &str, dir: &std::path::Path) -> String {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-postgres");
+        let out = std::process::Command::new(script)
+            .arg(cmd)
+            .arg(dir.join("pg"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("scripts/throwaway-postgres");
+        assert!(
+            out.status.success(),
+            "throwaway-postgres {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn start() -> PrivatePg {
+        let dir = tempfile::Builder::new()
+            .prefix("arca-it-pg-")
+            .tempdir()
+            .unwrap();
+        // The postgres user (when run as root) must reach the directory.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let url = Self::run("start", dir.path());
+        PrivatePg { dir, url }
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        Self::run("remove", self.dir.path());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_64_callers_fails_cleanly_and_recovers_without_restarting_arca() {
+    if postgres_url("cluster::postgres_restarted").is_none() {
+        return;
+    }
+    let pg = PrivatePg::start();
+    let mut arca = TestArca::builder()
+        .arg("--database")
+        .arg(&pg.url)
+        .start()
+        .await;
+    let pid_before = arca.is_running();
+    let mut c = arca.client().await;
+    create_key(&mut c, "under-load").await;
+    let context = ctx(&[("tenant", "t-1")]);
+    let mut blobs = Vec::new();
+    for _ in 0..64 {
+        blobs.push(generate(&mut c, "under-load", &context).await);
+    }
+
+    // 64 callers unwrap in a loop; each outcome is recorded with its time.
+    let t0 = Instant::now();
+    let run_for = Duration::from_secs(9);
+    let mut set = tokio::task::JoinSet::new();
+    for dk in blobs {
+        let mut c = c.clone();
+        let context = context.clone();
+        set.spawn(async move {
+            let mut seen = Vec::new();
+            while t0.elapsed() < run_for {
+                let r = unwrap(&mut c, &dk.wrapped_key, &context).await;
+                let at = t0.elapsed();
+                match r {
+                    Ok(u) => {
+                        assert_eq!(u.plaintext, dk.plaintext);
+                        seen.push((at, None));
+                    }
+                    Err(s) => {
+                        seen.push((at, Some(s.code())));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            seen
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dir = pg.dir.path().to_path_buf();
+    let stopped_at = t0.elapsed();
+    tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || PrivatePg::run("stop", &dir)
+    })
+    .await
+    .unwrap();
+    let down_at = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::spawn_blocking(move || PrivatePg::run("resume", &dir))
+        .await
+        .unwrap();
+    let up_at = t0.elapsed();
+
+    let mut outcomes = Vec::new();
+    while let Some(r) = set.join_next().await {
+        outcomes.extend(r.expect("caller"));
+    }
+    let errors: Vec<_> = outcomes.iter().filter(|(_, e)| e.is_some()).collect();
+    let ok_before = outcomes
+        .iter()
+        .filter(|(at, e)| e.is_none() && *at < stopped_at)
+        .count();
+    // Recovery: everything after a short reconnect window succeeds.
+    let settle = up_at + Duration::from_secs(2);
+    let late_ok = outcomes
+        .iter()
+        .filter(|(at, e)| e.is_none() && *at > settle)
+        .count();
+    let late_err = outcomes
+        .iter()
+        .filter(|(at, e)| e.is_some() && *at > settle)
+        .count();
+    eprintln!(
+        "stop at {stopped_at:?} (down by {down_at:?}), up at {up_at:?}: {} calls, {} ok before, \
+         {} errors, {late_ok} ok after {settle:?}",
+        outcomes.len(),
+        ok_before,
+        errors.len()
+    );
+    assert!(ok_before > 100, "the load ran before the stop");
+    assert!(
+        !errors.is_empty(),
+        "no call failed while PostgreSQL was down"
+    );
+    for (at, code) in &errors {
+        assert_eq!(*code, Some(Code::Unavailable), "error at {at:?}");
+        assert!(
+            *at >= stopped_at && *at <= settle,
+            "an error at {at:?}, outside the outage ({stopped_at:?}..{up_at:?})"
+        );
+    }
+    assert_eq!(late_err, 0);
+    assert!(late_ok > 100, "no recovery after the restart");
+    assert!(pid_before && arca.is_running(), "Arca restarted or exited");
+    // New writes work too.
+    create_key(&mut c, "after-restart").await;
+    generate(&mut c, "after-restart", &context).await;
+}

@@ -700,3 +700,23 @@ async fn the_cli_shows_versions_and_retires_and_cancels() {
     let (ok, _, err) = cli(&["key", "create", "bad", "--rotate-every", "1x"]);
     assert!(!ok && err.contains("invalid duration"), "{err}");
 }
+
+#[tokio::test]
+async fn a_destruction_due_while_the_server_was_down_happens_after_the_restart() {
+    let dir = tmp();
+    let p = policy(dir.path(), "7d", 1 << 30);
+    let opts = with_jobs(TestArca::builder(), &p);
+    let mut arca = opts.clone().start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "k").await;
+    c.rotate_key(pb::RotateKeyRequest { name: "k".into() })
+        .await
+        .unwrap();
+    retire_version(&mut c, "k", 1, 1).await.unwrap();
+    // Down before destroy_at, up again after it.
+    arca.stop().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    arca.start_with(opts).await;
+    wait_destroyed(&arca, "k", 1, Duration::from_secs(5)).await;
+    assert_eq!(count(&arca.log_text(), "key version destroyed"), 1);
+}
