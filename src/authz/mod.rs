@@ -25,7 +25,7 @@ use crate::secret::{BearerToken, TokenHash};
 use crate::store::{Store, StoreError};
 
 /// How long a verified token is trusted without asking the store again.
-pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_millis(500);
 
 /// How a principal proved who it is.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -177,6 +177,14 @@ fn plan_cancel(key: &KeyRecord, version: Option<u32>) -> Result<Vec<u32>> {
     }
 }
 
+/// Whether any version is ENABLED or DISABLED (a key whose versions are all retired or
+/// destroyed is retired: it is not rotated back to life).
+pub(super) fn has_live_version(key: &KeyRecord) -> bool {
+    key.versions
+        .iter()
+        .any(|v| matches!(v.state, VersionState::Enabled | VersionState::Disabled))
+}
+
 fn param_i64(p: &Parameters, name: &str) -> Result<i64> {
     p.get(name)
         .and_then(|v| v.parse().ok())
@@ -423,7 +431,7 @@ impl KeyService {
     ) -> Result<Option<KeyRecord>> {
         let _serial = self.rotations.lock().await;
         let rec = self.store.key_by_id(key).await?;
-        if rec.primary_version != expected {
+        if rec.primary_version != expected || !has_live_version(&rec) {
             self.cache.put(rec);
             return Ok(None);
         }
@@ -461,7 +469,12 @@ impl KeyService {
 
     /// Runs the lifecycle jobs every `cfg.interval` until the task is dropped.
     pub async fn run_jobs(self: Arc<Self>, cfg: JobConfig) {
-        let mut forgotten = Forgotten::default();
+        // A process cannot hold handles to objects destroyed before it started: only
+        // tombstones from about now on matter.
+        let mut forgotten = Forgotten {
+            done: HashSet::new(),
+            seen_until: self.clock.now_ms(),
+        };
         loop {
             if let Err(e) = self.jobs_pass(&cfg, &mut forgotten).await {
                 match e {
@@ -571,7 +584,6 @@ impl KeyService {
 }
 
 /// Objects this node has already dropped its handles to.
-#[derive(Default)]
 struct Forgotten {
     done: HashSet<arca_hsm::ObjectId>,
     /// Destruction time up to which tombstones were read (minus a margin for clock
@@ -580,7 +592,8 @@ struct Forgotten {
 }
 
 impl Forgotten {
-    /// How far back each poll looks again (clock skew between nodes, late commits).
+    /// How far back each poll looks again (clock skew between nodes, late commits, a
+    /// destruction that began before this process started).
     const MARGIN_MS: i64 = 5 * 60 * 1000;
 
     async fn sweep(&mut self, svc: &KeyService, engine: &crate::keys::KeyEngine) -> Result<()> {

@@ -525,8 +525,13 @@ impl KeyService {
         let name = KeyName::parse(name)?;
         scope(caller, &name)?;
         if self.needs_quorum(Operation::RotateKey) {
-            // Refused now rather than after K approvals: the key must exist.
-            self.store.key_by_name(&name).await?;
+            // Refused now rather than after K approvals: the key must exist and live.
+            let key = self.store.key_by_name(&name).await?;
+            if !lifecycle::has_live_version(&key) {
+                return Err(ServiceError::FailedPrecondition(
+                    "every version of this key is retired; it cannot be rotated",
+                ));
+            }
             let params = key_params(&name, None);
             let req = self
                 .open_request(caller, Operation::RotateKey, params)
@@ -546,6 +551,11 @@ impl KeyService {
         let _serial = self.rotations.lock().await;
         for _attempt in 0..5 {
             let key = self.store.key_by_name(name).await?;
+            if !lifecycle::has_live_version(&key) {
+                return Err(ServiceError::FailedPrecondition(
+                    "every version of this key is retired; it cannot be rotated",
+                ));
+            }
             let next = key
                 .versions
                 .last()

@@ -411,8 +411,14 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         })
         .await;
     assert_code(e, Code::FailedPrecondition, "wrap under a destroyed key");
-    // Rotation of a key whose versions are all destroyed is refused by the schedule and
-    // gives nothing new to wrap under without an administrator.
+    // A retired key is not rotated back to life.
+    let s = assert_code(
+        c.rotate_key(pb::RotateKeyRequest { name: "k".into() })
+            .await,
+        Code::FailedPrecondition,
+        "rotate a retired key",
+    );
+    assert!(s.message().contains("retired"), "{s:?}");
     assert_eq!(get(&mut c, "k").await.versions.len(), 2);
 }
 
