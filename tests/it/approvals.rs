@@ -145,6 +145,15 @@ impl Custodians {
         quorum_client(arca, &self.kit(n).token).await
     }
 
+    /// Custodian n seals the server.
+    pub(crate) async fn seal(&self, arca: &TestArca, n: usize) {
+        self.client(arca, n)
+            .await
+            .seal(pb::SealRequest {})
+            .await
+            .unwrap_or_else(|s| panic!("seal by custodian-{n}: {s:?}"));
+    }
+
     pub(crate) async fn unseal(&self, arca: &TestArca, who: &[usize]) {
         for &n in who {
             let code = self.code(n).await;

@@ -726,3 +726,43 @@ async fn a_destruction_due_while_the_server_was_down_happens_after_the_restart()
     wait_destroyed(&arca, "k", 1, Duration::from_secs(5)).await;
     assert_eq!(count(&arca.log_text(), "key version destroyed"), 1);
 }
+
+#[tokio::test]
+async fn a_rotation_due_while_sealed_happens_once_after_the_unseal() {
+    let dir = tmp();
+    let p = policy(dir.path(), "7d", 1 << 30);
+    let (arca, cs) = unsealed(with_jobs(three_of_five(crate::support::Db::Sqlite), &p)).await;
+    let mut c = arca.client().await;
+    c.create_key(pb::CreateKeyRequest {
+        name: "sealed-away".into(),
+        rotation_period_seconds: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    cs.seal(&arca, 1).await;
+    // Three periods pass while sealed: the jobs do nothing (no HSM to rotate with).
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let versions = |arca: &TestArca| {
+        sqlite3(
+            &arca.sqlite_file(),
+            "SELECT COUNT(*) FROM key_versions v JOIN keys k ON k.id = v.key_id \
+             WHERE k.name = 'sealed-away'",
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(versions(&arca), "1", "rotated while sealed");
+    cs.unseal(&arca, &[3, 4, 5]).await;
+    // Caught up at the first pass: one rotation for the missed periods, not three...
+    let started = Instant::now();
+    while versions(&arca) == "1" {
+        assert!(started.elapsed() < Duration::from_secs(5), "no catch-up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let k = get(&mut c, "sealed-away").await;
+    assert_eq!(k.versions.len(), 2, "{k:?}");
+    // ...and the next one a period after it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get(&mut c, "sealed-away").await.versions.len(), 2);
+}
