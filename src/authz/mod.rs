@@ -14,6 +14,7 @@
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
 pub mod cert;
+pub mod policy;
 pub mod ratelimit;
 
 use std::collections::HashMap;

@@ -180,7 +180,7 @@ impl fmt::Display for QuorumPolicy {
 
 /// `24h`, `30m`, `90s`, `7d`, `1h30m` → ms. `None` for anything else (no number, no
 /// unit, an unknown unit, overflow).
-fn parse_duration_ms(s: &str) -> Option<i64> {
+pub(crate) fn parse_duration_ms(s: &str) -> Option<i64> {
     let mut total: i64 = 0;
     let mut rest = s.trim();
     if rest.is_empty() {
