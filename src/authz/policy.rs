@@ -45,7 +45,10 @@ pub const DEFAULT_ELEVATION_MS: i64 = 3600 * 1000;
 /// The shipped role files (the built-in policy when there is no directory).
 /// In name order, as [`Policy::load_dir`] reads them.
 const SHIPPED: &[(&str, &str)] = &[
-    ("bindings.toml", include_str!("../../policies/bindings.toml")),
+    (
+        "bindings.toml",
+        include_str!("../../policies/bindings.toml"),
+    ),
     ("roles.toml", include_str!("../../policies/roles.toml")),
 ];
 
@@ -409,7 +412,11 @@ fn valid_name(n: &str) -> bool {
 fn duration(s: &str, what: &str) -> Result<i64, PolicyError> {
     crate::quorum::policy::parse_duration_ms(s)
         .filter(|ms| (1000..=MAX_GRANT_MS).contains(ms))
-        .ok_or_else(|| invalid(format!("{what}: invalid duration {s:?} (1s to 1h, e.g. \"30m\")")))
+        .ok_or_else(|| {
+            invalid(format!(
+                "{what}: invalid duration {s:?} (1s to 1h, e.g. \"30m\")"
+            ))
+        })
 }
 
 impl Policy {
@@ -493,7 +500,10 @@ impl Policy {
             None => None,
             Some(bg) => {
                 let role: &Role = roles.get(&bg.role).ok_or_else(|| {
-                    invalid(format!("[break_glass] names the unknown role {:?}", bg.role))
+                    invalid(format!(
+                        "[break_glass] names the unknown role {:?}",
+                        bg.role
+                    ))
                 })?;
                 let _ = role;
                 let max_ms = match bg.max_duration {
@@ -527,9 +537,8 @@ impl Policy {
         for raw in r.allow {
             let mut actions = BTreeSet::new();
             for op in &raw.operations {
-                let a = Action::parse(op).ok_or_else(|| {
-                    invalid(format!("role {name:?}: unknown operation {op:?}"))
-                })?;
+                let a = Action::parse(op)
+                    .ok_or_else(|| invalid(format!("role {name:?}: unknown operation {op:?}")))?;
                 if a == Action::BreakGlass {
                     return Err(invalid(format!(
                         "role {name:?}: BreakGlass is allowed by [break_glass] principals, not by roles"
@@ -538,7 +547,9 @@ impl Policy {
                 actions.insert(a);
             }
             if actions.is_empty() {
-                return Err(invalid(format!("role {name:?}: a rule lists no operations")));
+                return Err(invalid(format!(
+                    "role {name:?}: a rule lists no operations"
+                )));
             }
             let scoped = actions.iter().any(|a| a.is_key_scoped());
             if scoped && raw.keys.is_empty() {
@@ -681,7 +692,8 @@ impl Policy {
         };
         let mut out = BTreeSet::new();
         for b in &self.bindings {
-            if b.principals.iter().any(|p| glob_match(p, principal)) || b.groups.iter().any(in_group)
+            if b.principals.iter().any(|p| glob_match(p, principal))
+                || b.groups.iter().any(in_group)
             {
                 out.extend(b.roles.iter().cloned());
             }
@@ -805,7 +817,14 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
         let on_disk = Policy::load_dir(&dir).unwrap();
         assert_eq!(on_disk, Policy::default());
-        for r in ["service", "key-admin", "custodian", "auditor", "break-glass", "admin"] {
+        for r in [
+            "service",
+            "key-admin",
+            "custodian",
+            "auditor",
+            "break-glass",
+            "admin",
+        ] {
             assert!(on_disk.role(r).is_some(), "{r}");
         }
     }
@@ -869,7 +888,11 @@ mod tests {
             ("dev-admin", Approve, None, false),
         ];
         for (who, action, key, want) in table {
-            assert_eq!(allowed(&p, who, *action, *key), *want, "{who} {action} {key:?}");
+            assert_eq!(
+                allowed(&p, who, *action, *key),
+                *want,
+                "{who} {action} {key:?}"
+            );
         }
     }
 
@@ -941,15 +964,43 @@ max_duration = "1h"
             ("bob", &[], BreakGlass, None, None, false),
         ];
         for (who, token, action, key, context, want) in table {
-            let d = decide(&p, who, token, Request { action: *action, key: *key, context: *context });
-            assert_eq!(matches!(d, Decision::Allow(_)), *want, "{who} {token:?} {action} {key:?} {context:?}");
+            let d = decide(
+                &p,
+                who,
+                token,
+                Request {
+                    action: *action,
+                    key: *key,
+                    context: *context,
+                },
+            );
+            assert_eq!(
+                matches!(d, Decision::Allow(_)),
+                *want,
+                "{who} {token:?} {action} {key:?} {context:?}"
+            );
         }
-        let Decision::Allow(a) = decide(&p, "bob", &[], Request { action: RotateKey, key: Some("k"), context: None }) else {
+        let Decision::Allow(a) = decide(
+            &p,
+            "bob",
+            &[],
+            Request {
+                action: RotateKey,
+                key: Some("k"),
+                context: None,
+            },
+        ) else {
             panic!("bob may rotate");
         };
         assert!(a.mfa);
         assert_eq!(a.role, "ops");
-        assert_eq!(a.limit, Some(Limit { per_second: 2.0, burst: 2.0 }));
+        assert_eq!(
+            a.limit,
+            Some(Limit {
+                per_second: 2.0,
+                burst: 2.0
+            })
+        );
         assert_eq!(p.role("ops").unwrap().max_elevation_ms(), Some(1_800_000));
         assert_eq!(p.break_glass().unwrap().max_ms, 3_600_000);
     }
@@ -979,17 +1030,54 @@ operations = ["Approve"]
             (ok.replace("version = 1", "version = 2"), "version"),
             (ok.replace("GetKey", "GetKeys"), "unknown operation"),
             (format!("{ok}colour = \"red\"\n"), "unknown field"),
-            (ok.replace("keys = [\"*\"]\n", "keyz = [\"*\"]\n"), "unknown field"),
+            (
+                ok.replace("keys = [\"*\"]\n", "keyz = [\"*\"]\n"),
+                "unknown field",
+            ),
             (ok.replace("keys = [\"*\"]\n", ""), "needs keys"),
-            (format!("{ok}[[bindings]]\nprincipals = [\"x\"]\nroles = [\"nope\"]\n"), "unknown role"),
-            (format!("{ok}[[bindings]]\ngroups = [\"g\"]\nroles = [\"r\"]\n"), "unknown group"),
-            (format!("{ok}[[bindings]]\nroles = [\"r\"]\n"), "no principals"),
-            (ok.replace("[[roles.r.allow]]", "max_elevation = \"2h\"\n[[roles.r.allow]]"), "invalid duration"),
-            (ok.replace("[[roles.r.allow]]", "rate_limit = { per_second = 0.0 }\n[[roles.r.allow]]"), "rate_limit"),
-            (ok.replace("keys = [\"*\"]", "keys = [\"*\"]\ncontext = { t = [\"a\"] }"), "context conditions apply only"),
+            (
+                format!("{ok}[[bindings]]\nprincipals = [\"x\"]\nroles = [\"nope\"]\n"),
+                "unknown role",
+            ),
+            (
+                format!("{ok}[[bindings]]\ngroups = [\"g\"]\nroles = [\"r\"]\n"),
+                "unknown group",
+            ),
+            (
+                format!("{ok}[[bindings]]\nroles = [\"r\"]\n"),
+                "no principals",
+            ),
+            (
+                ok.replace(
+                    "[[roles.r.allow]]",
+                    "max_elevation = \"2h\"\n[[roles.r.allow]]",
+                ),
+                "invalid duration",
+            ),
+            (
+                ok.replace(
+                    "[[roles.r.allow]]",
+                    "rate_limit = { per_second = 0.0 }\n[[roles.r.allow]]",
+                ),
+                "rate_limit",
+            ),
+            (
+                ok.replace(
+                    "keys = [\"*\"]",
+                    "keys = [\"*\"]\ncontext = { t = [\"a\"] }",
+                ),
+                "context conditions apply only",
+            ),
             (ok.replace("GetKey", "BreakGlass"), "break_glass"),
-            (ok.replace("[roles.r]", "[roles.R]").replace("roles.r.", "roles.R."), "invalid role name"),
-            (format!("{ok}[break_glass]\nprincipals = [\"a\"]\nrole = \"zz\"\n"), "unknown role"),
+            (
+                ok.replace("[roles.r]", "[roles.R]")
+                    .replace("roles.r.", "roles.R."),
+                "invalid role name",
+            ),
+            (
+                format!("{ok}[break_glass]\nprincipals = [\"a\"]\nrole = \"zz\"\n"),
+                "unknown role",
+            ),
             ("not toml".to_string(), "invalid access policy"),
         ] {
             let e = Policy::parse(&bad).unwrap_err().to_string();

@@ -19,11 +19,15 @@
 //!
 //! Must not import: tonic, prost, cryptoki. The only module that uses sqlx.
 
+mod access;
 mod approvals;
 mod quorum;
 mod sql;
 mod tokens;
 
+pub use access::{
+    AccessStore, GrantRecord, MfaFailure, PolicyVersion, ReviewRecord, TotpEnrolment,
+};
 pub use approvals::{
     ApprovalEntry, ApprovalRecord, ApprovalStore, NewQuorum, NewRequest, RequestResult, SealedShare,
 };
