@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub rate_limit: Option<crate::authz::ratelimit::Limit>,
     /// Which operations wait for K-of-N approval (`policies/quorum.toml`).
     pub quorum_policy: crate::quorum::policy::QuorumPolicy,
+    /// The access policy read at start, and the directory it came from (re-read on
+    /// SIGHUP); `None` for the built-in copy of the shipped files.
+    pub access_policy: (crate::authz::policy::Policy, Option<PathBuf>),
     /// How dev mode reaches an unsealed service.
     pub dev_quorum: DevQuorum,
     /// TLS files (required outside dev mode, with a client CA).

@@ -58,6 +58,30 @@ impl Principal {
     }
 }
 
+/// A TOTP code a request carries (`x-arca-totp`) as its second factor. Short-lived and
+/// single-use, but still never printed: `Debug` shows `[REDACTED]`. `Clone` because the
+/// [`Caller`](crate::service::Caller) that carries it is cloned per request.
+#[derive(Clone)]
+pub struct TotpCode(zeroize::Zeroizing<String>);
+
+impl TotpCode {
+    /// Wraps a presented code.
+    pub fn new(code: String) -> Self {
+        TotpCode(zeroize::Zeroizing::new(code))
+    }
+
+    /// The code, for verification only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TotpCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TotpCode([REDACTED])")
+    }
+}
+
 /// Where a request came from, as the transport saw it.
 #[derive(Clone, Debug, Default)]
 pub struct Peer {

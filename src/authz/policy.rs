@@ -774,8 +774,17 @@ fn rule_allows(rule: &Rule, principal: &str, req: &Request<'_>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+
+    type Row<'a> = (
+        &'a str,
+        &'a [&'a str],
+        Action,
+        Option<&'a str>,
+        Option<&'a BTreeMap<String, String>>,
+        bool,
+    );
 
     fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -943,7 +952,7 @@ max_duration = "1h"
         let bad_purpose = ctx(&[("tenant", "acme"), ("purpose", "ads")]);
         let missing = ctx(&[("tenant", "acme")]);
         #[rustfmt::skip]
-        let table: &[(&str, &[&str], Action, Option<&str>, Option<&BTreeMap<String, String>>, bool)] = &[
+        let table: &[Row] = &[
             ("svc:acme", &[], GenerateDataKey, Some("tenants/acme"), Some(&good), true),
             ("svc:acme", &[], UnwrapKey, Some("tenants/acme"), Some(&good), true),
             ("svc:acme", &[], UnwrapKey, Some("tenants/acme"), Some(&other), false),
