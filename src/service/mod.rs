@@ -41,7 +41,10 @@ use crate::keys::{
 use crate::secret::{BearerToken, Plaintext};
 use crate::store::{NewKey, QuorumStore, Store, StoreError, TokenRecord, TokenStore};
 
-pub use crate::store::{ApprovalEntry, ApprovalRecord, KeyRecord, RequestResult, VersionRecord};
+pub use crate::store::{
+    ApprovalEntry, ApprovalRecord, GrantRecord, KeyRecord, RequestResult, ReviewRecord,
+    VersionRecord,
+};
 
 use crate::quorum::approvals::Operation;
 use approvals::{key_params, Commit};
