@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use super::status::to_status;
 use crate::clock::rfc3339;
-use crate::service::{AccessOutcome, Caller, KeyService, NewToken};
 use crate::service::ReviewRecord;
+use crate::service::{AccessOutcome, Caller, KeyService, NewToken};
 
 /// The gRPC face of token administration.
 pub struct AccessApi {
