@@ -716,6 +716,15 @@ impl Policy {
                 _ => Decision::Deny,
             };
         }
+        // Break-glass principals must be able to enrol for the MFA their role needs,
+        // whatever else they hold.
+        if req.action == Action::EnrollTotp && self.may_break_glass(who.name) {
+            return Decision::Allow(Allowed {
+                role: String::new(),
+                mfa: false,
+                limit: None,
+            });
+        }
         let mut best: Option<Allowed> = None;
         for name in who.roles {
             let Some(role) = self.roles.get(name) else {
@@ -970,6 +979,8 @@ max_duration = "1h"
             ("alice", &["tenant-svc"], RotateKey, Some("any"), None, false),
             ("svc:acme", &["tenant-svc", "ops"], GetKey, Some("shared"), None, true),
             ("alice", &[], BreakGlass, None, None, true),
+            ("alice", &["tenant-svc"], EnrollTotp, None, None, true),
+            ("carol", &[], EnrollTotp, None, None, false),
             ("bob", &[], BreakGlass, None, None, false),
         ];
         for (who, token, action, key, context, want) in table {
