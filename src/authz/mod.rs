@@ -1,4 +1,8 @@
-//! Principals and authentication.
+//! Principals, authentication and authorization.
+//!
+//! Authorization is [`policy::Policy::authorize`], the one decision over roles, bindings
+//! and key globs from `policies/*.toml` (default deny); [`ratelimit`] holds the
+//! per-principal and per-role token buckets.
 //!
 //! A request is authenticated once, here, into a [`Principal`]. Today the credential is a
 //! bearer token (`authorization: Bearer arca_…`): Arca hashes it (SHA-256) and looks the

@@ -295,6 +295,7 @@ struct Rule {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Role {
     name: String,
+    description: String,
     rules: Vec<Rule>,
     mfa: bool,
     max_elevation_ms: Option<i64>,
@@ -302,6 +303,11 @@ pub struct Role {
 }
 
 impl Role {
+    /// What the role is for (free text from the policy).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
     /// Whether using this role needs a TOTP code.
     pub fn mfa(&self) -> bool {
         self.mfa
@@ -532,7 +538,6 @@ impl Policy {
                 "invalid role name {name:?} (1-64 of [a-z0-9._-])"
             )));
         }
-        let _ = r.description;
         let mut rules = Vec::new();
         for raw in r.allow {
             let mut actions = BTreeSet::new();
@@ -604,6 +609,7 @@ impl Policy {
         };
         Ok(Role {
             name: name.to_string(),
+            description: r.description,
             rules,
             mfa: r.mfa,
             max_elevation_ms,

@@ -1,7 +1,8 @@
-//! Per-principal rate limits, and per-role limits from the access policy ([`RoleLimiter`]): a token bucket each (rate per second, burst). A request
-//! over the limit is refused with the time until the next token, so the transport can
-//! answer `RESOURCE_EXHAUSTED` with `retry-after`. One principal's traffic never spends
-//! another's tokens.
+//! Per-principal rate limits, and per-role limits from the access policy
+//! ([`RoleLimiter`]): a token bucket each (rate per second, burst). A request over the
+//! limit is refused with the time until the next token, so the transport can answer
+//! `RESOURCE_EXHAUSTED` with `retry-after`. One principal's traffic never spends another's
+//! tokens.
 //!
 //! Time comes from a monotonic `Instant`: buckets refill by elapsed time.
 
