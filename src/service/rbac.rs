@@ -627,3 +627,231 @@ impl KeyService {
             .is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::sync::Arc;
+
+    use arca_hsm::fake::FakeHsm;
+    use arca_hsm::{AuthPin, Hsm};
+
+    use super::*;
+    use crate::authz::{AuthMethod, Principal};
+    use crate::clock::{Clock, ManualClock};
+    use crate::keys::EngineConfig;
+    use crate::service::{HsmOpener, PinSetter, SealControl, ServiceConfig};
+    use crate::store::{AccessStore, SqlStore};
+
+    const T0: i64 = 1_800_000_000_000;
+
+    const POLICY: &str = r#"
+version = 1
+[roles.elevator]
+[[roles.elevator.allow]]
+operations = ["Elevate", "EnrollTotp"]
+[roles.reader]
+max_elevation = "10m"
+[[roles.reader.allow]]
+operations = ["GetKey"]
+keys = ["*"]
+[roles.ops]
+mfa = true
+[[roles.ops.allow]]
+operations = ["RotateKey"]
+keys = ["*"]
+[[bindings]]
+principals = ["p", "m"]
+roles = ["elevator"]
+[[bindings]]
+principals = ["m"]
+roles = ["ops"]
+"#;
+
+    struct World {
+        _dir: tempfile::TempDir,
+        store: Arc<SqlStore>,
+        svc: KeyService,
+        clock: Arc<ManualClock>,
+    }
+
+    async fn world() -> World {
+        let clock = Arc::new(ManualClock::at(T0));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqlStore::open_sqlite(&dir.path().join("a.db"))
+                .await
+                .unwrap(),
+        );
+        let hsm = Arc::new(FakeHsm::new());
+        let opener: HsmOpener = Arc::new(move |_pin| Ok(hsm.clone() as Arc<dyn Hsm>));
+        let setter: PinSetter = Arc::new(|_, _| Ok(()));
+        let svc = KeyService::new(
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            SealControl::new(opener, setter, EngineConfig::default()),
+            clock.clone(),
+            ServiceConfig {
+                access_policy: Policy::parse(POLICY).unwrap(),
+                ..ServiceConfig::default()
+            },
+        );
+        svc.open_with_pin(AuthPin::from("pin".to_string()))
+            .await
+            .unwrap();
+        World {
+            _dir: dir,
+            store,
+            svc,
+            clock,
+        }
+    }
+
+    fn base32_decode(s: &str) -> Vec<u8> {
+        const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        let (mut buf, mut bits, mut out) = (0u32, 0, Vec::new());
+        for c in s.bytes() {
+            let v = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+            buf = (buf << 5) | v;
+            bits += 5;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((buf >> bits) as u8);
+            }
+        }
+        out
+    }
+
+    fn caller(name: &str, code: Option<String>) -> Caller {
+        Caller {
+            principal: Arc::new(Principal {
+                name: name.to_string(),
+                method: AuthMethod::Token {
+                    token_id: "t".into(),
+                },
+                roles: Vec::new(),
+                key_globs: Vec::new(),
+            }),
+            request_id: "r".into(),
+            peer: crate::authz::Peer::default(),
+            mfa: code.map(crate::authz::TotpCode::new),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_elevation_expires_with_the_clock() {
+        let w = world().await;
+        let p = caller("p", None);
+        assert!(w.svc.decide(&p, Action::GetKey, Some("k"), None).is_none());
+        // Over the role's maximum, and to a role that may not be elevated to.
+        for (role, ms) in [("reader", 11 * 60_000), ("ops", 60_000)] {
+            assert!(matches!(
+                w.svc.elevate(&p, role, ms, "why").await,
+                Err(ServiceError::InvalidArgument(_))
+            ));
+        }
+        assert!(matches!(
+            w.svc.elevate(&p, "reader", 60_000, " ").await,
+            Err(ServiceError::InvalidArgument(_))
+        ));
+        // No quorum gates here (dev mode): granted at once.
+        let AccessOutcome::Done(what) = w
+            .svc
+            .elevate(&p, "reader", 60_000, "ticket 1")
+            .await
+            .unwrap()
+        else {
+            panic!("no quorum here");
+        };
+        assert!(what.contains("holds role reader"), "{what}");
+        assert!(w.svc.decide(&p, Action::GetKey, Some("k"), None).is_some());
+        // Someone else does not hold it.
+        assert!(w
+            .svc
+            .decide(&caller("m", None), Action::GetKey, Some("k"), None)
+            .is_none());
+        w.clock.advance(60_000);
+        assert!(w.svc.decide(&p, Action::GetKey, Some("k"), None).is_none());
+    }
+
+    #[tokio::test]
+    async fn mfa_lockout_lasts_fifteen_minutes() {
+        let w = world().await;
+        let uri = w.svc.enroll_totp(&caller("m", None)).await.unwrap().uri;
+        let secret = base32_decode(
+            uri.split("secret=")
+                .nth(1)
+                .and_then(|s| s.split('&').next())
+                .unwrap(),
+        );
+        let code =
+            |clock: &ManualClock| Some(totp::hotp(&secret, totp::step_at(clock.now_ms()) as u64));
+        for _ in 0..5 {
+            assert!(matches!(
+                w.svc
+                    .authorize(&caller("m", None), Action::RotateKey, Some("k"), None)
+                    .await,
+                Err(ServiceError::MfaRequired(_))
+            ));
+        }
+        let e = w
+            .svc
+            .authorize(
+                &caller("m", code(&w.clock)),
+                Action::RotateKey,
+                Some("k"),
+                None,
+            )
+            .await;
+        assert!(matches!(e, Err(ServiceError::MfaRequired(m)) if m.contains("locked out")));
+        w.clock.advance(LOCKOUT_MS + 1);
+        w.svc
+            .authorize(
+                &caller("m", code(&w.clock)),
+                Action::RotateKey,
+                Some("k"),
+                None,
+            )
+            .await
+            .unwrap();
+        // The same step again is a replay.
+        assert!(w
+            .svc
+            .authorize(
+                &caller("m", code(&w.clock)),
+                Action::RotateKey,
+                Some("k"),
+                None
+            )
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn an_approved_policy_wins_over_the_files() {
+        let w = world().await;
+        let p = caller("p", None);
+        assert!(w.svc.decide(&p, Action::Elevate, None, None).is_some());
+        // Another node approved a policy in which p holds nothing.
+        w.store
+            .insert_policy("version = 1\n[roles.none]\n", w.clock.now_ms())
+            .await
+            .unwrap();
+        w.svc.refresh_access(true).await;
+        assert!(w.svc.decide(&p, Action::Elevate, None, None).is_none());
+        // SIGHUP's files no longer replace it.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
+        let e = w.svc.reload_policy(dir.path()).await.unwrap_err();
+        assert!(e.to_string().contains("approved policy"), "{e}");
+        assert!(w.svc.decide(&p, Action::Elevate, None, None).is_none());
+        // A bad stored policy is refused; the one in force stays.
+        w.store
+            .insert_policy("version = 1\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n", w.clock.now_ms())
+            .await
+            .unwrap();
+        w.svc.refresh_access(true).await;
+        assert!(w.svc.policy().role("none").is_some());
+    }
+}
