@@ -18,7 +18,9 @@ use tonic::{Code, Request, Status};
 
 use crate::approvals::{three_of_five, unsealed};
 use crate::quorum::base32_decode;
-use crate::support::{arca_bin, assert_code, create_key, ctx, generate, TestArca};
+use crate::support::{
+    arca_bin, assert_code, create_key, ctx, generate, postgres_url, Db, TestArca,
+};
 
 /// `authorization` and, optionally, `x-arca-totp` on every request.
 #[derive(Clone)]
@@ -476,9 +478,13 @@ async fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
     );
 }
 
-#[tokio::test]
-async fn update_policy_needs_quorum_and_takes_effect_after_approval() {
-    let (arca, cs) = unsealed(three_of_five(crate::support::Db::Sqlite)).await;
+on_both_backends!(
+    #[tokio::test]
+    update_policy_needs_quorum_and_takes_effect_after_approval
+);
+
+async fn update_policy_needs_quorum_and_takes_effect_after_approval(db: Db) {
+    let (arca, cs) = unsealed(three_of_five(db)).await;
     let tok = mint(&arca, "svc:x", &[]).await;
     let mut c = keys(&arca, &tok, None).await;
     assert_code(
@@ -539,9 +545,13 @@ async fn update_policy_needs_quorum_and_takes_effect_after_approval() {
     call(&mut c, "CreateKey", "x/1").await.unwrap();
 }
 
-#[tokio::test]
-async fn mfa_for_a_key_admin_without_wrong_right_and_lockout() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    mfa_for_a_key_admin_without_wrong_right_and_lockout
+);
+
+async fn mfa_for_a_key_admin_without_wrong_right_and_lockout(db: Db) {
+    let arca = TestArca::start_on(db).await;
     let ann = mint(&arca, "key-admin:ann", &[]).await;
     let create = |totp: Option<String>, name: &'static str| {
         let ann = ann.clone();
@@ -608,9 +618,13 @@ async fn mfa_for_a_key_admin_without_wrong_right_and_lockout() {
     create_key(&mut arca.client().await, "k3").await;
 }
 
-#[tokio::test]
-async fn elevation_is_approved_works_and_expires_by_itself() {
-    let (arca, cs) = unsealed(three_of_five(crate::support::Db::Sqlite)).await;
+on_both_backends!(
+    #[tokio::test]
+    elevation_is_approved_works_and_expires_by_itself
+);
+
+async fn elevation_is_approved_works_and_expires_by_itself(db: Db) {
+    let (arca, cs) = unsealed(three_of_five(db)).await;
     let ann = mint(&arca, "key-admin:ann", &[]).await;
     let mut totp = Totp::enroll(&arca, &ann).await;
     let mut as_ann = keys(&arca, &ann, None).await;
@@ -673,9 +687,13 @@ async fn elevation_is_approved_works_and_expires_by_itself() {
     );
 }
 
-#[tokio::test]
-async fn break_glass_for_listed_principals_alerts_and_opens_a_review() {
-    let arca = TestArca::start().await;
+on_both_backends!(
+    #[tokio::test]
+    break_glass_for_listed_principals_alerts_and_opens_a_review
+);
+
+async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
+    let arca = TestArca::start_on(db).await;
     create_key(&mut arca.client().await, "phi").await;
     let bob = mint(&arca, "oncall:bob", &[]).await;
     let svc = mint(&arca, "svc:x", &[]).await;
@@ -815,5 +833,93 @@ roles = ["metered"]
     let mut f = keys(&arca, &free, None).await;
     for _ in 0..20 {
         f.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_the_approved_policy_and_grants() {
+    if postgres_url("rbac::two_nodes_share_the_approved_policy_and_grants").is_none() {
+        return;
+    }
+    let a = TestArca::start_on(Db::Postgres).await;
+    let b = a.second_node().await;
+    create_key(&mut a.client().await, "shared").await;
+    let tok = mint(&a, "svc:x", &[]).await;
+    let mut on_b = keys(&b, &tok, None).await;
+    assert_code(
+        call(&mut on_b, "CreateKey", "x/1").await,
+        Code::PermissionDenied,
+        "before",
+    );
+
+    // Dev mode runs UpdatePolicy at once (no quorum); node A stores it.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let policy = format!(
+        "{}\n{}\n{}",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", ""),
+        r#"
+[roles.creator]
+[[roles.creator.allow]]
+operations = ["CreateKey"]
+keys = ["x/*"]
+[roles.elevator]
+[[roles.elevator.allow]]
+operations = ["Elevate"]
+[roles.rotator]
+max_elevation = "10m"
+[[roles.rotator.allow]]
+operations = ["RotateKey"]
+keys = ["shared"]
+[[bindings]]
+principals = ["svc:x"]
+roles = ["creator", "elevator"]
+"#
+    );
+    let r = access(&a, a.token(), None)
+        .await
+        .update_policy(pb::UpdatePolicyRequest { policy })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.outcome.contains("in force"), "{r:?}");
+    // Node B adopts it by itself, within the refresh interval.
+    let start = Instant::now();
+    while call(&mut on_b, "CreateKey", "x/1").await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "node B never adopted the policy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    crate::support::note(&format!(
+        "policy reached node B after {:?}",
+        start.elapsed()
+    ));
+
+    // A grant made on A (an elevation, at once in dev mode) works on B.
+    assert_code(
+        call(&mut on_b, "RotateKey", "shared").await,
+        Code::PermissionDenied,
+        "before",
+    );
+    access(&a, &tok, None)
+        .await
+        .elevate(pb::ElevateRequest {
+            role: "rotator".into(),
+            duration_seconds: 60,
+            reason: "rotate after INC-9".into(),
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while call(&mut on_b, "RotateKey", "shared").await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "node B never saw the grant"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
