@@ -49,7 +49,7 @@ pub const PARAM_DURATION: &str = "duration_seconds";
 pub const PARAM_REASON: &str = "reason";
 
 /// How often a node looks for a newly approved policy and for grants made elsewhere.
-pub const REFRESH: Duration = Duration::from_secs(1);
+pub const REFRESH: Duration = Duration::from_millis(500);
 /// Longest reason of an elevation or break-glass, in bytes.
 pub const MAX_REASON: usize = 1024;
 

@@ -923,3 +923,99 @@ roles = ["creator", "elevator"]
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs `arca ARGS` against `arca` as `token`, with `ARCA_TOTP` when given.
+async fn cli(
+    arca: &TestArca,
+    token: &str,
+    totp: Option<String>,
+    args: &[&str],
+) -> serde_json::Value {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let (addr, token) = (arca.url(), token.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(arca_bin());
+        cmd.args(&args)
+            .args(["--output", "json"])
+            .env("ARCA_ADDR", addr)
+            .env("ARCA_TOKEN", token)
+            .env_remove("ARCA_TOTP")
+            .stdin(std::process::Stdio::null());
+        if let Some(c) = totp {
+            cmd.env("ARCA_TOTP", c);
+        }
+        cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "arca failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn the_cli_enrols_breaks_glass_and_closes_the_review() {
+    let arca = TestArca::start().await;
+    let bob = mint(&arca, "oncall:bob", &[]).await;
+    let eve = mint(&arca, "auditor:eve", &[]).await;
+    let uri = cli(&arca, &bob, None, &["totp", "enroll"]).await["totp_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut totp = Totp {
+        secret: base32_decode(
+            uri.split("secret=")
+                .nth(1)
+                .and_then(|s| s.split('&').next())
+                .unwrap(),
+        ),
+        last: None,
+    };
+    let bg = cli(
+        &arca,
+        &bob,
+        Some(totp.code().await),
+        &["break-glass", "--reason", "EHR down", "--duration", "10m"],
+    )
+    .await;
+    assert_eq!(bg["role"], "break-glass");
+    let id = bg["review"]["id"].as_str().unwrap().to_string();
+    let open = cli(&arca, &eve, None, &["review", "list"]).await;
+    assert_eq!(open["reviews"][0]["id"], id.as_str());
+    assert_eq!(open["reviews"][0]["principal"], "oncall:bob");
+    let closed = cli(&arca, &eve, None, &["review", "close", &id, "--note", "ok"]).await;
+    assert_eq!(closed["closed_by"], "auditor:eve");
+    let open = cli(&arca, &eve, None, &["review", "list"]).await;
+    assert_eq!(open["reviews"].as_array().unwrap().len(), 0);
+    let all = cli(&arca, &eve, None, &["review", "list", "--all"]).await;
+    assert_eq!(all["reviews"].as_array().unwrap().len(), 1);
+
+    // A policy update from a file (dev mode: at once).
+    let pol = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let text = format!(
+        "{}\n{}\n[roles.creator]\n[[roles.creator.allow]]\noperations = [\"CreateKey\"]\nkeys = [\"x/*\"]\n[[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"creator\"]\n",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", "")
+    );
+    let file = pol.path().join("p.toml");
+    std::fs::write(&file, text).unwrap();
+    let r = cli(
+        &arca,
+        arca.token(),
+        None,
+        &["policy", "update", file.to_str().unwrap()],
+    )
+    .await;
+    assert!(r["outcome"].as_str().unwrap().contains("in force"), "{r}");
+    let x = mint(&arca, "svc:x", &[]).await;
+    call(&mut keys(&arca, &x, None).await, "CreateKey", "x/1")
+        .await
+        .unwrap();
+}
