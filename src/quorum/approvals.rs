@@ -56,9 +56,9 @@ pub enum Operation {
     CancelRetirement,
     /// `QuorumService.Rekey` {threshold, custodians}.
     Rekey,
-    /// A policy change (planned).
+    /// `AccessService.UpdatePolicy` {policy}.
     UpdatePolicy,
-    /// `AccessService.Elevate` (planned).
+    /// `AccessService.Elevate` {principal, role, duration_seconds, reason}.
     Elevate,
 }
 
