@@ -34,7 +34,7 @@ use super::glob_match;
 use super::ratelimit::Limit;
 
 /// Files of the policy directory that other loaders own.
-pub const FOREIGN_FILES: &[&str] = &["quorum.toml", "alerts.toml"];
+pub const FOREIGN_FILES: &[&str] = &["quorum.toml", "alerts.toml", "lifecycle.toml"];
 /// Where the server looks when no directory is given (relative to the working directory).
 pub const DEFAULT_DIR: &str = "policies";
 /// Longest elevation or break-glass grant the format accepts (policies may set less).
@@ -1119,6 +1119,7 @@ operations = ["Approve"]
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("quorum.toml"), "operations = []").unwrap();
         std::fs::write(dir.path().join("alerts.toml"), "whatever = 1").unwrap();
+        std::fs::write(dir.path().join("lifecycle.toml"), "waiting = 1").unwrap();
         std::fs::write(dir.path().join("README.md"), "# hi").unwrap();
         assert!(Policy::load_dir(dir.path()).is_err(), "no role files");
         std::fs::write(dir.path().join("custom.toml"), CUSTOM).unwrap();

@@ -110,9 +110,10 @@ pub(super) struct ServerArgs {
     /// built-in copy of the shipped file.
     #[arg(long, value_name = "PATH")]
     quorum_policy: Option<PathBuf>,
-    /// Directory of the access policy (every *.toml but quorum.toml and alerts.toml:
-    /// roles, bindings, break-glass), re-read on SIGHUP. Default: policies/ in the
-    /// working directory if it exists, else the built-in copy of the shipped files.
+    /// Directory of the access policy (every *.toml but quorum.toml, alerts.toml and
+    /// lifecycle.toml: roles, bindings, break-glass), re-read on SIGHUP. Default:
+    /// policies/ in the working directory if it exists, else the built-in copy of the
+    /// shipped files.
     #[arg(long, value_name = "DIR")]
     policy_dir: Option<PathBuf>,
     /// Log format.
