@@ -415,6 +415,8 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         dir = ?cfg.access_policy.1,
         "access policy read"
     );
+    // An approved policy stored in the database wins over the files, from the start.
+    svc.load_access().await;
     if let Some(dir) = cfg.access_policy.1.clone() {
         // Registered before the listening line, so no SIGHUP after it is missed.
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {

@@ -148,15 +148,18 @@ impl KeyService {
     /// Adopts a newer approved policy and reloads grants, at most once per [`REFRESH`]
     /// (or at once with `force`). A store outage keeps what is in force.
     async fn refresh_access(&self, force: bool) {
-        let stale = self
+        let (never, stale) = self
             .access
             .grants
             .read()
-            .map(|g| g.0.is_none_or(|at| at.elapsed() >= REFRESH))
-            .unwrap_or(true);
+            .map(|g| (g.0.is_none(), g.0.is_none_or(|at| at.elapsed() >= REFRESH)))
+            .unwrap_or((true, true));
         if !(stale || force) {
             return;
         }
+        // Until the first load, every request waits for it: an approved policy in the
+        // database must apply from the first request on.
+        let force = force || never;
         let _one = match self.access.refreshing.try_lock() {
             Ok(g) => g,
             // Another request refreshes; this one uses what is in force.
@@ -181,8 +184,20 @@ impl KeyService {
                     *slot = (Some(Instant::now()), Arc::new(g));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read role grants"),
+            Err(e) => {
+                // Try again after REFRESH, not on every request; the grants known stay.
+                if let Ok(mut slot) = self.access.grants.write() {
+                    slot.0 = Some(Instant::now());
+                }
+                tracing::warn!(error = %e, "cannot read role grants")
+            }
         }
+    }
+
+    /// Loads the approved policy (if any) and the grants from the store before the
+    /// server answers its first request.
+    pub async fn load_access(&self) {
+        self.refresh_access(true).await;
     }
 
     /// The roles `caller` holds now: bound by the policy (narrowed by its token), plus
