@@ -933,6 +933,12 @@ context = { tenant = ["${principal.id}"], purpose = ["billing", "care"] }
 operations = ["GetKey"]
 keys = ["tenants/*", "shared"]
 
+[roles.audit-svc]
+[[roles.audit-svc.allow]]
+operations = ["WrapKey"]
+keys = ["*"]
+context = { owner = ["${principal}"], region = ["*"] }
+
 [roles.ops]
 mfa = true
 max_elevation = "30m"
@@ -952,6 +958,10 @@ roles = ["tenant-svc"]
 groups = ["oncall"]
 roles = ["ops"]
 
+[[bindings]]
+principals = ["svc:audit"]
+roles = ["audit-svc"]
+
 [break_glass]
 principals = ["alice"]
 role = "ops"
@@ -966,6 +976,9 @@ max_duration = "1h"
         let other = ctx(&[("tenant", "globex"), ("purpose", "care")]);
         let bad_purpose = ctx(&[("tenant", "acme"), ("purpose", "ads")]);
         let missing = ctx(&[("tenant", "acme")]);
+        let owner_ok = ctx(&[("owner", "svc:audit"), ("region", "eu-1")]);
+        let owner_bad = ctx(&[("owner", "audit"), ("region", "eu-1")]);
+        let no_region = ctx(&[("owner", "svc:audit")]);
         #[rustfmt::skip]
         let table: &[Row] = &[
             ("svc:acme", &[], GenerateDataKey, Some("tenants/acme"), Some(&good), true),
@@ -984,6 +997,9 @@ max_duration = "1h"
             // The token narrows: a token naming only another role holds nothing here.
             ("alice", &["tenant-svc"], RotateKey, Some("any"), None, false),
             ("svc:acme", &["tenant-svc", "ops"], GetKey, Some("shared"), None, true),
+            ("svc:audit", &[], WrapKey, Some("k"), Some(&owner_ok), true),
+            ("svc:audit", &[], WrapKey, Some("k"), Some(&owner_bad), false),
+            ("svc:audit", &[], WrapKey, Some("k"), Some(&no_region), false),
             ("alice", &[], BreakGlass, None, None, true),
             ("alice", &["tenant-svc"], EnrollTotp, None, None, true),
             ("carol", &[], EnrollTotp, None, None, false),
