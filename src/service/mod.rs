@@ -1,9 +1,12 @@
-//! The use cases of Arca: authenticate → (authorize) → act on keys → persist.
+//! The use cases of Arca: authenticate → authorize → act on keys → persist.
 //!
 //! [`KeyService`] is transport-free: it takes domain values and returns domain values or a
 //! [`ServiceError`]; `grpc` maps those to the wire in one place.
 //!
 //! Invariants:
+//! - Every use case authorizes its caller through the access policy (one decision,
+//!   `rbac.rs`) right after the seal check and input parsing, before any lookup: a
+//!   refusal is the same `PermissionDenied` whether or not the key exists.
 //! - Only the primary version wraps; only `ENABLED` versions unwrap.
 //! - A wrapped key that fails in any way (parse, unknown key or version, authentication)
 //!   is the one error [`ServiceError::InvalidWrappedKey`]; a known version in the wrong
