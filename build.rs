@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "arca.v1.UnsealRequest",
             "arca.v1.ApproveRequest",
             "arca.v1.CreateTokenResponse",
+            "arca.v1.EnrollTotpResponse",
         ])
         .compile_protos(&protos, &["proto"])?;
     Ok(())

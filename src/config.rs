@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub lifecycle: crate::keys::policy::LifecyclePolicy,
     /// How the lifecycle jobs run.
     pub jobs: crate::service::JobConfig,
+    /// The access policy read at start, and the directory it came from (re-read on
+    /// SIGHUP); `None` for the built-in copy of the shipped files.
+    pub access_policy: (crate::authz::policy::Policy, Option<PathBuf>),
     /// How dev mode reaches an unsealed service.
     pub dev_quorum: DevQuorum,
     /// TLS files (required outside dev mode, with a client CA).

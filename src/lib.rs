@@ -16,9 +16,12 @@
 //!   runtime. Knows nothing of gRPC or SQL.
 //! - [`store`]: the [`store::Store`] trait and its SQLite back end. The only module that
 //!   uses sqlx.
-//! - [`authz`]: principals and bearer-token authentication.
-//! - [`service`]: the use cases (authenticate → act → persist), and the background jobs
-//!   of the key lifecycle (rotation, retention, destruction). No tonic types.
+//! - [`authz`]: principals, bearer-token authentication, and the access policy (roles ×
+//!   operations × key globs × context conditions, bindings) with its one decision
+//!   `authz::policy::Policy::authorize`.
+//! - [`service`]: the use cases (authenticate → authorize → act → persist), and the
+//!   background jobs of the key lifecycle (rotation, retention, destruction). No tonic
+//!   types.
 //! - [`grpc`]: generated code, proto ↔ domain conversion, the one error → `Status` mapping,
 //!   request ids. The only module (with `cli`) that uses tonic/prost.
 //! - [`cli`]: the `arca` subcommands; `server` wires everything together, the others are

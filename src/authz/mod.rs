@@ -1,4 +1,8 @@
-//! Principals and authentication.
+//! Principals, authentication and authorization.
+//!
+//! Authorization is [`policy::Policy::authorize`], the one decision over roles, bindings
+//! and key globs from `policies/*.toml` (default deny); [`ratelimit`] holds the
+//! per-principal and per-role token buckets.
 //!
 //! A request is authenticated once, here, into a [`Principal`]. Today the credential is a
 //! bearer token (`authorization: Bearer arca_…`): Arca hashes it (SHA-256) and looks the
@@ -14,6 +18,7 @@
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
 pub mod cert;
+pub mod policy;
 pub mod ratelimit;
 
 use std::collections::HashMap;
@@ -54,6 +59,30 @@ impl Principal {
     /// Whether the credential's scope covers the key `name`.
     pub fn may_use_key(&self, name: &str) -> bool {
         self.key_globs.is_empty() || self.key_globs.iter().any(|g| glob_match(g, name))
+    }
+}
+
+/// A TOTP code a request carries (`x-arca-totp`) as its second factor. Short-lived and
+/// single-use, but still never printed: `Debug` shows `[REDACTED]`. `Clone` because the
+/// [`Caller`](crate::service::Caller) that carries it is cloned per request.
+#[derive(Clone)]
+pub struct TotpCode(zeroize::Zeroizing<String>);
+
+impl TotpCode {
+    /// Wraps a presented code.
+    pub fn new(code: String) -> Self {
+        TotpCode(zeroize::Zeroizing::new(code))
+    }
+
+    /// The code, for verification only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TotpCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TotpCode([REDACTED])")
     }
 }
 

@@ -1,7 +1,8 @@
-//! Per-principal rate limits: a token bucket each (rate per second, burst). A request
-//! over the limit is refused with the time until the next token, so the transport can
-//! answer `RESOURCE_EXHAUSTED` with `retry-after`. One principal's traffic never spends
-//! another's tokens.
+//! Per-principal rate limits, and per-role limits from the access policy
+//! ([`RoleLimiter`]): a token bucket each (rate per second, burst). A request over the
+//! limit is refused with the time until the next token, so the transport can answer
+//! `RESOURCE_EXHAUSTED` with `retry-after`. One principal's traffic never spends another's
+//! tokens.
 //!
 //! Time comes from a monotonic `Instant`: buckets refill by elapsed time.
 
@@ -68,6 +69,48 @@ impl RateLimiter {
     }
 }
 
+/// Per-role buckets: each (role, principal) pair has its own bucket at the role's limit
+/// (from the access policy), so one principal's use of a role never spends another's.
+#[derive(Default)]
+pub struct RoleLimiter {
+    buckets: Mutex<HashMap<(String, String), Bucket>>,
+}
+
+impl RoleLimiter {
+    /// Takes one token of `role`'s bucket for `principal` at `now`; on refusal, how long
+    /// until one is due.
+    pub fn check(
+        &self,
+        role: &str,
+        principal: &str,
+        limit: Limit,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        if buckets.len() > 100_000 {
+            buckets.clear();
+        }
+        let b = buckets
+            .entry((role.to_string(), principal.to_string()))
+            .or_insert(Bucket {
+                tokens: limit.burst,
+                at: now,
+            });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        // A policy change may lower the burst: never hold more than it allows.
+        b.tokens = (b.tokens + elapsed * limit.per_second).min(limit.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / limit.per_second))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +134,23 @@ mod tests {
         assert!(rl.check("a", t1).is_ok());
         assert!(rl.check("a", t1).is_err());
         assert!(RateLimiter::new(None).check("a", t0).is_ok());
+    }
+
+    #[test]
+    fn role_buckets_are_per_role_and_principal() {
+        let rl = RoleLimiter::default();
+        let lim = Limit {
+            per_second: 1.0,
+            burst: 2.0,
+        };
+        let t0 = Instant::now();
+        assert!(rl.check("ops", "a", lim, t0).is_ok());
+        assert!(rl.check("ops", "a", lim, t0).is_ok());
+        assert!(rl.check("ops", "a", lim, t0).is_err());
+        assert!(rl.check("ops", "b", lim, t0).is_ok());
+        assert!(rl.check("other", "a", lim, t0).is_ok());
+        assert!(rl
+            .check("ops", "a", lim, t0 + Duration::from_secs(1))
+            .is_ok());
     }
 }

@@ -19,8 +19,10 @@ use crate::grpc::pb::access_service_client::AccessServiceClient;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
 use crate::grpc::pb::quorum_service_client::QuorumServiceClient;
 
+mod access;
 mod requests;
 
+pub(super) use access::{BreakGlassArgs, ElevateArgs, PolicyCommand, ReviewCommand, TotpCommand};
 pub(super) use requests::{ApproveArgs, RejectArgs, RequestCommand};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -57,6 +59,7 @@ struct Client {
     quorum: QuorumServiceClient<Channel>,
     access: AccessServiceClient<Channel>,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+    totp: Option<MetadataValue<tonic::metadata::Ascii>>,
     output: Output,
 }
 
@@ -103,11 +106,25 @@ impl Client {
             ),
             None => None,
         };
+        // A TOTP code for roles with MFA: ARCA_TOTP (scripts), or a prompt with --mfa.
+        let code = match std::env::var("ARCA_TOTP") {
+            Ok(v) if !v.trim().is_empty() => Some(Zeroizing::new(v.trim().to_string())),
+            _ if opts.mfa => Some(read_secret(None, "TOTP code")?),
+            _ => None,
+        };
+        let totp = match code {
+            Some(c) => Some(
+                c.parse()
+                    .map_err(|_| "the TOTP code is not a valid header value")?,
+            ),
+            None => None,
+        };
         Ok(Client {
             inner: KeyServiceClient::new(channel.clone()),
             quorum: QuorumServiceClient::new(channel.clone()),
             access: AccessServiceClient::new(channel),
             auth,
+            totp,
             output: opts.output,
         })
     }
@@ -116,6 +133,9 @@ impl Client {
         let mut r = Request::new(msg);
         if let Some(a) = &self.auth {
             r.metadata_mut().insert("authorization", a.clone());
+        }
+        if let Some(t) = &self.totp {
+            r.metadata_mut().insert("x-arca-totp", t.clone());
         }
         r
     }
@@ -267,6 +287,11 @@ pub(super) async fn run(cmd: Command) -> Result<(), BoxError> {
         Command::Request(r) => requests::run_request(r).await,
         Command::Approve(a) => requests::run_approve(a).await,
         Command::Reject(a) => requests::run_reject(a).await,
+        Command::Elevate(a) => access::run_elevate(a).await,
+        Command::BreakGlass(a) => access::run_break_glass(a).await,
+        Command::Totp(t) => access::run_totp(t).await,
+        Command::Review(r) => access::run_review(r).await,
+        Command::Policy(p) => access::run_policy(p).await,
         Command::Datakey(DatakeyCommand::Generate {
             name,
             context,

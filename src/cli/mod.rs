@@ -55,6 +55,19 @@ enum Command {
     Approve(client::ApproveArgs),
     /// Reject (cancel) a pending request, as a custodian or its requester.
     Reject(client::RejectArgs),
+    /// Ask for a role for a while (quorum-approved; expires by itself).
+    Elevate(client::ElevateArgs),
+    /// Take the emergency role at once (listed principals only; alerts; opens a review).
+    BreakGlass(client::BreakGlassArgs),
+    /// TOTP enrolment for roles that need MFA.
+    #[command(subcommand)]
+    Totp(client::TotpCommand),
+    /// Break-glass reviews: list, close (auditors).
+    #[command(subcommand)]
+    Review(client::ReviewCommand),
+    /// The access policy: update (quorum-approved).
+    #[command(subcommand)]
+    Policy(client::PolicyCommand),
 }
 
 #[derive(Subcommand)]
@@ -208,6 +221,10 @@ pub struct ClientOpts {
     /// Client private key (PEM) for mutual TLS.
     #[arg(long, env = "ARCA_CLIENT_KEY", global = true, requires = "client_cert")]
     client_key: Option<std::path::PathBuf>,
+    /// Prompt for a TOTP code and send it as x-arca-totp (roles with MFA). Scripts set
+    /// ARCA_TOTP instead, which is sent whenever it is set.
+    #[arg(long, global = true)]
+    mfa: bool,
 }
 
 /// Output format of client commands.

@@ -123,6 +123,12 @@ pub(super) struct ServerArgs {
     /// another takes the jobs over after this long.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     job_lease: Duration,
+    /// Directory of the access policy (every *.toml but quorum.toml, alerts.toml and
+    /// lifecycle.toml: roles, bindings, break-glass), re-read on SIGHUP. Default:
+    /// policies/ in the working directory if it exists, else the built-in copy of the
+    /// shipped files.
+    #[arg(long, value_name = "DIR")]
+    policy_dir: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -295,6 +301,7 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         quorum_policy: quorum_policy(args)?,
         lifecycle: lifecycle_policy(args)?,
         jobs: job_config(args)?,
+        access_policy: access_policy(args)?,
         dev_quorum,
         tls,
     })))
@@ -331,6 +338,15 @@ fn job_config(args: &ServerArgs) -> Result<crate::service::JobConfig, BoxError> 
 
 fn quorum_policy(args: &ServerArgs) -> Result<crate::quorum::policy::QuorumPolicy, BoxError> {
     Ok(crate::quorum::policy::QuorumPolicy::resolve(args.quorum_policy.as_deref())?.0)
+}
+
+/// The access policy, read and validated once at start (a bad file stops the start).
+fn access_policy(
+    args: &ServerArgs,
+) -> Result<(crate::authz::policy::Policy, Option<PathBuf>), BoxError> {
+    Ok(crate::authz::policy::Policy::resolve(
+        args.policy_dir.as_deref(),
+    )?)
 }
 
 fn rate_limit(args: &ServerArgs) -> Option<crate::authz::ratelimit::Limit> {
@@ -382,6 +398,7 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
         quorum_policy: quorum_policy(args)?,
         lifecycle: lifecycle_policy(args)?,
         jobs: job_config(args)?,
+        access_policy: access_policy(args)?,
         dev_quorum: DevQuorum::Sealed,
         tls: Some(tls),
     })))
@@ -440,8 +457,27 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
             ),
             quorum_policy: cfg.quorum_policy.clone(),
             lifecycle: cfg.lifecycle.clone(),
+            access_policy: cfg.access_policy.0.clone(),
         },
     ));
+    tracing::info!(
+        digest = svc.policy().digest(),
+        dir = ?cfg.access_policy.1,
+        "access policy read"
+    );
+    // An approved policy stored in the database wins over the files, from the start.
+    svc.load_access().await;
+    if let Some(dir) = cfg.access_policy.1.clone() {
+        // Registered before the listening line, so no SIGHUP after it is missed.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hup) => {
+                tokio::spawn(reload_policy_on_sighup(Arc::clone(&svc), dir, hup));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the access policy will not reload")
+            }
+        }
+    }
 
     // Dev mode: an admin token for the developer. Outside dev mode: a bootstrap admin
     // token for the init ceremony, written once.
@@ -607,6 +643,7 @@ fn dev_caller() -> crate::service::Caller {
         }),
         request_id: "startup".into(),
         peer: crate::authz::Peer::default(),
+        mfa: None,
     }
 }
 
@@ -665,6 +702,24 @@ async fn reload_on_sighup(tls: Arc<TlsReloader>) {
             Err(e) => {
                 tracing::error!(error = %e, "TLS reload refused; the previous configuration stays")
             }
+        }
+    }
+}
+
+/// Re-reads the access policy files on every SIGHUP; a bad file is refused and the policy
+/// in force stays.
+async fn reload_policy_on_sighup(
+    svc: Arc<KeyService>,
+    dir: PathBuf,
+    mut hup: tokio::signal::unix::Signal,
+) {
+    while hup.recv().await.is_some() {
+        match svc.reload_policy(&dir).await {
+            Ok(digest) => tracing::info!(digest, dir = %dir.display(), "access policy reloaded"),
+            Err(e) => tracing::error!(
+                error = %e,
+                "access policy reload refused; the policy in force stays"
+            ),
         }
     }
 }

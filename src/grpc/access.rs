@@ -1,4 +1,5 @@
-//! `arca.v1.AccessService`: proto ↔ domain conversion around token administration.
+//! `arca.v1.AccessService`: proto ↔ domain conversion around token administration,
+//! elevation, break-glass, TOTP enrolment, reviews and policy changes.
 
 use std::sync::Arc;
 
@@ -7,7 +8,8 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use super::status::to_status;
 use crate::clock::rfc3339;
-use crate::service::{Caller, KeyService, NewToken};
+use crate::service::ReviewRecord;
+use crate::service::{AccessOutcome, Caller, KeyService, NewToken};
 
 /// The gRPC face of token administration.
 pub struct AccessApi {
@@ -113,5 +115,123 @@ impl pb::access_service_server::AccessService for AccessApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn elevate(
+        &self,
+        req: Request<pb::ElevateRequest>,
+    ) -> Result<Response<pb::AccessChangeResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let ms = i64::try_from(r.duration_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let out = self
+            .svc
+            .elevate(&c, &r.role, ms, &r.reason)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(change_to_pb(out)))
+    }
+
+    async fn break_glass(
+        &self,
+        req: Request<pb::BreakGlassRequest>,
+    ) -> Result<Response<pb::BreakGlassResponse>, Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let ms = i64::try_from(r.duration_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let (grant, review) = self
+            .svc
+            .break_glass(&c, &r.reason, ms)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::BreakGlassResponse {
+            grant_id: grant.id,
+            role: grant.role,
+            expires_at: rfc3339(grant.expires_at),
+            review: Some(review_to_pb(review)),
+        }))
+    }
+
+    async fn enroll_totp(
+        &self,
+        req: Request<pb::EnrollTotpRequest>,
+    ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
+        let c = caller(&req)?;
+        let enrolled = self
+            .svc
+            .enroll_totp(&c)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::EnrollTotpResponse {
+            totp_uri: enrolled.uri.to_string(),
+        }))
+    }
+
+    async fn list_reviews(
+        &self,
+        req: Request<pb::ListReviewsRequest>,
+    ) -> Result<Response<pb::ListReviewsResponse>, Status> {
+        let c = caller(&req)?;
+        let reviews = self
+            .svc
+            .list_reviews(&c, req.get_ref().open_only)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(pb::ListReviewsResponse {
+            reviews: reviews.into_iter().map(review_to_pb).collect(),
+        }))
+    }
+
+    async fn close_review(
+        &self,
+        req: Request<pb::CloseReviewRequest>,
+    ) -> Result<Response<pb::Review>, Status> {
+        let c = caller(&req)?;
+        let r = req.get_ref();
+        let review = self
+            .svc
+            .close_review(&c, &r.id, &r.note)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(review_to_pb(review)))
+    }
+
+    async fn update_policy(
+        &self,
+        req: Request<pb::UpdatePolicyRequest>,
+    ) -> Result<Response<pb::AccessChangeResponse>, Status> {
+        let c = caller(&req)?;
+        let out = self
+            .svc
+            .update_policy(&c, &req.get_ref().policy)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(Response::new(change_to_pb(out)))
+    }
+}
+
+fn change_to_pb(out: AccessOutcome) -> pb::AccessChangeResponse {
+    match out {
+        AccessOutcome::Done(outcome) => pb::AccessChangeResponse {
+            outcome,
+            approval_request: None,
+        },
+        AccessOutcome::Pending(r) => pb::AccessChangeResponse {
+            outcome: String::new(),
+            approval_request: Some(super::quorum::request_to_pb(&r)),
+        },
+    }
+}
+
+fn review_to_pb(r: ReviewRecord) -> pb::Review {
+    pb::Review {
+        id: r.id,
+        grant_id: r.grant_id,
+        principal: r.principal,
+        reason: r.reason,
+        opened_at: rfc3339(r.opened_at),
+        closed_at: r.closed_at.map(rfc3339).unwrap_or_default(),
+        closed_by: r.closed_by.unwrap_or_default(),
+        note: r.note.unwrap_or_default(),
     }
 }

@@ -1,6 +1,7 @@
 //! Authentication in front of every authenticated gRPC service: one tower wrapper that
 //! turns the `authorization: Bearer …` header into a [`Caller`] in the request
-//! extensions, or answers `UNAUTHENTICATED` before the handler runs. Health is not
+//! extensions (with the `x-arca-totp` code, if any, for roles that need MFA), or answers
+//! `UNAUTHENTICATED` before the handler runs. Health is not
 //! wrapped (load balancers probe it without credentials).
 
 use std::convert::Infallible;
@@ -15,7 +16,7 @@ use tower_service::Service;
 
 use super::request_id::RequestId;
 use super::status::to_status;
-use crate::authz::Peer;
+use crate::authz::{Peer, TotpCode};
 use crate::secret::BearerToken;
 use crate::service::{Caller, KeyService};
 
@@ -71,6 +72,15 @@ fn bearer<B>(req: &Request<B>) -> Option<BearerToken> {
         .then(|| BearerToken::new(token.trim().to_string()))
 }
 
+/// Header carrying a TOTP code for roles that require MFA.
+pub const TOTP_HEADER: &str = "x-arca-totp";
+
+/// The TOTP code of a request (`x-arca-totp`), if it carries one.
+fn totp_header<B>(req: &Request<B>) -> Option<TotpCode> {
+    let v = req.headers().get(TOTP_HEADER)?.to_str().ok()?.trim();
+    (!v.is_empty()).then(|| TotpCode::new(v.to_string()))
+}
+
 impl<S> Service<Request<Body>> for Authenticated<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
@@ -104,10 +114,12 @@ where
             let peer = peer_of(&req);
             match svc.authenticate(token, &peer).await {
                 Ok(principal) => {
+                    let mfa = totp_header(&req);
                     req.extensions_mut().insert(Caller {
                         principal,
                         request_id,
                         peer,
+                        mfa,
                     });
                     inner.call(req).await
                 }

@@ -80,6 +80,13 @@ pub mod pb {
                 .finish()
         }
     }
+    impl std::fmt::Debug for EnrollTotpResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("EnrollTotpResponse")
+                .field("totp_uri", &"[REDACTED]")
+                .finish()
+        }
+    }
     impl std::fmt::Debug for UnsealRequest {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("UnsealRequest")

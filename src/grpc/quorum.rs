@@ -68,7 +68,7 @@ pub(super) fn request_to_pb(r: &ApprovalRecord) -> pb::ApprovalRequest {
         expires_at: rfc3339(r.expires_at),
         result: r.result.as_ref().and_then(|res| match res {
             RequestResult::Key(k) => Some(super::keys::key_to_pb(k)),
-            RequestResult::Rekey { .. } => None,
+            RequestResult::Rekey { .. } | RequestResult::Note(_) => None,
         }),
         rejected_by: r.decided_by.clone().unwrap_or_default(),
         reason: r.reason.clone().unwrap_or_default(),

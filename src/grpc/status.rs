@@ -9,9 +9,11 @@ use crate::service::ServiceError;
 /// Maps a service error to the status the caller sees.
 pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     let code = match &err {
-        ServiceError::Unauthenticated => Code::Unauthenticated,
+        ServiceError::Unauthenticated | ServiceError::MfaRequired(_) => Code::Unauthenticated,
         ServiceError::PermissionDenied | ServiceError::Rejected(_) => Code::PermissionDenied,
-        ServiceError::InvalidArgument(_) | ServiceError::InvalidWrappedKey => Code::InvalidArgument,
+        ServiceError::InvalidArgument(_)
+        | ServiceError::InvalidWrappedKey
+        | ServiceError::InvalidPolicy(_) => Code::InvalidArgument,
         ServiceError::NotFound(_) => Code::NotFound,
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,
         ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,

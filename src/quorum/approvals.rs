@@ -62,9 +62,9 @@ pub enum Operation {
     SetRetention,
     /// `QuorumService.Rekey` {threshold, custodians}.
     Rekey,
-    /// A policy change (planned).
+    /// `AccessService.UpdatePolicy` {policy}.
     UpdatePolicy,
-    /// `AccessService.Elevate` (planned).
+    /// `AccessService.Elevate` {principal, role, duration_seconds, reason}.
     Elevate,
 }
 

@@ -1,7 +1,10 @@
 //! Token administration: create (the token is shown once), list (never the token),
-//! revoke (effective on every node within the authentication cache TTL, 1 s).
+//! revoke (effective on every node within the authentication cache TTL, 1 s). Token
+//! administration answers only while unsealed (DESIGN §2), to principals the access
+//! policy allows.
 
 use super::{Caller, KeyService, Result, ServiceError};
+use crate::authz::policy::Action;
 use crate::authz::Cidr;
 use crate::quorum::crypto;
 use crate::secret::BearerToken;
@@ -36,16 +39,6 @@ pub struct TokenInfo {
     pub record: TokenRecord,
 }
 
-/// Token administration answers only while unsealed (DESIGN §2: while sealed only
-/// health, status and unseal answer).
-fn require_admin(caller: &Caller) -> Result<()> {
-    if caller.principal.roles.iter().any(|r| r == "admin") {
-        Ok(())
-    } else {
-        Err(ServiceError::PermissionDenied)
-    }
-}
-
 fn valid_glob(g: &str) -> bool {
     !g.is_empty()
         && g.len() <= 128
@@ -65,7 +58,8 @@ impl KeyService {
         t: NewToken,
     ) -> Result<(String, BearerToken)> {
         self.engine()?;
-        require_admin(caller)?;
+        self.authorize(caller, Action::CreateToken, None, None)
+            .await?;
         if !valid_name(&t.principal) || t.roles.iter().any(|r| !valid_name(r)) {
             return Err(ServiceError::InvalidArgument(
                 "invalid principal or role name",
@@ -129,7 +123,8 @@ impl KeyService {
     /// Revokes a token at once.
     pub async fn revoke_token(&self, caller: &Caller, id: &str) -> Result<()> {
         self.engine()?;
-        require_admin(caller)?;
+        self.authorize(caller, Action::RevokeToken, None, None)
+            .await?;
         match self.tokens.revoke_token(id, self.clock.now_ms()).await {
             Ok(()) => {
                 self.auth.forget_token(id);
@@ -147,7 +142,8 @@ impl KeyService {
     /// Every token (hashes only).
     pub async fn list_tokens(&self, caller: &Caller) -> Result<Vec<TokenInfo>> {
         self.engine()?;
-        require_admin(caller)?;
+        self.authorize(caller, Action::ListTokens, None, None)
+            .await?;
         Ok(self
             .tokens
             .list_tokens()

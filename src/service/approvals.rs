@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 
 use super::seal::{custodian_name, valid_custodian_name};
 use super::{Caller, CustodianKit, KeyService, Result, ServiceError};
+use crate::authz::policy::Action;
 use crate::keys::{KeyName, KeysError, VersionState};
 use crate::quorum::approvals::{
     self, Operation, Parameters, QuorumApproved, Refusal, RequestState, PARAM_CUSTODIANS,
@@ -63,6 +64,8 @@ enum Ran {
     Key(KeyRecord),
     /// A rekey: the new kits.
     Rekey(Vec<CustodianKit>),
+    /// An access operation (policy change, elevation): what it did.
+    Access(String),
 }
 
 /// Largest page of `ListRequests`.
@@ -117,7 +120,7 @@ fn decided(s: RequestState) -> ServiceError {
 }
 
 /// A store conflict on a request, as the state it names.
-fn request_conflict(e: StoreError) -> ServiceError {
+pub(super) fn request_conflict(e: StoreError) -> ServiceError {
     match e {
         StoreError::StateConflict { current } => match RequestState::parse(current) {
             Some(s) => decided(s),
@@ -225,6 +228,8 @@ impl KeyService {
         page_token: &str,
     ) -> Result<(Vec<ApprovalRecord>, String)> {
         self.engine()?;
+        self.authorize(caller, Action::ListRequests, None, None)
+            .await?;
         let state = match state.trim() {
             "" => None,
             s => Some(
@@ -270,6 +275,8 @@ impl KeyService {
     /// One approval request.
     pub async fn get_request(&self, caller: &Caller, id: &str) -> Result<ApprovalRecord> {
         self.engine()?;
+        self.authorize(caller, Action::GetRequest, None, None)
+            .await?;
         let rec = self.load_request(id).await?;
         if !visible(caller, &rec) {
             return Err(ServiceError::PermissionDenied);
@@ -290,6 +297,7 @@ impl KeyService {
         totp_code: &str,
     ) -> Result<ApproveOutcome> {
         let engine = self.engine()?;
+        self.authorize(caller, Action::Approve, None, None).await?;
         let name = custodian_name(caller)
             .map_err(|_| ServiceError::Rejected("only custodians approve requests"))?
             .to_string();
@@ -373,6 +381,7 @@ impl KeyService {
     /// A custodian of the current quorum, or the requester, cancels a pending request.
     pub async fn reject(&self, caller: &Caller, id: &str, reason: &str) -> Result<ApprovalRecord> {
         self.engine()?;
+        self.authorize(caller, Action::Reject, None, None).await?;
         let reason = reason.trim();
         if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
             return Err(ServiceError::InvalidArgument(
@@ -522,6 +531,15 @@ impl KeyService {
                         );
                         Vec::new()
                     }
+                    Ran::Access(what) => {
+                        tracing::info!(
+                            request = id,
+                            operation = %req.operation,
+                            outcome = %what,
+                            "approved request executed"
+                        );
+                        Vec::new()
+                    }
                     Ran::Rekey(kits) => {
                         tracing::warn!(
                             request = id,
@@ -652,9 +670,10 @@ impl KeyService {
                 self.run_approved_lifecycle(op, &req.parameters, &key()?, version, commit)
                     .await
             }
-            Operation::UpdatePolicy | Operation::Elevate => Err(ServiceError::FailedPrecondition(
-                "this operation cannot run in this build",
-            )),
+            Operation::UpdatePolicy => {
+                return self.run_update_policy(req, ok).await.map(Ran::Access);
+            }
+            Operation::Elevate => return self.run_elevation(req, ok).await.map(Ran::Access),
         };
         key_op.map(Ran::Key)
     }
@@ -832,6 +851,7 @@ mod tests {
             }),
             request_id: "r".into(),
             peer: crate::authz::Peer::default(),
+            mfa: None,
         }
     }
 
@@ -955,13 +975,14 @@ mod tests {
             Err(ServiceError::NotFound(_))
         ));
 
-        // The requester is no custodian; a wrong digest; bad TOTP (counted).
+        // The requester is no custodian (the policy gives it no Approve); a wrong
+        // digest; bad TOTP (counted).
         w.next_step();
         assert!(matches!(
             w.svc
                 .approve(&admin(), &req.id, &req.digest, &w.kits[0].share, "000000")
                 .await,
-            Err(ServiceError::Rejected("only custodians approve requests"))
+            Err(ServiceError::PermissionDenied)
         ));
         let code = w.code(1).await;
         assert!(matches!(
@@ -1254,7 +1275,7 @@ mod tests {
             .await
             .unwrap();
         let req = pending(w.svc.rotate_key(&admin(), "phi").await.unwrap());
-        let mut billing = principal("svc:billing", &["admin"]);
+        let mut billing = principal("dev-admin", &["admin"]);
         billing.principal = Arc::new(Principal {
             key_globs: vec!["billing/*".into()],
             ..(*billing.principal).clone()

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use super::approvals::{key_params, Commit};
 use super::{AdminOutcome, Caller, KeyService, Result, ServiceError};
+use crate::authz::policy::Action;
 use crate::keys::{KeyId, KeyName, VersionState};
 use crate::quorum::approvals::{Operation, Parameters, PARAM_RETAIN_UNTIL, PARAM_WAITING_MS};
 use crate::store::{KeyRecord, LifecycleChange, StoreError};
@@ -225,7 +226,12 @@ impl KeyService {
     ) -> Result<AdminOutcome> {
         self.engine()?;
         let name = KeyName::parse(name)?;
-        super::scope(caller, &name)?;
+        let action = match version {
+            Some(_) => Action::RetireKeyVersion,
+            None => Action::RetireKey,
+        };
+        self.authorize(caller, action, Some(name.as_str()), None)
+            .await?;
         let waiting = self.waiting_ms(waiting_ms)?;
         let key = self.store.key_by_name(&name).await?;
         // Checked now, so that no request is made for a change that cannot happen.
@@ -286,7 +292,8 @@ impl KeyService {
     ) -> Result<AdminOutcome> {
         self.engine()?;
         let name = KeyName::parse(name)?;
-        super::scope(caller, &name)?;
+        self.authorize(caller, Action::CancelRetirement, Some(name.as_str()), None)
+            .await?;
         let key = self.store.key_by_name(&name).await?;
         plan_cancel(&key, version)?;
         if self.needs_quorum(Operation::CancelRetirement) {
@@ -330,7 +337,8 @@ impl KeyService {
     ) -> Result<AdminOutcome> {
         self.engine()?;
         let name = KeyName::parse(name)?;
-        super::scope(caller, &name)?;
+        self.authorize(caller, Action::SetRetention, Some(name.as_str()), None)
+            .await?;
         self.store.key_by_name(&name).await?;
         if self.needs_quorum(Operation::SetRetention) {
             let mut params = key_params(&name, None);

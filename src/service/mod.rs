@@ -1,9 +1,12 @@
-//! The use cases of Arca: authenticate → (authorize) → act on keys → persist.
+//! The use cases of Arca: authenticate → authorize → act on keys → persist.
 //!
 //! [`KeyService`] is transport-free: it takes domain values and returns domain values or a
 //! [`ServiceError`]; `grpc` maps those to the wire in one place.
 //!
 //! Invariants:
+//! - Every use case authorizes its caller through the access policy (one decision,
+//!   `rbac.rs`) right after the seal check and input parsing, before any lookup: a
+//!   refusal is the same `PermissionDenied` whether or not the key exists.
 //! - Only the primary version wraps; only `ENABLED` versions unwrap.
 //! - A wrapped key that fails in any way (parse, unknown key or version, authentication)
 //!   is the one error [`ServiceError::InvalidWrappedKey`]; a known version in the wrong
@@ -18,6 +21,7 @@
 mod access;
 mod approvals;
 mod lifecycle;
+mod rbac;
 mod seal;
 
 pub use access::{NewToken, TokenInfo};
@@ -25,12 +29,14 @@ pub use approvals::{
     ApproveOutcome, MAX_REASON_BYTES, MAX_REQUEST_PAGE, REKEY_NEEDS_LIVE_APPROVER,
 };
 pub use lifecycle::{JobConfig, KeyOptions, LIFECYCLE_LEASE};
+pub use rbac::{AccessOutcome, TotpEnrolled, REFRESH as ACCESS_REFRESH};
 pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::authz::policy::Action;
 use crate::authz::{AuthError, Authenticator, Principal};
 use crate::clock::Clock;
 use crate::keys::{
@@ -40,7 +46,10 @@ use crate::keys::{
 use crate::secret::{BearerToken, Plaintext};
 use crate::store::{NewKey, QuorumStore, Store, StoreError, TokenRecord, TokenStore};
 
-pub use crate::store::{ApprovalEntry, ApprovalRecord, KeyRecord, RequestResult, VersionRecord};
+pub use crate::store::{
+    ApprovalEntry, ApprovalRecord, GrantRecord, KeyRecord, RequestResult, ReviewRecord,
+    VersionRecord,
+};
 
 use crate::quorum::approvals::Operation;
 use approvals::{key_params, Commit};
@@ -91,6 +100,13 @@ pub enum ServiceError {
     /// A race lost (e.g. concurrent rotations); retry.
     #[error("{0}")]
     Aborted(&'static str),
+    /// A role that needs MFA without a valid TOTP code (missing, wrong, replayed, or the
+    /// principal locked out): the message says which, since the person must act on it.
+    #[error("{0}")]
+    MfaRequired(&'static str),
+    /// A policy that does not load; the message names the file, role or value at fault.
+    #[error("{0}")]
+    InvalidPolicy(#[source] crate::authz::policy::PolicyError),
     /// A bug or misconfiguration; details go to the log only.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -151,6 +167,8 @@ pub struct Caller {
     pub request_id: String,
     /// Where the request came from (address, verified client certificate).
     pub peer: crate::authz::Peer,
+    /// The TOTP code the request carries (`x-arca-totp`), for roles that need MFA.
+    pub mfa: Option<crate::authz::TotpCode>,
 }
 
 impl Caller {
@@ -216,6 +234,8 @@ pub struct ServiceConfig {
     pub quorum_policy: crate::quorum::policy::QuorumPolicy,
     /// Waiting periods, rotation bounds and the usage limit.
     pub lifecycle: crate::keys::policy::LifecyclePolicy,
+    /// The access policy read at start (an approved one in the database replaces it).
+    pub access_policy: crate::authz::policy::Policy,
 }
 
 impl Default for ServiceConfig {
@@ -226,6 +246,7 @@ impl Default for ServiceConfig {
             quorum_gates: false,
             quorum_policy: crate::quorum::policy::QuorumPolicy::default(),
             lifecycle: crate::keys::policy::LifecyclePolicy::default(),
+            access_policy: crate::authz::policy::Policy::default(),
         }
     }
 }
@@ -245,6 +266,7 @@ pub struct KeyService {
     budgets: Mutex<HashMap<(KeyId, u32), WrapBudget>>,
     refill: tokio::sync::Mutex<()>,
     rotations: tokio::sync::Mutex<()>,
+    access: rbac::AccessControl,
     cfg: ServiceConfig,
 }
 
@@ -272,6 +294,7 @@ impl KeyService {
             budgets: Mutex::new(HashMap::new()),
             refill: tokio::sync::Mutex::new(()),
             rotations: tokio::sync::Mutex::new(()),
+            access: rbac::AccessControl::new(cfg.access_policy.clone()),
             cfg,
         }
     }
@@ -357,7 +380,8 @@ impl KeyService {
     ) -> Result<KeyRecord> {
         self.engine()?;
         let name = KeyName::parse(name)?;
-        scope(caller, &name)?;
+        self.authorize(caller, Action::CreateKey, Some(name.as_str()), None)
+            .await?;
         self.check_key_options(&opts)?;
         if description.len() > 1024 {
             return Err(ServiceError::InvalidArgument(
@@ -399,7 +423,8 @@ impl KeyService {
     pub async fn get_key(&self, caller: &Caller, name: &str) -> Result<KeyRecord> {
         self.engine()?;
         let name = KeyName::parse(name)?;
-        scope(caller, &name)?;
+        self.authorize(caller, Action::GetKey, Some(name.as_str()), None)
+            .await?;
         Ok(self.store.key_by_name(&name).await?)
     }
 
@@ -411,6 +436,7 @@ impl KeyService {
         page_token: &str,
     ) -> Result<(Vec<KeyRecord>, String)> {
         self.engine()?;
+        self.authorize(caller, Action::ListKeys, None, None).await?;
         let size = match page_size {
             0 => 100,
             n => n.min(MAX_PAGE_SIZE),
@@ -423,7 +449,7 @@ impl KeyService {
         let mut keys = self.store.list_keys(after.as_deref(), size).await?;
         let keys_full = keys.len() == size as usize;
         let last = keys.last().map(|k| k.name.to_string());
-        keys.retain(|k| caller.principal.may_use_key(k.name.as_str()));
+        keys.retain(|k| self.may_list(caller, k.name.as_str()));
         let next = match last {
             Some(last) if keys_full => encode_page_token(&last),
             _ => String::new(),
@@ -442,7 +468,9 @@ impl KeyService {
         // Sealed first: while sealed a caller learns nothing about keys.
         let engine = self.engine()?;
         let ctx = canonical_context(context)?;
-        let (key, version, object) = self.reserve_primary(caller, key_name).await?;
+        let (key, version, object) = self
+            .reserve_primary(caller, key_name, Some((Action::GenerateDataKey, context)))
+            .await?;
         let (plaintext, wrapped) = engine
             .generate_data_key(key.id, version, object, ctx)
             .await?;
@@ -468,7 +496,9 @@ impl KeyService {
             return Err(KeysError::InvalidPlaintextLength.into());
         }
         let ctx = canonical_context(context)?;
-        let (key, version, object) = self.reserve_primary(caller, key_name).await?;
+        let (key, version, object) = self
+            .reserve_primary(caller, key_name, Some((Action::WrapKey, context)))
+            .await?;
         let wrapped = engine.wrap(key.id, version, object, plaintext, ctx).await?;
         Ok(Wrapped {
             wrapped: wrapped.encode(),
@@ -487,7 +517,9 @@ impl KeyService {
         // Sealed first: while sealed a caller learns nothing about keys.
         let engine = self.engine()?;
         let ctx = canonical_context(context)?;
-        let (key, blob, object) = self.version_for_unwrap(caller, wrapped).await?;
+        let (key, blob, object) = self
+            .version_for_unwrap(caller, wrapped, Action::UnwrapKey, context)
+            .await?;
         let version = blob.version;
         let plaintext = engine.unwrap(blob, object, ctx).await?;
         Ok(Unwrapped {
@@ -507,8 +539,12 @@ impl KeyService {
         // Sealed first: while sealed a caller learns nothing about keys.
         let engine = self.engine()?;
         let ctx = canonical_context(context)?;
-        let (key, blob, from_object) = self.version_for_unwrap(caller, wrapped).await?;
-        let (_, to_version, to_object) = self.reserve_primary(caller, key.name.as_str()).await?;
+        let (key, blob, from_object) = self
+            .version_for_unwrap(caller, wrapped, Action::RewrapKey, context)
+            .await?;
+        let (_, to_version, to_object) = self
+            .reserve_primary(caller, key.name.as_str(), None)
+            .await?;
         let rewrapped = engine
             .rewrap(blob, from_object, to_version, to_object, ctx)
             .await?;
@@ -523,7 +559,8 @@ impl KeyService {
     pub async fn rotate_key(&self, caller: &Caller, name: &str) -> Result<AdminOutcome> {
         self.engine()?;
         let name = KeyName::parse(name)?;
-        scope(caller, &name)?;
+        self.authorize(caller, Action::RotateKey, Some(name.as_str()), None)
+            .await?;
         if self.needs_quorum(Operation::RotateKey) {
             // Refused now rather than after K approvals: the key must exist and live.
             let key = self.store.key_by_name(&name).await?;
@@ -625,11 +662,12 @@ impl KeyService {
     ) -> Result<AdminOutcome> {
         self.engine()?;
         let name = KeyName::parse(name)?;
-        scope(caller, &name)?;
-        let op = match to {
-            VersionState::Enabled => Operation::EnableKeyVersion,
-            _ => Operation::DisableKeyVersion,
+        let (op, action) = match to {
+            VersionState::Enabled => (Operation::EnableKeyVersion, Action::EnableKeyVersion),
+            _ => (Operation::DisableKeyVersion, Action::DisableKeyVersion),
         };
+        self.authorize(caller, action, Some(name.as_str()), None)
+            .await?;
         if self.needs_quorum(op) {
             // Checked now, so that no request is made for a change that cannot happen.
             let key = self.store.key_by_name(&name).await?;
@@ -688,13 +726,19 @@ impl KeyService {
     }
 
     /// The key, its primary version and that version's HSM object, if it may wrap.
+    /// `check` authorizes the caller for an action with a context first (`None` when the
+    /// caller was authorized on this key already, as a rewrap is).
     async fn primary_for_wrap(
         &self,
         caller: &Caller,
         name: &str,
+        check: Option<(Action, &EncryptionContext)>,
     ) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
         let name = KeyName::parse(name)?;
-        scope(caller, &name)?;
+        if let Some((action, ctx)) = check {
+            self.authorize(caller, action, Some(name.as_str()), Some(ctx))
+                .await?;
+        }
         let key = self.cache.by_name(&name, self.store.as_ref()).await?;
         let v = key
             .version(key.primary_version)
@@ -708,20 +752,35 @@ impl KeyService {
         Ok((key, version, object))
     }
 
-    /// Parses a wrapped key and finds its version, if it may unwrap.
+    /// Parses a wrapped key and finds its version, if the caller may do `action` (unwrap
+    /// or rewrap) with `ctx` on its key.
     async fn version_for_unwrap(
         &self,
         caller: &Caller,
         wrapped: &[u8],
+        action: Action,
+        ctx: &EncryptionContext,
     ) -> Result<(Arc<KeyRecord>, WrappedKey, arca_hsm::ObjectId)> {
+        // A caller that may do this on no key learns nothing, not even whether the blob
+        // names a known key.
+        if self.decide(caller, action, None, None).is_none() {
+            tracing::info!(
+                request_id = %caller.request_id,
+                principal = %caller.principal.name,
+                action = action.as_str(),
+                "permission denied"
+            );
+            return Err(ServiceError::PermissionDenied);
+        }
         let blob = WrappedKey::parse(wrapped)?;
         let key = match self.cache.by_id(&blob.key_id, self.store.as_ref()).await {
             Ok(k) => k,
             Err(ServiceError::NotFound(_)) => return Err(ServiceError::InvalidWrappedKey),
             Err(e) => return Err(e),
         };
-        // Scope first: a caller learns nothing about versions of keys it may not use.
-        scope(caller, &key.name)?;
+        // Authorized first: a caller learns nothing about versions of keys it may not use.
+        self.authorize(caller, action, Some(key.name.as_str()), Some(ctx))
+            .await?;
         let v = key
             .version(blob.version)
             .ok_or(ServiceError::InvalidWrappedKey)?;
@@ -750,9 +809,12 @@ impl KeyService {
         self: &Arc<Self>,
         caller: &Caller,
         name: &str,
+        check: Option<(Action, &EncryptionContext)>,
     ) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
-        for _attempt in 0..3 {
-            let (key, version, object) = self.primary_for_wrap(caller, name).await?;
+        for attempt in 0..3 {
+            // Authorized once, before the first lookup.
+            let check = if attempt == 0 { check } else { None };
+            let (key, version, object) = self.primary_for_wrap(caller, name, check).await?;
             if self.take_wrap(key.id, version).await? {
                 return Ok((key, version, object));
             }
@@ -916,16 +978,6 @@ impl KeyCache {
         self.put(rec);
         self.fresh(&id)
             .ok_or(ServiceError::Internal("key cache".into()))
-    }
-}
-
-/// The caller's credential must cover the key (`PERMISSION_DENIED` otherwise, checked
-/// before any lookup so existence never leaks).
-fn scope(caller: &Caller, name: &KeyName) -> Result<()> {
-    if caller.principal.may_use_key(name.as_str()) {
-        Ok(())
-    } else {
-        Err(ServiceError::PermissionDenied)
     }
 }
 

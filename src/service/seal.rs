@@ -19,6 +19,7 @@ use arca_hsm::{AuthPin, Hsm, HsmError};
 use zeroize::Zeroizing;
 
 use super::{ApprovalRecord, Caller, KeyService, Result, ServiceError};
+use crate::authz::policy::Action;
 use crate::keys::{EngineConfig, KeyEngine};
 use crate::quorum::approvals::{
     Operation, Parameters, PARAM_CUSTODIANS, PARAM_SHARES, PARAM_THRESHOLD,
@@ -128,20 +129,6 @@ pub(super) fn custodian_name(caller: &Caller) -> Result<&str> {
         .ok_or(ServiceError::PermissionDenied)
 }
 
-/// Until policy-driven RBAC: the caller must hold one of `roles`.
-fn require_role(caller: &Caller, roles: &[&str]) -> Result<()> {
-    if caller
-        .principal
-        .roles
-        .iter()
-        .any(|r| roles.contains(&r.as_str()))
-    {
-        Ok(())
-    } else {
-        Err(ServiceError::PermissionDenied)
-    }
-}
-
 pub(super) fn valid_custodian_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
@@ -199,7 +186,7 @@ impl KeyService {
         age_recipients: &std::collections::BTreeMap<String, String>,
     ) -> Result<ApprovalRecord> {
         self.engine()?;
-        require_role(caller, &["admin"])?;
+        self.authorize(caller, Action::Rekey, None, None).await?;
         for (who, recipient) in age_recipients {
             if !custodians.contains(who) {
                 return Err(ServiceError::InvalidArgument(
@@ -263,7 +250,7 @@ impl KeyService {
         so_pin: AuthPin,
         min_threshold: u8,
     ) -> Result<Vec<CustodianKit>> {
-        require_role(caller, &["admin"])?;
+        self.authorize(caller, Action::Init, None, None).await?;
         let n = check_quorum_params(threshold, custodians, min_threshold)?;
         if self.quorum.quorum_config().await?.is_some() {
             return Err(ServiceError::FailedPrecondition("already initialised"));
@@ -412,6 +399,7 @@ impl KeyService {
         share_text: &str,
         totp_code: &str,
     ) -> Result<SealStatus> {
+        self.authorize(caller, Action::Unseal, None, None).await?;
         let name = custodian_name(caller)?.to_string();
         let cfg = self
             .quorum
@@ -570,7 +558,7 @@ impl KeyService {
     /// Seals at once: drops the engine (closing every HSM session and logging out) and
     /// any unseal progress.
     pub async fn seal(&self, caller: &Caller) -> Result<SealStatus> {
-        require_role(caller, &["admin", "custodian"])?;
+        self.authorize(caller, Action::Seal, None, None).await?;
         let engine = self.engine.write().ok().and_then(|mut e| e.take());
         *self.seal.progress.lock().await = None;
         if let Some(engine) = engine {
@@ -627,6 +615,7 @@ mod tests {
             }),
             request_id: "r".into(),
             peer: crate::authz::Peer::default(),
+            mfa: None,
         }
     }
 
@@ -729,7 +718,7 @@ mod tests {
         );
         let admin = Caller {
             principal: Arc::new(Principal {
-                name: "admin".into(),
+                name: "dev-admin".into(),
                 method: AuthMethod::Token {
                     token_id: "t".into(),
                 },
@@ -738,6 +727,7 @@ mod tests {
             }),
             request_id: "r".into(),
             peer: crate::authz::Peer::default(),
+            mfa: None,
         };
         let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let kits = svc
@@ -784,7 +774,7 @@ mod tests {
         let (_d, _store, svc) = service(clock).await;
         let admin = Caller {
             principal: Arc::new(Principal {
-                name: "admin".into(),
+                name: "dev-admin".into(),
                 method: AuthMethod::Token {
                     token_id: "t".into(),
                 },
@@ -793,6 +783,7 @@ mod tests {
             }),
             request_id: "r".into(),
             peer: crate::authz::Peer::default(),
+            mfa: None,
         };
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let so = || AuthPin::from("so".to_string());

@@ -75,6 +75,8 @@ pub enum RequestResult {
         /// The new generation.
         generation: i64,
     },
+    /// Another operation (a policy change, an elevation): what it did, in words.
+    Note(String),
 }
 
 impl RequestResult {
@@ -87,6 +89,7 @@ impl RequestResult {
                 shares,
                 generation,
             } => format!("rekeyed to {threshold} of {shares}, generation {generation}"),
+            RequestResult::Note(text) => text.clone(),
         }
     }
 }
@@ -334,7 +337,7 @@ fn request_from_row(row: &AnyRow, id: String) -> Result<ApprovalRecord> {
 }
 
 /// The stored form of a result: `{"kind":"key","key":{…}}`.
-fn result_to_json(r: &RequestResult) -> String {
+pub(super) fn result_to_json(r: &RequestResult) -> String {
     match r {
         RequestResult::Key(k) => json!({
             "kind": "key",
@@ -373,6 +376,7 @@ fn result_to_json(r: &RequestResult) -> String {
             "generation": generation,
         })
         .to_string(),
+        RequestResult::Note(text) => json!({ "kind": "note", "text": text }).to_string(),
     }
 }
 
@@ -386,6 +390,11 @@ fn result_from_json(text: &str) -> Result<RequestResult> {
             shares: small(&v["shares"])?,
             generation: v["generation"].as_i64().ok_or(BAD)?,
         });
+    }
+    if v["kind"] == "note" {
+        return Ok(RequestResult::Note(
+            v["text"].as_str().ok_or(BAD)?.to_string(),
+        ));
     }
     if v["kind"] != "key" {
         return Err(BAD);
@@ -424,7 +433,7 @@ fn result_from_json(text: &str) -> Result<RequestResult> {
     }))
 }
 
-type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+pub(super) type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 
 impl SqlStore {
     async fn load_request<'e, E>(&self, exec: E, id: &str) -> Result<ApprovalRecord>
@@ -501,7 +510,12 @@ impl SqlStore {
 
     /// Locks a pending request with K approvals for its completion (see the module
     /// docs); `StateConflict` otherwise.
-    async fn claim_for_completion(&self, tx: &mut Tx<'_>, id: &str, now: i64) -> Result<()> {
+    pub(super) async fn claim_for_completion(
+        &self,
+        tx: &mut Tx<'_>,
+        id: &str,
+        now: i64,
+    ) -> Result<()> {
         let done = sqlx::query(
             "UPDATE approval_requests SET updated_at = $2 \
              WHERE id = $1 AND state = 'PENDING' \
@@ -521,7 +535,7 @@ impl SqlStore {
 
     /// Marks a claimed request decided and wipes its shares.
     #[allow(clippy::too_many_arguments)]
-    async fn decide(
+    pub(super) async fn decide(
         tx: &mut Tx<'_>,
         id: &str,
         state: RequestState,

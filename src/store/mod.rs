@@ -19,12 +19,16 @@
 //!
 //! Must not import: tonic, prost, cryptoki. The only module that uses sqlx.
 
+mod access;
 mod approvals;
 mod lifecycle;
 mod quorum;
 mod sql;
 mod tokens;
 
+pub use access::{
+    AccessStore, GrantRecord, MfaFailure, PolicyVersion, ReviewRecord, TotpEnrolment,
+};
 pub use approvals::{
     ApprovalEntry, ApprovalRecord, ApprovalStore, NewQuorum, NewRequest, RequestResult, SealedShare,
 };

@@ -65,9 +65,10 @@ pub struct Failure<'a> {
 }
 
 /// Storage of dual-control state; approval requests of quorum operations come with it
-/// ([`super::ApprovalStore`]).
+/// ([`super::ApprovalStore`]), and access-control state, whose grants and policies
+/// complete approval requests ([`super::AccessStore`]).
 #[async_trait::async_trait]
-pub trait QuorumStore: super::ApprovalStore + Send + Sync + 'static {
+pub trait QuorumStore: super::ApprovalStore + super::AccessStore + Send + Sync + 'static {
     /// The configuration, if the quorum was initialised.
     async fn quorum_config(&self) -> Result<Option<QuorumConfig>>;
 

@@ -45,6 +45,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/sqlite/0003_approvals.sql")),
     (4, include_str!("migrations/sqlite/0004_token_scopes.sql")),
     (5, include_str!("migrations/sqlite/0005_lifecycle.sql")),
+    (7, include_str!("migrations/sqlite/0007_rbac.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
@@ -52,6 +53,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/postgres/0003_approvals.sql")),
     (4, include_str!("migrations/postgres/0004_token_scopes.sql")),
     (5, include_str!("migrations/postgres/0005_lifecycle.sql")),
+    (7, include_str!("migrations/postgres/0007_rbac.sql")),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"

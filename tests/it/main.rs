@@ -29,6 +29,7 @@ mod outage;
 mod production;
 mod quorum;
 mod ratelimit;
+mod rbac;
 mod secrets_at_rest;
 mod shred;
 mod shutdown;

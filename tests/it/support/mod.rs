@@ -401,6 +401,11 @@ impl TestArca {
         self.pg.as_deref()
     }
 
+    /// The PID of the current server process (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not running").id()
+    }
+
     /// The listening address of the current run.
     pub fn addr(&self) -> SocketAddr {
         self.addr.expect("server not running")

@@ -1,0 +1,596 @@
+//! Access-control rows: approved policy versions, time-bound role grants, break-glass
+//! reviews, and principals' TOTP enrolments with their failures ([`AccessStore`]).
+//!
+//! Invariants:
+//! - A policy version and a granted elevation are written in the same transaction as the
+//!   `EXECUTED` mark of the approval request that ordered them (exactly once).
+//! - A break-glass grant and its review are written in one transaction: there is never a
+//!   grant without an open review.
+//! - A TOTP step is recorded with a conditional update, so a code is accepted at most once
+//!   even across nodes; failures are appended, never updated.
+//! - A TOTP secret is stored only sealed (the caller seals it under `arca:meta`).
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::approvals::Tx;
+use super::sql::{classify, get, SqlStore};
+use super::{RequestResult, Result, StoreError};
+use crate::quorum::approvals::{QuorumApproved, RequestState};
+
+/// An approved policy as stored.
+#[derive(Clone, Debug)]
+pub struct PolicyVersion {
+    /// Increases by one with every approved change.
+    pub seq: i64,
+    /// The policy document.
+    pub text: String,
+    /// The approval request that made it, if any.
+    pub request_id: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+/// A time-bound role grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRecord {
+    /// `grant_…`.
+    pub id: String,
+    /// Who holds it.
+    pub principal: String,
+    /// The role.
+    pub role: String,
+    /// `elevation` or `break-glass`.
+    pub kind: String,
+    /// Why (given by the requester).
+    pub reason: String,
+    /// The approval request (elevations).
+    pub request_id: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms; the grant is void from then on.
+    pub expires_at: i64,
+}
+
+/// A break-glass review.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReviewRecord {
+    /// `rev_…`.
+    pub id: String,
+    /// The grant under review.
+    pub grant_id: String,
+    /// Who broke the glass.
+    pub principal: String,
+    /// Their reason.
+    pub reason: String,
+    /// Unix ms.
+    pub opened_at: i64,
+    /// Unix ms, once closed.
+    pub closed_at: Option<i64>,
+    /// The auditor who closed it.
+    pub closed_by: Option<String>,
+    /// The auditor's note.
+    pub note: Option<String>,
+}
+
+/// A principal's TOTP enrolment.
+#[derive(Clone, Debug)]
+pub struct TotpEnrolment {
+    /// Principal name.
+    pub principal: String,
+    /// The TOTP secret sealed under `arca:meta`.
+    pub sealed: Vec<u8>,
+    /// Last step accepted.
+    pub last_step: Option<i64>,
+    /// Locked out until (Unix ms).
+    pub locked_until: Option<i64>,
+}
+
+/// A principal's failed MFA attempt and the lock-out rule to apply.
+#[derive(Clone, Debug)]
+pub struct MfaFailure<'a> {
+    /// Principal.
+    pub principal: &'a str,
+    /// Unix ms.
+    pub at: i64,
+    /// What failed (`missing`, `totp`, `replay`).
+    pub reason: &'a str,
+    /// Count failures after this time...
+    pub since: i64,
+    /// ...lock at this many...
+    pub limit: u32,
+    /// ...until this time.
+    pub lock_until: i64,
+}
+
+/// Storage of access-control state.
+#[async_trait::async_trait]
+pub trait AccessStore: Send + Sync + 'static {
+    /// The newest approved policy, if any.
+    async fn latest_policy(&self) -> Result<Option<PolicyVersion>>;
+    /// Stores a policy applied without approval (dev mode's 1-of-1); returns its seq.
+    async fn insert_policy(&self, text: &str, now: i64) -> Result<i64>;
+    /// Stores the policy of approved request `id` and marks it `EXECUTED`, in one
+    /// transaction; returns the new seq.
+    async fn complete_update_policy(
+        &self,
+        id: &str,
+        approved: &QuorumApproved,
+        text: &str,
+        now: i64,
+    ) -> Result<i64>;
+    /// Stores the grant of approved elevation `id` and marks it `EXECUTED`, in one
+    /// transaction.
+    async fn complete_elevation(
+        &self,
+        id: &str,
+        approved: &QuorumApproved,
+        grant: &GrantRecord,
+        now: i64,
+    ) -> Result<()>;
+    /// Stores a grant made without approval (dev mode's 1-of-1 elevation).
+    async fn insert_grant(&self, grant: &GrantRecord) -> Result<()>;
+    /// Stores a break-glass grant and its open review in one transaction.
+    async fn break_glass(&self, grant: &GrantRecord, review_id: &str) -> Result<ReviewRecord>;
+    /// Grants not yet expired at `now`.
+    async fn active_grants(&self, now: i64) -> Result<Vec<GrantRecord>>;
+    /// Reviews, newest first; only open ones if `open_only`.
+    async fn list_reviews(&self, open_only: bool) -> Result<Vec<ReviewRecord>>;
+    /// Closes an open review; `NotFound`, or `StateConflict` if closed already.
+    async fn close_review(&self, id: &str, by: &str, note: &str, now: i64) -> Result<ReviewRecord>;
+    /// A principal's enrolment.
+    async fn totp_enrolment(&self, principal: &str) -> Result<Option<TotpEnrolment>>;
+    /// Enrols (or re-enrols) a principal; clears its last step and lock.
+    async fn enroll_totp(&self, principal: &str, sealed: &[u8], now: i64) -> Result<()>;
+    /// Records that `step` was used; `StateConflict` on a replay.
+    async fn use_principal_totp_step(&self, principal: &str, step: i64) -> Result<()>;
+    /// Appends a failure; returns the count within the window, locking at the limit.
+    async fn record_mfa_failure(&self, failure: &MfaFailure<'_>) -> Result<u32>;
+}
+
+const GRANT_COLUMNS: &str = "id, principal, role, kind, reason, request_id, created_at, expires_at";
+const REVIEW_COLUMNS: &str =
+    "id, grant_id, principal, reason, opened_at, closed_at, closed_by, note";
+
+fn grant_from_row(row: &AnyRow) -> Result<GrantRecord> {
+    Ok(GrantRecord {
+        id: get(row, "id")?,
+        principal: get(row, "principal")?,
+        role: get(row, "role")?,
+        kind: get(row, "kind")?,
+        reason: get(row, "reason")?,
+        request_id: get(row, "request_id")?,
+        created_at: get(row, "created_at")?,
+        expires_at: get(row, "expires_at")?,
+    })
+}
+
+fn review_from_row(row: &AnyRow) -> Result<ReviewRecord> {
+    Ok(ReviewRecord {
+        id: get(row, "id")?,
+        grant_id: get(row, "grant_id")?,
+        principal: get(row, "principal")?,
+        reason: get(row, "reason")?,
+        opened_at: get(row, "opened_at")?,
+        closed_at: get(row, "closed_at")?,
+        closed_by: get(row, "closed_by")?,
+        note: get(row, "note")?,
+    })
+}
+
+async fn insert_grant_in(tx: &mut Tx<'_>, g: &GrantRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO role_grants (id, principal, role, kind, reason, request_id, created_at, \
+         expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(g.id.clone())
+    .bind(g.principal.clone())
+    .bind(g.role.clone())
+    .bind(g.kind.clone())
+    .bind(g.reason.clone())
+    .bind(g.request_id.clone())
+    .bind(g.created_at)
+    .bind(g.expires_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+async fn insert_policy_in(
+    tx: &mut Tx<'_>,
+    text: &str,
+    request_id: Option<&str>,
+    now: i64,
+) -> Result<i64> {
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM access_policies")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(classify)?;
+    let seq = row
+        .try_get::<i64, _>("n")
+        .map_err(|_| StoreError::Corrupt("policy seq"))?
+        + 1;
+    sqlx::query(
+        "INSERT INTO access_policies (seq, text, request_id, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(seq)
+    .bind(text.to_string())
+    .bind(request_id.map(str::to_string))
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?;
+    Ok(seq)
+}
+
+impl SqlStore {
+    /// Marks claimed request `id` executed with a note, and commits.
+    async fn executed_with_note(
+        &self,
+        mut tx: Tx<'static>,
+        id: &str,
+        note: String,
+        now: i64,
+    ) -> Result<()> {
+        let result = super::approvals::result_to_json(&RequestResult::Note(note));
+        Self::decide(
+            &mut tx,
+            id,
+            RequestState::Executed,
+            None,
+            None,
+            Some(result),
+            now,
+        )
+        .await?;
+        tx.commit().await.map_err(classify)
+    }
+}
+
+#[async_trait::async_trait]
+impl AccessStore for SqlStore {
+    async fn latest_policy(&self) -> Result<Option<PolicyVersion>> {
+        let row = sqlx::query(
+            "SELECT seq, text, request_id, created_at FROM access_policies \
+             ORDER BY seq DESC LIMIT 1",
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        row.map(|r| {
+            Ok(PolicyVersion {
+                seq: get(&r, "seq")?,
+                text: get(&r, "text")?,
+                request_id: get(&r, "request_id")?,
+                created_at: get(&r, "created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn insert_policy(&self, text: &str, now: i64) -> Result<i64> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let seq = insert_policy_in(&mut tx, text, None, now).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(seq)
+    }
+
+    async fn complete_update_policy(
+        &self,
+        id: &str,
+        _approved: &QuorumApproved,
+        text: &str,
+        now: i64,
+    ) -> Result<i64> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        self.claim_for_completion(&mut tx, id, now).await?;
+        let seq = insert_policy_in(&mut tx, text, Some(id), now).await?;
+        self.executed_with_note(tx, id, format!("access policy version {seq} in force"), now)
+            .await?;
+        Ok(seq)
+    }
+
+    async fn complete_elevation(
+        &self,
+        id: &str,
+        _approved: &QuorumApproved,
+        grant: &GrantRecord,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        self.claim_for_completion(&mut tx, id, now).await?;
+        insert_grant_in(&mut tx, grant).await?;
+        let note = format!(
+            "{} holds role {} until {} ({})",
+            grant.principal,
+            grant.role,
+            crate::clock::rfc3339(grant.expires_at),
+            grant.id
+        );
+        self.executed_with_note(tx, id, note, now).await
+    }
+
+    async fn insert_grant(&self, grant: &GrantRecord) -> Result<()> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        insert_grant_in(&mut tx, grant).await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn break_glass(&self, grant: &GrantRecord, review_id: &str) -> Result<ReviewRecord> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        insert_grant_in(&mut tx, grant).await?;
+        sqlx::query(
+            "INSERT INTO access_reviews (id, grant_id, principal, reason, opened_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(review_id.to_string())
+        .bind(grant.id.clone())
+        .bind(grant.principal.clone())
+        .bind(grant.reason.clone())
+        .bind(grant.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(ReviewRecord {
+            id: review_id.to_string(),
+            grant_id: grant.id.clone(),
+            principal: grant.principal.clone(),
+            reason: grant.reason.clone(),
+            opened_at: grant.created_at,
+            closed_at: None,
+            closed_by: None,
+            note: None,
+        })
+    }
+
+    async fn active_grants(&self, now: i64) -> Result<Vec<GrantRecord>> {
+        let sql = format!(
+            "SELECT {GRANT_COLUMNS} FROM role_grants WHERE expires_at > $1 ORDER BY created_at"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(grant_from_row).collect()
+    }
+
+    async fn list_reviews(&self, open_only: bool) -> Result<Vec<ReviewRecord>> {
+        let filter = if open_only {
+            "WHERE closed_at IS NULL "
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {REVIEW_COLUMNS} FROM access_reviews {filter}ORDER BY opened_at DESC, id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(review_from_row).collect()
+    }
+
+    async fn close_review(&self, id: &str, by: &str, note: &str, now: i64) -> Result<ReviewRecord> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let done = sqlx::query(
+            "UPDATE access_reviews SET closed_at = $2, closed_by = $3, note = $4 \
+             WHERE id = $1 AND closed_at IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(now)
+        .bind(by.to_string())
+        .bind(note.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let sql = format!("SELECT {REVIEW_COLUMNS} FROM access_reviews WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?
+            .ok_or(StoreError::NotFound)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::StateConflict { current: "closed" });
+        }
+        let rec = review_from_row(&row)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(rec)
+    }
+
+    async fn totp_enrolment(&self, principal: &str) -> Result<Option<TotpEnrolment>> {
+        let row = sqlx::query(
+            "SELECT principal, totp_sealed, last_step, locked_until FROM principal_totp \
+             WHERE principal = $1",
+        )
+        .bind(principal.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        row.map(|r| {
+            Ok(TotpEnrolment {
+                principal: get(&r, "principal")?,
+                sealed: hex::decode(get::<String>(&r, "totp_sealed")?)
+                    .map_err(|_| StoreError::Corrupt("totp"))?,
+                last_step: get(&r, "last_step")?,
+                locked_until: get(&r, "locked_until")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn enroll_totp(&self, principal: &str, sealed: &[u8], now: i64) -> Result<()> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        sqlx::query("DELETE FROM principal_totp WHERE principal = $1")
+            .bind(principal.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO principal_totp (principal, totp_sealed, enrolled_at) VALUES ($1, $2, $3)",
+        )
+        .bind(principal.to_string())
+        .bind(hex::encode(sealed))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn use_principal_totp_step(&self, principal: &str, step: i64) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE principal_totp SET last_step = $1 \
+             WHERE principal = $2 AND (last_step IS NULL OR last_step < $1)",
+        )
+        .bind(step)
+        .bind(principal.to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::StateConflict { current: "used" })
+        }
+    }
+
+    async fn record_mfa_failure(&self, f: &MfaFailure<'_>) -> Result<u32> {
+        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        // Lock the enrolment row first, so concurrent failures on several PostgreSQL
+        // nodes count each other (SQLite's IMMEDIATE transaction serialises them).
+        sqlx::query("UPDATE principal_totp SET locked_until = locked_until WHERE principal = $1")
+            .bind(f.principal.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        sqlx::query("INSERT INTO principal_failures (principal, at, reason) VALUES ($1, $2, $3)")
+            .bind(f.principal.to_string())
+            .bind(f.at)
+            .bind(f.reason.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM principal_failures WHERE principal = $1 AND at > $2",
+        )
+        .bind(f.principal.to_string())
+        .bind(f.since)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let n: i64 = row.try_get("n").map_err(|_| StoreError::Corrupt("count"))?;
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if n >= f.limit {
+            sqlx::query("UPDATE principal_totp SET locked_until = $1 WHERE principal = $2")
+                .bind(f.lock_until)
+                .bind(f.principal.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqlStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqlStore::open_sqlite(&dir.path().join("a.db"))
+            .await
+            .unwrap();
+        (dir, s)
+    }
+
+    fn grant(id: &str, kind: &str, created: i64, expires: i64) -> GrantRecord {
+        GrantRecord {
+            id: id.into(),
+            principal: "oncall:ann".into(),
+            role: "break-glass".into(),
+            kind: kind.into(),
+            reason: "pager".into(),
+            request_id: None,
+            created_at: created,
+            expires_at: expires,
+        }
+    }
+
+    #[tokio::test]
+    async fn grants_expire_and_reviews_close_once() {
+        let (_d, s) = store().await;
+        let r = s
+            .break_glass(&grant("g1", "break-glass", 1000, 5000), "rev1")
+            .await
+            .unwrap();
+        assert_eq!(r.closed_at, None);
+        s.insert_grant(&grant("g2", "elevation", 1000, 9000))
+            .await
+            .unwrap();
+        assert_eq!(s.active_grants(4000).await.unwrap().len(), 2);
+        assert_eq!(s.active_grants(5000).await.unwrap().len(), 1);
+        assert_eq!(s.list_reviews(true).await.unwrap().len(), 1);
+        let closed = s
+            .close_review("rev1", "auditor:eve", "ok", 6000)
+            .await
+            .unwrap();
+        assert_eq!(closed.closed_by.as_deref(), Some("auditor:eve"));
+        assert!(matches!(
+            s.close_review("rev1", "auditor:eve", "again", 7000).await,
+            Err(StoreError::StateConflict { .. })
+        ));
+        assert!(matches!(
+            s.close_review("nope", "auditor:eve", "x", 7000).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(s.list_reviews(true).await.unwrap().is_empty());
+        assert_eq!(s.list_reviews(false).await.unwrap().len(), 1);
+        // A grant with no lifetime is refused by the database.
+        assert!(s
+            .insert_grant(&grant("g3", "elevation", 10, 10))
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn policies_are_sequenced_and_totp_steps_used_once() {
+        let (_d, s) = store().await;
+        assert!(s.latest_policy().await.unwrap().is_none());
+        assert_eq!(s.insert_policy("a", 1).await.unwrap(), 1);
+        assert_eq!(s.insert_policy("b", 2).await.unwrap(), 2);
+        assert_eq!(s.latest_policy().await.unwrap().unwrap().text, "b");
+        s.enroll_totp("p", &[1, 2, 3], 1).await.unwrap();
+        s.use_principal_totp_step("p", 10).await.unwrap();
+        assert!(s.use_principal_totp_step("p", 10).await.is_err());
+        assert!(s.use_principal_totp_step("p", 9).await.is_err());
+        s.use_principal_totp_step("p", 11).await.unwrap();
+        for i in 1..=5 {
+            let n = s
+                .record_mfa_failure(&MfaFailure {
+                    principal: "p",
+                    at: 100 + i,
+                    reason: "totp",
+                    since: 0,
+                    limit: 5,
+                    lock_until: 999,
+                })
+                .await
+                .unwrap();
+            assert_eq!(n, i as u32);
+        }
+        let e = s.totp_enrolment("p").await.unwrap().unwrap();
+        assert_eq!(e.locked_until, Some(999));
+        assert_eq!(e.sealed, vec![1, 2, 3]);
+        // Re-enrolment clears the step and the lock.
+        s.enroll_totp("p", &[4], 2).await.unwrap();
+        let e = s.totp_enrolment("p").await.unwrap().unwrap();
+        assert_eq!((e.last_step, e.locked_until), (None, None));
+    }
+}

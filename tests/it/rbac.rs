@@ -1,0 +1,1022 @@
+//! Role-based access control (DESIGN §5) end to end over gRPC: roles × operations × keys
+//! (with context conditions), existence never leaking (message and timing), separation of
+//! duties refused at start, SIGHUP reload keeping the old policy on a bad file,
+//! `UpdatePolicy` under quorum, MFA with lock-out, elevation that expires by itself,
+//! break-glass with its alert and review, and per-role rate limits.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use arca::grpc::pb;
+use arca::grpc::pb::access_service_client::AccessServiceClient;
+use arca::grpc::pb::key_service_client::KeyServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::approvals::{three_of_five, unsealed};
+use crate::quorum::base32_decode;
+use crate::support::{
+    arca_bin, assert_code, create_key, ctx, generate, postgres_url, Db, TestArca,
+};
+
+/// `authorization` and, optionally, `x-arca-totp` on every request.
+#[derive(Clone)]
+struct Headers(Vec<(&'static str, MetadataValue<Ascii>)>);
+
+impl Interceptor for Headers {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        for (k, v) in &self.0 {
+            req.metadata_mut().insert(*k, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+fn headers(token: &str, totp: Option<&str>) -> Headers {
+    let mut h = vec![("authorization", format!("Bearer {token}").parse().unwrap())];
+    if let Some(c) = totp {
+        h.push(("x-arca-totp", c.parse().unwrap()));
+    }
+    Headers(h)
+}
+
+type Keys = KeyServiceClient<InterceptedService<Channel, Headers>>;
+type Access = AccessServiceClient<InterceptedService<Channel, Headers>>;
+
+async fn keys(arca: &TestArca, token: &str, totp: Option<&str>) -> Keys {
+    KeyServiceClient::with_interceptor(arca.channel().await, headers(token, totp))
+}
+
+async fn access(arca: &TestArca, token: &str, totp: Option<&str>) -> Access {
+    AccessServiceClient::with_interceptor(arca.channel().await, headers(token, totp))
+}
+
+/// A token for `principal` (narrowed to `roles` when any), minted by the dev admin.
+async fn mint(arca: &TestArca, principal: &str, roles: &[&str]) -> String {
+    access(arca, arca.token(), None)
+        .await
+        .create_token(pb::CreateTokenRequest {
+            principal: principal.into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+fn now_ms() -> i64 {
+    use arca::clock::Clock;
+    arca::clock::SystemClock.now_ms()
+}
+
+/// A principal's TOTP authenticator: each code is of a step not used before.
+struct Totp {
+    secret: Vec<u8>,
+    last: Option<i64>,
+}
+
+impl Totp {
+    /// Enrols `token`'s principal and keeps the secret from the URI shown once.
+    async fn enroll(arca: &TestArca, token: &str) -> Totp {
+        let uri = access(arca, token, None)
+            .await
+            .enroll_totp(pb::EnrollTotpRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .totp_uri;
+        let secret = uri
+            .split("secret=")
+            .nth(1)
+            .and_then(|s| s.split('&').next())
+            .unwrap();
+        Totp {
+            secret: base32_decode(secret),
+            last: None,
+        }
+    }
+
+    /// The code of the next unused step (now or now + 1; waits for the clock otherwise).
+    async fn code(&mut self) -> String {
+        loop {
+            let now = arca::quorum::totp::step_at(now_ms());
+            let step = self.last.map_or(now, |l| (l + 1).max(now));
+            if step <= now + 1 {
+                self.last = Some(step);
+                return arca::quorum::totp::hotp(&self.secret, step as u64);
+            }
+            let into = now_ms().rem_euclid(30_000);
+            tokio::time::sleep(Duration::from_millis((30_000 - into + 100) as u64)).await;
+        }
+    }
+
+    /// A code that is none of the valid ones now.
+    fn wrong(&self) -> String {
+        let now = arca::quorum::totp::step_at(now_ms());
+        let valid: Vec<String> = (now - 2..=now + 2)
+            .map(|s| arca::quorum::totp::hotp(&self.secret, s as u64))
+            .collect();
+        (0..10)
+            .map(|d| d.to_string().repeat(6))
+            .find(|c| !valid.contains(c))
+            .unwrap()
+    }
+}
+
+/// A policy directory: the shipped role and binding files, plus `extra.toml`.
+fn policy_dir(root: &Path, extra: &str) -> PathBuf {
+    let dir = root.join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for f in ["roles.toml", "bindings.toml", "quorum.toml"] {
+        std::fs::copy(shipped.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("extra.toml"), extra).unwrap();
+    dir
+}
+
+/// A tenant-bound service role: data keys only under `tenants/*`, only with the caller's
+/// own tenant and a purpose from a list in the context.
+const TENANTS: &str = r#"
+version = 1
+
+[roles.tenant-svc]
+[[roles.tenant-svc.allow]]
+operations = ["GenerateDataKey", "UnwrapKey"]
+keys = ["tenants/*"]
+context = { tenant = ["${principal.id}"], purpose = ["care", "billing"] }
+
+[[bindings]]
+principals = ["tenant:*"]
+roles = ["tenant-svc"]
+"#;
+
+async fn gdk(c: &mut Keys, key: &str, context: &[(&str, &str)]) -> Result<Vec<u8>, Status> {
+    c.generate_data_key(pb::GenerateDataKeyRequest {
+        key_name: key.into(),
+        context: ctx(context),
+        without_plaintext: true,
+    })
+    .await
+    .map(|r| r.into_inner().wrapped_key)
+}
+
+async fn unwrap_as(c: &mut Keys, blob: &[u8], context: &[(&str, &str)]) -> Result<(), Status> {
+    c.unwrap_key(pb::UnwrapKeyRequest {
+        wrapped_key: blob.to_vec(),
+        context: ctx(context),
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Operation `op` by client `c` on key `k`.
+async fn call(c: &mut Keys, op: &str, k: &str) -> Result<(), Status> {
+    match op {
+        "CreateKey" => c
+            .create_key(pb::CreateKeyRequest {
+                name: k.into(),
+                description: String::new(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "GetKey" => c
+            .get_key(pb::GetKeyRequest { name: k.into() })
+            .await
+            .map(|_| ()),
+        "RotateKey" => c
+            .rotate_key(pb::RotateKeyRequest { name: k.into() })
+            .await
+            .map(|_| ()),
+        "DisableKeyVersion" => c
+            .disable_key_version(pb::KeyVersionRequest {
+                name: k.into(),
+                version: 1,
+            })
+            .await
+            .map(|_| ()),
+        "GenerateDataKey" => gdk(c, k, &[]).await.map(|_| ()),
+        _ => panic!("unknown op {op}"),
+    }
+}
+
+#[tokio::test]
+async fn roles_operations_and_keys_over_grpc() {
+    let pol = tempfile::tempdir().unwrap();
+    let dir = policy_dir(pol.path(), TENANTS);
+    let arca = TestArca::builder()
+        .arg("--policy-dir")
+        .arg(&dir)
+        .start()
+        .await;
+    let mut admin = arca.client().await;
+    for k in ["billing/ssn", "tenants/acme", "spare"] {
+        create_key(&mut admin, k).await;
+    }
+    let svc = mint(&arca, "svc:billing", &[]).await;
+    let auditor = mint(&arca, "auditor:eve", &[]).await;
+    let kadmin = mint(&arca, "key-admin:ann", &[]).await;
+    let stranger = mint(&arca, "nobody", &[]).await;
+    let narrowed = mint(&arca, "svc:narrow", &["auditor"]).await;
+
+    use Code::{Ok as Allowed, PermissionDenied as Denied};
+    #[rustfmt::skip]
+    let table: &[(&str, &str, &str, Code)] = &[
+        // A service uses keys, never administers them.
+        ("svc", "GenerateDataKey", "billing/ssn", Allowed),
+        ("svc", "GetKey", "billing/ssn", Allowed),
+        ("svc", "CreateKey", "svc-made", Denied),
+        ("svc", "RotateKey", "billing/ssn", Denied),
+        ("svc", "DisableKeyVersion", "billing/ssn", Denied),
+        // An auditor touches no key.
+        ("auditor", "GetKey", "billing/ssn", Denied),
+        ("auditor", "GenerateDataKey", "billing/ssn", Denied),
+        ("auditor", "CreateKey", "aud-made", Denied),
+        // A key admin may not retrieve key material (refused before any MFA check).
+        ("kadmin", "GenerateDataKey", "billing/ssn", Denied),
+        // Nobody bound, and a token narrowed to a role its principal is not bound to.
+        ("stranger", "GetKey", "billing/ssn", Denied),
+        ("narrowed", "GenerateDataKey", "billing/ssn", Denied),
+        // The dev admin keeps what it had.
+        ("admin", "RotateKey", "spare", Allowed),
+    ];
+    for (who, op, key, want) in table {
+        let token = match *who {
+            "svc" => &svc,
+            "auditor" => &auditor,
+            "kadmin" => &kadmin,
+            "stranger" => &stranger,
+            "narrowed" => &narrowed,
+            _ => arca.token(),
+        };
+        let got = call(&mut keys(&arca, token, None).await, op, key).await;
+        let code = got.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        assert_eq!(code, *want, "{who} {op} {key}: {got:?}");
+    }
+
+    // A key admin cannot unwrap either.
+    let blob = gdk(&mut keys(&arca, &svc, None).await, "billing/ssn", &[])
+        .await
+        .unwrap();
+    let e = unwrap_as(&mut keys(&arca, &kadmin, None).await, &blob, &[]).await;
+    assert_code(e, Code::PermissionDenied, "key-admin unwraps");
+    unwrap_as(&mut keys(&arca, &svc, None).await, &blob, &[])
+        .await
+        .unwrap();
+
+    // Context conditions: a tenant's own id and an allowed purpose only.
+    let acme = mint(&arca, "tenant:acme", &[]).await;
+    let mut t = keys(&arca, &acme, None).await;
+    let good = [("tenant", "acme"), ("purpose", "care")];
+    let blob = gdk(&mut t, "tenants/acme", &good).await.unwrap();
+    unwrap_as(&mut t, &blob, &good).await.unwrap();
+    for (context, what) in [
+        (
+            &[("tenant", "globex"), ("purpose", "care")][..],
+            "another tenant",
+        ),
+        (
+            &[("tenant", "acme"), ("purpose", "ads")][..],
+            "a purpose not listed",
+        ),
+        (&[("tenant", "acme")][..], "no purpose"),
+    ] {
+        assert_code(
+            gdk(&mut t, "tenants/acme", context).await,
+            Code::PermissionDenied,
+            what,
+        );
+        assert_code(
+            unwrap_as(&mut t, &blob, context).await,
+            Code::PermissionDenied,
+            what,
+        );
+    }
+    assert_code(
+        gdk(&mut t, "billing/ssn", &good).await,
+        Code::PermissionDenied,
+        "a key outside tenants/*",
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_looks_and_takes_the_same_for_existing_and_missing_keys() {
+    let arca = TestArca::start().await;
+    create_key(&mut arca.client().await, "patients/records").await;
+    let blob = generate(&mut arca.client().await, "patients/records", &ctx(&[]))
+        .await
+        .wrapped_key;
+    let auditor = mint(&arca, "auditor:eve", &[]).await;
+    let mut c = keys(&arca, &auditor, None).await;
+
+    // Same code and message for every operation, key there or not.
+    for op in [
+        "GetKey",
+        "RotateKey",
+        "DisableKeyVersion",
+        "GenerateDataKey",
+        "CreateKey",
+    ] {
+        let there = call(&mut c, op, "patients/records").await.unwrap_err();
+        let missing = call(&mut c, op, "patients/nothing").await.unwrap_err();
+        assert_eq!(there.code(), Code::PermissionDenied, "{op}");
+        assert_eq!(
+            (there.code(), there.message()),
+            (missing.code(), missing.message()),
+            "{op}"
+        );
+    }
+    // Unwrap: a real blob and one naming no key are refused alike.
+    let mut fake = blob.clone();
+    fake[1..17].copy_from_slice(&crate::support::random_bytes(16));
+    let a = unwrap_as(&mut c, &blob, &[]).await.unwrap_err();
+    let b = unwrap_as(&mut c, &fake, &[]).await.unwrap_err();
+    assert_eq!((a.code(), a.message()), (b.code(), b.message()));
+    assert_eq!(a.code(), Code::PermissionDenied);
+
+    // Timing: interleaved, the medians stay in the same class.
+    let mut there = Vec::new();
+    let mut missing = Vec::new();
+    for _ in 0..3 {
+        // Warm up.
+        let _ = call(&mut c, "GetKey", "patients/records").await;
+        let _ = call(&mut c, "GetKey", "patients/nothing").await;
+    }
+    for i in 0..200 {
+        let (name, into) = if i % 2 == 0 {
+            ("patients/records", &mut there)
+        } else {
+            ("patients/nothing", &mut missing)
+        };
+        let t = Instant::now();
+        let _ = call(&mut c, "GetKey", name).await;
+        into.push(t.elapsed());
+    }
+    there.sort();
+    missing.sort();
+    let (a, b) = (there[there.len() / 2], missing[missing.len() / 2]);
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    crate::support::note(&format!(
+        "existence timing: median {a:?} (existing) vs {b:?} (missing)"
+    ));
+    assert!(
+        hi <= lo * 2 + Duration::from_micros(300),
+        "refusal medians differ: existing {a:?}, missing {b:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_that_breaks_separation_of_duties_stops_the_start() {
+    let pol = tempfile::tempdir().unwrap();
+    let dir = policy_dir(
+        pol.path(),
+        r#"
+version = 1
+[roles.rogue]
+[[roles.rogue.allow]]
+operations = ["UnwrapKey"]
+keys = ["*"]
+[[roles.rogue.allow]]
+operations = ["Approve"]
+"#,
+    );
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(arca_bin())
+        .args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path().join("d"))
+        .arg("--policy-dir")
+        .arg(&dir)
+        .env_remove("ARCA_HSM_MODULE")
+        .env_remove("SOFTHSM2_CONF")
+        .env_remove("ARCA_DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("role \"rogue\""), "{err}");
+    assert!(err.contains("separation of duties"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+}
+
+/// A role that may create keys under `x/*`, bound to `principal`.
+fn creators(principal: &str) -> String {
+    format!(
+        r#"
+version = 1
+[roles.creator]
+[[roles.creator.allow]]
+operations = ["CreateKey"]
+keys = ["x/*"]
+[[bindings]]
+principals = ["{principal}"]
+roles = ["creator"]
+"#
+    )
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
+    let pol = tempfile::tempdir().unwrap();
+    let dir = policy_dir(pol.path(), &creators("nobody"));
+    let arca = TestArca::builder()
+        .arg("--policy-dir")
+        .arg(&dir)
+        .start()
+        .await;
+    let tok = mint(&arca, "svc:x", &[]).await;
+    let mut c = keys(&arca, &tok, None).await;
+    assert_code(
+        call(&mut c, "CreateKey", "x/1").await,
+        Code::PermissionDenied,
+        "before",
+    );
+
+    std::fs::write(dir.join("extra.toml"), creators("svc:x")).unwrap();
+    crate::support::signal(arca.pid(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&mut c, "CreateKey", "x/1").await.is_err() {
+        assert!(Instant::now() < deadline, "the reload never took effect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A file that does not parse, then one that breaks separation of duties: both
+    // refused, the policy in force stays.
+    for (bad, why) in [
+        ("version = 1\n[roles.broken\n", "invalid access policy"),
+        (
+            "version = 1\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n",
+            "separation of duties",
+        ),
+    ] {
+        std::fs::write(dir.join("extra.toml"), bad).unwrap();
+        let before = arca.log_text().matches("access policy reload refused").count();
+        crate::support::signal(arca.pid(), "HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = arca.log_text();
+            if log.matches("access policy reload refused").count() > before {
+                assert!(log.contains(why), "{why}: {log}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no refusal logged for {why}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The old policy is still in force, and the server still runs.
+        let name = format!("x/{}", why.len());
+        call(&mut c, "CreateKey", &name).await.unwrap();
+    }
+    assert_code(
+        call(&mut c, "CreateKey", "y/1").await,
+        Code::PermissionDenied,
+        "outside the creator's globs",
+    );
+}
+
+on_both_backends!(
+    #[tokio::test]
+    update_policy_needs_quorum_and_takes_effect_after_approval
+);
+
+async fn update_policy_needs_quorum_and_takes_effect_after_approval(db: Db) {
+    let (arca, cs) = unsealed(three_of_five(db)).await;
+    let tok = mint(&arca, "svc:x", &[]).await;
+    let mut c = keys(&arca, &tok, None).await;
+    assert_code(
+        call(&mut c, "CreateKey", "x/1").await,
+        Code::PermissionDenied,
+        "before",
+    );
+
+    // A policy that does not load is refused at once, with the reason.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let base = format!(
+        "{}\n{}",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", "")
+    );
+    let mut admin = access(&arca, arca.token(), None).await;
+    let bad = format!("{base}\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n");
+    let e = admin
+        .update_policy(pb::UpdatePolicyRequest { policy: bad })
+        .await;
+    let s = assert_code(e, Code::InvalidArgument, "SoD policy");
+    assert!(s.message().contains("\"r\""), "{s:?}");
+
+    let new = format!(
+        "{base}\n[roles.creator]\n[[roles.creator.allow]]\noperations = [\"CreateKey\"]\nkeys = [\"x/*\"]\n\
+         [[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"creator\"]\n"
+    );
+    let r = admin
+        .update_policy(pb::UpdatePolicyRequest {
+            policy: new.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let req = r.approval_request.expect("a quorum operation");
+    assert_eq!(req.operation, "UpdatePolicy");
+    assert_eq!(req.parameters.get("policy"), Some(&new));
+    // Not in force before the approvals.
+    assert_code(
+        call(&mut c, "CreateKey", "x/1").await,
+        Code::PermissionDenied,
+        "pending",
+    );
+    for n in [4, 5] {
+        let r = cs.approve(&arca, n, &req).await.unwrap();
+        assert_eq!(r.state, "PENDING");
+    }
+    assert_code(
+        call(&mut c, "CreateKey", "x/1").await,
+        Code::PermissionDenied,
+        "2 of 3",
+    );
+    let done = cs.approve(&arca, 1, &req).await.unwrap();
+    assert_eq!(done.state, "EXECUTED", "{done:?}");
+    assert!(done.outcome.contains("access policy version 1"), "{done:?}");
+    call(&mut c, "CreateKey", "x/1").await.unwrap();
+}
+
+on_both_backends!(
+    #[tokio::test]
+    mfa_for_a_key_admin_without_wrong_right_and_lockout
+);
+
+async fn mfa_for_a_key_admin_without_wrong_right_and_lockout(db: Db) {
+    let arca = TestArca::start_on(db).await;
+    let ann = mint(&arca, "key-admin:ann", &[]).await;
+    let create = |totp: Option<String>, name: &'static str| {
+        let ann = ann.clone();
+        let arca = &arca;
+        async move {
+            call(
+                &mut keys(arca, &ann, totp.as_deref()).await,
+                "CreateKey",
+                name,
+            )
+            .await
+        }
+    };
+    // Not enrolled: told to enrol.
+    let s = assert_code(
+        create(None, "k1").await,
+        Code::Unauthenticated,
+        "not enrolled",
+    );
+    assert!(s.message().contains("EnrollTotp"), "{s:?}");
+    let mut totp = Totp::enroll(&arca, &ann).await;
+    // Re-enrolment needs a valid code.
+    let e = access(&arca, &ann, None)
+        .await
+        .enroll_totp(pb::EnrollTotpRequest {})
+        .await;
+    assert_code(e, Code::Unauthenticated, "re-enrol without a code"); // failure 1
+
+    let s = assert_code(create(None, "k1").await, Code::Unauthenticated, "no code"); // 2
+    assert!(s.message().contains("x-arca-totp"), "{s:?}");
+    let s = assert_code(
+        create(Some(totp.wrong()), "k1").await,
+        Code::Unauthenticated,
+        "wrong",
+    ); // 3
+    assert_eq!(s.message(), "TOTP code rejected");
+    let code = totp.code().await;
+    create(Some(code.clone()), "k1").await.unwrap();
+    // The same code again: a replay.
+    assert_code(
+        create(Some(code), "k2").await,
+        Code::Unauthenticated,
+        "replay",
+    ); // 4
+    assert_code(
+        create(Some(totp.wrong()), "k2").await,
+        Code::Unauthenticated,
+        "wrong",
+    ); // 5
+       // Locked out now, even with a good code.
+    let code = totp.code().await;
+    let s = assert_code(
+        create(Some(code), "k2").await,
+        Code::Unauthenticated,
+        "locked",
+    );
+    assert!(s.message().contains("locked out"), "{s:?}");
+    assert!(
+        arca.log_text()
+            .contains("locked out after repeated MFA failures"),
+        "no lock-out alert in the log"
+    );
+    // Other principals are not affected.
+    create_key(&mut arca.client().await, "k3").await;
+}
+
+on_both_backends!(
+    #[tokio::test]
+    elevation_is_approved_works_and_expires_by_itself
+);
+
+async fn elevation_is_approved_works_and_expires_by_itself(db: Db) {
+    let (arca, cs) = unsealed(three_of_five(db)).await;
+    let ann = mint(&arca, "key-admin:ann", &[]).await;
+    let mut totp = Totp::enroll(&arca, &ann).await;
+    let mut as_ann = keys(&arca, &ann, None).await;
+    assert_code(
+        gdk(&mut as_ann, "phi", &[]).await,
+        Code::PermissionDenied,
+        "before",
+    );
+
+    // Above the role's maximum: refused.
+    let e = access(&arca, &ann, Some(&totp.code().await))
+        .await
+        .elevate(pb::ElevateRequest {
+            role: "service".into(),
+            duration_seconds: 2 * 3600,
+            reason: "incident 42".into(),
+        })
+        .await;
+    assert_code(e, Code::InvalidArgument, "over max_elevation");
+
+    let r = access(&arca, &ann, Some(&totp.code().await))
+        .await
+        .elevate(pb::ElevateRequest {
+            role: "service".into(),
+            duration_seconds: 6,
+            reason: "incident 42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let req = r.approval_request.expect("elevation is a quorum operation");
+    assert_eq!(req.operation, "Elevate");
+    assert_eq!(req.parameters.get("principal").unwrap(), "key-admin:ann");
+    assert_code(
+        gdk(&mut as_ann, "phi", &[]).await,
+        Code::PermissionDenied,
+        "pending",
+    );
+    // The requester cannot approve it; three custodians do.
+    for n in [3, 4] {
+        cs.approve(&arca, n, &req).await.unwrap();
+    }
+    let done = cs.approve(&arca, 5, &req).await.unwrap();
+    assert_eq!(done.state, "EXECUTED", "{done:?}");
+    assert!(
+        done.outcome.contains("holds role service until"),
+        "{done:?}"
+    );
+    let granted = Instant::now();
+    gdk(&mut as_ann, "phi", &[]).await.unwrap();
+    // Expires by itself.
+    tokio::time::sleep(
+        Duration::from_secs(6).saturating_sub(granted.elapsed()) + Duration::from_millis(300),
+    )
+    .await;
+    assert_code(
+        gdk(&mut as_ann, "phi", &[]).await,
+        Code::PermissionDenied,
+        "expired",
+    );
+}
+
+on_both_backends!(
+    #[tokio::test]
+    break_glass_for_listed_principals_alerts_and_opens_a_review
+);
+
+async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
+    let arca = TestArca::start_on(db).await;
+    create_key(&mut arca.client().await, "phi").await;
+    let bob = mint(&arca, "oncall:bob", &[]).await;
+    let svc = mint(&arca, "svc:x", &[]).await;
+    let eve = mint(&arca, "auditor:eve", &[]).await;
+
+    // Not listed: refused.
+    let e = access(&arca, &svc, None)
+        .await
+        .break_glass(pb::BreakGlassRequest {
+            reason: "curious".into(),
+            duration_seconds: 0,
+        })
+        .await;
+    assert_code(e, Code::PermissionDenied, "unlisted break-glass");
+    // Listed: the role needs MFA, so the break-glass needs a code.
+    let mut totp = Totp::enroll(&arca, &bob).await;
+    assert_code(
+        gdk(
+            &mut keys(&arca, &bob, Some(&totp.code().await)).await,
+            "phi",
+            &[],
+        )
+        .await,
+        Code::PermissionDenied,
+        "before break-glass",
+    );
+    let r = access(&arca, &bob, Some(&totp.code().await))
+        .await
+        .break_glass(pb::BreakGlassRequest {
+            reason: "pager 7: EHR down".into(),
+            duration_seconds: 600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.role, "break-glass");
+    let review = r.review.unwrap();
+    assert!(review.closed_at.is_empty());
+    let log = arca.log_text();
+    let alert = log
+        .lines()
+        .find(|l| l.contains("BREAK-GLASS"))
+        .expect("a break-glass alert in the log");
+    assert!(alert.contains("ERROR"), "{alert}");
+    assert!(alert.contains("oncall:bob"), "{alert}");
+    // The role works (with a code).
+    gdk(
+        &mut keys(&arca, &bob, Some(&totp.code().await)).await,
+        "phi",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // The review stays open until an auditor closes it; bob cannot.
+    let list = |token: String| {
+        let arca = &arca;
+        async move {
+            access(arca, &token, None)
+                .await
+                .list_reviews(pb::ListReviewsRequest { open_only: true })
+                .await
+                .map(|r| r.into_inner().reviews)
+        }
+    };
+    assert_eq!(list(eve.clone()).await.unwrap().len(), 1);
+    assert_code(
+        list(svc.clone()).await,
+        Code::PermissionDenied,
+        "service lists reviews",
+    );
+    let e = access(&arca, &bob, None)
+        .await
+        .close_review(pb::CloseReviewRequest {
+            id: review.id.clone(),
+            note: "fine".into(),
+        })
+        .await;
+    assert_code(e, Code::PermissionDenied, "own review");
+    let closed = access(&arca, &eve, None)
+        .await
+        .close_review(pb::CloseReviewRequest {
+            id: review.id.clone(),
+            note: "checked the EHR ticket".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(closed.closed_by, "auditor:eve");
+    assert!(list(eve.clone()).await.unwrap().is_empty());
+    let e = access(&arca, &eve, None)
+        .await
+        .close_review(pb::CloseReviewRequest {
+            id: review.id,
+            note: "again".into(),
+        })
+        .await;
+    assert_code(e, Code::FailedPrecondition, "closed twice");
+}
+
+#[tokio::test]
+async fn a_role_limit_throttles_that_role_only() {
+    let pol = tempfile::tempdir().unwrap();
+    let dir = policy_dir(
+        pol.path(),
+        r#"
+version = 1
+[roles.metered]
+rate_limit = { per_second = 1.0, burst = 3.0 }
+[[roles.metered.allow]]
+operations = ["ListKeys", "GetKey"]
+keys = ["*"]
+[[bindings]]
+principals = ["svc:metered"]
+roles = ["metered"]
+"#,
+    );
+    let arca = TestArca::builder()
+        .arg("--policy-dir")
+        .arg(&dir)
+        .start()
+        .await;
+    let metered = mint(&arca, "svc:metered", &["metered"]).await;
+    let free = mint(&arca, "svc:free", &[]).await;
+    let mut m = keys(&arca, &metered, None).await;
+    let mut refused = None;
+    for _ in 0..10 {
+        if let Err(e) = m.list_keys(pb::ListKeysRequest::default()).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("10 quick calls against a burst of 3 at 1/s");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.metadata().get("retry-after").is_some());
+    // The service role (no limit) is unaffected, even at the same moment.
+    let mut f = keys(&arca, &free, None).await;
+    for _ in 0..20 {
+        f.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_the_approved_policy_and_grants() {
+    if postgres_url("rbac::two_nodes_share_the_approved_policy_and_grants").is_none() {
+        return;
+    }
+    let a = TestArca::start_on(Db::Postgres).await;
+    let b = a.second_node().await;
+    create_key(&mut a.client().await, "shared").await;
+    let tok = mint(&a, "svc:x", &[]).await;
+    let mut on_b = keys(&b, &tok, None).await;
+    assert_code(
+        call(&mut on_b, "CreateKey", "x/1").await,
+        Code::PermissionDenied,
+        "before",
+    );
+
+    // Dev mode runs UpdatePolicy at once (no quorum); node A stores it.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let policy = format!(
+        "{}\n{}\n{}",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", ""),
+        r#"
+[roles.creator]
+[[roles.creator.allow]]
+operations = ["CreateKey"]
+keys = ["x/*"]
+[roles.elevator]
+[[roles.elevator.allow]]
+operations = ["Elevate"]
+[roles.rotator]
+max_elevation = "10m"
+[[roles.rotator.allow]]
+operations = ["RotateKey"]
+keys = ["shared"]
+[[bindings]]
+principals = ["svc:x"]
+roles = ["creator", "elevator"]
+"#
+    );
+    let r = access(&a, a.token(), None)
+        .await
+        .update_policy(pb::UpdatePolicyRequest { policy })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.outcome.contains("in force"), "{r:?}");
+    // Node B adopts it by itself, within the refresh interval.
+    let start = Instant::now();
+    while call(&mut on_b, "CreateKey", "x/1").await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "node B never adopted the policy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    crate::support::note(&format!(
+        "policy reached node B after {:?}",
+        start.elapsed()
+    ));
+
+    // A grant made on A (an elevation, at once in dev mode) works on B.
+    assert_code(
+        call(&mut on_b, "RotateKey", "shared").await,
+        Code::PermissionDenied,
+        "before",
+    );
+    access(&a, &tok, None)
+        .await
+        .elevate(pb::ElevateRequest {
+            role: "rotator".into(),
+            duration_seconds: 60,
+            reason: "rotate after INC-9".into(),
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while call(&mut on_b, "RotateKey", "shared").await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "node B never saw the grant"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `arca ARGS` against `arca` as `token`, with `ARCA_TOTP` when given.
+async fn cli(
+    arca: &TestArca,
+    token: &str,
+    totp: Option<String>,
+    args: &[&str],
+) -> serde_json::Value {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let (addr, token) = (arca.url(), token.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(arca_bin());
+        cmd.args(&args)
+            .args(["--output", "json"])
+            .env("ARCA_ADDR", addr)
+            .env("ARCA_TOKEN", token)
+            .env_remove("ARCA_TOTP")
+            .stdin(std::process::Stdio::null());
+        if let Some(c) = totp {
+            cmd.env("ARCA_TOTP", c);
+        }
+        cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "arca failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn the_cli_enrols_breaks_glass_and_closes_the_review() {
+    let arca = TestArca::start().await;
+    let bob = mint(&arca, "oncall:bob", &[]).await;
+    let eve = mint(&arca, "auditor:eve", &[]).await;
+    let uri = cli(&arca, &bob, None, &["totp", "enroll"]).await["totp_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut totp = Totp {
+        secret: base32_decode(
+            uri.split("secret=")
+                .nth(1)
+                .and_then(|s| s.split('&').next())
+                .unwrap(),
+        ),
+        last: None,
+    };
+    let bg = cli(
+        &arca,
+        &bob,
+        Some(totp.code().await),
+        &["break-glass", "--reason", "EHR down", "--duration", "10m"],
+    )
+    .await;
+    assert_eq!(bg["role"], "break-glass");
+    let id = bg["review"]["id"].as_str().unwrap().to_string();
+    let open = cli(&arca, &eve, None, &["review", "list"]).await;
+    assert_eq!(open["reviews"][0]["id"], id.as_str());
+    assert_eq!(open["reviews"][0]["principal"], "oncall:bob");
+    let closed = cli(&arca, &eve, None, &["review", "close", &id, "--note", "ok"]).await;
+    assert_eq!(closed["closed_by"], "auditor:eve");
+    let open = cli(&arca, &eve, None, &["review", "list"]).await;
+    assert_eq!(open["reviews"].as_array().unwrap().len(), 0);
+    let all = cli(&arca, &eve, None, &["review", "list", "--all"]).await;
+    assert_eq!(all["reviews"].as_array().unwrap().len(), 1);
+
+    // A policy update from a file (dev mode: at once).
+    let pol = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let text = format!(
+        "{}\n{}\n[roles.creator]\n[[roles.creator.allow]]\noperations = [\"CreateKey\"]\nkeys = [\"x/*\"]\n[[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"creator\"]\n",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", "")
+    );
+    let file = pol.path().join("p.toml");
+    std::fs::write(&file, text).unwrap();
+    let r = cli(
+        &arca,
+        arca.token(),
+        None,
+        &["policy", "update", file.to_str().unwrap()],
+    )
+    .await;
+    assert!(r["outcome"].as_str().unwrap().contains("in force"), "{r}");
+    let x = mint(&arca, "svc:x", &[]).await;
+    call(&mut keys(&arca, &x, None).await, "CreateKey", "x/1")
+        .await
+        .unwrap();
+}
