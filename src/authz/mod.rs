@@ -40,7 +40,13 @@ pub enum AuthMethod {
         /// The token's id (not the secret).
         token_id: String,
     },
+    /// A client certificate verified by mutual TLS, with no bearer token.
+    Certificate,
 }
+
+/// Principal names a certificate can never carry: custodian identities exist only as the
+/// tokens minted at init and rekey.
+const RESERVED_PREFIXES: &[&str] = &["custodian:"];
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
@@ -210,6 +216,30 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// Without a bearer token: the principal named by the client certificate that mutual
+    /// TLS verified (URI SAN, else DNS SAN, else CN), with the roles the policy binds to
+    /// that name and no token narrowing. No certificate (or one naming nothing usable, or
+    /// a reserved name): unauthenticated.
+    fn certificate_principal(peer: &Peer) -> Result<Arc<Principal>, AuthError> {
+        let name = peer
+            .cert
+            .as_deref()
+            .and_then(cert::principal_from_der)
+            .ok_or(AuthError::Unauthenticated)?;
+        if name.is_empty()
+            || name.len() > 256
+            || RESERVED_PREFIXES.iter().any(|p| name.starts_with(p))
+        {
+            return Err(AuthError::Unauthenticated);
+        }
+        Ok(Arc::new(Principal {
+            name,
+            method: AuthMethod::Certificate,
+            roles: Vec::new(),
+            key_globs: Vec::new(),
+        }))
+    }
+
     /// A new authenticator over `store`.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
         Authenticator {
@@ -227,7 +257,9 @@ impl Authenticator {
         token: Option<BearerToken>,
         peer: &Peer,
     ) -> Result<Arc<Principal>, AuthError> {
-        let token = token.ok_or(AuthError::Unauthenticated)?;
+        let Some(token) = token else {
+            return Self::certificate_principal(peer);
+        };
         if !token.expose().starts_with(BearerToken::PREFIX) {
             return Err(AuthError::Unauthenticated);
         }
@@ -293,6 +325,7 @@ impl Authenticator {
         if let Ok(mut c) = self.cache.lock() {
             c.retain(|_, v| match &v.principal.method {
                 AuthMethod::Token { token_id: id } => id != token_id,
+                AuthMethod::Certificate => true,
             });
         }
     }

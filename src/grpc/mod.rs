@@ -163,7 +163,15 @@ where
     ))
     .max_decoding_message_size(opts.max_message_bytes);
 
-    let probe = tokio::spawn(health_loop(health, Arc::clone(&svc), opts.health_interval));
+    // The first probe runs before the listener answers, so that health never reports a
+    // service as unknown (or serving) before it was checked.
+    let first = probe_health(&health, &svc, None).await;
+    let probe = tokio::spawn(health_loop(
+        health,
+        Arc::clone(&svc),
+        opts.health_interval,
+        first,
+    ));
 
     let result = Server::builder()
         .max_concurrent_streams(opts.max_concurrent_streams)
@@ -188,33 +196,43 @@ async fn health_loop(
     health: tonic_health::server::HealthReporter,
     svc: Arc<KeyService>,
     interval: Duration,
+    mut last: bool,
 ) {
+    loop {
+        tokio::time::sleep(interval).await;
+        last = probe_health(&health, &svc, Some(last)).await;
+    }
+}
+
+/// Checks the HSM and the database once and publishes the result if it changed from
+/// `last`; returns it.
+async fn probe_health(
+    health: &tonic_health::server::HealthReporter,
+    svc: &KeyService,
+    last: Option<bool>,
+) -> bool {
     use tonic_health::ServingStatus;
     const KEY_SERVICE: &str = "arca.v1.KeyService";
-    let mut last: Option<bool> = None;
-    loop {
-        // Sealed counts as not serving: key operations would all fail.
-        let hsm_ok = match svc.engine() {
-            Ok(engine) => engine.check().await.is_ok(),
-            Err(_) => false,
+    // Sealed counts as not serving: key operations would all fail.
+    let hsm_ok = match svc.engine() {
+        Ok(engine) => engine.check().await.is_ok(),
+        Err(_) => false,
+    };
+    let db_ok = svc.store().ping().await.is_ok();
+    let ok = hsm_ok && db_ok;
+    if last != Some(ok) {
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
         };
-        let db_ok = svc.store().ping().await.is_ok();
-        let ok = hsm_ok && db_ok;
-        if last != Some(ok) {
-            let status = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            health.set_service_status("", status).await;
-            health.set_service_status(KEY_SERVICE, status).await;
-            if ok {
-                tracing::info!("serving");
-            } else {
-                tracing::error!(hsm_ok, db_ok, "not serving: a dependency is unavailable");
-            }
-            last = Some(ok);
+        health.set_service_status("", status).await;
+        health.set_service_status(KEY_SERVICE, status).await;
+        if ok {
+            tracing::info!("serving");
+        } else {
+            tracing::error!(hsm_ok, db_ok, "not serving: a dependency is unavailable");
         }
-        tokio::time::sleep(interval).await;
     }
+    ok
 }

@@ -37,6 +37,11 @@ fn make_pki(dir: &Path) {
 }
 
 async fn start() -> TlsArca {
+    start_with(&[]).await
+}
+
+/// A dev server over mutual TLS with extra server arguments.
+async fn start_with(extra: &[std::ffi::OsString]) -> TlsArca {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     make_pki(&pki);
@@ -56,6 +61,7 @@ async fn start() -> TlsArca {
         .arg(p("ca.pem"))
         .arg("--tls-crl")
         .arg(p("crl.pem"))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(log)
@@ -305,4 +311,43 @@ async fn a_bound_token_works_only_with_its_certificate() {
         .await
         .unwrap_err();
     assert!(e.contains("Unauthenticated"), "{e}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_alone_authenticates_its_principal() {
+    // The shipped policy, plus a binding of the billing service's SPIFFE name.
+    let pol = tempfile::tempdir().unwrap();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/");
+    std::fs::copy(format!("{root}roles.toml"), pol.path().join("roles.toml")).unwrap();
+    let mut bindings = std::fs::read_to_string(format!("{root}bindings.toml")).unwrap();
+    bindings.push_str(
+        "\n[[bindings]]\nprincipals = [\"spiffe://arca.test/svc/*\"]\nroles = [\"service\"]\n",
+    );
+    std::fs::write(pol.path().join("bindings.toml"), bindings).unwrap();
+    let arca = start_with(&["--policy-dir".into(), pol.path().as_os_str().to_owned()]).await;
+
+    let call = |client: &'static str| {
+        let arca = &arca;
+        async move {
+            let mut c = KeyServiceClient::new(arca.channel(Some(client)).await.unwrap());
+            c.list_keys(pb::ListKeysRequest::default()).await
+        }
+    };
+    // No token: the certificate's URI SAN is the principal, bound to `service`.
+    call("client")
+        .await
+        .expect("certificate principal with a role");
+    // client2 (DNS:ops.arca.test) is authenticated, but bound to no role: default deny.
+    let e = call("client2").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A service may not administer keys.
+    let mut c = KeyServiceClient::new(arca.channel(Some("client")).await.unwrap());
+    let e = c
+        .create_key(pb::CreateKeyRequest {
+            name: "by-cert".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 }
