@@ -17,6 +17,9 @@
 //! - [`store`]: the [`store::Store`] trait and its SQLite back end. The only module that
 //!   uses sqlx.
 //! - [`authz`]: principals and bearer-token authentication.
+//! - [`audit`]: the audit trail: records, hash chain, group-commit writer, verifier,
+//!   alerts. Knows nothing of gRPC or SQL (it speaks `store::AuditStore`).
+//! - [`metrics`]: Prometheus counters and histograms, and the admin HTTP endpoint.
 //! - [`service`]: the use cases (authenticate → act → persist). No tonic types.
 //! - [`grpc`]: generated code, proto ↔ domain conversion, the one error → `Status` mapping,
 //!   request ids. The only module (with `cli`) that uses tonic/prost.
@@ -29,12 +32,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod grpc;
 pub mod keys;
+pub mod metrics;
 pub mod quorum;
 pub mod secret;
 pub mod service;

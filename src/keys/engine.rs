@@ -21,8 +21,10 @@ use arca_hsm::{Hsm, HsmError, KeyAttributes, KeyKind, ObjectId, GCM_IV_LEN};
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
+mod audit_mac;
 mod meta;
 
+pub use audit_mac::{AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL};
 pub use meta::{META_KEY_ID, META_KEY_LABEL};
 
 use super::wrapped::check_plaintext_len;

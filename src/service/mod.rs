@@ -17,12 +17,14 @@
 
 mod access;
 mod approvals;
+mod audit;
 mod seal;
 
 pub use access::{NewToken, TokenInfo};
 pub use approvals::{
     ApproveOutcome, MAX_REASON_BYTES, MAX_REQUEST_PAGE, REKEY_NEEDS_LIVE_APPROVER,
 };
+pub use audit::{may_read_audit, EngineKeys};
 pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
 
 use std::collections::HashMap;
@@ -79,6 +81,9 @@ pub enum ServiceError {
     /// A dependency (HSM, database) is unreachable, or the service is sealed.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The audit record of the call could not be made durable: the call fails closed.
+    #[error("audit log unavailable")]
+    AuditUnavailable,
     /// A custodian's submission refused (wrong share, TOTP, lock-out): the message says
     /// which, since the custodian needs to know.
     #[error("{0}")]
@@ -241,6 +246,7 @@ pub struct KeyService {
     refill: tokio::sync::Mutex<()>,
     rotations: tokio::sync::Mutex<()>,
     cfg: ServiceConfig,
+    audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
 }
 
 impl KeyService {
@@ -268,6 +274,7 @@ impl KeyService {
             refill: tokio::sync::Mutex::new(()),
             rotations: tokio::sync::Mutex::new(()),
             cfg,
+            audit: std::sync::OnceLock::new(),
         }
     }
 

@@ -20,6 +20,7 @@
 //! Must not import: tonic, prost, cryptoki. The only module that uses sqlx.
 
 mod approvals;
+mod audit;
 mod quorum;
 mod sql;
 mod tokens;
@@ -27,6 +28,7 @@ mod tokens;
 pub use approvals::{
     ApprovalEntry, ApprovalRecord, ApprovalStore, NewQuorum, NewRequest, RequestResult, SealedShare,
 };
+pub use audit::{AppendBuilder, AuditAppend, AuditRow, AuditSeal, AuditStore, BoxFuture};
 pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use sql::{Backend, SqlStore};
 pub use tokens::TokenStore;

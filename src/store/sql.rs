@@ -41,12 +41,14 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/sqlite/0002_quorum.sql")),
     (3, include_str!("migrations/sqlite/0003_approvals.sql")),
     (4, include_str!("migrations/sqlite/0004_token_scopes.sql")),
+    (6, include_str!("migrations/sqlite/0006_audit.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
     (2, include_str!("migrations/postgres/0002_quorum.sql")),
     (3, include_str!("migrations/postgres/0003_approvals.sql")),
     (4, include_str!("migrations/postgres/0004_token_scopes.sql")),
+    (6, include_str!("migrations/postgres/0006_audit.sql")),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"
