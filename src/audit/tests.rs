@@ -1,5 +1,5 @@
 //! The writer, verifier and reader on a real SQLite store and the in-memory HSM.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
