@@ -6,11 +6,15 @@
 //! - Every response carries `x-request-id`.
 //! - Every RPC except `grpc.health.v1.Health` passes authentication first.
 //! - Messages that carry key material have a `Debug` that prints no bytes of it.
-//! - Health reports NOT_SERVING while the HSM or the database does not answer.
+//! - Health reports NOT_SERVING while the HSM or the database does not answer, or the
+//!   audit writer fails.
+//! - Every authenticated call is wrapped by [`audit::Audited`] (outside authentication):
+//!   one audit record per call, durable before the response leaves.
 //!
 //! Must not import: sqlx, cryptoki.
 
 pub mod access;
+pub mod audit;
 pub mod auth;
 pub mod keys;
 pub mod quorum;
@@ -156,6 +160,11 @@ where
     ))
     .max_decoding_message_size(opts.max_message_bytes);
 
+    let audit_api =
+        pb::audit_service_server::AuditServiceServer::new(audit::AuditApi::new(Arc::clone(&svc)))
+            .max_decoding_message_size(opts.max_message_bytes);
+    let log = svc.audit().cloned();
+
     let probe = tokio::spawn(health_loop(health, Arc::clone(&svc), opts.health_interval));
 
     let result = Server::builder()
@@ -166,10 +175,26 @@ where
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(request_id::RequestIdLayer::new(request_id_prefix))
         .add_service(health_svc)
-        .add_service(auth::Authenticated::new(keys, Arc::clone(&svc)))
-        .add_service(auth::Authenticated::new(quorum, Arc::clone(&svc)))
-        .add_service(auth::Authenticated::new(access, Arc::clone(&svc)))
-        .add_service(auth::Authenticated::new(reflection, Arc::clone(&svc)))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(keys, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(quorum, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(access, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(audit_api, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(reflection, Arc::clone(&svc)),
+            log,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     probe.abort();
@@ -192,7 +217,9 @@ async fn health_loop(
             Err(_) => false,
         };
         let db_ok = svc.store().ping().await.is_ok();
-        let ok = hsm_ok && db_ok;
+        // A failing audit writer fails every call closed: not serving.
+        let audit_ok = svc.audit().is_none_or(|a| a.is_healthy());
+        let ok = hsm_ok && db_ok && audit_ok;
         if last != Some(ok) {
             let status = if ok {
                 ServingStatus::Serving
@@ -204,7 +231,12 @@ async fn health_loop(
             if ok {
                 tracing::info!("serving");
             } else {
-                tracing::error!(hsm_ok, db_ok, "not serving: a dependency is unavailable");
+                tracing::error!(
+                    hsm_ok,
+                    db_ok,
+                    audit_ok,
+                    "not serving: a dependency is unavailable"
+                );
             }
             last = Some(ok);
         }

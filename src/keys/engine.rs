@@ -146,7 +146,14 @@ impl KeyEngine {
                 .await
                 .map_err(|_| KeysError::HsmUnavailable(None))?
         };
-        match tokio::time::timeout(self.op_timeout, call).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.op_timeout, call).await;
+        let m = crate::metrics::global();
+        m.hsm_latency.observe(started.elapsed());
+        if !matches!(result, Ok(Ok(_)) | Ok(Err(KeysError::InvalidWrappedKey))) {
+            m.hsm_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
             Ok(r) => r,
             Err(_) => {
                 tracing::warn!(
