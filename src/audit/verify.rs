@@ -135,15 +135,9 @@ pub async fn verify(
                 return Err(AuditError::Corrupt("checkpoint line"));
             };
             match seals.get(&c.seq) {
-                Some(s) if s.head != head || s.mac != mac => {
-                    first_bad = Some((
-                        c.seq,
-                        Problem::Modified,
-                        format!("the seal of seq {} differs from the checkpoint file", c.seq),
-                    ));
-                }
-                Some(_) => {}
-                None => {
+                Some(s) if s.head == head && s.mac == mac => {}
+                // The write-once file wins over the database: the walk checks it.
+                _ => {
                     seals.insert(
                         c.seq,
                         SealMark {
@@ -214,9 +208,20 @@ pub async fn verify(
                 } else {
                     "seal"
                 };
+                if s.head != row.hash && s.from_checkpoint {
+                    first_bad = Some((
+                        last_good_seal + 1,
+                        Problem::Truncated,
+                        format!(
+                            "the checkpoint of seq {} does not match the database: records after seq {} were cut (and the chain rewritten from there)",
+                            row.seq, last_good_seal
+                        ),
+                    ));
+                    break 'walk;
+                }
                 let mac_ok = !macs
                     || keys
-                        .mac(seal_input(&row.hash, row.seq))
+                        .mac(seal_input(&s.head, row.seq))
                         .await
                         .map(|m| m == s.mac)?;
                 if s.head != row.hash || !mac_ok {
@@ -244,13 +249,6 @@ pub async fn verify(
         }
     }
     let last_seq = expected - 1;
-    if first_bad
-        .as_ref()
-        .is_some_and(|(seq, _, _)| *seq > last_seq + 1)
-    {
-        // A checkpoint disagreement beyond the walk: the walk's end is reported below.
-        first_bad = None;
-    }
     if first_bad.is_none() {
         let (head_seq, _) = store.audit_head().await?;
         let sealed_end = seals.keys().next_back().copied().unwrap_or(0);

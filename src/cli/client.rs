@@ -19,8 +19,10 @@ use crate::grpc::pb::access_service_client::AccessServiceClient;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
 use crate::grpc::pb::quorum_service_client::QuorumServiceClient;
 
+mod audit;
 mod requests;
 
+pub(super) use audit::AuditCommand;
 pub(super) use requests::{ApproveArgs, RejectArgs, RequestCommand};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,6 +58,7 @@ struct Client {
     inner: KeyServiceClient<Channel>,
     quorum: QuorumServiceClient<Channel>,
     access: AccessServiceClient<Channel>,
+    audit: pb::audit_service_client::AuditServiceClient<Channel>,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
     output: Output,
 }
@@ -106,6 +109,7 @@ impl Client {
         Ok(Client {
             inner: KeyServiceClient::new(channel.clone()),
             quorum: QuorumServiceClient::new(channel.clone()),
+            audit: pb::audit_service_client::AuditServiceClient::new(channel.clone()),
             access: AccessServiceClient::new(channel),
             auth,
             output: opts.output,
@@ -222,6 +226,7 @@ pub(super) async fn run(cmd: Command) -> Result<(), BoxError> {
         Command::Request(r) => requests::run_request(r).await,
         Command::Approve(a) => requests::run_approve(a).await,
         Command::Reject(a) => requests::run_reject(a).await,
+        Command::Audit(a) => audit::run(a).await,
         Command::Datakey(DatakeyCommand::Generate {
             name,
             context,

@@ -55,6 +55,9 @@ enum Command {
     Approve(client::ApproveArgs),
     /// Reject (cancel) a pending request, as a custodian or its requester.
     Reject(client::RejectArgs),
+    /// The audit trail: verify, query, export (auditor role).
+    #[command(subcommand)]
+    Audit(client::AuditCommand),
 }
 
 #[derive(Subcommand)]
