@@ -96,6 +96,9 @@ pub async fn verify(
     from: u64,
 ) -> Result<Report, AuditError> {
     let from = from.max(1);
+    // Read first: every row up to this head, every seal and every checkpoint read
+    // below was committed before the walk starts, so the walk must find them.
+    let (head_before, _) = store.audit_head().await?;
     let mut prev = if from == 1 {
         GENESIS
     } else {
@@ -250,6 +253,7 @@ pub async fn verify(
     }
     let last_seq = expected - 1;
     if first_bad.is_none() {
+        // Read last: rows beyond it are not the writers'.
         let (head_seq, _) = store.audit_head().await?;
         let sealed_end = seals.keys().next_back().copied().unwrap_or(0);
         if sealed_end > last_seq {
@@ -258,11 +262,11 @@ pub async fn verify(
                 Problem::Truncated,
                 format!("the log ends at seq {last_seq} but a seal or checkpoint reaches seq {sealed_end}"),
             ));
-        } else if head_seq > last_seq {
+        } else if head_before > last_seq {
             first_bad = Some((
                 last_seq + 1,
                 Problem::Truncated,
-                format!("the log ends at seq {last_seq} but the head is at seq {head_seq}"),
+                format!("the log ends at seq {last_seq} but the head is at seq {head_before}"),
             ));
         } else if last_seq > head_seq && last_seq > last_good_seal {
             let at = head_seq.max(last_good_seal) + 1;
