@@ -951,3 +951,55 @@ async fn five_bad_totp_codes_raise_an_alert() {
     assert!(body.contains("custodian-1"), "{body}");
     assert!(arca.log_text().contains("failed_custodian_check"));
 }
+
+/// Two nodes on one PostgreSQL database write one gapless chain (the head is taken under
+/// a row lock in each batch transaction), and either node verifies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_postgres_keep_one_gapless_chain() {
+    if crate::support::postgres_url("audit::two_nodes_on_one_postgres_keep_one_gapless_chain")
+        .is_none()
+    {
+        return;
+    }
+    let a = TestArca::start_on(Db::Postgres).await;
+    let b = a.second_node().await;
+    let mut ca = a.client().await;
+    create_key(&mut ca, "k").await;
+    let context = ctx(&[("n", "1")]);
+    let dk = generate(&mut ca, "k", &context).await;
+    let mut tasks = Vec::new();
+    for node in [&a, &b] {
+        for _ in 0..4 {
+            let mut c = node.client().await;
+            let (w, context) = (dk.wrapped_key.clone(), context.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..40 {
+                    unwrap(&mut c, &w, &context).await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let records = export(&b).await;
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let nodes: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter(|r| r.operation == "UnwrapKey")
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.operation == "UnwrapKey")
+            .count(),
+        320
+    );
+    let v = verify(&a).await;
+    assert!(v.ok, "{v:?}");
+    let v = verify(&b).await;
+    assert!(v.ok, "{v:?}");
+}
