@@ -121,6 +121,23 @@ fn rec(op: &str, principal: &str, key: &str) -> PendingRecord {
 
 use crate::clock::Clock;
 
+/// Waits until a seal covers `seq` (seals trail the head by about one batch).
+async fn wait_sealed(w: &World, seq: u64) {
+    for _ in 0..200 {
+        if w.store
+            .audit_seals(1)
+            .await
+            .unwrap()
+            .last()
+            .is_some_and(|s| s.seq >= seq)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no seal reached seq {seq}");
+}
+
 async fn wait_open(w: &World) {
     // The writer notices the open HSM within a tick.
     for _ in 0..100 {
@@ -150,6 +167,7 @@ async fn concurrent_records_are_gapless_sealed_encrypted_and_verify() {
     }
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    wait_sealed(&w, 300).await;
     // Fewer batches than records: group commit.
     let seals = w.store.audit_seals(1).await.unwrap();
     assert!(
@@ -200,6 +218,7 @@ async fn sealed_records_are_clear_and_the_next_seal_covers_them() {
     w.keys.open.store(true, Ordering::SeqCst);
     wait_open(&w).await;
     w.log.record(rec("GetKey", "a", "k")).await.unwrap();
+    wait_sealed(&w, 2).await;
     let seals = w.store.audit_seals(1).await.unwrap();
     assert_eq!(seals.last().unwrap().seq, 2);
     let r = verify(w.store.as_ref(), w.keys.as_ref(), None, 1)
@@ -215,6 +234,7 @@ async fn a_forged_or_lost_checkpoint_is_found() {
     for _ in 0..3 {
         w.log.record(rec("GetKey", "a", "k")).await.unwrap();
     }
+    wait_sealed(&w, 3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cp = w.dir.path().join("cp.jsonl");
     let lines = checkpoint::read(&cp).unwrap();

@@ -2,10 +2,15 @@
 //!
 //! Requests submit a record and await its durability ([`AuditLog::record`], bounded by
 //! the configured timeout). One task takes whatever is queued (up to `max_batch`),
-//! numbers, encrypts and chains it in one store transaction that also holds the batch's
-//! seal (one HSM HMAC), then answers every waiter. So the cost of a commit (an fsync, a
-//! PostgreSQL round trip, one HSM call) is shared by every request that arrived while the
-//! previous batch was committing.
+//! numbers, encrypts and chains it in one store transaction, then answers every waiter.
+//! So the cost of a commit (an fsync, a PostgreSQL round trip) is shared by every request
+//! that arrived while the previous batch was committing.
+//!
+//! Sealing runs beside the commits, not in them: after a commit the head is sealed by
+//! the HSM (one HMAC; at most one in flight, since each seal covers the whole chain up to
+//! its head), and the seal is stored with the next batch, or on its own when the writer
+//! is idle, then appended to the checkpoint file. A request therefore never waits behind
+//! the HSM queue for its record, and a seal trails the head by about one batch.
 //!
 //! Invariants:
 //! - A waiter hears `Ok` only after the transaction holding its record committed.
@@ -146,6 +151,9 @@ impl AuditLog {
             outage_noted: false,
             alerts,
             webhook,
+            unsealed: None,
+            sealing: None,
+            ready: None,
         };
         tokio::spawn(task.run());
         log
@@ -321,9 +329,50 @@ struct Writer {
     outage_noted: bool,
     alerts: AlertEngine,
     webhook: Option<Webhook>,
+    /// The newest committed head no seal has been started for.
+    unsealed: Option<(u64, [u8; 32])>,
+    /// The HMAC in flight.
+    sealing: Option<tokio::task::JoinHandle<Option<AuditSeal>>>,
+    /// A seal computed and not yet stored.
+    ready: Option<AuditSeal>,
 }
 
 impl Writer {
+    /// Collects a finished seal, and starts sealing the newest head if none is in flight.
+    async fn poll_seal(&mut self) {
+        if self.sealing.as_ref().is_some_and(|t| t.is_finished()) {
+            if let Some(t) = self.sealing.take() {
+                if let Ok(Some(s)) = t.await {
+                    if self.ready.as_ref().is_none_or(|r| r.seq < s.seq) {
+                        self.ready = Some(s);
+                    }
+                }
+            }
+        }
+        if self.sealing.is_none() && self.open {
+            if let Some((seq, head)) = self.unsealed.take() {
+                let keys = Arc::clone(&self.keys);
+                let node = self.cfg.node.clone();
+                let now = self.clock.now_ms();
+                self.sealing = Some(tokio::spawn(async move {
+                    match keys.mac(seal_input(&head, seq)).await {
+                        Ok(mac) => Some(AuditSeal {
+                            seq,
+                            head,
+                            seal: mac,
+                            node,
+                            time_ms: now,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "audit head not sealed (a later seal covers it)");
+                            None
+                        }
+                    }
+                }));
+            }
+        }
+    }
+
     async fn run(mut self) {
         loop {
             let first = tokio::select! {
@@ -334,6 +383,7 @@ impl Writer {
                 _ = tokio::time::sleep(TICK) => None,
             };
             self.refresh().await;
+            self.poll_seal().await;
             let mut batch: Vec<Submission> = first.into_iter().collect();
             while batch.len() < self.cfg.max_batch.max(1) {
                 match self.rx.try_recv() {
@@ -345,6 +395,12 @@ impl Writer {
                 .audit_queue_depth
                 .store(self.rx.len() as i64, Ordering::Relaxed);
             if batch.is_empty() && self.carry.is_empty() {
+                if self.ready.is_some() {
+                    // Idle: store the seal on its own.
+                    if let Err(e) = self.commit(&[]).await {
+                        tracing::warn!(error = %e, "could not store an audit seal");
+                    }
+                }
                 continue;
             }
             let carried = self.carry.len();
@@ -519,47 +575,33 @@ impl Writer {
         Ok(DataKey::new(id, key))
     }
 
-    /// Appends `records` in one transaction; returns the first seq.
+    /// Appends `records` (and the ready seal, if any) in one transaction; returns the
+    /// first seq.
     async fn commit(&mut self, records: &[PendingRecord]) -> Result<u64, AuditError> {
         let dek = if self.open { self.dek.as_ref() } else { None };
-        let keys = &self.keys;
-        let open = self.open;
-        let node = &self.cfg.node;
-        let now = self.clock.now_ms();
-        let sealed: Mutex<Option<AuditSeal>> = Mutex::new(None);
-        let sealed_ref = &sealed;
-        let build = move |seq: u64,
-                          prev: [u8; 32]|
-              -> BoxFuture<'_, Result<AuditAppend, StoreError>> {
-            Box::pin(async move {
-                let rows = build_rows(seq, prev, records, dek)
-                    .map_err(|_| StoreError::Corrupt("audit batch"))?;
-                let mut seal = None;
-                if let (true, Some(last)) = (open, rows.last()) {
-                    match keys.mac(seal_input(&last.hash, last.seq)).await {
-                        Ok(mac) => {
-                            seal = Some(AuditSeal {
-                                seq: last.seq,
-                                head: last.hash,
-                                seal: mac,
-                                node: node.clone(),
-                                time_ms: now,
-                            })
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "audit batch written unsealed (a later seal covers it)")
-                        }
-                    }
-                }
-                if let Ok(mut s) = sealed_ref.lock() {
-                    s.clone_from(&seal);
-                }
-                Ok(AuditAppend { rows, seal })
-            })
+        let seal = self.ready.take();
+        let carried = seal.clone();
+        let build =
+            move |seq: u64, prev: [u8; 32]| -> BoxFuture<'_, Result<AuditAppend, StoreError>> {
+                let seal = carried.clone();
+                Box::pin(async move {
+                    let rows = build_rows(seq, prev, records, dek)
+                        .map_err(|_| StoreError::Corrupt("audit batch"))?;
+                    Ok(AuditAppend { rows, seal })
+                })
+            };
+        let (last_seq, last_hash) = match self.store.audit_append(&build).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.ready = seal;
+                return Err(e.into());
+            }
         };
-        let (last, _) = self.store.audit_append(&build).await?;
         self.dek_used += records.len() as u64;
-        if let (Some(sink), Some(s)) = (&self.sink, sealed.lock().ok().and_then(|s| s.clone())) {
+        if !records.is_empty() {
+            self.unsealed = Some((last_seq, last_hash));
+        }
+        if let (Some(sink), Some(s)) = (&self.sink, seal) {
             sink.push(Checkpoint {
                 seq: s.seq,
                 head: hex::encode(s.head),
@@ -567,7 +609,7 @@ impl Writer {
                 time: crate::clock::rfc3339(s.time_ms),
             });
         }
-        Ok(last + 1 - records.len() as u64)
+        Ok(last_seq + 1 - records.len() as u64)
     }
 }
 

@@ -57,8 +57,9 @@ pub struct AuditSeal {
     pub time_ms: i64,
 }
 
-/// What a batch builder returns: the rows to append after the head, and their seal
-/// (none while the HSM is sealed or unreachable: a later seal covers them).
+/// What a batch builder returns: the rows to append after the head (possibly none), and a
+/// seal of an already committed head to store with them (sealing runs off the commit
+/// path, so a batch usually carries the seal of an earlier one).
 pub struct AuditAppend {
     /// Rows numbered from the head's seq + 1.
     pub rows: Vec<AuditRow>,
@@ -157,10 +158,7 @@ impl AuditStore for SqlStore {
         let seq = u64_of(get(&head, "seq")?)?;
         let hash = hash_of(&get::<String>(&head, "hash")?)?;
         let batch = build(seq, hash).await?;
-        let Some(last) = batch.rows.last() else {
-            return Ok((seq, hash));
-        };
-        let new_head = (last.seq, last.hash);
+        let new_head = batch.rows.last().map_or((seq, hash), |l| (l.seq, l.hash));
         // Chunks keep the statement under every back end's bind-parameter limit.
         for chunk in batch.rows.chunks(256) {
             let mut sql = format!("INSERT INTO audit_log ({ROW_COLUMNS}) VALUES ");
@@ -207,6 +205,11 @@ impl AuditStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
+        }
+        if batch.rows.is_empty() {
+            // A seal on its own.
+            tx.commit().await.map_err(classify)?;
+            return Ok(new_head);
         }
         let moved =
             sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1 AND seq = $3")
