@@ -154,8 +154,25 @@ impl AuditLog {
             unsealed: None,
             sealing: None,
             ready: None,
+            head: None,
         };
-        tokio::spawn(task.run());
+        // The writer runs on a thread of its own, so its commits are not queued behind
+        // the requests on the server's runtime (the whole service waits on them).
+        let spawned = std::thread::Builder::new()
+            .name("arca-audit".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(task.run()),
+                    Err(e) => tracing::error!(error = %e, "cannot start the audit writer runtime"),
+                }
+            });
+        if let Err(e) = spawned {
+            // No writer: every record fails, so every call fails closed.
+            tracing::error!(error = %e, "cannot start the audit writer thread");
+        }
         log
     }
 
@@ -335,6 +352,9 @@ struct Writer {
     sealing: Option<tokio::task::JoinHandle<Option<AuditSeal>>>,
     /// A seal computed and not yet stored.
     ready: Option<AuditSeal>,
+    /// The head this writer committed last (`None` until the first commit, and after a
+    /// failure).
+    head: Option<(u64, [u8; 32])>,
 }
 
 impl Writer {
@@ -590,13 +610,42 @@ impl Writer {
                     Ok(AuditAppend { rows, seal })
                 })
             };
-        let (last_seq, last_hash) = match self.store.audit_append(&build).await {
+        // Fast path: on the head this writer committed last, built before the
+        // transaction (one round trip on SQLite). If another writer moved the head, or
+        // after any failure, the locking path reads the head inside the transaction.
+        let fast = match self.head {
+            Some(h) => match build_rows(h.0, h.1, records, dek) {
+                Ok(rows) => {
+                    let batch = AuditAppend {
+                        rows,
+                        seal: seal.clone(),
+                    };
+                    match self.store.audit_append_at(h, batch).await {
+                        Ok(nh) => Some(Ok(nh)),
+                        Err(StoreError::AlreadyExists | StoreError::StateConflict { .. }) => None,
+                        Err(e) => Some(Err(e)),
+                    }
+                }
+                Err(e) => {
+                    self.ready = seal;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let appended = match fast {
+            Some(r) => r,
+            None => self.store.audit_append(&build).await,
+        };
+        let (last_seq, last_hash) = match appended {
             Ok(h) => h,
             Err(e) => {
+                self.head = None;
                 self.ready = seal;
                 return Err(e.into());
             }
         };
+        self.head = Some((last_seq, last_hash));
         self.dek_used += records.len() as u64;
         if !records.is_empty() {
             self.unsealed = Some((last_seq, last_hash));

@@ -82,7 +82,10 @@ where
                 .rsplit('/')
                 .next()
                 .unwrap_or_default()
-                .to_string();
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(64)
+                .collect::<String>();
             let request_id = req
                 .extensions()
                 .get::<RequestId>()

@@ -77,6 +77,15 @@ pub trait AuditStore: Send + Sync + 'static {
     /// Takes the head, calls `build` with it, appends the rows and the seal, moves the
     /// head, commits. Returns the new head `(seq, hash)`.
     async fn audit_append(&self, build: &AppendBuilder<'_>) -> Result<(u64, [u8; 32])>;
+    /// Appends a batch built on `head`, the head the caller last committed. Fails with
+    /// `AlreadyExists` or `StateConflict` (and changes nothing) if the head has moved
+    /// since: the caller then appends through [`AuditStore::audit_append`]. On SQLite this
+    /// is one round trip to the database.
+    async fn audit_append_at(
+        &self,
+        head: (u64, [u8; 32]),
+        batch: AuditAppend,
+    ) -> Result<(u64, [u8; 32])>;
     /// Stores a sealed data key of the details encryption.
     async fn audit_insert_dek(&self, id: &str, sealed: &[u8], now: i64) -> Result<()>;
     /// A sealed data key by id.
@@ -142,8 +151,108 @@ fn seal_from(row: &AnyRow) -> Result<AuditSeal> {
     })
 }
 
+/// A SQL string literal.
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The statements that append `batch` after `head` and move the head, with every value
+/// inlined (numbers, hex, base64 and escaped names), for one round trip.
+fn append_script(head: (u64, [u8; 32]), batch: &AuditAppend) -> Result<String> {
+    use base64::Engine;
+    use std::fmt::Write as _;
+    let mut sql = String::with_capacity(256 + batch.rows.len() * 512);
+    sql.push_str("BEGIN IMMEDIATE;\n");
+    if !batch.rows.is_empty() {
+        sql.push_str(
+            "INSERT INTO audit_log (seq, time_ms, kind, operation, result, dek_id, body, hash) VALUES ",
+        );
+        for (i, r) in batch.rows.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let _ = write!(
+                sql,
+                "({}, {}, {}, {}, {}, {}, '{}', '{}')",
+                i64_of(r.seq)?,
+                r.time_ms,
+                lit(&r.kind),
+                lit(&r.operation),
+                r.result,
+                lit(&r.dek_id),
+                base64::engine::general_purpose::STANDARD.encode(&r.body),
+                hex::encode(r.hash)
+            );
+        }
+        sql.push_str(";\n");
+    }
+    if let Some(s) = &batch.seal {
+        let _ = writeln!(
+            sql,
+            "INSERT INTO audit_seals (seq, head, seal, node, time_ms) VALUES ({}, '{}', '{}', {}, {});",
+            i64_of(s.seq)?,
+            hex::encode(s.head),
+            hex::encode(s.seal),
+            lit(&s.node),
+            s.time_ms
+        );
+    }
+    if let Some(last) = batch.rows.last() {
+        let _ = writeln!(
+            sql,
+            "UPDATE audit_head SET seq = {}, hash = '{}' WHERE id = 1 AND seq = {};",
+            i64_of(last.seq)?,
+            hex::encode(last.hash),
+            i64_of(head.0)?
+        );
+    }
+    sql.push_str("COMMIT;");
+    Ok(sql)
+}
+
 #[async_trait::async_trait]
 impl AuditStore for SqlStore {
+    async fn audit_append_at(
+        &self,
+        head: (u64, [u8; 32]),
+        batch: AuditAppend,
+    ) -> Result<(u64, [u8; 32])> {
+        let new_head = batch.rows.last().map_or(head, |l| (l.seq, l.hash));
+        if self.backend() == Backend::Postgres {
+            // The locking path, refusing a head that moved.
+            return self
+                .audit_append(&move |seq, hash| {
+                    let batch = AuditAppend {
+                        rows: batch.rows.clone(),
+                        seal: batch.seal.clone(),
+                    };
+                    Box::pin(async move {
+                        if (seq, hash) != head {
+                            return Err(StoreError::StateConflict {
+                                current: "audit head moved",
+                            });
+                        }
+                        Ok(batch)
+                    })
+                })
+                .await;
+        }
+        // SQLite: a row numbered head + 1 already there (another process wrote) makes
+        // the INSERT fail on the primary key, and the whole script rolls back.
+        let script = append_script(head, &batch)?;
+        let mut conn = self.writer.acquire().await.map_err(classify)?;
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(script))
+            .execute(&mut *conn)
+            .await
+        {
+            Ok(_) => Ok(new_head),
+            Err(e) => {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                Err(classify(e))
+            }
+        }
+    }
+
     async fn audit_append(&self, build: &AppendBuilder<'_>) -> Result<(u64, [u8; 32])> {
         use base64::Engine;
         let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
