@@ -480,6 +480,14 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     dev_unseal(&svc, &cfg).await?;
     if svc.engine().is_ok() {
         svc.audit_job("unseal", true, None, "start-up");
+        // The writer makes its HSM keys now, before the listener opens, so the first
+        // calls (and health probes) do not queue behind that on the HSM.
+        if let Some(log) = svc.audit() {
+            let start = std::time::Instant::now();
+            while !log.slot().can_digest() && start.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
     }
 
     let tls = match &cfg.tls {

@@ -685,6 +685,12 @@ async fn the_database_refuses_update_and_delete(db: Db) {
     let mut c = arca.client().await;
     create_key(&mut c, "k").await;
     wait_rows(&arca, 3).await;
+    // Seals trail the head: wait for one, so that every table has rows to refuse.
+    let start = Instant::now();
+    while sql(&arca, "SELECT count(*) FROM audit_seals").unwrap() == "0" {
+        assert!(start.elapsed() < Duration::from_secs(10), "no seal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for stmt in [
         "UPDATE audit_log SET result = 5 WHERE seq = 2",
         "DELETE FROM audit_log WHERE seq = 2",
@@ -1002,4 +1008,78 @@ async fn two_nodes_on_one_postgres_keep_one_gapless_chain() {
     assert!(v.ok, "{v:?}");
     let v = verify(&b).await;
     assert!(v.ok, "{v:?}");
+}
+
+fn cli(arca: &TestArca, args: &[&str]) -> std::process::Output {
+    Command::new(crate::support::arca_bin())
+        .args(args)
+        .env("ARCA_ADDR", arca.url())
+        .env("ARCA_TOKEN", arca.token())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run arca")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_verifies_queries_and_exports() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "cli-k").await;
+    let context = ctx(&[("c", "d")]);
+    let dk = generate(&mut c, "cli-k", &context).await;
+    unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap();
+    let a = Arc::new(arca);
+    let arca2 = Arc::clone(&a);
+    let (verify_out, query_out, export_out, denied) = tokio::task::spawn_blocking(move || {
+        let arca = arca2.as_ref();
+        (
+            cli(arca, &["audit", "verify"]),
+            cli(
+                arca,
+                &[
+                    "audit",
+                    "query",
+                    "--op",
+                    "UnwrapKey",
+                    "--since",
+                    "1h",
+                    "--output",
+                    "json",
+                ],
+            ),
+            cli(arca, &["audit", "export", "--format", "jsonl"]),
+            Command::new(crate::support::arca_bin())
+                .args(["audit", "export"])
+                .env("ARCA_ADDR", arca.url())
+                .env("ARCA_TOKEN", "arca_wrong")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(verify_out.status.success(), "{verify_out:?}");
+    let text = String::from_utf8_lossy(&verify_out.stdout);
+    assert!(text.starts_with("OK: "), "{text}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&query_out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["operation"], "UnwrapKey");
+    assert_eq!(lines[0]["key_name"], "cli-k");
+    assert_eq!(lines[0]["principal"], "dev-admin");
+    let exported: Vec<serde_json::Value> = String::from_utf8_lossy(&export_out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(exported.len() >= 6, "{exported:?}");
+    let seqs: Vec<u64> = exported
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
 }
