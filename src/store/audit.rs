@@ -239,18 +239,27 @@ impl AuditStore for SqlStore {
         }
         // SQLite: a row numbered head + 1 already there (another process wrote) makes
         // the INSERT fail on the primary key, and the whole script rolls back.
+        // On a task of its own: if the caller gives up (its timeout), the script still
+        // ends in COMMIT or ROLLBACK, so the connection never returns to the pool inside
+        // an open transaction.
         let script = append_script(head, &batch)?;
-        let mut conn = self.writer.acquire().await.map_err(classify)?;
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(script))
-            .execute(&mut *conn)
-            .await
-        {
-            Ok(_) => Ok(new_head),
-            Err(e) => {
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-                Err(classify(e))
+        let pool = self.writer.clone();
+        let run = tokio::spawn(async move {
+            let mut conn = pool.acquire().await.map_err(classify)?;
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(script))
+                .execute(&mut *conn)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                    Err(classify(e))
+                }
             }
-        }
+        });
+        run.await
+            .map_err(|_| StoreError::Corrupt("audit append task failed"))??;
+        Ok(new_head)
     }
 
     async fn audit_append(&self, build: &AppendBuilder<'_>) -> Result<(u64, [u8; 32])> {
