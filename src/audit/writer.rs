@@ -107,6 +107,7 @@ struct Submission {
 pub struct AuditLog {
     tx: mpsc::Sender<Submission>,
     healthy: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
     digest: Arc<RwLock<Option<Arc<DigestKey>>>>,
     clock: Arc<dyn Clock>,
     keys: Arc<dyn AuditKeys>,
@@ -129,6 +130,7 @@ impl AuditLog {
         let log = Arc::new(AuditLog {
             tx,
             healthy: Arc::new(AtomicBool::new(true)),
+            ready: Arc::new(AtomicBool::new(false)),
             digest: Arc::new(RwLock::new(None)),
             clock: Arc::clone(&clock),
             keys: Arc::clone(&keys),
@@ -141,6 +143,7 @@ impl AuditLog {
             keys,
             clock,
             healthy: Arc::clone(&log.healthy),
+            keys_ready: Arc::clone(&log.ready),
             digest: Arc::clone(&log.digest),
             sink: cfg.checkpoints.clone().map(CheckpointSink::start),
             cfg,
@@ -174,6 +177,12 @@ impl AuditLog {
             tracing::error!(error = %e, "cannot start the audit writer thread");
         }
         log
+    }
+
+    /// Whether the writer holds its HSM-derived keys (digest key and data key) for the
+    /// open HSM.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 
     /// Whether the last batch committed.
@@ -332,6 +341,7 @@ impl AuditSlot {
 
 struct Writer {
     rx: mpsc::Receiver<Submission>,
+    keys_ready: Arc<AtomicBool>,
     store: Arc<dyn AuditStore>,
     keys: Arc<dyn AuditKeys>,
     clock: Arc<dyn Clock>,
@@ -542,6 +552,7 @@ impl Writer {
     async fn refresh(&mut self) {
         let open = self.keys.is_open();
         if !open {
+            self.keys_ready.store(false, Ordering::Relaxed);
             if self.open {
                 self.open = false;
                 self.dek = None;
@@ -578,6 +589,7 @@ impl Writer {
                 Err(e) => tracing::error!(error = %e, "cannot make an audit data key"),
             }
         }
+        self.keys_ready.store(self.dek.is_some(), Ordering::Relaxed);
     }
 
     async fn new_dek(&self) -> Result<DataKey, AuditError> {

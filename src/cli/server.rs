@@ -484,7 +484,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         // calls (and health probes) do not queue behind that on the HSM.
         if let Some(log) = svc.audit() {
             let start = std::time::Instant::now();
-            while !log.slot().can_digest() && start.elapsed() < Duration::from_secs(5) {
+            while !log.is_ready() && start.elapsed() < Duration::from_secs(5) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
