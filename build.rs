@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/arca/v1/quorum.proto",
         "proto/arca/v1/types.proto",
         "proto/arca/v1/access.proto",
+        "proto/arca/v1/audit.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -68,6 +68,27 @@ pub struct ServerConfig {
     pub dev_quorum: DevQuorum,
     /// TLS files (required outside dev mode, with a client CA).
     pub tls: Option<crate::grpc::tls::TlsFiles>,
+    /// The audit trail, alerts and metrics.
+    pub audit: AuditSettings,
+}
+
+/// Audit trail, alert and metrics settings.
+#[derive(Clone, Debug)]
+pub struct AuditSettings {
+    /// False only with `--no-audit` (dev-mode benchmarks).
+    pub enabled: bool,
+    /// This node's name in records.
+    pub node: String,
+    /// The checkpoint file (JSON lines).
+    pub checkpoints: PathBuf,
+    /// How long a call waits for its record to be durable.
+    pub timeout: Duration,
+    /// Alert rules.
+    pub alerts: crate::audit::alerts::AlertPolicy,
+    /// Webhook for alerts (`http://` only).
+    pub webhook: Option<String>,
+    /// Admin HTTP address of the Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Dev mode's dual-control set-up.

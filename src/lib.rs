@@ -19,6 +19,9 @@
 //! - [`authz`]: principals, bearer-token authentication, and the access policy (roles ×
 //!   operations × key globs × context conditions, bindings) with its one decision
 //!   `authz::policy::Policy::authorize`.
+//! - [`audit`]: the audit trail: records, hash chain, group-commit writer, verifier,
+//!   alerts. Knows nothing of gRPC or SQL (it speaks `store::AuditStore`).
+//! - [`metrics`]: Prometheus counters and histograms, and the admin HTTP endpoint.
 //! - [`service`]: the use cases (authenticate → authorize → act → persist), and the
 //!   background jobs of the key lifecycle (rotation, retention, destruction). No tonic
 //!   types.
@@ -34,6 +37,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod clock;
@@ -41,6 +45,7 @@ pub mod config;
 pub mod fault;
 pub mod grpc;
 pub mod keys;
+pub mod metrics;
 pub mod quorum;
 pub mod secret;
 pub mod service;

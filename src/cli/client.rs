@@ -20,9 +20,11 @@ use crate::grpc::pb::key_service_client::KeyServiceClient;
 use crate::grpc::pb::quorum_service_client::QuorumServiceClient;
 
 mod access;
+mod audit;
 mod requests;
 
 pub(super) use access::{BreakGlassArgs, ElevateArgs, PolicyCommand, ReviewCommand, TotpCommand};
+pub(super) use audit::AuditCommand;
 pub(super) use requests::{ApproveArgs, RejectArgs, RequestCommand};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -58,6 +60,7 @@ struct Client {
     inner: KeyServiceClient<Channel>,
     quorum: QuorumServiceClient<Channel>,
     access: AccessServiceClient<Channel>,
+    audit: pb::audit_service_client::AuditServiceClient<Channel>,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
     totp: Option<MetadataValue<tonic::metadata::Ascii>>,
     output: Output,
@@ -122,6 +125,7 @@ impl Client {
         Ok(Client {
             inner: KeyServiceClient::new(channel.clone()),
             quorum: QuorumServiceClient::new(channel.clone()),
+            audit: pb::audit_service_client::AuditServiceClient::new(channel.clone()),
             access: AccessServiceClient::new(channel),
             auth,
             totp,
@@ -292,6 +296,7 @@ pub(super) async fn run(cmd: Command) -> Result<(), BoxError> {
         Command::Totp(t) => access::run_totp(t).await,
         Command::Review(r) => access::run_review(r).await,
         Command::Policy(p) => access::run_policy(p).await,
+        Command::Audit(a) => audit::run(a).await,
         Command::Datakey(DatakeyCommand::Generate {
             name,
             context,

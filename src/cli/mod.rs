@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Manage keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -68,6 +68,9 @@ enum Command {
     /// The access policy: update (quorum-approved).
     #[command(subcommand)]
     Policy(client::PolicyCommand),
+    /// The audit trail: verify, query, export (auditor role).
+    #[command(subcommand)]
+    Audit(client::AuditCommand),
 }
 
 #[derive(Subcommand)]
@@ -406,7 +409,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Server(args) => server::run(args),
+        Command::Server(args) => server::run(*args),
         other => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -135,6 +135,72 @@ pub(super) struct ServerArgs {
     /// Worker threads of the async runtime (default: CPU count).
     #[arg(long)]
     runtime_threads: Option<usize>,
+    /// The audit checkpoint file (sealed heads, JSON lines; ship it to write-once
+    /// storage). Default: DIR/audit-checkpoints.jsonl.
+    #[arg(long, value_name = "PATH")]
+    audit_checkpoints: Option<PathBuf>,
+    /// Milliseconds a call waits for its audit record to be durable before failing
+    /// UNAVAILABLE.
+    #[arg(long, default_value_t = 2000)]
+    audit_timeout_ms: u64,
+    /// This node's name in audit records (default: host name and process id).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Alert rules (default: policies/alerts.toml in the working directory if it exists,
+    /// else the built-in copy of the shipped file).
+    #[arg(long, value_name = "PATH")]
+    alerts_policy: Option<PathBuf>,
+    /// POST each alert as JSON to this http:// URL (retried with backoff).
+    #[arg(long, value_name = "URL")]
+    alert_webhook: Option<String>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// BENCHMARKS ONLY: run without the audit trail, to measure its cost. Dev mode only;
+    /// never in production.
+    #[arg(long)]
+    no_audit: bool,
+}
+
+/// The audit settings from the arguments.
+fn audit_settings(
+    args: &ServerArgs,
+    data_dir: &Path,
+) -> Result<crate::config::AuditSettings, BoxError> {
+    let alerts = crate::audit::alerts::AlertPolicy::resolve(args.alerts_policy.as_deref())?;
+    let webhook = args
+        .alert_webhook
+        .clone()
+        .or_else(|| alerts.webhook.clone());
+    if let Some(url) = &webhook {
+        crate::audit::alerts::parse_http_url(url)?;
+    }
+    let node = match &args.node_name {
+        Some(n) => n.clone(),
+        None => {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            let host = if host.is_empty() {
+                "arca".to_string()
+            } else {
+                host
+            };
+            format!("{host}:{}", std::process::id())
+        }
+    };
+    Ok(crate::config::AuditSettings {
+        enabled: !args.no_audit,
+        node,
+        checkpoints: args
+            .audit_checkpoints
+            .clone()
+            .unwrap_or_else(|| data_dir.join("audit-checkpoints.jsonl")),
+        timeout: Duration::from_millis(args.audit_timeout_ms.max(1)),
+        alerts,
+        webhook,
+        metrics_listen: args.metrics_listen,
+    })
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -282,6 +348,7 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         },
         _ => DevQuorum::OneOfOne,
     };
+    let audit = audit_settings(args, &data_dir)?;
     Ok(Prepared::Config(Box::new(ServerConfig {
         listen: args.listen,
         dev: true,
@@ -304,6 +371,7 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
         access_policy: access_policy(args)?,
         dev_quorum,
         tls,
+        audit,
     })))
 }
 
@@ -364,6 +432,9 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
     if tls.client_ca.is_none() {
         return Err("outside dev mode mutual TLS is required: --tls-client-ca".into());
     }
+    if args.no_audit {
+        return Err("--no-audit is for dev-mode benchmarks only".into());
+    }
     if args.hsm_pin_file.is_some() || args.custodians.is_some() {
         return Err("--hsm-pin-file and --custodians are dev-mode options".into());
     }
@@ -379,6 +450,7 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
         None => arca_hsm::softhsm::default_module_path()
             .ok_or("no --hsm-module given and no SoftHSM2 installed")?,
     };
+    let audit = audit_settings(args, &data_dir)?;
     Ok(Prepared::Config(Box::new(ServerConfig {
         listen: args.listen,
         dev: false,
@@ -401,6 +473,7 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
         access_policy: access_policy(args)?,
         dev_quorum: DevQuorum::Sealed,
         tls: Some(tls),
+        audit,
     })))
 }
 
@@ -432,6 +505,7 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     let pin_setter: PinSetter = Arc::new(move |so: &AuthPin, new: &AuthPin| {
         arca_hsm::softhsm::reset_user_pin(&module, &label, so, new)
     });
+    let store_for_audit: Arc<dyn crate::store::AuditStore> = store.clone();
     let svc = Arc::new(KeyService::new(
         store.clone(),
         store.clone(),
@@ -479,6 +553,8 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         }
     }
 
+    start_audit(&svc, store_for_audit, &cfg);
+
     // Dev mode: an admin token for the developer. Outside dev mode: a bootstrap admin
     // token for the init ceremony, written once.
     let token_path = cfg.data_dir.join(if cfg.dev {
@@ -488,6 +564,17 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     });
     ensure_dev_token(&svc, &token_path).await?;
     dev_unseal(&svc, &cfg).await?;
+    if svc.engine().is_ok() {
+        svc.audit_job("unseal", true, None, "start-up");
+        // The writer makes its HSM keys now, before the listener opens, so the first
+        // calls (and health probes) do not queue behind that on the HSM.
+        if let Some(log) = svc.audit() {
+            let start = std::time::Instant::now();
+            while !log.is_ready() && start.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 
     let tls = match &cfg.tls {
         Some(files) => Some(Arc::new(TlsReloader::load(files.clone())?)),
@@ -508,6 +595,8 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         "  export ARCA_ADDR={scheme}://{addr} ARCA_TOKEN=$(cat {})",
         token_path.display()
     );
+    // After the listening line, which scripts and tests read first.
+    start_metrics(&svc, &cfg).await?;
     use std::io::Write;
     let _ = std::io::stdout().flush();
     tracing::info!(node = %cfg.jobs.node, interval = ?cfg.jobs.interval, lease = ?cfg.jobs.lease_ttl, "lifecycle jobs running");
@@ -542,6 +631,83 @@ async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     let _ = jobs.await;
     served?;
     tracing::info!("shut down");
+    Ok(())
+}
+
+/// Starts the audit writer (unless `--no-audit`) and attaches it to the service, before
+/// anything (the start-up unseal included) happens.
+fn start_audit(
+    svc: &Arc<KeyService>,
+    store: Arc<dyn crate::store::AuditStore>,
+    cfg: &ServerConfig,
+) {
+    let a = &cfg.audit;
+    if !a.enabled {
+        tracing::warn!("running WITHOUT the audit trail (--no-audit, benchmarks only)");
+        return;
+    }
+    let webhook = a
+        .webhook
+        .as_deref()
+        .and_then(|u| crate::audit::alerts::parse_http_url(u).ok())
+        .map(crate::audit::alerts::Webhook::start);
+    let log = crate::audit::AuditLog::start(
+        store,
+        crate::service::EngineKeys::for_service(svc),
+        Arc::new(SystemClock),
+        crate::audit::AuditConfig {
+            node: a.node.clone(),
+            timeout: a.timeout,
+            commit_timeout: a.timeout,
+            checkpoints: Some(a.checkpoints.clone()),
+            ..crate::audit::AuditConfig::default()
+        },
+        crate::audit::alerts::AlertEngine::new(&a.alerts),
+        webhook,
+    );
+    tracing::info!(
+        node = %a.node,
+        checkpoints = %a.checkpoints.display(),
+        rules = a.alerts.rules.len(),
+        webhook = a.webhook.is_some(),
+        "audit trail on"
+    );
+    svc.set_audit(log);
+    svc.audit_job("server.start", true, None, "");
+}
+
+/// Serves Prometheus metrics on `--metrics-listen`, if given.
+async fn start_metrics(svc: &Arc<KeyService>, cfg: &ServerConfig) -> Result<(), BoxError> {
+    let Some(addr) = cfg.audit.metrics_listen else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let weak = Arc::downgrade(svc);
+    let workers = cfg.hsm.sessions as f64;
+    let render = Arc::new(move || {
+        let (sealed, hsm, audit) = match weak.upgrade() {
+            Some(s) => {
+                let engine = s.engine().ok();
+                (
+                    engine.is_none(),
+                    engine.is_some_and(|e| e.is_available()),
+                    s.audit().is_none_or(|a| a.is_healthy()),
+                )
+            }
+            None => (true, false, false),
+        };
+        let b = |v: bool| if v { 1.0 } else { 0.0 };
+        crate::metrics::global().render(&[
+            ("arca_sealed", "1 while the service is sealed.", b(sealed)),
+            ("arca_hsm_available", "1 while the last HSM call found the HSM reachable.", b(hsm)),
+            ("arca_hsm_sessions", "HSM sessions (and worker threads) configured; each is in use while its worker runs a call.", workers),
+            ("arca_audit_writable", "1 while the audit writer commits.", b(audit)),
+        ])
+    });
+    tokio::spawn(crate::metrics::serve(listener, render));
+    println!("metrics on http://{bound}/metrics");
+    tracing::info!(%bound, "metrics endpoint");
     Ok(())
 }
 

@@ -39,7 +39,7 @@ impl<S: NamedService> NamedService for Authenticated<S> {
 }
 
 /// The source address and (under mutual TLS) the verified client certificate.
-fn peer_of<B>(req: &Request<B>) -> Peer {
+pub(super) fn peer_of<B>(req: &Request<B>) -> Peer {
     if let Some(tls) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
         Peer {
             ip: tls.get_ref().remote_addr().map(|a| a.ip()),
@@ -114,6 +114,9 @@ where
             let peer = peer_of(&req);
             match svc.authenticate(token, &peer).await {
                 Ok(principal) => {
+                    if let Some(slot) = req.extensions().get::<crate::audit::AuditSlot>() {
+                        slot.principal(&principal.name, &super::audit::method_label(&principal));
+                    }
                     let mfa = totp_header(&req);
                     req.extensions_mut().insert(Caller {
                         principal,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use super::audit::Note;
 use super::pb;
 use super::status::to_status;
 use crate::clock::rfc3339;
@@ -94,7 +95,9 @@ impl pb::key_service_server::KeyService for KeyApi {
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let c = caller(&req)?;
+        let note = Note::of(&req);
         let r = req.into_inner();
+        note.key(&r.name, None);
         let opts = KeyOptions {
             rotation_period_ms: match r.rotation_period_seconds {
                 0 => None,
@@ -112,6 +115,7 @@ impl pb::key_service_server::KeyService for KeyApi {
 
     async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
         let c = caller(&req)?;
+        Note::of(&req).key(&req.get_ref().name, None);
         let k = self
             .svc
             .get_key(&c, &req.get_ref().name)
@@ -142,12 +146,16 @@ impl pb::key_service_server::KeyService for KeyApi {
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let c = caller(&req)?;
+        let note = Note::of(&req);
         let r = req.into_inner();
+        note.key(&r.key_name, None);
+        note.context(&r.context);
         let dk = self
             .svc
             .generate_data_key(&c, &r.key_name, &context(r.context), r.without_plaintext)
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
+        note.key("", Some(dk.key_version));
         Ok(Response::new(pb::GenerateDataKeyResponse {
             plaintext: dk
                 .plaintext
@@ -164,7 +172,10 @@ impl pb::key_service_server::KeyService for KeyApi {
         req: Request<pb::WrapKeyRequest>,
     ) -> Result<Response<pb::WrapKeyResponse>, Status> {
         let c = caller(&req)?;
+        let note = Note::of(&req);
         let mut r = req.into_inner();
+        note.key(&r.key_name, None);
+        note.context(&r.context);
         let plaintext = Plaintext::new(Zeroizing::new(std::mem::take(&mut r.plaintext)));
         let w = self
             .svc
@@ -176,6 +187,7 @@ impl pb::key_service_server::KeyService for KeyApi {
             )
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
+        note.key("", Some(w.key_version));
         Ok(Response::new(pb::WrapKeyResponse {
             wrapped_key: w.wrapped,
             key_name: w.key_name.to_string(),
@@ -188,12 +200,15 @@ impl pb::key_service_server::KeyService for KeyApi {
         req: Request<pb::UnwrapKeyRequest>,
     ) -> Result<Response<pb::UnwrapKeyResponse>, Status> {
         let c = caller(&req)?;
+        let note = Note::of(&req);
         let r = req.into_inner();
+        note.context(&r.context);
         let u = self
             .svc
             .unwrap_key(&c, &r.wrapped_key, &context(r.context))
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
+        note.key(u.key_name.as_str(), Some(u.key_version));
         Ok(Response::new(pb::UnwrapKeyResponse {
             plaintext: u.plaintext.expose().to_vec(),
             key_name: u.key_name.to_string(),
@@ -206,12 +221,15 @@ impl pb::key_service_server::KeyService for KeyApi {
         req: Request<pb::RewrapKeyRequest>,
     ) -> Result<Response<pb::RewrapKeyResponse>, Status> {
         let c = caller(&req)?;
+        let note = Note::of(&req);
         let r = req.into_inner();
+        note.context(&r.context);
         let w = self
             .svc
             .rewrap_key(&c, &r.wrapped_key, &context(r.context))
             .await
             .map_err(|e| to_status(e, &c.request_id))?;
+        note.key(w.key_name.as_str(), Some(w.key_version));
         Ok(Response::new(pb::RewrapKeyResponse {
             wrapped_key: w.wrapped,
             key_name: w.key_name.to_string(),
@@ -224,6 +242,7 @@ impl pb::key_service_server::KeyService for KeyApi {
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::AdminResponse>, Status> {
         let c = caller(&req)?;
+        Note::of(&req).key(&req.get_ref().name, None);
         let o = self
             .svc
             .rotate_key(&c, &req.get_ref().name)
@@ -238,6 +257,7 @@ impl pb::key_service_server::KeyService for KeyApi {
     ) -> Result<Response<pb::AdminResponse>, Status> {
         let c = caller(&req)?;
         let r = req.get_ref();
+        Note::of(&req).key(&r.name, Some(r.version));
         let o = self
             .svc
             .disable_version(&c, &r.name, r.version)
@@ -252,6 +272,7 @@ impl pb::key_service_server::KeyService for KeyApi {
     ) -> Result<Response<pb::AdminResponse>, Status> {
         let c = caller(&req)?;
         let r = req.get_ref();
+        Note::of(&req).key(&r.name, Some(r.version));
         let o = self
             .svc
             .enable_version(&c, &r.name, r.version)
@@ -266,6 +287,7 @@ impl pb::key_service_server::KeyService for KeyApi {
     ) -> Result<Response<pb::AdminResponse>, Status> {
         let c = caller(&req)?;
         let r = req.get_ref();
+        Note::of(&req).key(&r.name, Some(r.version));
         let o = async {
             let waiting = seconds_to_ms(r.waiting_period_seconds)?;
             self.svc.retire(&c, &r.name, Some(r.version), waiting).await
@@ -281,6 +303,7 @@ impl pb::key_service_server::KeyService for KeyApi {
     ) -> Result<Response<pb::AdminResponse>, Status> {
         let c = caller(&req)?;
         let r = req.get_ref();
+        Note::of(&req).key(&r.name, None);
         let o = async {
             let waiting = seconds_to_ms(r.waiting_period_seconds)?;
             self.svc.retire(&c, &r.name, None, waiting).await
@@ -296,6 +319,7 @@ impl pb::key_service_server::KeyService for KeyApi {
     ) -> Result<Response<pb::AdminResponse>, Status> {
         let c = caller(&req)?;
         let r = req.get_ref();
+        Note::of(&req).key(&r.name, (r.version != 0).then_some(r.version));
         let version = (r.version != 0).then_some(r.version);
         let o = self
             .svc
@@ -311,6 +335,7 @@ impl pb::key_service_server::KeyService for KeyApi {
     ) -> Result<Response<pb::AdminResponse>, Status> {
         let c = caller(&req)?;
         let r = req.get_ref();
+        Note::of(&req).key(&r.name, None);
         let o = async {
             let until = time_of(&r.retain_until)?;
             self.svc.set_retention(&c, &r.name, until).await

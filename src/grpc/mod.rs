@@ -6,11 +6,15 @@
 //! - Every response carries `x-request-id`.
 //! - Every RPC except `grpc.health.v1.Health` passes authentication first.
 //! - Messages that carry key material have a `Debug` that prints no bytes of it.
-//! - Health reports NOT_SERVING while the HSM or the database does not answer.
+//! - Health reports NOT_SERVING while the HSM or the database does not answer, or the
+//!   audit writer fails.
+//! - Every authenticated call is wrapped by [`audit::Audited`] (outside authentication):
+//!   one audit record per call, durable before the response leaves.
 //!
 //! Must not import: sqlx, cryptoki.
 
 pub mod access;
+pub mod audit;
 pub mod auth;
 pub mod keys;
 pub mod quorum;
@@ -163,6 +167,11 @@ where
     ))
     .max_decoding_message_size(opts.max_message_bytes);
 
+    let audit_api =
+        pb::audit_service_server::AuditServiceServer::new(audit::AuditApi::new(Arc::clone(&svc)))
+            .max_decoding_message_size(opts.max_message_bytes);
+    let log = svc.audit().cloned();
+
     // The first probe runs before the listener answers, so that health never reports a
     // service as unknown (or serving) before it was checked.
     let first = probe_health(&health, &svc, None).await;
@@ -181,10 +190,26 @@ where
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(request_id::RequestIdLayer::new(request_id_prefix))
         .add_service(health_svc)
-        .add_service(auth::Authenticated::new(keys, Arc::clone(&svc)))
-        .add_service(auth::Authenticated::new(quorum, Arc::clone(&svc)))
-        .add_service(auth::Authenticated::new(access, Arc::clone(&svc)))
-        .add_service(auth::Authenticated::new(reflection, Arc::clone(&svc)))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(keys, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(quorum, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(access, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(audit_api, Arc::clone(&svc)),
+            log.clone(),
+        ))
+        .add_service(audit::Audited::new(
+            auth::Authenticated::new(reflection, Arc::clone(&svc)),
+            log,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     probe.abort();
@@ -204,7 +229,7 @@ async fn health_loop(
     }
 }
 
-/// Checks the HSM and the database once and publishes the result if it changed from
+/// Checks the HSM, the database and the audit writer once and publishes the result if it changed from
 /// `last`; returns it.
 async fn probe_health(
     health: &tonic_health::server::HealthReporter,
@@ -219,7 +244,9 @@ async fn probe_health(
         Err(_) => false,
     };
     let db_ok = svc.store().ping().await.is_ok();
-    let ok = hsm_ok && db_ok;
+    // A failing audit writer fails every call closed: not serving.
+    let audit_ok = svc.audit().is_none_or(|a| a.is_healthy());
+    let ok = hsm_ok && db_ok && audit_ok;
     if last != Some(ok) {
         let status = if ok {
             ServingStatus::Serving
@@ -231,7 +258,12 @@ async fn probe_health(
         if ok {
             tracing::info!("serving");
         } else {
-            tracing::error!(hsm_ok, db_ok, "not serving: a dependency is unavailable");
+            tracing::error!(
+                hsm_ok,
+                db_ok,
+                audit_ok,
+                "not serving: a dependency is unavailable"
+            );
         }
     }
     ok

@@ -17,7 +17,7 @@ pub fn to_status(err: ServiceError, request_id: &str) -> Status {
         ServiceError::NotFound(_) => Code::NotFound,
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,
         ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
-        ServiceError::Unavailable(_) => Code::Unavailable,
+        ServiceError::Unavailable(_) | ServiceError::AuditUnavailable => Code::Unavailable,
         ServiceError::Aborted(_) => Code::Aborted,
         ServiceError::RateLimited(_) => Code::ResourceExhausted,
         ServiceError::Internal(_) => Code::Internal,

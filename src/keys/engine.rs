@@ -21,8 +21,10 @@ use arca_hsm::{Hsm, HsmError, KeyAttributes, KeyKind, ObjectId, GCM_IV_LEN};
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
+mod audit_mac;
 mod meta;
 
+pub use audit_mac::{AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL};
 pub use meta::{META_KEY_ID, META_KEY_LABEL};
 
 use super::wrapped::check_plaintext_len;
@@ -144,7 +146,14 @@ impl KeyEngine {
                 .await
                 .map_err(|_| KeysError::HsmUnavailable(None))?
         };
-        match tokio::time::timeout(self.op_timeout, call).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.op_timeout, call).await;
+        let m = crate::metrics::global();
+        m.hsm_latency.observe(started.elapsed());
+        if !matches!(result, Ok(Ok(_)) | Ok(Err(KeysError::InvalidWrappedKey))) {
+            m.hsm_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
             Ok(r) => r,
             Err(_) => {
                 tracing::warn!(

@@ -16,7 +16,9 @@ pub mod policy;
 mod wrapped;
 
 pub use context::{canonical_context, EncryptionContext, MAX_CONTEXT_ENTRIES};
-pub use engine::{EngineConfig, KeyEngine, META_KEY_ID, META_KEY_LABEL};
+pub use engine::{
+    EngineConfig, KeyEngine, AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL, META_KEY_ID, META_KEY_LABEL,
+};
 pub use wrapped::{WrappedKey, WRAPPED_HEADER_LEN, WRAPPED_V1};
 
 use std::fmt;

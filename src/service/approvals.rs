@@ -476,7 +476,14 @@ impl KeyService {
                     continue;
                 }
             }
-            match self.execute(&id).await {
+            let outcome = self.execute(&id).await;
+            self.audit_job(
+                "approval.run_after_unseal",
+                outcome.is_ok(),
+                None,
+                &format!("request={id}"),
+            );
+            match outcome {
                 Ok(r) => tracing::info!(
                     request = %id,
                     state = r.request.state.as_str(),

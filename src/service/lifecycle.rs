@@ -461,6 +461,12 @@ impl KeyService {
         {
             Ok(after) => {
                 tracing::info!(key = %after.name, version = next, reason = why, "key rotated");
+                self.audit_job(
+                    "job.rotate",
+                    true,
+                    Some((after.name.as_str(), Some(next))),
+                    &format!("reason={why}"),
+                );
                 Ok(Some(self.cache.put(after)))
             }
             Err(e) => {
@@ -542,6 +548,12 @@ impl KeyService {
                         destroy_in_s = self.cfg.lifecycle.default_waiting_ms / 1000,
                         "retention date reached: key scheduled for destruction"
                     );
+                    self.audit_job(
+                        "job.retention",
+                        true,
+                        Some((rec.name.as_str(), None)),
+                        &format!("destroy_at_ms={destroy_at}"),
+                    );
                     self.cache.put(rec);
                 }
                 Err(StoreError::StateConflict { .. }) => {}
@@ -585,6 +597,12 @@ impl KeyService {
             hsm_object = %due.hsm_id,
             object_existed = existed,
             "key version destroyed"
+        );
+        self.audit_job(
+            "job.destroy",
+            true,
+            Some((rec.name.as_str(), Some(due.version))),
+            &format!("hsm_object={} object_existed={existed}", due.hsm_id),
         );
         self.cache.put(rec);
         Ok(())

@@ -20,6 +20,7 @@
 
 mod access;
 mod approvals;
+mod audit;
 mod lifecycle;
 mod rbac;
 mod seal;
@@ -28,6 +29,7 @@ pub use access::{NewToken, TokenInfo};
 pub use approvals::{
     ApproveOutcome, MAX_REASON_BYTES, MAX_REQUEST_PAGE, REKEY_NEEDS_LIVE_APPROVER,
 };
+pub use audit::EngineKeys;
 pub use lifecycle::{JobConfig, KeyOptions, LIFECYCLE_LEASE};
 pub use rbac::{AccessOutcome, TotpEnrolled, REFRESH as ACCESS_REFRESH};
 pub use seal::{CustodianKit, HsmOpener, PinSetter, SealControl, SealStatus};
@@ -90,6 +92,9 @@ pub enum ServiceError {
     /// A dependency (HSM, database) is unreachable, or the service is sealed.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The audit record of the call could not be made durable: the call fails closed.
+    #[error("audit log unavailable")]
+    AuditUnavailable,
     /// A custodian's submission refused (wrong share, TOTP, lock-out): the message says
     /// which, since the custodian needs to know.
     #[error("{0}")]
@@ -268,6 +273,7 @@ pub struct KeyService {
     rotations: tokio::sync::Mutex<()>,
     access: rbac::AccessControl,
     cfg: ServiceConfig,
+    audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
 }
 
 impl KeyService {
@@ -296,6 +302,7 @@ impl KeyService {
             rotations: tokio::sync::Mutex::new(()),
             access: rbac::AccessControl::new(cfg.access_policy.clone()),
             cfg,
+            audit: std::sync::OnceLock::new(),
         }
     }
 

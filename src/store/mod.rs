@@ -21,6 +21,7 @@
 
 mod access;
 mod approvals;
+mod audit;
 mod lifecycle;
 mod quorum;
 mod sql;
@@ -32,6 +33,7 @@ pub use access::{
 pub use approvals::{
     ApprovalEntry, ApprovalRecord, ApprovalStore, NewQuorum, NewRequest, RequestResult, SealedShare,
 };
+pub use audit::{AppendBuilder, AuditAppend, AuditRow, AuditSeal, AuditStore, BoxFuture};
 pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use sql::{Backend, SqlStore};
 

@@ -45,6 +45,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/sqlite/0003_approvals.sql")),
     (4, include_str!("migrations/sqlite/0004_token_scopes.sql")),
     (5, include_str!("migrations/sqlite/0005_lifecycle.sql")),
+    (6, include_str!("migrations/sqlite/0006_audit.sql")),
     (7, include_str!("migrations/sqlite/0007_rbac.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -53,6 +54,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/postgres/0003_approvals.sql")),
     (4, include_str!("migrations/postgres/0004_token_scopes.sql")),
     (5, include_str!("migrations/postgres/0005_lifecycle.sql")),
+    (6, include_str!("migrations/postgres/0006_audit.sql")),
     (7, include_str!("migrations/postgres/0007_rbac.sql")),
 ];
 

@@ -17,6 +17,7 @@ mod support;
 mod access;
 mod age;
 mod approvals;
+mod audit;
 mod cli;
 mod cluster;
 mod database;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use arca::grpc::pb;
 use arca::grpc::pb::access_service_client::AccessServiceClient;
+use arca::grpc::pb::audit_service_client::AuditServiceClient;
 use arca::grpc::pb::key_service_client::KeyServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -740,6 +741,36 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
         .expect("a break-glass alert in the log");
     assert!(alert.contains("ERROR"), "{alert}");
     assert!(alert.contains("oncall:bob"), "{alert}");
+    // The audit trail holds the break-glass call and, once it committed, an alert record
+    // of the `break_glass` rule (policies/alerts.toml) naming bob.
+    let mut audit = AuditServiceClient::with_interceptor(arca.channel().await, headers(&eve, None));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = audit
+            .query_audit(pb::QueryAuditRequest {
+                principal: "oncall:bob".into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        let call = records
+            .iter()
+            .any(|r| r.kind == "rpc" && r.operation == "BreakGlass" && r.result == "OK");
+        let alerted = records
+            .iter()
+            .any(|r| r.kind == "alert" && r.detail.contains("rule=break_glass"));
+        if call && alerted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no break-glass record and alert in the trail: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The role works (with a code).
     gdk(
         &mut keys(&arca, &bob, Some(&totp.code().await)).await,

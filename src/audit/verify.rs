@@ -1,0 +1,409 @@
+//! Verification and decrypting reads of the audit trail.
+//!
+//! [`verify`] walks the rows from `from` in seq order and recomputes the chain; checks
+//! every seal (from the database and from the checkpoint file) against the chain and,
+//! with the HSM open, its HMAC; and compares the end of the log with the head row, the
+//! last seal and the last checkpoint. It names the first bad seq and what is wrong:
+//! - `missing`: a seq is absent while later ones exist;
+//! - `reordered`: the row at n holds content that chains at another position;
+//! - `modified`: a row's content does not match its hash, or a seal does not match the
+//!   chain (the chain was rewritten from the first row after the previous good seal);
+//! - `inserted`: rows beyond the head that no seal covers;
+//! - `truncated`: the log ends before a seal, a checkpoint or the head says it reaches.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::chain::{link, open_details, seal_input, DataKey, GENESIS};
+use super::record::{code_name, Kind, Record};
+use super::writer::dek_aad;
+use super::{checkpoint, AuditError, AuditKeys};
+use crate::store::{AuditRow, AuditStore, StoreError};
+
+/// What is wrong at the first bad seq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Problem {
+    /// Content changed.
+    Modified,
+    /// A seq is absent.
+    Missing,
+    /// Rows exchanged.
+    Reordered,
+    /// A row that should not be there.
+    Inserted,
+    /// The end was cut off.
+    Truncated,
+}
+
+impl Problem {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Problem::Modified => "modified",
+            Problem::Missing => "missing",
+            Problem::Reordered => "reordered",
+            Problem::Inserted => "inserted",
+            Problem::Truncated => "truncated",
+        }
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// True when nothing is wrong.
+    pub ok: bool,
+    /// Rows whose chain link checked out.
+    pub records: u64,
+    /// The last seq checked.
+    pub last_seq: u64,
+    /// Seals (database and checkpoint file) checked.
+    pub seals_checked: u64,
+    /// Whether seal HMACs were checked (they need the HSM unsealed).
+    pub seal_macs_checked: bool,
+    /// Rows after the last seal (written while sealed, or not sealed yet).
+    pub unsealed_tail: u64,
+    /// The first bad seq.
+    pub first_bad_seq: Option<u64>,
+    /// What is wrong there.
+    pub problem: Option<Problem>,
+    /// In words.
+    pub detail: String,
+}
+
+struct SealMark {
+    head: [u8; 32],
+    mac: [u8; 32],
+    from_checkpoint: bool,
+}
+
+const PAGE: u32 = 1000;
+const LOOKAHEAD: usize = 64;
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let mut o = [0u8; 32];
+    hex::decode_to_slice(s, &mut o).ok().map(|_| o)
+}
+
+/// Verifies the log from `from` (1 = everything).
+pub async fn verify(
+    store: &dyn AuditStore,
+    keys: &dyn AuditKeys,
+    checkpoints: Option<&Path>,
+    from: u64,
+) -> Result<Report, AuditError> {
+    let from = from.max(1);
+    // Read first: every row up to this head, every seal and every checkpoint read
+    // below was committed before the walk starts, so the walk must find them.
+    let (head_before, _) = store.audit_head().await?;
+    let mut prev = if from == 1 {
+        GENESIS
+    } else {
+        match store.audit_row(from - 1).await {
+            Ok(r) => r.hash,
+            Err(StoreError::NotFound) => {
+                return Ok(bad_report(
+                    0,
+                    0,
+                    0,
+                    from - 1,
+                    Problem::Missing,
+                    "the row before --from is absent",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut seals: BTreeMap<u64, SealMark> = BTreeMap::new();
+    let mut first_bad: Option<(u64, Problem, String)> = None;
+    for s in store.audit_seals(from).await? {
+        seals.insert(
+            s.seq,
+            SealMark {
+                head: s.head,
+                mac: s.seal,
+                from_checkpoint: false,
+            },
+        );
+    }
+    if let Some(path) = checkpoints {
+        for c in checkpoint::read(path)? {
+            if c.seq < from {
+                continue;
+            }
+            let (Some(head), Some(mac)) = (parse_hex32(&c.head), parse_hex32(&c.seal)) else {
+                return Err(AuditError::Corrupt("checkpoint line"));
+            };
+            match seals.get(&c.seq) {
+                Some(s) if s.head == head && s.mac == mac => {}
+                // The write-once file wins over the database: the walk checks it.
+                _ => {
+                    seals.insert(
+                        c.seq,
+                        SealMark {
+                            head,
+                            mac,
+                            from_checkpoint: true,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    let macs = keys.is_open();
+    let mut expected = from;
+    let mut checked = 0u64;
+    let mut seals_checked = 0u64;
+    let mut last_good_seal = from - 1;
+    'walk: loop {
+        let mut page = store.audit_rows(expected, PAGE).await?;
+        if page.is_empty() {
+            break;
+        }
+        let mut i = 0;
+        while i < page.len() {
+            let row = &page[i];
+            if row.seq != expected {
+                first_bad = Some((
+                    expected,
+                    Problem::Missing,
+                    format!("seq {expected} is absent (the next row is {})", row.seq),
+                ));
+                break 'walk;
+            }
+            if link(&prev, row) != row.hash {
+                if page.len() - i <= LOOKAHEAD {
+                    let more = store
+                        .audit_rows(page[page.len() - 1].seq + 1, LOOKAHEAD as u32)
+                        .await?;
+                    page.extend(more);
+                }
+                let moved = page[i + 1..]
+                    .iter()
+                    .take(LOOKAHEAD)
+                    .find(|cand| {
+                        let mut c: AuditRow = (*cand).clone();
+                        c.seq = expected;
+                        link(&prev, &c) == cand.hash
+                    })
+                    .map(|c| c.seq);
+                first_bad = Some(match moved {
+                    Some(at) => (
+                        expected,
+                        Problem::Reordered,
+                        format!("the record of seq {expected} is stored at seq {at}"),
+                    ),
+                    None => (
+                        expected,
+                        Problem::Modified,
+                        format!("seq {expected} does not match its hash"),
+                    ),
+                });
+                break 'walk;
+            }
+            if let Some(s) = seals.get(&row.seq) {
+                seals_checked += 1;
+                let src = if s.from_checkpoint {
+                    "checkpoint"
+                } else {
+                    "seal"
+                };
+                if s.head != row.hash && s.from_checkpoint {
+                    first_bad = Some((
+                        last_good_seal + 1,
+                        Problem::Truncated,
+                        format!(
+                            "the checkpoint of seq {} does not match the database: records after seq {} were cut (and the chain rewritten from there)",
+                            row.seq, last_good_seal
+                        ),
+                    ));
+                    break 'walk;
+                }
+                let mac_ok = !macs
+                    || keys
+                        .mac(seal_input(&s.head, row.seq))
+                        .await
+                        .map(|m| m == s.mac)?;
+                if s.head != row.hash || !mac_ok {
+                    first_bad = Some((
+                        last_good_seal + 1,
+                        Problem::Modified,
+                        format!(
+                            "the {src} of seq {} does not match the chain: records {}..={} were rewritten",
+                            row.seq,
+                            last_good_seal + 1,
+                            row.seq
+                        ),
+                    ));
+                    break 'walk;
+                }
+                last_good_seal = row.seq;
+            }
+            prev = row.hash;
+            expected += 1;
+            checked += 1;
+            i += 1;
+        }
+        if (page.len() as u32) < PAGE {
+            break;
+        }
+    }
+    let last_seq = expected - 1;
+    if first_bad.is_none() {
+        // Read last: rows beyond it are not the writers'.
+        let (head_seq, _) = store.audit_head().await?;
+        let sealed_end = seals.keys().next_back().copied().unwrap_or(0);
+        if sealed_end > last_seq {
+            first_bad = Some((
+                last_seq + 1,
+                Problem::Truncated,
+                format!("the log ends at seq {last_seq} but a seal or checkpoint reaches seq {sealed_end}"),
+            ));
+        } else if head_before > last_seq {
+            first_bad = Some((
+                last_seq + 1,
+                Problem::Truncated,
+                format!("the log ends at seq {last_seq} but the head is at seq {head_before}"),
+            ));
+        } else if last_seq > head_seq && last_seq > last_good_seal {
+            let at = head_seq.max(last_good_seal) + 1;
+            first_bad = Some((
+                at,
+                Problem::Inserted,
+                format!("rows {at}..={last_seq} lie beyond the head (seq {head_seq}) and no seal covers them"),
+            ));
+        }
+    }
+    let unsealed_tail = last_seq.saturating_sub(last_good_seal);
+    Ok(match first_bad {
+        Some((seq, problem, detail)) => Report {
+            ok: false,
+            records: checked,
+            last_seq,
+            seals_checked,
+            seal_macs_checked: macs,
+            unsealed_tail,
+            first_bad_seq: Some(seq),
+            problem: Some(problem),
+            detail,
+        },
+        None => Report {
+            ok: true,
+            records: checked,
+            last_seq,
+            seals_checked,
+            seal_macs_checked: macs,
+            unsealed_tail,
+            first_bad_seq: None,
+            problem: None,
+            detail: format!("OK: {checked} records"),
+        },
+    })
+}
+
+fn bad_report(records: u64, last: u64, seals: u64, seq: u64, p: Problem, d: &str) -> Report {
+    Report {
+        ok: false,
+        records,
+        last_seq: last,
+        seals_checked: seals,
+        seal_macs_checked: false,
+        unsealed_tail: 0,
+        first_bad_seq: Some(seq),
+        problem: Some(p),
+        detail: d.to_string(),
+    }
+}
+
+/// What a query selects; `None` matches anything.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Exact principal.
+    pub principal: Option<String>,
+    /// Exact key name.
+    pub key: Option<String>,
+    /// Exact operation.
+    pub operation: Option<String>,
+    /// Unix ms, inclusive.
+    pub since_ms: Option<i64>,
+    /// Unix ms, exclusive.
+    pub until_ms: Option<i64>,
+    /// gRPC code number.
+    pub result: Option<u32>,
+}
+
+/// Decrypts records with `seq >= from` that match `filter`, up to `limit`. Returns them
+/// and the seq to continue from (`None` at the end).
+pub async fn query(
+    store: &dyn AuditStore,
+    keys: &dyn AuditKeys,
+    filter: &Filter,
+    from: u64,
+    limit: usize,
+) -> Result<(Vec<Record>, Option<u64>), AuditError> {
+    let mut deks: HashMap<String, DataKey> = HashMap::new();
+    let mut out = Vec::new();
+    let mut cursor = from.max(1);
+    loop {
+        let page = store
+            .audit_rows_in_time(
+                cursor,
+                filter.since_ms.unwrap_or(i64::MIN),
+                filter.until_ms.unwrap_or(i64::MAX),
+                PAGE,
+            )
+            .await?;
+        let full = page.len() as u32 == PAGE;
+        for row in page {
+            cursor = row.seq + 1;
+            if filter
+                .operation
+                .as_ref()
+                .is_some_and(|o| *o != row.operation)
+                || filter.result.is_some_and(|r| r != row.result)
+            {
+                continue;
+            }
+            if !row.dek_id.is_empty() && !deks.contains_key(&row.dek_id) {
+                let sealed = store.audit_dek(&row.dek_id).await?;
+                let raw = keys.open_meta(dek_aad(&row.dek_id), sealed).await?;
+                let mut k = zeroize::Zeroizing::new([0u8; 32]);
+                if raw.len() != 32 {
+                    return Err(AuditError::Corrupt("audit data key"));
+                }
+                k.copy_from_slice(&raw);
+                deks.insert(row.dek_id.clone(), DataKey::new(row.dek_id.clone(), k));
+            }
+            let details = open_details(&row, deks.get(&row.dek_id))?;
+            if filter
+                .principal
+                .as_ref()
+                .is_some_and(|p| *p != details.principal)
+                || filter
+                    .key
+                    .as_ref()
+                    .is_some_and(|k| Some(k) != details.key_name.as_ref())
+            {
+                continue;
+            }
+            out.push(Record {
+                seq: row.seq,
+                time: crate::clock::rfc3339(row.time_ms),
+                time_ms: row.time_ms,
+                kind: Kind::parse(&row.kind).ok_or(AuditError::Corrupt("kind"))?,
+                operation: row.operation,
+                result: code_name(row.result).to_string(),
+                details,
+            });
+            if out.len() >= limit {
+                return Ok((out, Some(cursor)));
+            }
+        }
+        if !full {
+            return Ok((out, None));
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The audit trail on the wire: [`Audited`], the tower wrapper that writes one record per
+//! call (outside authentication, so refused calls are recorded too), [`Note`] for the
+//! handlers, and `arca.v1.AuditService`.
+//!
+//! Fail closed: the wrapper awaits the handler, then submits the call's record and waits
+//! until it is durable before it returns the response. The unary body (a data key, say)
+//! has not been sent yet; if the record cannot be made durable within the timeout, the
+//! response is dropped and the caller gets `UNAVAILABLE` instead.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tower_service::Service;
+
+use super::pb;
+use super::request_id::RequestId;
+use super::status::to_status;
+use crate::audit::verify::Filter;
+use crate::audit::{code_name, code_of_name, AuditLog, AuditSlot, Details, Kind, PendingRecord};
+use crate::authz::{AuthMethod, Principal};
+use crate::service::{Caller, KeyService, ServiceError};
+
+/// How a principal authenticated, as recorded (a token by its public id, never the
+/// token).
+pub(super) fn method_label(p: &Principal) -> String {
+    match &p.method {
+        AuthMethod::Token { token_id } => format!("token:{token_id}"),
+        AuthMethod::Certificate => "certificate".to_string(),
+    }
+}
+
+/// Wraps an (authenticated) gRPC service with the audit record of every call.
+#[derive(Clone)]
+pub struct Audited<S> {
+    inner: S,
+    log: Option<Arc<AuditLog>>,
+}
+
+impl<S> Audited<S> {
+    /// Wraps `inner`; with no log (benchmarks' `--no-audit`) only metrics are kept.
+    pub fn new(inner: S, log: Option<Arc<AuditLog>>) -> Self {
+        Audited { inner, log }
+    }
+}
+
+impl<S: NamedService> NamedService for Audited<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<Request<Body>> for Audited<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let log = self.log.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let time_ms = log.as_ref().map(|l| l.now_ms()).unwrap_or_default();
+            let operation = req
+                .uri()
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(64)
+                .collect::<String>();
+            let request_id = req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default();
+            let client = super::auth::peer_of(&req)
+                .ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            let presented = req.headers().contains_key(http::header::AUTHORIZATION);
+            let slot = log.as_ref().map(|l| l.slot());
+            if let Some(s) = &slot {
+                req.extensions_mut().insert(s.clone());
+            }
+            let resp = inner.call(req).await?;
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0);
+            let latency = started.elapsed();
+            crate::metrics::global().request(&operation, code_name(code), latency);
+            let (Some(log), Some(slot)) = (log, slot) else {
+                return Ok(resp);
+            };
+            let mut details = Details {
+                request_id: request_id.clone(),
+                auth_method: if presented { "bearer" } else { "none" }.to_string(),
+                client,
+                latency_us: latency.as_micros().min(u128::from(u64::MAX)) as u64,
+                ..Details::default()
+            };
+            slot.fill(&mut details);
+            let rec = PendingRecord {
+                time_ms,
+                kind: Kind::Rpc,
+                operation,
+                result: code,
+                details,
+            };
+            let diagnostic = rec.operation == "VerifyAudit";
+            match log.record(rec).await {
+                Ok(_) => Ok(resp),
+                // Verification returns no key material and is how an operator learns
+                // why the log cannot be written: it answers anyway (its record waits
+                // in the writer for the store to recover).
+                Err(_) if diagnostic => Ok(resp),
+                Err(_) => {
+                    // The response (and any key material in its body) is dropped unsent.
+                    drop(resp);
+                    Ok(to_status(ServiceError::AuditUnavailable, &request_id).into_http())
+                }
+            }
+        })
+    }
+}
+
+/// What a handler tells the audit record (a no-op when the server runs without audit).
+pub(super) struct Note(Option<AuditSlot>);
+
+impl Note {
+    /// The slot of `req`.
+    pub(super) fn of<T>(req: &tonic::Request<T>) -> Note {
+        Note(req.extensions().get::<AuditSlot>().cloned())
+    }
+
+    /// The key (and version) the call is about.
+    pub(super) fn key(&self, name: &str, version: Option<u32>) {
+        if let Some(s) = &self.0 {
+            s.key(name, version);
+        }
+    }
+
+    /// The encryption context: only its keyed digest is recorded.
+    pub(super) fn context(&self, ctx: &std::collections::HashMap<String, String>) {
+        if let Some(s) = &self.0 {
+            if s.can_digest() {
+                let c: crate::keys::EncryptionContext =
+                    ctx.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                if let Ok(bytes) = crate::keys::canonical_context(&c) {
+                    let bytes = zeroize::Zeroizing::new(bytes);
+                    s.context(&bytes);
+                }
+            }
+        }
+    }
+}
+
+/// `arca.v1.AuditService`.
+pub struct AuditApi {
+    svc: Arc<KeyService>,
+}
+
+impl AuditApi {
+    /// Wraps the service.
+    pub fn new(svc: Arc<KeyService>) -> Self {
+        AuditApi { svc }
+    }
+}
+
+fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| tonic::Status::unauthenticated("unauthenticated"))
+}
+
+#[tonic::async_trait]
+impl pb::audit_service_server::AuditService for AuditApi {
+    async fn query_audit(
+        &self,
+        req: tonic::Request<pb::QueryAuditRequest>,
+    ) -> Result<tonic::Response<pb::QueryAuditResponse>, tonic::Status> {
+        let c = caller(&req)?;
+        let r = req.into_inner();
+        let fail = |e: ServiceError| to_status(e, &c.request_id);
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        let result = match r.result.as_str() {
+            "" => None,
+            name => Some(
+                code_of_name(name)
+                    .ok_or_else(|| fail(ServiceError::InvalidArgument("unknown result code")))?,
+            ),
+        };
+        let from = match r.page_token.as_str() {
+            "" => 1,
+            t => t
+                .parse::<u64>()
+                .map_err(|_| fail(ServiceError::InvalidArgument("invalid page token")))?,
+        };
+        let filter = Filter {
+            principal: some(r.principal),
+            key: some(r.key_name),
+            operation: some(r.operation),
+            since_ms: (r.since_ms != 0).then_some(r.since_ms),
+            until_ms: (r.until_ms != 0).then_some(r.until_ms),
+            result,
+        };
+        let size = match r.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let (records, next) = self
+            .svc
+            .query_audit(&c, &filter, from, size)
+            .await
+            .map_err(fail)?;
+        Ok(tonic::Response::new(pb::QueryAuditResponse {
+            records: records
+                .into_iter()
+                .map(|r| pb::AuditRecord {
+                    seq: r.seq,
+                    time: r.time,
+                    kind: r.kind.as_str().to_string(),
+                    operation: r.operation,
+                    result: r.result,
+                    node: r.details.node,
+                    request_id: r.details.request_id,
+                    principal: r.details.principal,
+                    auth_method: r.details.auth_method,
+                    key_name: r.details.key_name.unwrap_or_default(),
+                    key_version: r.details.key_version.unwrap_or_default(),
+                    client: r.details.client,
+                    context_digest: r.details.context_digest.unwrap_or_default(),
+                    latency_us: r.details.latency_us,
+                    detail: r.details.detail.unwrap_or_default(),
+                })
+                .collect(),
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: tonic::Request<pb::VerifyAuditRequest>,
+    ) -> Result<tonic::Response<pb::VerifyAuditResponse>, tonic::Status> {
+        let c = caller(&req)?;
+        let r = self
+            .svc
+            .verify_audit(&c, req.get_ref().from_seq)
+            .await
+            .map_err(|e| to_status(e, &c.request_id))?;
+        Ok(tonic::Response::new(pb::VerifyAuditResponse {
+            ok: r.ok,
+            records: r.records,
+            last_seq: r.last_seq,
+            first_bad_seq: r.first_bad_seq.unwrap_or_default(),
+            problem: r
+                .problem
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default(),
+            detail: r.detail,
+            seals_checked: r.seals_checked,
+            seal_macs_checked: r.seal_macs_checked,
+            unsealed_tail: r.unsealed_tail,
+        }))
+    }
+}

@@ -1,0 +1,1131 @@
+//! The audit trail (DESIGN §6) on the real binary, SoftHSM and a real database: one
+//! record per RPC (allowed, denied, failed, unauthenticated), nothing secret in the
+//! database, checkpoint file or logs, tamper detection with the first bad seq, an
+//! append-only table, fail-closed writes that recover with an unbroken chain, alerts
+//! (record, log line, webhook) and the metrics endpoint.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arca::grpc::pb;
+use arca::grpc::pb::access_service_client::AccessServiceClient;
+use arca::grpc::pb::audit_service_client::AuditServiceClient;
+use arca::grpc::pb::key_service_client::KeyServiceClient;
+use arca::grpc::pb::quorum_service_client::QuorumServiceClient;
+use base64::Engine;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::support::{create_key, ctx, generate, unwrap, wait_health, Db, TestArca};
+
+/// A request with an `x-request-id` and, optionally, a bearer token.
+fn req<T>(msg: T, token: Option<&str>, rid: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("x-request-id", rid.parse().unwrap());
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+async fn audit_client(arca: &TestArca) -> AuditServiceClient<Channel> {
+    AuditServiceClient::new(arca.channel().await)
+}
+
+/// A fresh token of an auditor (the policy binds `auditor:*` to the role that reads the
+/// trail; the dev admin does not). Minting it is itself a `CreateToken` record.
+async fn auditor(arca: &TestArca) -> String {
+    AccessServiceClient::new(arca.channel().await)
+        .create_token(req(
+            pb::CreateTokenRequest {
+                principal: "auditor:it".into(),
+                ..Default::default()
+            },
+            Some(arca.token()),
+            &format!(
+                "mint-auditor-{}",
+                hex::encode(crate::support::random_bytes(4))
+            ),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+/// Every record, decrypted, through QueryAudit with an auditor's token.
+async fn export(arca: &TestArca) -> Vec<pb::AuditRecord> {
+    let auditor = auditor(arca).await;
+    let mut c = audit_client(arca).await;
+    let mut out = Vec::new();
+    let mut token = String::new();
+    for page in 0.. {
+        let r = c
+            .query_audit(req(
+                pb::QueryAuditRequest {
+                    page_size: 1000,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+                Some(&auditor),
+                &format!(
+                    "export-{page}-{}",
+                    hex::encode(crate::support::random_bytes(4))
+                ),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(r.records);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    out
+}
+
+async fn verify(arca: &TestArca) -> pb::VerifyAuditResponse {
+    let auditor = auditor(arca).await;
+    verify_as(arca, &auditor).await
+}
+
+/// VerifyAudit with `auditor`'s token (for a trail that no longer takes new records).
+async fn verify_as(arca: &TestArca, auditor: &str) -> pb::VerifyAuditResponse {
+    audit_client(arca)
+        .await
+        .verify_audit(req(
+            pb::VerifyAuditRequest { from_seq: 0 },
+            Some(auditor),
+            &format!("verify-{}", hex::encode(crate::support::random_bytes(4))),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Runs SQL on the server's database (sqlite3 or psql) and returns its output.
+fn sql(arca: &TestArca, stmt: &str) -> Result<String, String> {
+    let out = match arca.postgres() {
+        Some(pg) => Command::new("psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(pg.url())
+            .arg("-c")
+            .arg(stmt)
+            .stdin(Stdio::null())
+            .output(),
+        None => Command::new("sqlite3")
+            .arg("-cmd")
+            .arg(".timeout 10000")
+            .arg(arca.data_dir().join("arca.db"))
+            .arg(stmt)
+            .stdin(Stdio::null())
+            .output(),
+    }
+    .expect("run sqlite3 or psql");
+    if out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("Error") {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+fn checkpoints(arca: &TestArca) -> PathBuf {
+    arca.data_dir().join("audit-checkpoints.jsonl")
+}
+
+/// Waits until the database holds at least `n` audit rows.
+async fn wait_rows(arca: &TestArca, n: u64) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if sql(arca, "SELECT count(*) FROM audit_log")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|c| c >= n)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} audit rows after 10 s");
+}
+
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    every_rpc_writes_exactly_one_record
+);
+
+async fn every_rpc_writes_exactly_one_record(db: Db) {
+    let mut arca = TestArca::start_on(db).await;
+    let admin = arca.token().to_string();
+    let ch = arca.channel().await;
+    let mut keys = KeyServiceClient::new(ch.clone());
+    let mut quorum = QuorumServiceClient::new(ch.clone());
+    let mut access = AccessServiceClient::new(ch.clone());
+    let mut audit = AuditServiceClient::new(ch.clone());
+    let t = Some(admin.as_str());
+    let context = ctx(&[("tenant", "acme"), ("record", "r-1")]);
+
+    keys.create_key(req(
+        pb::CreateKeyRequest {
+            name: "k1".into(),
+            description: String::new(),
+            ..Default::default()
+        },
+        t,
+        "t-create",
+    ))
+    .await
+    .unwrap();
+    keys.get_key(req(pb::GetKeyRequest { name: "k1".into() }, t, "t-get"))
+        .await
+        .unwrap();
+    keys.list_keys(req(pb::ListKeysRequest::default(), t, "t-list"))
+        .await
+        .unwrap();
+    let dk = keys
+        .generate_data_key(req(
+            pb::GenerateDataKeyRequest {
+                key_name: "k1".into(),
+                context: context.clone(),
+                without_plaintext: false,
+            },
+            t,
+            "t-gen",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    keys.wrap_key(req(
+        pb::WrapKeyRequest {
+            key_name: "k1".into(),
+            plaintext: vec![7u8; 32],
+            context: context.clone(),
+        },
+        t,
+        "t-wrap",
+    ))
+    .await
+    .unwrap();
+    keys.unwrap_key(req(
+        pb::UnwrapKeyRequest {
+            wrapped_key: dk.wrapped_key.clone(),
+            context: context.clone(),
+        },
+        t,
+        "t-unwrap",
+    ))
+    .await
+    .unwrap();
+    keys.rewrap_key(req(
+        pb::RewrapKeyRequest {
+            wrapped_key: dk.wrapped_key.clone(),
+            context: context.clone(),
+        },
+        t,
+        "t-rewrap",
+    ))
+    .await
+    .unwrap();
+    keys.rotate_key(req(
+        pb::RotateKeyRequest { name: "k1".into() },
+        t,
+        "t-rotate",
+    ))
+    .await
+    .unwrap();
+    keys.disable_key_version(req(
+        pb::KeyVersionRequest {
+            name: "k1".into(),
+            version: 1,
+        },
+        t,
+        "t-disable",
+    ))
+    .await
+    .unwrap();
+    keys.enable_key_version(req(
+        pb::KeyVersionRequest {
+            name: "k1".into(),
+            version: 1,
+        },
+        t,
+        "t-enable",
+    ))
+    .await
+    .unwrap();
+    quorum
+        .seal_status(req(pb::SealStatusRequest {}, t, "t-sealstatus"))
+        .await
+        .unwrap();
+    quorum
+        .list_requests(req(pb::ListRequestsRequest::default(), t, "t-listreq"))
+        .await
+        .unwrap();
+    let scoped = access
+        .create_token(req(
+            pb::CreateTokenRequest {
+                principal: "svc:scoped".into(),
+                roles: vec!["service".into()],
+                key_globs: vec!["other/*".into()],
+                ..Default::default()
+            },
+            t,
+            "t-mktoken",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    access
+        .list_tokens(req(pb::ListTokensRequest {}, t, "t-lstoken"))
+        .await
+        .unwrap();
+    let eve = auditor(&arca).await;
+    audit
+        .query_audit(req(
+            pb::QueryAuditRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            Some(&eve),
+            "t-query",
+        ))
+        .await
+        .unwrap();
+    audit
+        .verify_audit(req(
+            pb::VerifyAuditRequest::default(),
+            Some(&eve),
+            "t-verify",
+        ))
+        .await
+        .unwrap();
+    // Denied, failed and unauthenticated calls.
+    let st = keys
+        .unwrap_key(req(
+            pb::UnwrapKeyRequest {
+                wrapped_key: dk.wrapped_key.clone(),
+                context: context.clone(),
+            },
+            Some(&scoped.token),
+            "t-denied",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+    let st = audit
+        .query_audit(req(
+            pb::QueryAuditRequest::default(),
+            Some(&scoped.token),
+            "t-query-denied",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+    let mut forged = dk.wrapped_key.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let st = keys
+        .unwrap_key(req(
+            pb::UnwrapKeyRequest {
+                wrapped_key: forged,
+                context: context.clone(),
+            },
+            t,
+            "t-forged",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let st = keys
+        .get_key(req(
+            pb::GetKeyRequest { name: "k1".into() },
+            None,
+            "t-noauth",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    let st = keys
+        .get_key(req(
+            pb::GetKeyRequest { name: "k1".into() },
+            Some("arca_notavalidtoken"),
+            "t-badauth",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    access
+        .revoke_token(req(
+            pb::RevokeTokenRequest {
+                id: scoped.id.clone(),
+            },
+            t,
+            "t-revoke",
+        ))
+        .await
+        .unwrap();
+
+    let records = export(&arca).await;
+    let mut by_rid: HashMap<&str, Vec<&pb::AuditRecord>> = HashMap::new();
+    for r in &records {
+        by_rid.entry(r.request_id.as_str()).or_default().push(r);
+    }
+    let expect: &[(&str, &str, &str, &str)] = &[
+        ("t-create", "CreateKey", "dev-admin", "OK"),
+        ("t-get", "GetKey", "dev-admin", "OK"),
+        ("t-list", "ListKeys", "dev-admin", "OK"),
+        ("t-gen", "GenerateDataKey", "dev-admin", "OK"),
+        ("t-wrap", "WrapKey", "dev-admin", "OK"),
+        ("t-unwrap", "UnwrapKey", "dev-admin", "OK"),
+        ("t-rewrap", "RewrapKey", "dev-admin", "OK"),
+        ("t-rotate", "RotateKey", "dev-admin", "OK"),
+        ("t-disable", "DisableKeyVersion", "dev-admin", "OK"),
+        ("t-enable", "EnableKeyVersion", "dev-admin", "OK"),
+        ("t-sealstatus", "SealStatus", "dev-admin", "OK"),
+        ("t-listreq", "ListRequests", "dev-admin", "OK"),
+        ("t-mktoken", "CreateToken", "dev-admin", "OK"),
+        ("t-lstoken", "ListTokens", "dev-admin", "OK"),
+        ("t-query", "QueryAudit", "auditor:it", "OK"),
+        ("t-verify", "VerifyAudit", "auditor:it", "OK"),
+        ("t-denied", "UnwrapKey", "svc:scoped", "PERMISSION_DENIED"),
+        (
+            "t-query-denied",
+            "QueryAudit",
+            "svc:scoped",
+            "PERMISSION_DENIED",
+        ),
+        ("t-forged", "UnwrapKey", "dev-admin", "INVALID_ARGUMENT"),
+        ("t-noauth", "GetKey", "", "UNAUTHENTICATED"),
+        ("t-badauth", "GetKey", "", "UNAUTHENTICATED"),
+        ("t-revoke", "RevokeToken", "dev-admin", "OK"),
+    ];
+    for (rid, op, principal, result) in expect {
+        let got = by_rid.get(rid).cloned().unwrap_or_default();
+        assert_eq!(got.len(), 1, "{rid}: {got:?}");
+        let r = got[0];
+        assert_eq!(
+            (
+                r.operation.as_str(),
+                r.principal.as_str(),
+                r.result.as_str(),
+                r.kind.as_str()
+            ),
+            (*op, *principal, *result, "rpc"),
+            "{rid}"
+        );
+        assert!(
+            !r.time.is_empty() && r.time.ends_with('Z'),
+            "{rid}: {}",
+            r.time
+        );
+        assert_eq!(r.client, "127.0.0.1", "{rid}");
+        assert!(!r.node.is_empty(), "{rid}");
+    }
+    let one = |rid: &str| by_rid[rid][0];
+    assert_eq!(one("t-noauth").auth_method, "none");
+    assert_eq!(one("t-badauth").auth_method, "bearer");
+    assert!(one("t-get").auth_method.starts_with("token:tok_"));
+    assert_eq!(one("t-get").key_name, "k1");
+    assert_eq!(
+        (
+            one("t-unwrap").key_name.as_str(),
+            one("t-unwrap").key_version
+        ),
+        ("k1", 1)
+    );
+    assert_eq!(one("t-disable").key_version, 1);
+    // The context is kept only as a keyed digest, the same for the same context.
+    let digest = &one("t-gen").context_digest;
+    assert_eq!(digest.len(), 64);
+    assert_eq!(&one("t-unwrap").context_digest, digest);
+    assert_eq!(&one("t-wrap").context_digest, digest);
+    // Sequence numbers are gapless and the start-up actions are recorded.
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(records
+        .iter()
+        .any(|r| r.kind == "job" && r.operation == "unseal"));
+
+    // Seal: recorded even though the HSM is gone by the time it is written.
+    quorum
+        .seal(req(pb::SealRequest {}, t, "t-seal"))
+        .await
+        .unwrap();
+    let last = sql(
+        &arca,
+        "SELECT operation || '|' || result || '|' || dek_id FROM audit_log ORDER BY seq DESC LIMIT 1",
+    )
+    .unwrap();
+    assert_eq!(last, "Seal|0|", "the Seal record, in clear (no HSM)");
+    arca.restart().await;
+    let v = verify(&arca).await;
+    assert!(v.ok, "{v:?}");
+    assert!(v.seal_macs_checked && v.seals_checked > 0, "{v:?}");
+}
+
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    nothing_secret_reaches_the_database_checkpoints_or_logs
+);
+
+async fn nothing_secret_reaches_the_database_checkpoints_or_logs(db: Db) {
+    let mut arca = TestArca::start_on(db).await;
+    let admin = arca.token().to_string();
+    let mut c = arca.client().await;
+    create_key(&mut c, "phi").await;
+    let mut secrets: Vec<(String, Vec<u8>)> =
+        vec![("dev token".into(), admin.clone().into_bytes())];
+    for i in 0..8 {
+        let value = format!(
+            "patient-ctx-value-{i}-{}",
+            hex::encode(crate::support::random_bytes(6))
+        );
+        let context = ctx(&[("patient", &value)]);
+        let dk = generate(&mut c, "phi", &context).await;
+        let back = unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap();
+        assert_eq!(back.plaintext, dk.plaintext);
+        secrets.push((format!("data key {i}"), dk.plaintext.clone()));
+        secrets.push((format!("context value {i}"), value.into_bytes()));
+    }
+    let wrapped_pt = crate::support::random_bytes(48);
+    let context = ctx(&[("consent", "consent-secret-value-31337")]);
+    c.wrap_key(pb::WrapKeyRequest {
+        key_name: "phi".into(),
+        plaintext: wrapped_pt.clone(),
+        context: context.clone(),
+    })
+    .await
+    .unwrap();
+    secrets.push(("wrapped plaintext".into(), wrapped_pt));
+    secrets.push((
+        "context value".into(),
+        b"consent-secret-value-31337".to_vec(),
+    ));
+    let minted = AccessServiceClient::new(arca.channel().await)
+        .create_token(req(
+            pb::CreateTokenRequest {
+                principal: "svc:x".into(),
+                roles: vec!["service".into()],
+                ..Default::default()
+            },
+            Some(&admin),
+            "mint",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push(("minted token".into(), minted.token.clone().into_bytes()));
+    // A failed authentication with a token that looks real.
+    let fake = format!("arca_{}", hex::encode(crate::support::random_bytes(32)));
+    let _ = KeyServiceClient::new(arca.channel().await)
+        .get_key(req(
+            pb::GetKeyRequest { name: "phi".into() },
+            Some(&fake),
+            "fake",
+        ))
+        .await;
+    secrets.push(("presented token".into(), fake.into_bytes()));
+    for f in ["hsm-pin", "hsm-so-pin", "dev-share"] {
+        if let Ok(text) = std::fs::read_to_string(arca.data_dir().join(f)) {
+            secrets.push((f.into(), text.trim().as_bytes().to_vec()));
+        }
+    }
+    assert!(verify(&arca).await.ok);
+    let pg_dump = arca.postgres().map(|p| p.dump());
+    arca.stop().await;
+
+    let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
+    match pg_dump {
+        Some(d) => haystacks.push(("pg_dump".into(), d)),
+        None => {
+            for f in ["arca.db", "arca.db-wal"] {
+                if let Ok(b) = std::fs::read(arca.data_dir().join(f)) {
+                    haystacks.push((f.into(), b));
+                }
+            }
+        }
+    }
+    let cp = std::fs::read(checkpoints(&arca)).unwrap();
+    assert!(!cp.is_empty());
+    haystacks.push(("checkpoints".into(), cp));
+    haystacks.push(("logs".into(), arca.all_logs().into_bytes()));
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for (what, s) in &secrets {
+        let forms: Vec<Vec<u8>> = vec![
+            s.clone(),
+            hex::encode(s).into_bytes(),
+            hex::encode_upper(s).into_bytes(),
+            b64.encode(s).trim_end_matches('=').as_bytes().to_vec(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(s)
+                .into_bytes(),
+        ];
+        for (hay, bytes) in &haystacks {
+            for form in &forms {
+                let needle = &form[..form.len().min(40)];
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{what} found in {hay}"
+                );
+            }
+        }
+    }
+}
+
+/// Builds a log of known rows, then breaks a copy of it in each way and asks the server
+/// to verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_is_found_at_the_first_bad_seq() {
+    let mut arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "k").await;
+    let context = ctx(&[("a", "b")]);
+    for _ in 0..15 {
+        let dk = generate(&mut c, "k", &context).await;
+        unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap();
+    }
+    // Minted before the copy: a tampered trail takes no new records, tokens included.
+    let eve = auditor(&arca).await;
+    let v = verify_as(&arca, &eve).await;
+    assert!(v.ok, "{v:?}");
+    assert!(v.records >= 30);
+    arca.stop().await;
+    let dbf = arca.data_dir().join("arca.db");
+    let pristine = arca.root().join("pristine.db");
+    // Fold the WAL into the file so one copy holds everything.
+    sql(&arca, "PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    std::fs::copy(&dbf, &pristine).unwrap();
+    let pristine_cp = std::fs::read(checkpoints(&arca)).unwrap();
+    let last: u64 = sql(&arca, "SELECT max(seq) FROM audit_log")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A seal boundary in the middle, for the cut.
+    let cut: u64 = sql(
+        &arca,
+        &format!("SELECT max(seq) FROM audit_seals WHERE seq <= {}", last / 2),
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert!(cut >= 5, "cut at {cut}");
+
+    // The forged row: chained correctly after the last one, but beyond the head.
+    let row = sql(
+        &arca,
+        &format!("SELECT time_ms, kind, operation, result, dek_id, body, hash FROM audit_log WHERE seq = {last}"),
+    )
+    .unwrap();
+    let f: Vec<&str> = row.split('|').collect();
+    let mut prev = [0u8; 32];
+    hex::decode_to_slice(f[6], &mut prev).unwrap();
+    let mut forged = arca::store::AuditRow {
+        seq: last + 1,
+        time_ms: f[0].parse().unwrap(),
+        kind: "rpc".into(),
+        operation: "UnwrapKey".into(),
+        result: 0,
+        dek_id: String::new(),
+        body: br#"{"node":"n","request_id":"x","principal":"nobody","auth_method":"none","client":"","latency_us":1}"#.to_vec(),
+        hash: [0u8; 32],
+    };
+    forged.hash = arca::audit::chain::link(&prev, &forged);
+    let forged_sql = format!(
+        "INSERT INTO audit_log (seq, time_ms, kind, operation, result, dek_id, body, hash) VALUES ({}, {}, 'rpc', 'UnwrapKey', 0, '', '{}', '{}')",
+        forged.seq,
+        forged.time_ms,
+        base64::engine::general_purpose::STANDARD.encode(&forged.body),
+        hex::encode(forged.hash)
+    );
+
+    let cases: Vec<(&str, String, u64, &str)> = vec![
+        ("untouched", String::new(), 0, ""),
+        (
+            "one byte changed",
+            "DROP TRIGGER audit_log_no_update; UPDATE audit_log SET body = substr(body, 1, 10) || \
+             (CASE substr(body, 11, 1) WHEN 'A' THEN 'B' ELSE 'A' END) || substr(body, 12) WHERE seq = 10;"
+                .into(),
+            10,
+            "modified",
+        ),
+        (
+            "deleted",
+            "DROP TRIGGER audit_log_no_delete; DELETE FROM audit_log WHERE seq = 12;".into(),
+            12,
+            "missing",
+        ),
+        (
+            "swapped",
+            "DROP TRIGGER audit_log_no_update; \
+             CREATE TEMP TABLE t AS SELECT * FROM audit_log WHERE seq IN (14, 15); \
+             UPDATE audit_log SET time_ms = (SELECT time_ms FROM t WHERE seq = 15), kind = (SELECT kind FROM t WHERE seq = 15), operation = (SELECT operation FROM t WHERE seq = 15), result = (SELECT result FROM t WHERE seq = 15), dek_id = (SELECT dek_id FROM t WHERE seq = 15), body = (SELECT body FROM t WHERE seq = 15), hash = (SELECT hash FROM t WHERE seq = 15) WHERE seq = 14; \
+             UPDATE audit_log SET time_ms = (SELECT time_ms FROM t WHERE seq = 14), kind = (SELECT kind FROM t WHERE seq = 14), operation = (SELECT operation FROM t WHERE seq = 14), result = (SELECT result FROM t WHERE seq = 14), dek_id = (SELECT dek_id FROM t WHERE seq = 14), body = (SELECT body FROM t WHERE seq = 14), hash = (SELECT hash FROM t WHERE seq = 14) WHERE seq = 15;"
+                .into(),
+            14,
+            "reordered",
+        ),
+        ("inserted", forged_sql, last + 1, "inserted"),
+        (
+            "tail cut",
+            format!(
+                "DROP TRIGGER audit_log_no_delete; DROP TRIGGER audit_seals_no_delete; DROP TRIGGER audit_head_forward; \
+                 DELETE FROM audit_log WHERE seq > {cut}; DELETE FROM audit_seals WHERE seq > {cut}; \
+                 UPDATE audit_head SET seq = {cut}, hash = (SELECT hash FROM audit_log WHERE seq = {cut});"
+            ),
+            cut + 1,
+            "truncated",
+        ),
+    ];
+    for (what, tamper, bad_seq, problem) in cases {
+        let _ = std::fs::remove_file(arca.data_dir().join("arca.db-wal"));
+        let _ = std::fs::remove_file(arca.data_dir().join("arca.db-shm"));
+        std::fs::copy(&pristine, &dbf).unwrap();
+        std::fs::write(checkpoints(&arca), &pristine_cp).unwrap();
+        if !tamper.is_empty() {
+            sql(&arca, &tamper).unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        arca.start_with(TestArca::builder()).await;
+        let v = verify_as(&arca, &eve).await;
+        if problem.is_empty() {
+            assert!(v.ok, "{what}: {v:?}");
+        } else {
+            assert!(!v.ok, "{what}: {v:?}");
+            assert_eq!(
+                (v.first_bad_seq, v.problem.as_str()),
+                (bad_seq, problem),
+                "{what}: {v:?}"
+            );
+            // A failed verification raises an alert.
+            let log = arca.log_text();
+            assert!(log.contains("audit verification failed"), "{what}");
+        }
+        arca.stop().await;
+    }
+}
+
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_database_refuses_update_and_delete
+);
+
+async fn the_database_refuses_update_and_delete(db: Db) {
+    let arca = TestArca::start_on(db).await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "k").await;
+    wait_rows(&arca, 3).await;
+    // Seals trail the head: wait for one, so that every table has rows to refuse.
+    let start = Instant::now();
+    while sql(&arca, "SELECT count(*) FROM audit_seals").unwrap() == "0" {
+        assert!(start.elapsed() < Duration::from_secs(10), "no seal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for stmt in [
+        "UPDATE audit_log SET result = 5 WHERE seq = 2",
+        "DELETE FROM audit_log WHERE seq = 2",
+        "DELETE FROM audit_log",
+        "UPDATE audit_seals SET node = 'x'",
+        "DELETE FROM audit_seals",
+        "DELETE FROM audit_deks",
+        "UPDATE audit_head SET seq = 0",
+    ] {
+        let e = sql(&arca, stmt).expect_err(stmt);
+        assert!(
+            e.contains("append-only") || e.contains("only moves forward"),
+            "{stmt}: {e}"
+        );
+    }
+    if arca.postgres().is_some() {
+        let e = sql(&arca, "TRUNCATE audit_log").expect_err("truncate");
+        assert!(e.contains("append-only"), "{e}");
+    }
+    assert_eq!(
+        sql(&arca, "SELECT result FROM audit_log WHERE seq = 2").unwrap(),
+        "0"
+    );
+}
+
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    an_unwritable_log_fails_closed_then_recovers_with_an_unbroken_chain
+);
+
+async fn an_unwritable_log_fails_closed_then_recovers_with_an_unbroken_chain(db: Db) {
+    let arca = TestArca::start_on(db).await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "k").await;
+    let context = ctx(&[("t", "1")]);
+    let dk = generate(&mut c, "k", &context).await;
+    let pg = arca.postgres().is_some();
+    let block = if pg {
+        "CREATE TRIGGER audit_block BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION arca_refuse('blocked by the test')"
+    } else {
+        "CREATE TRIGGER audit_block BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'blocked by the test'); END"
+    };
+    sql(&arca, block).unwrap();
+    for _ in 0..3 {
+        let st = unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap_err();
+        assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+        assert_eq!(st.message(), "audit log unavailable");
+    }
+    let st = c
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_name: "k".into(),
+            context: context.clone(),
+            without_plaintext: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unavailable);
+    let mut h = arca.health().await;
+    assert!(
+        wait_health(&mut h, ServingStatus::NotServing, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "health while the audit log fails"
+    );
+    let drop_block = if pg {
+        "DROP TRIGGER audit_block ON audit_log"
+    } else {
+        "DROP TRIGGER audit_block"
+    };
+    sql(&arca, drop_block).unwrap();
+    assert!(
+        wait_health(&mut h, ServingStatus::Serving, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "health after recovery"
+    );
+    let back = unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap();
+    assert_eq!(back.plaintext, dk.plaintext);
+    let v = verify(&arca).await;
+    assert!(v.ok, "{v:?}");
+    // The outage and the refused calls are in the log.
+    let records = export(&arca).await;
+    assert!(records.iter().any(|r| r.operation == "audit.write_failed"));
+    let refused = records
+        .iter()
+        .filter(|r| r.result == "UNAVAILABLE" && r.detail.contains("audit write failed"))
+        .count();
+    assert_eq!(refused, 4, "{records:?}");
+    assert!(arca.log_text().contains("audit log write failed"));
+}
+
+/// Accepts HTTP POSTs on loopback and counts them (bodies kept).
+async fn webhook_receiver() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (c2, b2) = (Arc::clone(&count), Arc::clone(&bodies));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = s.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        c2.fetch_add(1, Ordering::SeqCst);
+                        b2.lock().unwrap().push(body.to_string());
+                        let _ = s
+                            .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                            .await;
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    (url, count, bodies)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_get(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mass_unwrap_raises_one_alert_with_one_webhook_call_and_metrics_show_it() {
+    let (url, hits, bodies) = webhook_receiver().await;
+    let port = free_port();
+    let arca = TestArca::builder()
+        .arg("--alert-webhook")
+        .arg(&url)
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .start()
+        .await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "k").await;
+    let context = ctx(&[("x", "y")]);
+    let dk = generate(&mut c, "k", &context).await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = c.clone();
+        let (w, context) = (dk.wrapped_key.clone(), context.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                unwrap(&mut c, &w, &context).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let start = Instant::now();
+    while hits.load(Ordering::SeqCst) == 0 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "webhook calls");
+    let body = bodies.lock().unwrap()[0].clone();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rule"], "mass_unwrap");
+    assert_eq!(v["group"], "dev-admin");
+    assert_eq!(v["count"], 101);
+    let records = export(&arca).await;
+    let alerts: Vec<_> = records.iter().filter(|r| r.kind == "alert").collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(alerts[0].detail.contains("rule=mass_unwrap"));
+    assert_eq!(alerts[0].principal, "dev-admin");
+    assert!(arca.log_text().contains("ALERT"));
+
+    let text = http_get(&format!("127.0.0.1:{port}")).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for needle in [
+        "arca_requests_total{operation=\"UnwrapKey\",result=\"OK\"} 200",
+        "arca_request_duration_seconds_bucket{operation=\"UnwrapKey\",le=\"+Inf\"} 200",
+        "arca_hsm_operation_duration_seconds_count",
+        "arca_hsm_errors_total",
+        "arca_hsm_sessions 1",
+        "arca_sealed 0",
+        "arca_audit_queue_depth",
+        "arca_audit_commit_duration_seconds_count",
+        "arca_audit_records_total",
+        "arca_alerts_total{rule=\"mass_unwrap\"} 1",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_bad_totp_codes_raise_an_alert() {
+    let (url, hits, bodies) = webhook_receiver().await;
+    let arca = TestArca::builder()
+        .arg("--custodians")
+        .arg("2")
+        .arg("--threshold")
+        .arg("2")
+        .arg("--alert-webhook")
+        .arg(&url)
+        .start()
+        .await;
+    let dir = arca.data_dir().join("custodians").join("custodian-1");
+    let share = std::fs::read_to_string(dir.join("share")).unwrap();
+    let token = std::fs::read_to_string(dir.join("token")).unwrap();
+    let mut q = QuorumServiceClient::new(arca.channel().await);
+    for i in 0..5 {
+        let st = q
+            .unseal(req(
+                pb::UnsealRequest {
+                    share: share.trim().to_string(),
+                    totp: "000000".into(),
+                },
+                Some(token.trim()),
+                &format!("totp-{i}"),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    }
+    let start = Instant::now();
+    while hits.load(Ordering::SeqCst) == 0 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert!(bodies.lock().unwrap()[0].contains("failed_custodian_check"));
+    // Sealed: the records are in clear, the alert among them.
+    wait_rows(&arca, 7).await;
+    let alert = sql(&arca, "SELECT body FROM audit_log WHERE kind = 'alert'").unwrap();
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(alert.trim())
+        .unwrap();
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains("rule=failed_custodian_check"), "{body}");
+    assert!(body.contains("custodian-1"), "{body}");
+    assert!(arca.log_text().contains("failed_custodian_check"));
+}
+
+/// Two nodes on one PostgreSQL database write one gapless chain (the head is taken under
+/// a row lock in each batch transaction), and either node verifies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_postgres_keep_one_gapless_chain() {
+    if crate::support::postgres_url("audit::two_nodes_on_one_postgres_keep_one_gapless_chain")
+        .is_none()
+    {
+        return;
+    }
+    let a = TestArca::start_on(Db::Postgres).await;
+    let b = a.second_node().await;
+    let mut ca = a.client().await;
+    create_key(&mut ca, "k").await;
+    let context = ctx(&[("n", "1")]);
+    let dk = generate(&mut ca, "k", &context).await;
+    let mut tasks = Vec::new();
+    for node in [&a, &b] {
+        for _ in 0..4 {
+            let mut c = node.client().await;
+            let (w, context) = (dk.wrapped_key.clone(), context.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..40 {
+                    unwrap(&mut c, &w, &context).await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let records = export(&b).await;
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let nodes: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter(|r| r.operation == "UnwrapKey")
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.operation == "UnwrapKey")
+            .count(),
+        320
+    );
+    let v = verify(&a).await;
+    assert!(v.ok, "{v:?}");
+    let v = verify(&b).await;
+    assert!(v.ok, "{v:?}");
+}
+
+fn cli(arca: &TestArca, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(crate::support::arca_bin())
+        .args(args)
+        .env("ARCA_ADDR", arca.url())
+        .env("ARCA_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run arca")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_verifies_queries_and_exports() {
+    let arca = TestArca::start().await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "cli-k").await;
+    let context = ctx(&[("c", "d")]);
+    let dk = generate(&mut c, "cli-k", &context).await;
+    unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap();
+    let eve = auditor(&arca).await;
+    let a = Arc::new(arca);
+    let arca2 = Arc::clone(&a);
+    let (verify_out, query_out, export_out, denied, admin) =
+        tokio::task::spawn_blocking(move || {
+            let arca = arca2.as_ref();
+            (
+                cli(arca, &eve, &["audit", "verify"]),
+                cli(
+                    arca,
+                    &eve,
+                    &[
+                        "audit",
+                        "query",
+                        "--op",
+                        "UnwrapKey",
+                        "--since",
+                        "1h",
+                        "--output",
+                        "json",
+                    ],
+                ),
+                cli(arca, &eve, &["audit", "export", "--format", "jsonl"]),
+                Command::new(crate::support::arca_bin())
+                    .args(["audit", "export"])
+                    .env("ARCA_ADDR", arca.url())
+                    .env("ARCA_TOKEN", "arca_wrong")
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap(),
+                // Administering keys and tokens does not make one an auditor.
+                cli(arca, arca.token(), &["audit", "verify"]),
+            )
+        })
+        .await
+        .unwrap();
+    assert!(verify_out.status.success(), "{verify_out:?}");
+    let text = String::from_utf8_lossy(&verify_out.stdout);
+    assert!(text.starts_with("OK: "), "{text}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&query_out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["operation"], "UnwrapKey");
+    assert_eq!(lines[0]["key_name"], "cli-k");
+    assert_eq!(lines[0]["principal"], "dev-admin");
+    let exported: Vec<serde_json::Value> = String::from_utf8_lossy(&export_out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(exported.len() >= 6, "{exported:?}");
+    let seqs: Vec<u64> = exported
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
+    assert!(!admin.status.success());
+    assert!(
+        String::from_utf8_lossy(&admin.stderr).contains("PermissionDenied"),
+        "{admin:?}"
+    );
+}
