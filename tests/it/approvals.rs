@@ -365,7 +365,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
 
 #[tokio::test]
 async fn disable_through_quorum_and_reject() {
-    let (arca, cs) = unsealed(three_of_five(Db::Sqlite)).await;
+    let (arca, cs) = unsealed(three_of_five(Db::default())).await;
     let mut c = arca.client().await;
     let dk = generate(&mut c, "phi", &ctx(&[("t", "1")])).await;
     let r = c
@@ -435,7 +435,7 @@ async fn an_expired_request_takes_no_approvals() {
     )
     .unwrap();
     let (arca, cs) = unsealed(
-        three_of_five(Db::Sqlite)
+        three_of_five(Db::default())
             .arg("--quorum-policy")
             .arg(&policy),
     )
@@ -504,7 +504,7 @@ async fn kill_9_after_the_third_approval_runs_the_operation_once_or_not_at_all()
     let delays_ms = [0u64, 4, 8, 14, 22, 35, 2, 10];
     let mut outcomes = Vec::new();
     for (attempt, delay) in delays_ms.into_iter().enumerate() {
-        let (mut arca, cs) = unsealed(three_of_five(Db::Sqlite)).await;
+        let (mut arca, cs) = unsealed(three_of_five(Db::default())).await;
         let req = request_rotation(&arca).await;
         cs.approve(&arca, 4, &req).await.unwrap();
         cs.approve(&arca, 5, &req).await.unwrap();
@@ -522,7 +522,7 @@ async fn kill_9_after_the_third_approval_runs_the_operation_once_or_not_at_all()
         arca.kill();
         let answered = call.await.unwrap().is_ok();
 
-        arca.start_with(three_of_five(Db::Sqlite)).await;
+        arca.start_with(three_of_five(Db::default())).await;
         // Custodian 3 keeps a TOTP step for a third approval, should one be needed.
         cs.unseal(&arca, &[2, 4, 5]).await;
         let recovered = arca
@@ -571,7 +571,7 @@ async fn kill_9_after_the_third_approval_runs_the_operation_once_or_not_at_all()
 
 #[tokio::test]
 async fn no_share_at_rest_or_in_logs_after_approvals() {
-    let (arca, cs) = unsealed(three_of_five(Db::Sqlite)).await;
+    let (arca, cs) = unsealed(three_of_five(Db::default())).await;
     // One request executed, one left pending with a share stored (sealed).
     let done = request_rotation(&arca).await;
     for n in [4, 5, 1] {
@@ -604,13 +604,7 @@ async fn no_share_at_rest_or_in_logs_after_approvals() {
         "a TOTP code".into(),
         format!("\"{open_code}\"").into_bytes(),
     ));
-    let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
-    for f in ["arca.db", "arca.db-wal"] {
-        if let Ok(b) = std::fs::read(arca.data_dir().join(f)) {
-            haystacks.push((f.to_string(), b));
-        }
-    }
-    assert!(!haystacks.is_empty());
+    let mut haystacks: Vec<(String, Vec<u8>)> = arca.stored_bytes();
     haystacks.push(("log".into(), arca.all_logs().into_bytes()));
     for (name, hay) in &haystacks {
         for (what, needle) in &needles {
@@ -624,7 +618,7 @@ async fn no_share_at_rest_or_in_logs_after_approvals() {
 
 #[tokio::test]
 async fn the_approval_through_the_cli() {
-    let (arca, cs) = unsealed(three_of_five(Db::Sqlite)).await;
+    let (arca, cs) = unsealed(three_of_five(Db::default())).await;
     let run = |args: &[&str], token: &str| {
         let out = std::process::Command::new(arca_bin())
             .args(args)
@@ -725,7 +719,7 @@ async fn the_approval_through_the_cli() {
 
 #[tokio::test]
 async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian() {
-    let (arca, cs) = unsealed(three_of_five(Db::Sqlite)).await;
+    let (arca, cs) = unsealed(three_of_five(Db::default())).await;
     let run = |args: &[&str], token: &str| {
         let out = std::process::Command::new(arca_bin())
             .args(args)

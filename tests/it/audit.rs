@@ -113,28 +113,7 @@ async fn verify_as(arca: &TestArca, auditor: &str) -> pb::VerifyAuditResponse {
 
 /// Runs SQL on the server's database (sqlite3 or psql) and returns its output.
 fn sql(arca: &TestArca, stmt: &str) -> Result<String, String> {
-    let out = match arca.postgres() {
-        Some(pg) => Command::new("psql")
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
-            .arg(pg.url())
-            .arg("-c")
-            .arg(stmt)
-            .stdin(Stdio::null())
-            .output(),
-        None => Command::new("sqlite3")
-            .arg("-cmd")
-            .arg(".timeout 10000")
-            .arg(arca.data_dir().join("arca.db"))
-            .arg(stmt)
-            .stdin(Stdio::null())
-            .output(),
-    }
-    .expect("run sqlite3 or psql");
-    if out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("Error") {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
+    arca.sql(stmt)
 }
 
 fn checkpoints(arca: &TestArca) -> PathBuf {
@@ -584,7 +563,7 @@ async fn nothing_secret_reaches_the_database_checkpoints_or_logs(db: Db) {
 /// to verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_is_found_at_the_first_bad_seq() {
-    let mut arca = TestArca::start().await;
+    let mut arca = TestArca::builder().backend(Db::Sqlite).start().await;
     let mut c = arca.client().await;
     create_key(&mut c, "k").await;
     let context = ctx(&[("a", "b")]);

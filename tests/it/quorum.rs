@@ -309,12 +309,7 @@ async fn no_share_token_or_totp_secret_at_rest_or_in_logs() {
         needles.push(k.token.clone().into_bytes());
         needles.push(k.totp_secret.clone());
     }
-    let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
-    for f in ["arca.db", "arca.db-wal"] {
-        if let Ok(b) = std::fs::read(arca.data_dir().join(f)) {
-            haystacks.push((f.to_string(), b));
-        }
-    }
+    let mut haystacks: Vec<(String, Vec<u8>)> = arca.stored_bytes();
     haystacks.push(("log".into(), arca.all_logs().into_bytes()));
     for (name, hay) in &haystacks {
         for needle in &needles {
@@ -619,13 +614,7 @@ async fn rekey_to_two_of_three_hands_new_kits_to_the_executing_approval() {
         needles.push((format!("new token {i}"), k.token.clone().into_bytes()));
         needles.push((format!("new totp secret {i}"), k.totp_secret.clone()));
     }
-    let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
-    for f in ["arca.db", "arca.db-wal", "arca.db-shm"] {
-        if let Ok(b) = std::fs::read(arca.data_dir().join(f)) {
-            haystacks.push((f.to_string(), b));
-        }
-    }
-    assert!(!haystacks.is_empty());
+    let mut haystacks: Vec<(String, Vec<u8>)> = arca.stored_bytes();
     haystacks.push(("log".into(), arca.all_logs().into_bytes()));
     for (name, hay) in &haystacks {
         for (what, needle) in &needles {

@@ -503,11 +503,10 @@ async fn two_processes_rotate_on_schedule_and_destroy_exactly_once() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let logs = format!("{}\n{}", a.log_text(), b.log_text());
     assert_eq!(count(&logs, "key version destroyed"), 1, "{logs}");
-    let t = sqlite3(
-        &a.sqlite_file(),
-        "SELECT COUNT(*) FROM key_tombstones WHERE version = 1",
-    );
-    assert_eq!(t.trim(), "1");
+    let t = a
+        .sql("SELECT COUNT(*) FROM key_tombstones WHERE version = 1")
+        .unwrap();
+    assert_eq!(t, "1");
     // The other node refuses v1 too.
     let mut cb = b.client().await;
     assert_eq!(
@@ -541,11 +540,13 @@ async fn kill_9_inside_a_destruction_finishes_it_after_the_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(arca.log_text().contains("aborting at after-hsm-destroy"));
-    let row = sqlite3(
-        &arca.sqlite_file(),
-        "SELECT state, destroying_at IS NOT NULL FROM key_versions WHERE version = 1",
-    );
-    assert_eq!(row.trim(), "SCHEDULED_FOR_DESTRUCTION|1", "half-done state");
+    let row = arca
+        .sql(
+            "SELECT state, CASE WHEN destroying_at IS NULL THEN 0 ELSE 1 END \
+             FROM key_versions WHERE version = 1",
+        )
+        .unwrap();
+    assert_eq!(row, "SCHEDULED_FOR_DESTRUCTION|1", "half-done state");
     arca.kill();
     arca.start_with(opts).await;
     let k = wait_destroyed(&arca, "k", 1, Duration::from_secs(10)).await;
@@ -561,8 +562,8 @@ async fn kill_9_inside_a_destruction_finishes_it_after_the_restart() {
         "unwrap after the restart",
     );
     assert_eq!(s.message(), "key version destroyed");
-    let t = sqlite3(&arca.sqlite_file(), "SELECT COUNT(*) FROM key_tombstones");
-    assert_eq!(t.trim(), "1");
+    let t = arca.sql("SELECT COUNT(*) FROM key_tombstones").unwrap();
+    assert_eq!(t, "1");
 }
 
 #[tokio::test]

@@ -12,7 +12,9 @@
 //! password added (the test cluster trusts loopback and ignores it) so that tests can
 //! check it never reaches a log. [`on_both_backends!`] turns one test body into
 //! `NAME::sqlite` and `NAME::postgres`; without `ARCA_TEST_POSTGRES_URL` the PostgreSQL
-//! variant prints a SKIP line and passes, unless `ARCA_REQUIRE_POSTGRES=1`.
+//! variant prints a SKIP line and passes, unless `ARCA_REQUIRE_POSTGRES=1`. Every other
+//! test runs on [`Db::default`]: SQLite, or PostgreSQL with `ARCA_TEST_DB=postgres`
+//! (`scripts/test` runs the suite both ways).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -65,13 +67,30 @@ impl Interceptor for Auth {
 pub type KeyClient = KeyServiceClient<InterceptedService<Channel, Auth>>;
 
 /// Which database a test server runs on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Db {
     /// `DIR/arca.db`.
-    #[default]
     Sqlite,
     /// A fresh database on the server at `ARCA_TEST_POSTGRES_URL`.
     Postgres,
+}
+
+impl Default for Db {
+    /// The back end of tests that do not name one: SQLite, or PostgreSQL with
+    /// `ARCA_TEST_DB=postgres` (how `scripts/test` runs the suite a second time). Tests
+    /// that look inside the SQLite file name `Db::Sqlite`.
+    fn default() -> Self {
+        match std::env::var("ARCA_TEST_DB").as_deref() {
+            Ok("postgres") => {
+                assert!(
+                    postgres_url("ARCA_TEST_DB=postgres").is_some(),
+                    "ARCA_TEST_DB=postgres needs ARCA_TEST_POSTGRES_URL"
+                );
+                Db::Postgres
+            }
+            _ => Db::Sqlite,
+        }
+    }
 }
 
 /// Writes one line to stderr past libtest's capture (which only sees the print macros),
@@ -267,7 +286,7 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// The database back end (default SQLite).
+    /// The database back end (default [`Db::default`]).
     pub fn backend(mut self, db: Db) -> Self {
         self.db = db;
         self
@@ -399,6 +418,56 @@ impl TestArca {
     /// The PostgreSQL database, on [`Db::Postgres`].
     pub fn postgres(&self) -> Option<&PgDatabase> {
         self.pg.as_deref()
+    }
+
+    /// Runs SQL on the server's database with the database's own shell (`sqlite3` on
+    /// the file, `psql` on PostgreSQL), as someone with access to it would, and returns
+    /// the output (`a|b` per row on both), trimmed.
+    pub fn sql(&self, stmt: &str) -> Result<String, String> {
+        let out = match &self.pg {
+            Some(pg) => Command::new("psql")
+                .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
+                .arg(pg.url())
+                .arg("-c")
+                .arg(stmt)
+                .stdin(Stdio::null())
+                .output(),
+            None => Command::new("sqlite3")
+                .arg("-cmd")
+                .arg(".timeout 10000")
+                .arg(self.data_dir.join("arca.db"))
+                .arg(stmt)
+                .stdin(Stdio::null())
+                .output(),
+        }
+        .expect("run sqlite3 or psql");
+        if out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("Error") {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    /// Everything the database holds, as bytes to scan for secrets: the SQLite files
+    /// (database, WAL, shared memory) or a `pg_dump` of the PostgreSQL database. Never
+    /// empty (a scan of nothing would prove nothing).
+    pub fn stored_bytes(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        match &self.pg {
+            Some(pg) => out.push(("pg_dump".to_string(), pg.dump())),
+            None => {
+                for f in ["arca.db", "arca.db-wal", "arca.db-shm"] {
+                    if let Ok(b) = std::fs::read(self.data_dir.join(f)) {
+                        out.push((f.to_string(), b));
+                    }
+                }
+            }
+        }
+        assert!(
+            out.iter().any(|(_, b)| !b.is_empty()),
+            "no stored bytes to scan"
+        );
+        out
     }
 
     /// The PID of the current server process (for signals).
