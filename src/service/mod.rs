@@ -276,6 +276,18 @@ pub struct KeyService {
     audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
 }
 
+/// Tries of a rotation that keeps losing the version-number race to other nodes.
+const ROTATION_ATTEMPTS: u32 = 32;
+
+/// A random pause before retry `attempt` (≥ 1) of a lost rotation race: up to 1, 2, 4, 8,
+/// then 16 ms.
+fn rotation_backoff(attempt: u32) -> Duration {
+    let cap_us = 1000u64 << attempt.saturating_sub(1).min(4);
+    let mut b = [0u8; 8];
+    let r = getrandom::fill(&mut b).map_or(cap_us / 2, |()| u64::from_le_bytes(b));
+    Duration::from_micros(r % cap_us + 1)
+}
+
 impl KeyService {
     /// Wires the service, sealed: [`KeyService::unseal`] (or, in dev mode,
     /// [`KeyService::unseal_with_shares`] / [`KeyService::open_with_pin`]) opens the HSM.
@@ -591,9 +603,13 @@ impl KeyService {
     /// (on its own, or with the completion of the approval request that ordered it).
     async fn rotate(&self, name: &KeyName, commit: Commit<'_>) -> Result<KeyRecord> {
         // Local rotations queue here; rotations on other nodes lose the version number
-        // race in the database and retry.
+        // race in the database and retry after a random pause that grows with each loss
+        // (so that two nodes rotating back to back do not keep colliding).
         let _serial = self.rotations.lock().await;
-        for _attempt in 0..5 {
+        for attempt in 0..ROTATION_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(rotation_backoff(attempt)).await;
+            }
             let key = self.store.key_by_name(name).await?;
             if !lifecycle::has_live_version(&key) {
                 return Err(ServiceError::FailedPrecondition(

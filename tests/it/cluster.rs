@@ -454,6 +454,62 @@ impl Drop for PrivatePg {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_times_8_callers_rotating_one_key_50_times_make_50_consecutive_versions() {
+    if postgres_url("cluster::two_nodes_times_8_callers_rotating").is_none() {
+        return;
+    }
+    let a = TestArca::start_on(Db::Postgres).await;
+    let b = a.second_node().await;
+    let mut ca = a.client().await;
+    let cb = b.client().await;
+    create_key(&mut ca, "spun").await;
+    // 16 callers (8 per node) take turns from one budget of 50 rotations; every
+    // RotateKey must succeed (a lost race is retried inside the server).
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(50));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
+        let left = std::sync::Arc::clone(&left);
+        set.spawn(async move {
+            let mut made = Vec::new();
+            while left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                let k = c
+                    .rotate_key(pb::RotateKeyRequest {
+                        name: "spun".into(),
+                    })
+                    .await
+                    .expect("RotateKey under concurrency")
+                    .into_inner()
+                    .key
+                    .expect("the rotated key");
+                made.push(k.primary_version);
+            }
+            made
+        });
+    }
+    let mut made = Vec::new();
+    while let Some(r) = set.join_next().await {
+        made.extend(r.expect("caller"));
+    }
+    made.sort_unstable();
+    assert_eq!(
+        made,
+        (2..=51).collect::<Vec<u32>>(),
+        "each rotation its own version"
+    );
+    for c in [&mut ca, &mut cb.clone()] {
+        let k = get_key(c, "spun").await;
+        let versions: Vec<u32> = k.versions.iter().map(|v| v.version).collect();
+        assert_eq!(
+            versions,
+            (1..=51).collect::<Vec<u32>>(),
+            "no gap, no duplicate"
+        );
+        assert_eq!(k.primary_version, 51);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_under_64_callers_fails_cleanly_and_recovers_without_restarting_arca() {
     if postgres_url("cluster::postgres_restarted").is_none() {
         return;
