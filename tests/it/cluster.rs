@@ -454,6 +454,44 @@ impl Drop for PrivatePg {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_on_two_nodes_with_the_last_two_at_once_run_the_operation_once() {
+    use crate::approvals::{request_rotation, three_of_five, unsealed};
+    if postgres_url("cluster::approvals_on_two_nodes").is_none() {
+        return;
+    }
+    let (a, cs) = unsealed(three_of_five(Db::Postgres)).await;
+    let b = a.second_node().await;
+    // Sealing is per node: B needs its own unseal.
+    cs.unseal(&b, &[3, 4, 5]).await;
+    let req = request_rotation(&a).await;
+    // Custodian 4 approves on A, custodian 5 on B: still pending.
+    assert_eq!(cs.approve(&a, 4, &req).await.unwrap().state, "PENDING");
+    assert_eq!(cs.approve(&b, 5, &req).await.unwrap().state, "PENDING");
+    // Custodians 1 (on A) and 2 (on B) at once: both would be the third vote.
+    let (r1, r2) = tokio::join!(cs.approve(&a, 1, &req), cs.approve(&b, 2, &req));
+    let results = [r1, r2];
+    // The vote that reached the threshold executed the rotation; the other either found
+    // it executed (FAILED_PRECONDITION) or arrived while it was being carried out and
+    // was answered with the executed request. Either way three votes are on record.
+    for r in &results {
+        match r {
+            Ok(r) => {
+                assert_eq!(r.state, "EXECUTED", "{r:?}");
+                assert_eq!(r.approvals.len(), 3, "{r:?}");
+            }
+            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}"),
+        }
+    }
+    assert!(results.iter().any(|r| r.is_ok()), "{results:?}");
+    // One new version, seen the same on both nodes.
+    for n in [&a, &b] {
+        let k = get_key(&mut n.client().await, "phi").await;
+        let versions: Vec<u32> = k.versions.iter().map(|v| v.version).collect();
+        assert_eq!(versions, vec![1, 2], "the rotation ran once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_times_8_callers_rotating_one_key_50_times_make_50_consecutive_versions() {
     if postgres_url("cluster::two_nodes_times_8_callers_rotating").is_none() {
         return;
