@@ -72,6 +72,8 @@ pub struct Metrics {
     pub hsm_latency: Histogram,
     /// HSM calls that failed (any error but a failed GCM authentication).
     pub hsm_errors: AtomicU64,
+    /// HSM sessions in use now: workers running a call (each worker owns one session).
+    pub hsm_sessions_in_use: AtomicI64,
     /// Audit batch commit latency.
     pub audit_commit: Histogram,
     /// Audit records committed.

@@ -700,9 +700,28 @@ async fn start_metrics(svc: &Arc<KeyService>, cfg: &ServerConfig) -> Result<(), 
         let b = |v: bool| if v { 1.0 } else { 0.0 };
         crate::metrics::global().render(&[
             ("arca_sealed", "1 while the service is sealed.", b(sealed)),
-            ("arca_hsm_available", "1 while the last HSM call found the HSM reachable.", b(hsm)),
-            ("arca_hsm_sessions", "HSM sessions (and worker threads) configured; each is in use while its worker runs a call.", workers),
-            ("arca_audit_writable", "1 while the audit writer commits.", b(audit)),
+            (
+                "arca_hsm_available",
+                "1 while the last HSM call found the HSM reachable.",
+                b(hsm),
+            ),
+            (
+                "arca_hsm_sessions",
+                "HSM sessions (and worker threads) configured.",
+                workers,
+            ),
+            (
+                "arca_hsm_sessions_in_use",
+                "HSM sessions in use now (workers running a call).",
+                crate::metrics::global()
+                    .hsm_sessions_in_use
+                    .load(std::sync::atomic::Ordering::Relaxed) as f64,
+            ),
+            (
+                "arca_audit_writable",
+                "1 while the audit writer commits.",
+                b(audit),
+            ),
         ])
     });
     tokio::spawn(crate::metrics::serve(listener, render));

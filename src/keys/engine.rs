@@ -84,7 +84,12 @@ impl KeyEngine {
                         Err(_) => None,
                     };
                     match job {
-                        Some(job) => job(hsm.as_ref()),
+                        Some(job) => {
+                            let in_use = &crate::metrics::global().hsm_sessions_in_use;
+                            in_use.fetch_add(1, Ordering::Relaxed);
+                            job(hsm.as_ref());
+                            in_use.fetch_sub(1, Ordering::Relaxed);
+                        }
                         None => break,
                     }
                 })?;

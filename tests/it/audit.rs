@@ -923,6 +923,15 @@ async fn mass_unwrap_raises_one_alert_with_one_webhook_call_and_metrics_show_it(
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
+    // Sessions in use: a live gauge, between none and the one configured.
+    let in_use: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("arca_hsm_sessions_in_use "))
+        .expect("arca_hsm_sessions_in_use")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&in_use), "{in_use}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
