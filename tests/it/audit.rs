@@ -352,6 +352,146 @@ async fn every_rpc_writes_exactly_one_record(db: Db) {
         .await
         .unwrap();
 
+    // Every other RPC of the API, as the dev admin (an auditor for Seal, so the server
+    // stays unsealed): whatever each answers, its record must say the same.
+    let mut seen: Vec<(&str, &str, Code)> = Vec::new();
+    fn code_of<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+        r.map_or_else(|s| s.code(), |_| Code::Ok)
+    }
+    let c = code_of(
+        keys.retire_key_version(req(
+            pb::RetireKeyVersionRequest {
+                name: "k1".into(),
+                version: 1,
+                waiting_period_seconds: 7 * 86_400,
+            },
+            t,
+            "x-retire-version",
+        ))
+        .await,
+    );
+    seen.push(("x-retire-version", "RetireKeyVersion", c));
+    let c = code_of(
+        keys.retire_key(req(
+            pb::RetireKeyRequest {
+                name: "absent".into(),
+                waiting_period_seconds: 7 * 86_400,
+            },
+            t,
+            "x-retire-key",
+        ))
+        .await,
+    );
+    seen.push(("x-retire-key", "RetireKey", c));
+    let c = code_of(
+        keys.cancel_retirement(req(
+            pb::CancelRetirementRequest {
+                name: "k1".into(),
+                version: 1,
+            },
+            t,
+            "x-cancel",
+        ))
+        .await,
+    );
+    seen.push(("x-cancel", "CancelRetirement", c));
+    let c = code_of(
+        keys.set_retention(req(
+            pb::SetRetentionRequest {
+                name: "k1".into(),
+                ..Default::default()
+            },
+            t,
+            "x-retention",
+        ))
+        .await,
+    );
+    seen.push(("x-retention", "SetRetention", c));
+    let c = code_of(
+        quorum
+            .init(req(pb::InitRequest::default(), t, "x-init"))
+            .await,
+    );
+    seen.push(("x-init", "Init", c));
+    let c = code_of(
+        quorum
+            .unseal(req(pb::UnsealRequest::default(), t, "x-unseal"))
+            .await,
+    );
+    seen.push(("x-unseal", "Unseal", c));
+    let c = code_of(
+        quorum
+            .seal(req(pb::SealRequest::default(), Some(&eve), "x-seal"))
+            .await,
+    );
+    seen.push(("x-seal", "Seal", c));
+    let c = code_of(
+        quorum
+            .get_request(req(
+                pb::GetRequestRequest {
+                    id: "req_00".into(),
+                },
+                t,
+                "x-getreq",
+            ))
+            .await,
+    );
+    seen.push(("x-getreq", "GetRequest", c));
+    let c = code_of(
+        quorum
+            .approve(req(pb::ApproveRequest::default(), t, "x-approve"))
+            .await,
+    );
+    seen.push(("x-approve", "Approve", c));
+    let c = code_of(
+        quorum
+            .reject(req(pb::RejectRequest::default(), t, "x-reject"))
+            .await,
+    );
+    seen.push(("x-reject", "Reject", c));
+    let c = code_of(
+        quorum
+            .rekey(req(pb::RekeyRequest::default(), t, "x-rekey"))
+            .await,
+    );
+    seen.push(("x-rekey", "Rekey", c));
+    let c = code_of(
+        access
+            .elevate(req(pb::ElevateRequest::default(), t, "x-elevate"))
+            .await,
+    );
+    seen.push(("x-elevate", "Elevate", c));
+    let c = code_of(
+        access
+            .break_glass(req(pb::BreakGlassRequest::default(), t, "x-breakglass"))
+            .await,
+    );
+    seen.push(("x-breakglass", "BreakGlass", c));
+    let c = code_of(
+        access
+            .enroll_totp(req(pb::EnrollTotpRequest::default(), t, "x-enroll"))
+            .await,
+    );
+    seen.push(("x-enroll", "EnrollTotp", c));
+    let c = code_of(
+        access
+            .list_reviews(req(pb::ListReviewsRequest::default(), t, "x-reviews"))
+            .await,
+    );
+    seen.push(("x-reviews", "ListReviews", c));
+    let c = code_of(
+        access
+            .close_review(req(pb::CloseReviewRequest::default(), t, "x-close"))
+            .await,
+    );
+    seen.push(("x-close", "CloseReview", c));
+    let c = code_of(
+        access
+            .update_policy(req(pb::UpdatePolicyRequest::default(), t, "x-policy"))
+            .await,
+    );
+    seen.push(("x-policy", "UpdatePolicy", c));
+
     let records = export(&arca).await;
     let mut by_rid: HashMap<&str, Vec<&pb::AuditRecord>> = HashMap::new();
     for r in &records {
@@ -407,6 +547,40 @@ async fn every_rpc_writes_exactly_one_record(db: Db) {
         );
         assert_eq!(r.client, "127.0.0.1", "{rid}");
         assert!(!r.node.is_empty(), "{rid}");
+    }
+    for (rid, op, code) in &seen {
+        let got = by_rid.get(rid).cloned().unwrap_or_default();
+        assert_eq!(got.len(), 1, "{rid}: {got:?}");
+        let principal = if *rid == "x-seal" {
+            "auditor:it"
+        } else {
+            "dev-admin"
+        };
+        assert_eq!(
+            (
+                got[0].operation.as_str(),
+                got[0].principal.as_str(),
+                got[0].result.as_str(),
+            ),
+            (*op, principal, code_name(*code)),
+            "{rid}"
+        );
+    }
+    // Every RPC of the API was called above: the records name them all.
+    let ops: std::collections::BTreeSet<&str> =
+        records.iter().map(|r| r.operation.as_str()).collect();
+    for proto in ["keys", "quorum", "access", "audit"] {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("proto/arca/v1/{proto}.proto")),
+        )
+        .unwrap();
+        for line in text.lines() {
+            if let Some(rest) = line.trim().strip_prefix("rpc ") {
+                let name = rest.split('(').next().unwrap().trim();
+                assert!(ops.contains(name), "no record of {name}");
+            }
+        }
     }
     let one = |rid: &str| by_rid[rid][0];
     assert_eq!(one("t-noauth").auth_method, "none");
@@ -1116,4 +1290,27 @@ async fn the_cli_verifies_queries_and_exports() {
         String::from_utf8_lossy(&admin.stderr).contains("PermissionDenied"),
         "{admin:?}"
     );
+}
+
+/// The gRPC code name an audit record uses.
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
