@@ -250,6 +250,8 @@ pub async fn serve(
 ) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of descriptors, say: pause rather than spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let render = Arc::clone(&render);

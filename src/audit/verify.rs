@@ -138,7 +138,7 @@ pub async fn verify(
                 return Err(AuditError::Corrupt("checkpoint line"));
             };
             match seals.get(&c.seq) {
-                Some(s) if s.head == head && s.mac == mac => {}
+                Some(s) if s.head == head && crate::secret::ct_eq(&s.mac, &mac) => {}
                 // The write-once file wins over the database: the walk checks it.
                 _ => {
                     seals.insert(
@@ -226,7 +226,7 @@ pub async fn verify(
                     || keys
                         .mac(seal_input(&s.head, row.seq))
                         .await
-                        .map(|m| m == s.mac)?;
+                        .map(|m| crate::secret::ct_eq(&m, &s.mac))?;
                 if s.head != row.hash || !mac_ok {
                     first_bad = Some((
                         last_good_seal + 1,

@@ -185,9 +185,10 @@ impl AuditLog {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Whether the last batch committed.
+    /// Whether the last batch committed and the writer is running (a writer that never
+    /// started or stopped fails every call closed, so it is not healthy).
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && !self.tx.is_closed()
     }
 
     /// The store (for queries and verification).
@@ -435,7 +436,14 @@ impl Writer {
             }
             let carried = self.carry.len();
             let mut records: Vec<PendingRecord> = std::mem::take(&mut self.carry);
-            records.extend(batch.iter().map(|s| s.rec.clone()));
+            records.extend(batch.iter_mut().map(|s| {
+                // A waiter that gave up (its timeout) answered its caller UNAVAILABLE:
+                // its record says so, whatever the handler did.
+                if s.done.as_ref().is_some_and(|d| d.is_closed()) {
+                    withheld(&mut s.rec, "audit record late");
+                }
+                s.rec.clone()
+            }));
             let started = Instant::now();
             let outcome =
                 match tokio::time::timeout(self.cfg.commit_timeout, self.commit(&records)).await {
@@ -482,9 +490,9 @@ impl Writer {
                     for s in batch {
                         let mut rec = s.rec;
                         if let Some(done) = s.done {
-                            // The request is refused: its record says so.
-                            rec.result = codes::UNAVAILABLE;
-                            rec.details.detail = Some("refused: audit write failed".into());
+                            // The response is withheld: the record says so, and what the
+                            // handler had answered (it may have changed state).
+                            withheld(&mut rec, "audit write failed");
                             let _ = done.send(Err(AuditError::Unavailable));
                         }
                         if self.carry.len() < MAX_CARRY {
@@ -672,6 +680,25 @@ impl Writer {
         }
         Ok(last_seq + 1 - records.len() as u64)
     }
+}
+
+/// Marks `rec` as a call whose response was withheld (the caller got `UNAVAILABLE`),
+/// keeping the handler's own result in the detail. Idempotent.
+fn withheld(rec: &mut PendingRecord, why: &str) {
+    if rec.result == codes::UNAVAILABLE
+        && rec
+            .details
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with("response withheld"))
+    {
+        return;
+    }
+    rec.details.detail = Some(format!(
+        "response withheld ({why}); the handler answered {}",
+        super::record::code_name(rec.result)
+    ));
+    rec.result = codes::UNAVAILABLE;
 }
 
 /// AAD of a sealed data key.

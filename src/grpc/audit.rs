@@ -6,6 +6,13 @@
 //! until it is durable before it returns the response. The unary body (a data key, say)
 //! has not been sent yet; if the record cannot be made durable within the timeout, the
 //! response is dropped and the caller gets `UNAVAILABLE` instead.
+//!
+//! Never skipped: the handler and its record run on a task of their own, so a caller
+//! that resets the stream or whose deadline passes (tonic drops the call's future) cannot
+//! stop the record of what the handler did. The record's result is the handler's code.
+//!
+//! Operation names in records and metric labels are the API's method names only; any
+//! other path is recorded as `unknown` (a caller cannot mint labels).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +31,56 @@ use crate::audit::verify::Filter;
 use crate::audit::{code_name, code_of_name, AuditLog, AuditSlot, Details, Kind, PendingRecord};
 use crate::authz::{AuthMethod, Principal};
 use crate::service::{Caller, KeyService, ServiceError};
+
+/// Every method of the API (the test `every_rpc_writes_exactly_one_record` checks this
+/// list against the protos).
+const METHODS: &[&str] = &[
+    "CreateKey",
+    "GetKey",
+    "ListKeys",
+    "GenerateDataKey",
+    "WrapKey",
+    "UnwrapKey",
+    "RewrapKey",
+    "RotateKey",
+    "DisableKeyVersion",
+    "EnableKeyVersion",
+    "RetireKeyVersion",
+    "RetireKey",
+    "CancelRetirement",
+    "SetRetention",
+    "Init",
+    "Unseal",
+    "Seal",
+    "SealStatus",
+    "ListRequests",
+    "GetRequest",
+    "Approve",
+    "Reject",
+    "Rekey",
+    "CreateToken",
+    "RevokeToken",
+    "ListTokens",
+    "Elevate",
+    "BreakGlass",
+    "EnrollTotp",
+    "ListReviews",
+    "CloseReview",
+    "UpdatePolicy",
+    "QueryAudit",
+    "VerifyAudit",
+    "ServerReflectionInfo",
+];
+
+/// The method a request path names, if it is one of the API's.
+fn method_of(path: &str) -> &'static str {
+    let name = path.rsplit('/').next().unwrap_or_default();
+    METHODS
+        .iter()
+        .find(|m| **m == name)
+        .copied()
+        .unwrap_or("unknown")
+}
 
 /// How a principal authenticated, as recorded (a token by its public id, never the
 /// token).
@@ -74,19 +131,12 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let log = self.log.clone();
-        Box::pin(async move {
+        // On a task of its own, so that dropping the call (a reset, a passed deadline)
+        // cannot skip the record; the outer future only waits for it.
+        let task = tokio::spawn(async move {
             let started = Instant::now();
             let time_ms = log.as_ref().map(|l| l.now_ms()).unwrap_or_default();
-            let operation = req
-                .uri()
-                .path()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .take(64)
-                .collect::<String>();
+            let operation = method_of(req.uri().path()).to_string();
             let request_id = req
                 .extensions()
                 .get::<RequestId>()
@@ -101,7 +151,10 @@ where
             if let Some(s) = &slot {
                 req.extensions_mut().insert(s.clone());
             }
-            let resp = inner.call(req).await?;
+            let resp = match inner.call(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
             let code = resp
                 .headers()
                 .get("grpc-status")
@@ -111,7 +164,7 @@ where
             let latency = started.elapsed();
             crate::metrics::global().request(&operation, code_name(code), latency);
             let (Some(log), Some(slot)) = (log, slot) else {
-                return Ok(resp);
+                return resp;
             };
             let mut details = Details {
                 request_id: request_id.clone(),
@@ -130,17 +183,23 @@ where
             };
             let diagnostic = rec.operation == "VerifyAudit";
             match log.record(rec).await {
-                Ok(_) => Ok(resp),
+                Ok(_) => resp,
                 // Verification returns no key material and is how an operator learns
                 // why the log cannot be written: it answers anyway (its record waits
                 // in the writer for the store to recover).
-                Err(_) if diagnostic => Ok(resp),
+                Err(_) if diagnostic => resp,
                 Err(_) => {
                     // The response (and any key material in its body) is dropped unsent.
                     drop(resp);
-                    Ok(to_status(ServiceError::AuditUnavailable, &request_id).into_http())
+                    to_status(ServiceError::AuditUnavailable, &request_id).into_http()
                 }
             }
+        });
+        Box::pin(async move {
+            Ok(task.await.unwrap_or_else(|_| {
+                // The task panicked: nothing of the handler's answer leaves.
+                to_status(ServiceError::AuditUnavailable, "").into_http()
+            }))
         })
     }
 }
@@ -284,5 +343,23 @@ impl pb::audit_service_server::AuditService for AuditApi {
             seal_macs_checked: r.seal_macs_checked,
             unsealed_tail: r.unsealed_tail,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::method_of;
+
+    #[test]
+    fn only_the_apis_methods_name_operations() {
+        assert_eq!(method_of("/arca.v1.KeyService/UnwrapKey"), "UnwrapKey");
+        assert_eq!(
+            method_of("/arca.v1.AuditService/VerifyAudit"),
+            "VerifyAudit"
+        );
+        // A caller cannot mint operation names or metric labels.
+        assert_eq!(method_of("/arca.v1.KeyService/Anything"), "unknown");
+        assert_eq!(method_of("/x/UnwrapKey\u{0}"), "unknown");
+        assert_eq!(method_of(""), "unknown");
     }
 }

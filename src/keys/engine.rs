@@ -87,8 +87,18 @@ impl KeyEngine {
                         Some(job) => {
                             let in_use = &crate::metrics::global().hsm_sessions_in_use;
                             in_use.fetch_add(1, Ordering::Relaxed);
-                            job(hsm.as_ref());
+                            // A panic inside a job (in the PKCS#11 module's bindings, say)
+                            // fails that call only: its caller sees its reply channel
+                            // dropped, and this worker goes on serving.
+                            let hsm = hsm.as_ref();
+                            let done =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                                    job(hsm)
+                                }));
                             in_use.fetch_sub(1, Ordering::Relaxed);
+                            if done.is_err() {
+                                tracing::error!("an HSM call panicked; the call failed");
+                            }
                         }
                         None => break,
                     }

@@ -470,9 +470,7 @@ impl KeyService {
                 Ok(Some(self.cache.put(after)))
             }
             Err(e) => {
-                if let Err(de) = engine.destroy_object(object).await {
-                    tracing::warn!(error = %de, "could not remove the HSM object of a lost rotation");
-                }
+                self.discard_unstored_object(object, &e).await;
                 match e {
                     StoreError::AlreadyExists => Ok(None),
                     e => Err(e.into()),
@@ -495,7 +493,12 @@ impl KeyService {
                     ServiceError::Unavailable(what) => {
                         tracing::debug!(what, "lifecycle jobs waiting for a dependency")
                     }
-                    e => tracing::warn!(error = %e, "lifecycle job pass failed"),
+                    e => {
+                        tracing::warn!(error = %e, "lifecycle job pass failed");
+                        // The pass is retried at the next interval; the trail shows the
+                        // failure (the error itself is in the log).
+                        self.audit_job("job.failed", false, None, "lifecycle job pass failed");
+                    }
                 }
             }
             tokio::time::sleep(cfg.interval).await;

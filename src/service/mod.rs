@@ -641,9 +641,7 @@ impl KeyService {
                     return Ok(self.cache.put(rec));
                 }
                 Err(e) => {
-                    if let Err(de) = self.engine()?.destroy_object(object).await {
-                        tracing::warn!(error = %de, "could not remove the HSM object of a failed rotation");
-                    }
+                    self.discard_unstored_object(object, &e).await;
                     match e {
                         StoreError::AlreadyExists => continue,
                         e => return Err(e.into()),
@@ -652,6 +650,31 @@ impl KeyService {
             }
         }
         Err(ServiceError::Aborted("concurrent rotation; retry"))
+    }
+
+    /// Destroys the HSM object of a new version whose store write failed, but only when
+    /// the failure proves the version was not stored (a lost race, a refused state). After
+    /// an ambiguous failure (the connection dropped during the commit) the version may be
+    /// committed: its object is kept (an orphan at worst, never a version without its key).
+    pub(super) async fn discard_unstored_object(&self, object: arca_hsm::ObjectId, e: &StoreError) {
+        let not_stored = matches!(
+            e,
+            StoreError::AlreadyExists | StoreError::StateConflict { .. } | StoreError::NotFound
+        );
+        if !not_stored {
+            tracing::warn!(object = %object, "kept the HSM object of a rotation whose commit may have happened");
+            return;
+        }
+        match self.engine() {
+            Ok(engine) => {
+                if let Err(de) = engine.destroy_object(object).await {
+                    tracing::warn!(error = %de, "could not remove the HSM object of a failed rotation");
+                }
+            }
+            Err(_) => {
+                tracing::warn!(object = %object, "sealed: the HSM object of a failed rotation stays")
+            }
+        }
     }
 
     /// Disables a version (reversible; it stops unwrapping at once).

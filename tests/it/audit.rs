@@ -1314,3 +1314,50 @@ fn code_name(c: Code) -> &'static str {
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_whose_deadline_passes_cannot_skip_the_record() {
+    let arca = TestArca::start().await;
+    let mut keys = KeyServiceClient::new(arca.channel().await);
+    let t = arca.token().to_string();
+    // CreateKey makes an HSM key and commits: longer than these deadlines, so tonic
+    // drops the calls' futures while the handlers run.
+    let mut late = 0;
+    for i in 0..20 {
+        let mut r = req(
+            pb::CreateKeyRequest {
+                name: format!("dl-{i}"),
+                ..Default::default()
+            },
+            Some(&t),
+            &format!("dl-{i}"),
+        );
+        r.set_timeout(Duration::from_micros(300));
+        if let Err(s) = keys.create_key(r).await {
+            assert!(
+                matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
+                "{s:?}"
+            );
+            late += 1;
+        }
+    }
+    assert!(
+        late > 0,
+        "no call hit its deadline; the test proves nothing"
+    );
+    // Let the handlers that outlived their callers finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = export(&arca).await;
+    let mut c = arca.client().await;
+    for i in 0..20 {
+        let rid = format!("dl-{i}");
+        let mine: Vec<_> = records.iter().filter(|r| r.request_id == rid).collect();
+        assert_eq!(mine.len(), 1, "{rid}: {mine:?}");
+        // What the handler did is what the record says.
+        let exists = c
+            .get_key(pb::GetKeyRequest { name: rid.clone() })
+            .await
+            .is_ok();
+        assert_eq!(exists, mine[0].result == "OK", "{rid}: {:?}", mine[0]);
+    }
+}
