@@ -269,3 +269,127 @@ async fn a_forged_or_lost_checkpoint_is_found() {
     assert!(!r.ok, "{r:?}");
     assert_eq!(r.problem, Some(Problem::Modified));
 }
+
+/// A store whose fast-path appends commit and then report a failure (a connection lost
+/// during `COMMIT`), `lose` times.
+struct LostAnswers {
+    inner: Arc<SqlStore>,
+    lose: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl AuditStore for LostAnswers {
+    async fn audit_append(
+        &self,
+        build: &crate::store::AppendBuilder<'_>,
+    ) -> crate::store::Result<(u64, [u8; 32])> {
+        self.inner.audit_append(build).await
+    }
+    async fn audit_append_at(
+        &self,
+        head: (u64, [u8; 32]),
+        batch: crate::store::AuditAppend,
+    ) -> crate::store::Result<(u64, [u8; 32])> {
+        let r = self.inner.audit_append_at(head, batch).await?;
+        let left = self.lose.load(Ordering::SeqCst);
+        if left > 0 && r != head {
+            self.lose.store(left - 1, Ordering::SeqCst);
+            return Err(crate::store::StoreError::Corrupt(
+                "answer lost after COMMIT",
+            ));
+        }
+        Ok(r)
+    }
+    async fn audit_insert_dek(
+        &self,
+        id: &str,
+        sealed: &[u8],
+        now: i64,
+    ) -> crate::store::Result<()> {
+        self.inner.audit_insert_dek(id, sealed, now).await
+    }
+    async fn audit_dek(&self, id: &str) -> crate::store::Result<Vec<u8>> {
+        self.inner.audit_dek(id).await
+    }
+    async fn audit_rows(
+        &self,
+        from: u64,
+        limit: u32,
+    ) -> crate::store::Result<Vec<crate::store::AuditRow>> {
+        self.inner.audit_rows(from, limit).await
+    }
+    async fn audit_rows_in_time(
+        &self,
+        from: u64,
+        since: i64,
+        until: i64,
+        limit: u32,
+    ) -> crate::store::Result<Vec<crate::store::AuditRow>> {
+        self.inner
+            .audit_rows_in_time(from, since, until, limit)
+            .await
+    }
+    async fn audit_row(&self, seq: u64) -> crate::store::Result<crate::store::AuditRow> {
+        self.inner.audit_row(seq).await
+    }
+    async fn audit_seals(&self, from: u64) -> crate::store::Result<Vec<crate::store::AuditSeal>> {
+        self.inner.audit_seals(from).await
+    }
+    async fn audit_head(&self) -> crate::store::Result<(u64, [u8; 32])> {
+        self.inner.audit_head().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = Arc::new(
+        SqlStore::open_sqlite(&dir.path().join("a.db"))
+            .await
+            .unwrap(),
+    );
+    let store = Arc::new(LostAnswers {
+        inner: inner.clone(),
+        lose: std::sync::atomic::AtomicU32::new(0),
+    });
+    let engine = KeyEngine::start(Arc::new(FakeHsm::new()), &EngineConfig::default()).unwrap();
+    let keys = Arc::new(TestKeys {
+        engine,
+        open: AtomicBool::new(true),
+    });
+    let log = AuditLog::start(
+        store.clone(),
+        keys.clone(),
+        Arc::new(SystemClock),
+        AuditConfig::default(),
+        AlertEngine::new(&AlertPolicy::parse(alerts::DEFAULT_ALERTS).unwrap()),
+        None,
+    );
+    // The first commits take the locking path; once the writer knows its head, later
+    // batches take the fast path, whose answers are now lost three times.
+    for i in 0..5 {
+        log.record(rec("UnwrapKey", "svc:a", &format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    store.lose.store(3, Ordering::SeqCst);
+    for i in 5..20 {
+        log.record(rec("UnwrapKey", "svc:a", &format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.lose.load(Ordering::SeqCst), 0, "no answer was lost");
+    // 20 records, each once, gapless, and the chain verifies.
+    let rows = inner.audit_rows(1, 100).await.unwrap();
+    let rpc: Vec<_> = rows.iter().filter(|r| r.kind == "rpc").collect();
+    assert_eq!(
+        rpc.len(),
+        20,
+        "{:?}",
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>()
+    );
+    let r = verify(inner.as_ref(), keys.as_ref(), None, 1)
+        .await
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+}

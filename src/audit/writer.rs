@@ -445,11 +445,20 @@ impl Writer {
                 s.rec.clone()
             }));
             let started = Instant::now();
-            let outcome =
+            let before = self.head;
+            let mut outcome =
                 match tokio::time::timeout(self.cfg.commit_timeout, self.commit(&records)).await {
                     Ok(r) => r,
                     Err(_) => Err(AuditError::Unavailable),
                 };
+            if outcome.is_err() {
+                // A commit can fail after it happened (a connection lost during COMMIT,
+                // a timeout while the statement finishes): writing the batch again would
+                // duplicate it, so look first.
+                if let Some(first) = self.committed_anyway(before, &records).await {
+                    outcome = Ok(first);
+                }
+            }
             let m = crate::metrics::global();
             match outcome {
                 Ok(first_seq) => {
@@ -613,6 +622,35 @@ impl Writer {
             .audit_insert_dek(&id, &sealed, self.clock.now_ms())
             .await?;
         Ok(DataKey::new(id, key))
+    }
+
+    /// After a failed commit on the fast path: whether the batch is stored anyway (its
+    /// last row, rebuilt — numbering, encryption and chaining are deterministic — is in
+    /// the store with the same hash). Returns its first seq if so.
+    async fn committed_anyway(
+        &mut self,
+        before: Option<(u64, [u8; 32])>,
+        records: &[PendingRecord],
+    ) -> Option<u64> {
+        let before = before?;
+        let dek = if self.open { self.dek.as_ref() } else { None };
+        let rows = build_rows(before.0, before.1, records, dek).ok()?;
+        let last = rows.last()?;
+        let stored = tokio::time::timeout(TICK, self.store.audit_row(last.seq))
+            .await
+            .ok()?
+            .ok()?;
+        if stored.hash != last.hash {
+            return None;
+        }
+        tracing::warn!(
+            last_seq = last.seq,
+            "an audit batch reported as failed was stored; not written again"
+        );
+        self.head = None;
+        self.dek_used += records.len() as u64;
+        self.unsealed = Some((last.seq, last.hash));
+        Some(before.0 + 1)
     }
 
     /// Appends `records` (and the ready seal, if any) in one transaction; returns the
