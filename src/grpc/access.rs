@@ -6,10 +6,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use super::status::to_status;
+use super::status::{caller, to_status};
 use crate::clock::rfc3339;
 use crate::service::ReviewRecord;
-use crate::service::{AccessOutcome, Caller, KeyService, NewToken};
+use crate::service::{AccessOutcome, KeyService, NewToken};
 
 /// The gRPC face of token administration.
 pub struct AccessApi {
@@ -21,13 +21,6 @@ impl AccessApi {
     pub fn new(svc: Arc<KeyService>) -> Self {
         AccessApi { svc }
     }
-}
-
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("unauthenticated"))
 }
 
 #[tonic::async_trait]

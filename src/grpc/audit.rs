@@ -26,11 +26,11 @@ use tower_service::Service;
 
 use super::pb;
 use super::request_id::RequestId;
-use super::status::to_status;
+use super::status::{caller, to_status};
 use crate::audit::verify::Filter;
 use crate::audit::{code_name, code_of_name, AuditLog, AuditSlot, Details, Kind, PendingRecord};
 use crate::authz::{AuthMethod, Principal};
-use crate::service::{Caller, KeyService, ServiceError};
+use crate::service::{KeyService, ServiceError};
 
 /// Every method of the API (the test `every_rpc_writes_exactly_one_record` checks this
 /// list against the protos).
@@ -245,13 +245,6 @@ impl AuditApi {
     pub fn new(svc: Arc<KeyService>) -> Self {
         AuditApi { svc }
     }
-}
-
-fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| tonic::Status::unauthenticated("unauthenticated"))
 }
 
 #[tonic::async_trait]

@@ -8,11 +8,11 @@ use zeroize::Zeroizing;
 
 use super::audit::Note;
 use super::pb;
-use super::status::to_status;
+use super::status::{caller, to_status};
 use crate::clock::rfc3339;
 use crate::keys::{EncryptionContext, VersionState};
 use crate::secret::Plaintext;
-use crate::service::{AdminOutcome, Caller, KeyOptions, KeyRecord, KeyService, ServiceError};
+use crate::service::{AdminOutcome, KeyOptions, KeyRecord, KeyService, ServiceError};
 
 /// The gRPC face of the key service.
 pub struct KeyApi {
@@ -24,14 +24,6 @@ impl KeyApi {
     pub fn new(svc: Arc<KeyService>) -> Self {
         KeyApi { svc }
     }
-}
-
-/// The authenticated caller the auth wrapper put in the request.
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("unauthenticated"))
 }
 
 fn context(map: std::collections::HashMap<String, String>) -> EncryptionContext {

@@ -8,11 +8,11 @@ use arca_hsm::AuthPin;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use super::status::to_status;
+use super::status::{caller, to_status};
 use crate::clock::rfc3339;
 use crate::quorum::age;
 use crate::service::{
-    ApprovalRecord, Caller, CustodianKit, KeyService, RequestResult, SealStatus, ServiceError,
+    ApprovalRecord, CustodianKit, KeyService, RequestResult, SealStatus, ServiceError,
 };
 
 /// Smallest K outside dev mode (DESIGN §2: 2 ≤ K).
@@ -28,13 +28,6 @@ impl QuorumApi {
     pub fn new(svc: Arc<KeyService>) -> Self {
         QuorumApi { svc }
     }
-}
-
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("unauthenticated"))
 }
 
 fn status_to_pb(s: SealStatus) -> pb::SealStatusResponse {

@@ -6,6 +6,22 @@ use tonic::{Code, Status};
 
 use crate::service::ServiceError;
 
+/// The authenticated caller the auth wrapper put in the request (a request that reached
+/// a handler without one is refused like any unauthenticated call).
+pub(super) fn caller<T>(req: &tonic::Request<T>) -> Result<crate::service::Caller, Status> {
+    req.extensions()
+        .get::<crate::service::Caller>()
+        .cloned()
+        .ok_or_else(|| {
+            let id = req
+                .extensions()
+                .get::<super::request_id::RequestId>()
+                .map(|r| r.0.as_str())
+                .unwrap_or_default();
+            to_status(ServiceError::Unauthenticated, id)
+        })
+}
+
 /// Maps a service error to the status the caller sees.
 pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     let code = match &err {
