@@ -9,6 +9,7 @@ use arca_hsm::fake::FakeHsm;
 use zeroize::Zeroizing;
 
 use super::alerts::{AlertEngine, AlertPolicy};
+use super::record::codes;
 use super::verify::{query, verify, Filter, Problem};
 use super::*;
 use crate::clock::SystemClock;
@@ -271,10 +272,28 @@ async fn a_forged_or_lost_checkpoint_is_found() {
 }
 
 /// A store whose fast-path appends commit and then report a failure (a connection lost
-/// during `COMMIT`), `lose` times.
+/// during `COMMIT`), `lose` times, and whose appends take `delay_ms` longer.
 struct LostAnswers {
     inner: Arc<SqlStore>,
     lose: std::sync::atomic::AtomicU32,
+    delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LostAnswers {
+    fn over(inner: Arc<SqlStore>) -> Arc<LostAnswers> {
+        Arc::new(LostAnswers {
+            inner,
+            lose: std::sync::atomic::AtomicU32::new(0),
+            delay_ms: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    async fn delay(&self) {
+        let ms = self.delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -283,6 +302,7 @@ impl AuditStore for LostAnswers {
         &self,
         build: &crate::store::AppendBuilder<'_>,
     ) -> crate::store::Result<(u64, [u8; 32])> {
+        self.delay().await;
         self.inner.audit_append(build).await
     }
     async fn audit_append_at(
@@ -290,6 +310,7 @@ impl AuditStore for LostAnswers {
         head: (u64, [u8; 32]),
         batch: crate::store::AuditAppend,
     ) -> crate::store::Result<(u64, [u8; 32])> {
+        self.delay().await;
         let r = self.inner.audit_append_at(head, batch).await?;
         let left = self.lose.load(Ordering::SeqCst);
         if left > 0 && r != head {
@@ -348,10 +369,7 @@ async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
             .await
             .unwrap(),
     );
-    let store = Arc::new(LostAnswers {
-        inner: inner.clone(),
-        lose: std::sync::atomic::AtomicU32::new(0),
-    });
+    let store = LostAnswers::over(inner.clone());
     let engine = KeyEngine::start(Arc::new(FakeHsm::new()), &EngineConfig::default()).unwrap();
     let keys = Arc::new(TestKeys {
         engine,
@@ -388,6 +406,68 @@ async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
         "{:?}",
         rows.iter().map(|r| r.seq).collect::<Vec<_>>()
     );
+    let r = verify(inner.as_ref(), keys.as_ref(), None, 1)
+        .await
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_says_what_its_caller_heard_when_a_commit_is_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = Arc::new(
+        SqlStore::open_sqlite(&dir.path().join("a.db"))
+            .await
+            .unwrap(),
+    );
+    let store = LostAnswers::over(inner.clone());
+    let engine = KeyEngine::start(Arc::new(FakeHsm::new()), &EngineConfig::default()).unwrap();
+    let keys = Arc::new(TestKeys {
+        engine,
+        open: AtomicBool::new(true),
+    });
+    let log = AuditLog::start(
+        store.clone(),
+        keys.clone(),
+        Arc::new(SystemClock),
+        AuditConfig {
+            timeout: Duration::from_millis(300),
+            commit_timeout: Duration::from_millis(2000),
+            ..AuditConfig::default()
+        },
+        AlertEngine::new(&AlertPolicy::parse(alerts::DEFAULT_ALERTS).unwrap()),
+        None,
+    );
+    log.record(rec("UnwrapKey", "svc:a", "warm")).await.unwrap();
+    // Every commit now takes 700 ms: longer than a caller's 300 ms, shorter than the
+    // commit timeout.
+    store.delay_ms.store(700, Ordering::SeqCst);
+    let first = {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move { log.record(rec("UnwrapKey", "svc:a", "in-batch")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Queued behind the slow commit: its caller gives up first.
+    let second = log.record(rec("UnwrapKey", "svc:a", "queued")).await;
+    assert!(matches!(second, Err(AuditError::Unavailable)), "{second:?}");
+    // In the batch when its caller's time ran out: it hears the batch's outcome.
+    let first = first.await.unwrap();
+    assert!(first.is_ok(), "{first:?}");
+    store.delay_ms.store(0, Ordering::SeqCst);
+    let mut rows = Vec::new();
+    for _ in 0..300 {
+        rows = inner.audit_rows(1, 100).await.unwrap();
+        if rows.iter().filter(|r| r.kind == "rpc").count() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rpc: Vec<_> = rows.iter().filter(|r| r.kind == "rpc").collect();
+    assert_eq!(rpc.len(), 3, "{rows:?}");
+    // The answered call's record is OK; the abandoned one says UNAVAILABLE.
+    assert_eq!(rpc[1].seq, first.unwrap());
+    assert_eq!(rpc[1].result, codes::OK);
+    assert_eq!(rpc[2].result, codes::UNAVAILABLE);
     let r = verify(inner.as_ref(), keys.as_ref(), None, 1)
         .await
         .unwrap();

@@ -14,9 +14,13 @@
 //!
 //! Invariants:
 //! - A waiter hears `Ok` only after the transaction holding its record committed.
-//! - The writer never hangs a request: a full queue refuses at once, a waiter gives up
-//!   after its timeout, and a batch that takes longer than the commit timeout is dropped
-//!   (its transaction rolls back) and reported failed.
+//! - The writer never hangs a request: a full queue refuses at once, a waiter whose
+//!   record is still queued gives up after its timeout, and a batch that takes longer
+//!   than the commit timeout is dropped (its transaction rolls back) and reported failed.
+//! - A record says what its caller heard: a waiter whose record is in a batch waits for
+//!   that batch's outcome (so a slow commit that succeeds is not answered `UNAVAILABLE`
+//!   beside an OK record), and a record whose waiter gave up first says the response
+//!   was withheld.
 //! - Records of a failed batch are kept (with result `UNAVAILABLE`, since their requests
 //!   were refused) and written when the store recovers, after an `audit.write_failed`
 //!   job record; while the store keeps failing, the writer retries every 250 ms, so it
@@ -24,7 +28,7 @@
 //! - Details are encrypted under a data key made in the HSM whenever the HSM is open;
 //!   the data key lives only in this task's memory and sealed in `audit_deks`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -100,8 +104,32 @@ impl DigestKey {
 
 struct Submission {
     rec: PendingRecord,
-    done: Option<oneshot::Sender<Result<u64, AuditError>>>,
+    /// The waiter: its answer channel and the claim it shares with the writer.
+    done: Option<Waiter>,
 }
+
+/// A caller waiting for its record. Exactly one of caller and writer moves `claim` out of
+/// [`QUEUED`]: the writer to [`TAKEN`] when it puts the record in a batch (the record then
+/// says what that batch's outcome tells the caller), the caller to [`ABANDONED`] when its
+/// wait ends first (the record then says the response was withheld).
+struct Waiter {
+    answer: oneshot::Sender<Result<u64, AuditError>>,
+    claim: Arc<AtomicU8>,
+}
+
+impl Waiter {
+    /// Claims the record for a batch; false if its caller has already given up.
+    fn take(&self) -> bool {
+        self.claim
+            .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            && !self.answer.is_closed()
+    }
+}
+
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
 
 /// The audit trail's entry point.
 pub struct AuditLog {
@@ -220,19 +248,41 @@ impl AuditLog {
     }
 
     /// Submits a record and waits until it is durable (or fails, or times out).
+    ///
+    /// The wait is bounded twice: a record still queued when `timeout` ends is abandoned
+    /// (the caller fails `UNAVAILABLE` and the record says the response was withheld); a
+    /// record already in a batch waits for that batch's outcome, which the writer bounds
+    /// by `commit_timeout`, so what the record says is what the caller hears.
     pub async fn record(&self, mut rec: PendingRecord) -> Result<u64, AuditError> {
         rec.details.node.clone_from(&self.cfg.node);
-        let (done, wait) = oneshot::channel();
+        let (answer, mut wait) = oneshot::channel();
+        let claim = Arc::new(AtomicU8::new(QUEUED));
         self.tx
             .try_send(Submission {
                 rec,
-                done: Some(done),
+                done: Some(Waiter {
+                    answer,
+                    claim: Arc::clone(&claim),
+                }),
             })
             .map_err(|_| AuditError::Unavailable)?;
         crate::metrics::global()
             .audit_queue_depth
             .store(self.depth(), Ordering::Relaxed);
-        match tokio::time::timeout(self.cfg.timeout, wait).await {
+        match tokio::time::timeout(self.cfg.timeout, &mut wait).await {
+            Ok(Ok(r)) => return r,
+            Ok(Err(_)) => return Err(AuditError::Unavailable),
+            Err(_) => {}
+        }
+        if claim
+            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Err(AuditError::Unavailable);
+        }
+        // In a batch being committed. The writer answers within its commit timeout (and
+        // the look-up after a failed commit); the margin only covers a writer that died.
+        match tokio::time::timeout(self.cfg.commit_timeout + 2 * TICK, wait).await {
             Ok(Ok(r)) => r,
             _ => Err(AuditError::Unavailable),
         }
@@ -438,8 +488,9 @@ impl Writer {
             let mut records: Vec<PendingRecord> = std::mem::take(&mut self.carry);
             records.extend(batch.iter_mut().map(|s| {
                 // A waiter that gave up (its timeout) answered its caller UNAVAILABLE:
-                // its record says so, whatever the handler did.
-                if s.done.as_ref().is_some_and(|d| d.is_closed()) {
+                // its record says so, whatever the handler did. The others wait for
+                // this batch's outcome.
+                if s.done.as_ref().is_some_and(|d| !d.take()) {
                     withheld(&mut s.rec, "audit record late");
                 }
                 s.rec.clone()
@@ -472,7 +523,7 @@ impl Writer {
                     self.outage_noted = false;
                     for (i, s) in batch.into_iter().enumerate() {
                         if let Some(done) = s.done {
-                            let _ = done.send(Ok(first_seq + (carried + i) as u64));
+                            let _ = done.answer.send(Ok(first_seq + (carried + i) as u64));
                         }
                     }
                     for r in &records {
@@ -502,7 +553,7 @@ impl Writer {
                             // The response is withheld: the record says so, and what the
                             // handler had answered (it may have changed state).
                             withheld(&mut rec, "audit write failed");
-                            let _ = done.send(Err(AuditError::Unavailable));
+                            let _ = done.answer.send(Err(AuditError::Unavailable));
                         }
                         if self.carry.len() < MAX_CARRY {
                             self.carry.push(rec);
