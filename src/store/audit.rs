@@ -7,6 +7,9 @@
 //!   numbers are gapless and the chain is one chain across every node on the database.
 //! - The head moves only forward and only in the transaction that inserts the rows it
 //!   names; the database refuses UPDATE and DELETE on the log, seals and data keys.
+//! - On SQLite the fast path ([`AuditStore::audit_append_at`]) runs on a connection of
+//!   the audit writer's own, not the writer pool's, so a batch neither waits for the
+//!   pool nor behind other writes in it; SQLite's write lock orders the two.
 //! - This module stores what it is given: it neither computes hashes nor decrypts. The
 //!   chain and encryption are `crate::audit`'s, handed in as the batch builder.
 
@@ -15,7 +18,7 @@ use std::pin::Pin;
 
 use sqlx::any::AnyRow;
 
-use super::sql::{classify, get, Backend, SqlStore};
+use super::sql::{classify, get, AuditConnection, Backend, SqlStore};
 use super::{Result, StoreError};
 
 /// A future that may borrow, for the batch builder.
@@ -240,19 +243,32 @@ impl AuditStore for SqlStore {
         // SQLite: a row numbered head + 1 already there (another process wrote) makes
         // the INSERT fail on the primary key, and the whole script rolls back.
         // On a task of its own: if the caller gives up (its timeout), the script still
-        // ends in COMMIT or ROLLBACK, so the connection never returns to the pool inside
-        // an open transaction.
+        // ends in COMMIT or ROLLBACK, so the connection is never left inside an open
+        // transaction. The connection is the writer's own (see `AuditConnection`); after
+        // an error it is closed and the next append opens a fresh one.
         let script = append_script(head, &batch)?;
-        let pool = self.writer.clone();
+        let Some(own) = &self.audit_conn else {
+            return Err(StoreError::Corrupt("no audit connection"));
+        };
+        let (slot, url) = (own.slot(), own.url());
         let run = tokio::spawn(async move {
-            let mut conn = pool.acquire().await.map_err(classify)?;
+            let mut held = slot.lock().await;
+            let mut conn = match held.take() {
+                Some(c) => c,
+                None => AuditConnection::connect(&url).await.map_err(classify)?,
+            };
             match sqlx::raw_sql(sqlx::AssertSqlSafe(script))
-                .execute(&mut *conn)
+                .execute(&mut conn)
                 .await
             {
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    *held = Some(conn);
+                    Ok(())
+                }
                 Err(e) => {
-                    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                    // Roll back what the script began; the connection is dropped (and
+                    // with it anything the ROLLBACK could not end).
+                    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
                     Err(classify(e))
                 }
             }

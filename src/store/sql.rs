@@ -81,6 +81,41 @@ pub struct SqlStore {
     pub(super) reader: AnyPool,
     backend: Backend,
     pub(super) begin: &'static str,
+    /// SQLite only: the audit writer's own connection (see `store::audit`).
+    pub(super) audit_conn: Option<AuditConnection>,
+}
+
+/// A SQLite connection that only the audit writer uses, opened on first use and again
+/// after an error. Its appends do not queue behind the writer pool (whose one connection
+/// serves every other write) and skip the pool's acquire; SQLite's write lock and
+/// `busy_timeout` order them with the pool's transactions.
+pub(super) struct AuditConnection {
+    url: String,
+    conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
+}
+
+impl AuditConnection {
+    /// The connection's slot, for a task that runs one append on it. The caller holds
+    /// the lock for the whole append, connects when the slot is empty
+    /// ([`AuditConnection::connect`]) and empties it after an error.
+    pub(super) fn slot(&self) -> std::sync::Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>> {
+        std::sync::Arc::clone(&self.conn)
+    }
+
+    /// The URL to connect to (a file path; no secret).
+    pub(super) fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Opens a connection with the pools' settings.
+    pub(super) async fn connect(
+        url: &str,
+    ) -> std::result::Result<sqlx::AnyConnection, sqlx::Error> {
+        use sqlx::Connection;
+        let mut conn = sqlx::AnyConnection::connect(url).await?;
+        sqlx::raw_sql(SQLITE_PRAGMAS).execute(&mut conn).await?;
+        Ok(conn)
+    }
 }
 
 impl SqlStore {
@@ -112,6 +147,10 @@ impl SqlStore {
             reader,
             backend: Backend::Sqlite,
             begin: "BEGIN IMMEDIATE",
+            audit_conn: Some(AuditConnection {
+                url: url.clone(),
+                conn: Default::default(),
+            }),
         };
         store.migrate(SQLITE_MIGRATIONS).await?;
         Ok(store)
@@ -145,6 +184,7 @@ impl SqlStore {
             reader: pool,
             backend: Backend::Postgres,
             begin: "BEGIN",
+            audit_conn: None,
         };
         store.migrate(POSTGRES_MIGRATIONS).await?;
         Ok(store)
@@ -227,17 +267,17 @@ impl SqlStore {
 type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 
 /// Per-connection SQLite settings: WAL, full fsync, a busy timeout, foreign keys.
+/// Settings of every SQLite connection: WAL, a durable commit (fsync of the WAL), a
+/// wait for the write lock, foreign keys.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+
 fn sqlite_pragmas(
     conn: &mut sqlx::AnyConnection,
     _meta: sqlx::pool::PoolConnectionMetadata,
 ) -> BoxFuture<'_, std::result::Result<(), sqlx::Error>> {
     Box::pin(async move {
-        sqlx::raw_sql(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-        )
-        .execute(conn)
-        .await?;
+        sqlx::raw_sql(SQLITE_PRAGMAS).execute(conn).await?;
         Ok(())
     })
 }
