@@ -266,12 +266,12 @@ impl SqlStore {
 
 type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 
-/// Per-connection SQLite settings: WAL, full fsync, a busy timeout, foreign keys.
-/// Settings of every SQLite connection: WAL, a durable commit (fsync of the WAL), a
-/// wait for the write lock, foreign keys.
+/// Settings of every SQLite connection (the pools' and the audit writer's): WAL, a
+/// durable commit (fsync of the WAL), a wait for the write lock, foreign keys.
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
 
+/// Applies [`SQLITE_PRAGMAS`] to each new pool connection.
 fn sqlite_pragmas(
     conn: &mut sqlx::AnyConnection,
     _meta: sqlx::pool::PoolConnectionMetadata,
