@@ -51,6 +51,10 @@ const DEK_RECORDS: u64 = 1 << 24;
 const MAX_CARRY: usize = 100_000;
 /// How often an idle writer looks at the seal state and retries a failed store.
 const TICK: Duration = Duration::from_millis(250);
+/// How much longer than the commit timeout a caller whose record is in a batch waits for
+/// the writer's answer before it gives up: far more than building and checking even a
+/// full carry takes, so only a writer bug reaches it.
+const WRITER_MARGIN: Duration = Duration::from_secs(10);
 
 /// Tuning of the audit writer.
 #[derive(Clone, Debug)]
@@ -280,9 +284,10 @@ impl AuditLog {
         {
             return Err(AuditError::Unavailable);
         }
-        // In a batch being committed. The writer answers within its commit timeout (and
-        // the look-up after a failed commit); the margin only covers a writer that died.
-        match tokio::time::timeout(self.cfg.commit_timeout + 2 * TICK, wait).await {
+        // In a batch being committed. The writer answers within its commit timeout, the
+        // look-up after a failed commit and the (synchronous) building of the rows; a
+        // writer that dies drops the answer channel. The margin is for a writer bug only.
+        match tokio::time::timeout(self.cfg.commit_timeout + WRITER_MARGIN, wait).await {
             Ok(Ok(r)) => r,
             _ => Err(AuditError::Unavailable),
         }
@@ -508,6 +513,10 @@ impl Writer {
                 // duplicate it, so look first.
                 if let Some(first) = self.committed_anyway(before, &records).await {
                     outcome = Ok(first);
+                } else {
+                    // Whatever the head is now, the next batch reads it under the lock
+                    // (a commit dropped by the timeout did not get to forget it).
+                    self.head = None;
                 }
             }
             let m = crate::metrics::global();

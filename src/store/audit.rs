@@ -9,7 +9,9 @@
 //!   names; the database refuses UPDATE and DELETE on the log, seals and data keys.
 //! - On SQLite the fast path ([`AuditStore::audit_append_at`]) runs on a connection of
 //!   the audit writer's own, not the writer pool's, so a batch neither waits for the
-//!   pool nor behind other writes in it; SQLite's write lock orders the two.
+//!   pool nor behind other writes in it; SQLite's write lock orders the two. A batch
+//!   never waits behind an earlier one still running there: it fails at once, so no
+//!   batch commits long after its callers were answered.
 //! - This module stores what it is given: it neither computes hashes nor decrypts. The
 //!   chain and encryption are `crate::audit`'s, handed in as the batch builder.
 
@@ -252,7 +254,12 @@ impl AuditStore for SqlStore {
         };
         let (slot, url) = (own.slot(), own.url());
         let run = tokio::spawn(async move {
-            let mut held = slot.lock().await;
+            // One script at a time, and none queued: while an earlier one still runs (its
+            // caller gave up on it), this batch fails at once instead of committing
+            // later, after its callers were answered.
+            let Ok(mut held) = slot.try_lock_owned() else {
+                return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+            };
             let mut conn = match held.take() {
                 Some(c) => c,
                 None => AuditConnection::connect(&url).await.map_err(classify)?,
@@ -266,10 +273,19 @@ impl AuditStore for SqlStore {
                     Ok(())
                 }
                 Err(e) => {
-                    // Roll back what the script began; the connection is dropped (and
-                    // with it anything the ROLLBACK could not end).
-                    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
-                    Err(classify(e))
+                    let e = classify(e);
+                    let rolled_back = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
+                    // A lost race for the head leaves a healthy connection; after any
+                    // other error it is dropped (and with it anything the ROLLBACK could
+                    // not end), and the next append opens a fresh one.
+                    if matches!(
+                        e,
+                        StoreError::AlreadyExists | StoreError::StateConflict { .. }
+                    ) && rolled_back.is_ok()
+                    {
+                        *held = Some(conn);
+                    }
+                    Err(e)
                 }
             }
         });
@@ -452,5 +468,62 @@ impl AuditStore for SqlStore {
             u64_of(get(&row, "seq")?)?,
             hash_of(&get::<String>(&row, "hash")?)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn row(seq: u64) -> AuditRow {
+        AuditRow {
+            seq,
+            time_ms: 1,
+            kind: "rpc".into(),
+            operation: "UnwrapKey".into(),
+            result: 0,
+            dek_id: String::new(),
+            body: b"{}".to_vec(),
+            hash: [seq as u8; 32],
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_never_waits_behind_one_still_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqlStore::open_sqlite(&dir.path().join("a.db"))
+            .await
+            .unwrap();
+        let head = store.audit_head().await.unwrap();
+        let batch = || AuditAppend {
+            rows: vec![row(head.0 + 1)],
+            seal: None,
+        };
+        // An earlier script still holds the audit connection: this batch fails at once
+        // and stores nothing (it must not commit later, after its callers were answered).
+        let slot = store.audit_conn.as_ref().unwrap().slot();
+        let held = slot.lock().await;
+        let r = store.audit_append_at(head, batch()).await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        drop(held);
+        assert_eq!(store.audit_head().await.unwrap(), head);
+        // Free again: the same batch is stored.
+        let new = store.audit_append_at(head, batch()).await.unwrap();
+        assert_eq!(new, (head.0 + 1, [(head.0 + 1) as u8; 32]));
+        assert_eq!(store.audit_head().await.unwrap(), new);
+        // A lost race for the head keeps the connection for the next batch.
+        let again = store.audit_append_at(head, batch()).await;
+        assert!(
+            matches!(
+                again,
+                Err(StoreError::AlreadyExists | StoreError::StateConflict { .. })
+            ),
+            "{again:?}"
+        );
+        assert!(
+            slot.lock().await.is_some(),
+            "connection kept after a lost race"
+        );
     }
 }

@@ -88,7 +88,7 @@ pub struct SqlStore {
 /// A SQLite connection that only the audit writer uses, opened on first use and again
 /// after an error. Its appends do not queue behind the writer pool (whose one connection
 /// serves every other write) and skip the pool's acquire; SQLite's write lock and
-/// `busy_timeout` order them with the pool's transactions.
+/// `busy_timeout` (1 s here) order them with the pool's transactions and other processes'.
 pub(super) struct AuditConnection {
     url: String,
     conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
@@ -114,6 +114,7 @@ impl AuditConnection {
         use sqlx::Connection;
         let mut conn = sqlx::AnyConnection::connect(url).await?;
         sqlx::raw_sql(SQLITE_PRAGMAS).execute(&mut conn).await?;
+        sqlx::raw_sql(AUDIT_BUSY_TIMEOUT).execute(&mut conn).await?;
         Ok(conn)
     }
 }
@@ -268,8 +269,13 @@ type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 
 /// Settings of every SQLite connection (the pools' and the audit writer's): WAL, a
 /// durable commit (fsync of the WAL), a wait for the write lock, foreign keys.
-const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+     PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;";
+
+/// The audit connection's wait for the write lock: well under the audit commit timeout
+/// (default 2 s), so a batch either starts within it or fails, rather than committing
+/// after the writer has given up on it and answered its callers.
+const AUDIT_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 1000";
 
 /// Applies [`SQLITE_PRAGMAS`] to each new pool connection.
 fn sqlite_pragmas(
