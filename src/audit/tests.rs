@@ -361,8 +361,16 @@ impl AuditStore for LostAnswers {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
+type FaultyWorld = (
+    tempfile::TempDir,
+    Arc<SqlStore>,
+    Arc<LostAnswers>,
+    Arc<TestKeys>,
+    Arc<AuditLog>,
+);
+
+/// A writer (HSM open) over a SQLite store wrapped in [`LostAnswers`].
+async fn over_faulty_store(cfg: AuditConfig) -> FaultyWorld {
     let dir = tempfile::tempdir().unwrap();
     let inner = Arc::new(
         SqlStore::open_sqlite(&dir.path().join("a.db"))
@@ -379,10 +387,16 @@ async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
         store.clone(),
         keys.clone(),
         Arc::new(SystemClock),
-        AuditConfig::default(),
+        cfg,
         AlertEngine::new(&AlertPolicy::parse(alerts::DEFAULT_ALERTS).unwrap()),
         None,
     );
+    (dir, inner, store, keys, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
+    let (_dir, inner, store, keys, log) = over_faulty_store(AuditConfig::default()).await;
     // The first commits take the locking path; once the writer knows its head, later
     // batches take the fast path, whose answers are now lost three times.
     for i in 0..5 {
@@ -414,30 +428,12 @@ async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_says_what_its_caller_heard_when_a_commit_is_slow() {
-    let dir = tempfile::tempdir().unwrap();
-    let inner = Arc::new(
-        SqlStore::open_sqlite(&dir.path().join("a.db"))
-            .await
-            .unwrap(),
-    );
-    let store = LostAnswers::over(inner.clone());
-    let engine = KeyEngine::start(Arc::new(FakeHsm::new()), &EngineConfig::default()).unwrap();
-    let keys = Arc::new(TestKeys {
-        engine,
-        open: AtomicBool::new(true),
-    });
-    let log = AuditLog::start(
-        store.clone(),
-        keys.clone(),
-        Arc::new(SystemClock),
-        AuditConfig {
-            timeout: Duration::from_millis(300),
-            commit_timeout: Duration::from_millis(2000),
-            ..AuditConfig::default()
-        },
-        AlertEngine::new(&AlertPolicy::parse(alerts::DEFAULT_ALERTS).unwrap()),
-        None,
-    );
+    let (_dir, inner, store, keys, log) = over_faulty_store(AuditConfig {
+        timeout: Duration::from_millis(300),
+        commit_timeout: Duration::from_millis(2000),
+        ..AuditConfig::default()
+    })
+    .await;
     log.record(rec("UnwrapKey", "svc:a", "warm")).await.unwrap();
     // Every commit now takes 700 ms: longer than a caller's 300 ms, shorter than the
     // commit timeout.
