@@ -72,31 +72,47 @@ struct World {
     log: Arc<AuditLog>,
 }
 
-async fn world(open: bool) -> World {
+/// A fresh SQLite store in a temporary directory.
+async fn sqlite_store() -> (tempfile::TempDir, Arc<SqlStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(
         SqlStore::open_sqlite(&dir.path().join("a.db"))
             .await
             .unwrap(),
     );
+    (dir, store)
+}
+
+/// A writer over `store`, with a fake HSM (open or sealed) and the default alert rules.
+fn start_log(
+    store: Arc<dyn AuditStore>,
+    open: bool,
+    cfg: AuditConfig,
+) -> (Arc<TestKeys>, Arc<AuditLog>) {
     let engine = KeyEngine::start(Arc::new(FakeHsm::new()), &EngineConfig::default()).unwrap();
     let keys = Arc::new(TestKeys {
         engine,
         open: AtomicBool::new(open),
     });
-    let cfg = AuditConfig {
-        node: "n1".into(),
-        checkpoints: Some(dir.path().join("cp.jsonl")),
-        ..AuditConfig::default()
-    };
     let log = AuditLog::start(
-        store.clone(),
+        store,
         keys.clone(),
         Arc::new(SystemClock),
         cfg,
         AlertEngine::new(&AlertPolicy::parse(alerts::DEFAULT_ALERTS).unwrap()),
         None,
     );
+    (keys, log)
+}
+
+async fn world(open: bool) -> World {
+    let (dir, store) = sqlite_store().await;
+    let cfg = AuditConfig {
+        node: "n1".into(),
+        checkpoints: Some(dir.path().join("cp.jsonl")),
+        ..AuditConfig::default()
+    };
+    let (keys, log) = start_log(store.clone(), open, cfg);
     World {
         dir,
         store,
@@ -371,26 +387,9 @@ type FaultyWorld = (
 
 /// A writer (HSM open) over a SQLite store wrapped in [`LostAnswers`].
 async fn over_faulty_store(cfg: AuditConfig) -> FaultyWorld {
-    let dir = tempfile::tempdir().unwrap();
-    let inner = Arc::new(
-        SqlStore::open_sqlite(&dir.path().join("a.db"))
-            .await
-            .unwrap(),
-    );
+    let (dir, inner) = sqlite_store().await;
     let store = LostAnswers::over(inner.clone());
-    let engine = KeyEngine::start(Arc::new(FakeHsm::new()), &EngineConfig::default()).unwrap();
-    let keys = Arc::new(TestKeys {
-        engine,
-        open: AtomicBool::new(true),
-    });
-    let log = AuditLog::start(
-        store.clone(),
-        keys.clone(),
-        Arc::new(SystemClock),
-        cfg,
-        AlertEngine::new(&AlertPolicy::parse(alerts::DEFAULT_ALERTS).unwrap()),
-        None,
-    );
+    let (keys, log) = start_log(store.clone(), true, cfg);
     (dir, inner, store, keys, log)
 }
 
