@@ -61,6 +61,8 @@ struct Opts {
     secs: f64,
     concurrency: Vec<usize>,
     connections: usize,
+    /// Operations to measure (`--ops generate,unwrap,health`; all by default).
+    ops: Vec<String>,
 }
 
 fn parse_args() -> Opts {
@@ -71,6 +73,7 @@ fn parse_args() -> Opts {
         secs: 5.0,
         concurrency: vec![1, 16, 64],
         connections: 4,
+        ops: vec!["generate".into(), "unwrap".into(), "health".into()],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -91,6 +94,14 @@ fn parse_args() -> Opts {
                     .expect("--concurrency 1,16,64")
                     .split(',')
                     .map(|c| c.parse().expect("concurrency"))
+                    .collect()
+            }
+            "--ops" => {
+                o.ops = args
+                    .next()
+                    .expect("--ops generate,unwrap,health")
+                    .split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
                     .collect()
             }
             "--connections" => {
@@ -256,11 +267,14 @@ fn main() {
         let blobs = Arc::new(blobs);
         // Warm-up: connections, caches, session key copies.
         measure(&clients, Op::Unwrap, 16, 0.5, &o.key, Arc::clone(&blobs)).await;
-        for (op, name) in [
-            (Op::Generate, "GenerateDataKey"),
-            (Op::Unwrap, "UnwrapKey"),
-            (Op::Health, "HealthCheck"),
+        for (op, name, short) in [
+            (Op::Generate, "GenerateDataKey", "generate"),
+            (Op::Unwrap, "UnwrapKey", "unwrap"),
+            (Op::Health, "HealthCheck", "health"),
         ] {
+            if !o.ops.iter().any(|x| x == short) {
+                continue;
+            }
             for &n in &o.concurrency {
                 let (rate, p50, p99, errors) =
                     measure(&clients, op, n, o.secs, &o.key, Arc::clone(&blobs)).await;
