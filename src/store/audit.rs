@@ -20,7 +20,7 @@ use std::pin::Pin;
 
 use sqlx::any::AnyRow;
 
-use super::sql::{classify, get, AuditConnection, Backend, SqlStore};
+use super::sql::{classify, classify_sqlite, get, Backend, SqlStore};
 use super::{Result, StoreError};
 
 /// A future that may borrow, for the batch builder.
@@ -156,63 +156,65 @@ fn seal_from(row: &AnyRow) -> Result<AuditSeal> {
     })
 }
 
-/// A SQL string literal.
-fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// The statements that append `batch` after `head` and move the head, with every value
-/// inlined (numbers, hex, base64 and escaped names), for one round trip.
-fn append_script(head: (u64, [u8; 32]), batch: &AuditAppend) -> Result<String> {
+/// Appends `batch` after `head` on the audit writer's SQLite connection, in one
+/// `BEGIN IMMEDIATE` transaction: rows, seal, head (conditional on the head not having
+/// moved). A row numbered head + 1 already there (another process wrote) fails the INSERT
+/// on the primary key. `Ok(false)`: the head moved; nothing was written. Whatever fails,
+/// the transaction rolls back when it is dropped.
+fn append_sqlite(
+    conn: &mut rusqlite::Connection,
+    head: (u64, [u8; 32]),
+    batch: &AuditAppend,
+) -> std::result::Result<bool, rusqlite::Error> {
     use base64::Engine;
-    use std::fmt::Write as _;
-    let mut sql = String::with_capacity(256 + batch.rows.len() * 512);
-    sql.push_str("BEGIN IMMEDIATE;\n");
-    if !batch.rows.is_empty() {
-        sql.push_str(
-            "INSERT INTO audit_log (seq, time_ms, kind, operation, result, dek_id, body, hash) VALUES ",
-        );
-        for (i, r) in batch.rows.iter().enumerate() {
-            if i > 0 {
-                sql.push(',');
-            }
-            let _ = write!(
-                sql,
-                "({}, {}, {}, {}, {}, {}, '{}', '{}')",
-                i64_of(r.seq)?,
-                r.time_ms,
-                lit(&r.kind),
-                lit(&r.operation),
-                r.result,
-                lit(&r.dek_id),
-                base64::engine::general_purpose::STANDARD.encode(&r.body),
-                hex::encode(r.hash)
-            );
-        }
-        sql.push_str(";\n");
+    fn int(v: u64) -> std::result::Result<i64, rusqlite::Error> {
+        i64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, i64::MAX))
     }
-    if let Some(s) = &batch.seal {
-        let _ = writeln!(
-            sql,
-            "INSERT INTO audit_seals (seq, head, seal, node, time_ms) VALUES ({}, '{}', '{}', {}, {});",
-            i64_of(s.seq)?,
-            hex::encode(s.head),
-            hex::encode(s.seal),
-            lit(&s.node),
-            s.time_ms
-        );
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !batch.rows.is_empty() {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO audit_log (seq, time_ms, kind, operation, result, dek_id, body, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for r in &batch.rows {
+            insert.execute(rusqlite::params![
+                int(r.seq)?,
+                r.time_ms,
+                r.kind,
+                r.operation,
+                i64::from(r.result),
+                r.dek_id,
+                base64::engine::general_purpose::STANDARD.encode(&r.body),
+                hex::encode(r.hash),
+            ])?;
+        }
+    }
+    if let Some(seal) = &batch.seal {
+        tx.prepare_cached(
+            "INSERT INTO audit_seals (seq, head, seal, node, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(rusqlite::params![
+            int(seal.seq)?,
+            hex::encode(seal.head),
+            hex::encode(seal.seal),
+            seal.node,
+            seal.time_ms,
+        ])?;
     }
     if let Some(last) = batch.rows.last() {
-        let _ = writeln!(
-            sql,
-            "UPDATE audit_head SET seq = {}, hash = '{}' WHERE id = 1 AND seq = {};",
-            i64_of(last.seq)?,
-            hex::encode(last.hash),
-            i64_of(head.0)?
-        );
+        let moved = tx
+            .prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1 AND seq = ?3")?
+            .execute(rusqlite::params![
+                int(last.seq)?,
+                hex::encode(last.hash),
+                int(head.0)?
+            ])?;
+        if moved != 1 {
+            return Ok(false);
+        }
     }
-    sql.push_str("COMMIT;");
-    Ok(sql)
+    tx.commit()?;
+    Ok(true)
 }
 
 #[async_trait::async_trait]
@@ -242,56 +244,43 @@ impl AuditStore for SqlStore {
                 })
                 .await;
         }
-        // SQLite: a row numbered head + 1 already there (another process wrote) makes
-        // the INSERT fail on the primary key, and the whole script rolls back.
-        // On a task of its own: if the caller gives up (its timeout), the script still
-        // ends in COMMIT or ROLLBACK, so the connection is never left inside an open
-        // transaction. The connection is the writer's own (see `AuditConnection`); after
-        // an error it is closed and the next append opens a fresh one.
-        let script = append_script(head, &batch)?;
+        // SQLite: synchronously, on the calling thread (the audit writer's own), so the
+        // outcome is always known: the append is never abandoned half-way, and nothing of
+        // it outlives the call. SQLite's busy_timeout bounds the wait for the write lock.
         let Some(own) = &self.audit_conn else {
             return Err(StoreError::Corrupt("no audit connection"));
         };
-        let (slot, url) = (own.slot(), own.url());
-        let run = tokio::spawn(async move {
-            // One script at a time, and none queued: while an earlier one still runs (its
-            // caller gave up on it), this batch fails at once instead of committing
-            // later, after its callers were answered.
-            let Ok(mut held) = slot.try_lock_owned() else {
-                return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
-            };
-            let mut conn = match held.take() {
-                Some(c) => c,
-                None => AuditConnection::connect(&url).await.map_err(classify)?,
-            };
-            match sqlx::raw_sql(sqlx::AssertSqlSafe(script))
-                .execute(&mut conn)
-                .await
-            {
-                Ok(_) => {
-                    *held = Some(conn);
-                    Ok(())
-                }
-                Err(e) => {
-                    let e = classify(e);
-                    let rolled_back = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
-                    // A lost race for the head leaves a healthy connection; after any
-                    // other error it is dropped (and with it anything the ROLLBACK could
-                    // not end), and the next append opens a fresh one.
-                    if matches!(
-                        e,
-                        StoreError::AlreadyExists | StoreError::StateConflict { .. }
-                    ) && rolled_back.is_ok()
-                    {
-                        *held = Some(conn);
-                    }
-                    Err(e)
-                }
+        // One append at a time, and none queued behind another (a second writer in this
+        // process): it fails at once instead.
+        let Ok(mut held) = own.slot().try_lock() else {
+            return Err(StoreError::Unavailable("audit connection busy".into()));
+        };
+        let mut conn = match held.take() {
+            Some(c) => c,
+            None => own.connect().map_err(classify_sqlite)?,
+        };
+        match append_sqlite(&mut conn, head, &batch) {
+            Ok(true) => {
+                *held = Some(conn);
+                Ok(new_head)
             }
-        });
-        run.await
-            .map_err(|_| StoreError::Corrupt("audit append task failed"))??;
-        Ok(new_head)
+            Ok(false) => {
+                *held = Some(conn);
+                Err(StoreError::StateConflict {
+                    current: "audit head moved",
+                })
+            }
+            Err(e) => {
+                let e = classify_sqlite(e);
+                // A lost race for the head leaves a healthy connection (its transaction
+                // rolled back); after any other error it is closed, and the next append
+                // opens a fresh one.
+                if matches!(e, StoreError::AlreadyExists) && conn.is_autocommit() {
+                    *held = Some(conn);
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn audit_append(&self, build: &AppendBuilder<'_>) -> Result<(u64, [u8; 32])> {
@@ -489,6 +478,9 @@ mod tests {
         }
     }
 
+    // The held guard stands for another append in progress; the append under test only
+    // tries the lock, so holding it across the await cannot deadlock.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test]
     async fn an_append_never_waits_behind_one_still_running() {
         let dir = tempfile::tempdir().unwrap();
@@ -500,10 +492,10 @@ mod tests {
             rows: vec![row(head.0 + 1)],
             seal: None,
         };
-        // An earlier script still holds the audit connection: this batch fails at once
+        // An earlier append still holds the audit connection: this batch fails at once
         // and stores nothing (it must not commit later, after its callers were answered).
         let slot = store.audit_conn.as_ref().unwrap().slot();
-        let held = slot.lock().await;
+        let held = slot.lock().unwrap();
         let r = store.audit_append_at(head, batch()).await;
         assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
         drop(held);
@@ -522,7 +514,7 @@ mod tests {
             "{again:?}"
         );
         assert!(
-            slot.lock().await.is_some(),
+            slot.lock().unwrap().is_some(),
             "connection kept after a lost race"
         );
     }

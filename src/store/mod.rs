@@ -61,14 +61,18 @@ pub enum StoreError {
     },
     /// The database could not be reached or timed out; retryable.
     #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] DbError),
     /// A stored value could not be decoded (corruption or a schema mismatch).
     #[error("corrupt row: {0}")]
     Corrupt(&'static str),
     /// Any other database error.
     #[error("database error")]
-    Database(#[source] sqlx::Error),
+    Database(#[source] DbError),
 }
+
+/// The driver's error under a [`StoreError`] (sqlx's, or SQLite's own on the audit
+/// writer's connection): kept as the source for logs, never shown to callers.
+pub type DbError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Result alias of this layer.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -86,36 +86,61 @@ pub struct SqlStore {
 }
 
 /// A SQLite connection that only the audit writer uses, opened on first use and again
-/// after an error. Its appends do not queue behind the writer pool (whose one connection
-/// serves every other write) and skip the pool's acquire; SQLite's write lock and
-/// `busy_timeout` (1 s here) order them with the pool's transactions and other processes'.
+/// after an error: SQLite's own (rusqlite), not a sqlx one, so an append runs on the
+/// calling thread with prepared statements, with no hop to a connection worker thread
+/// and no SQL text to parse. Its appends do not queue behind the writer pool (whose one
+/// connection serves every other write); SQLite's write lock and `busy_timeout` (1 s
+/// here) order them with the pool's transactions and other processes'. Both drivers link
+/// the one SQLite library in the process, so they see each other's locks.
 pub(super) struct AuditConnection {
-    url: String,
-    conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
+    path: std::path::PathBuf,
+    conn: std::sync::Mutex<Option<rusqlite::Connection>>,
 }
 
 impl AuditConnection {
-    /// The connection's slot, for a task that runs one append on it. The caller holds
-    /// the lock for the whole append, connects when the slot is empty
-    /// ([`AuditConnection::connect`]) and empties it after an error.
-    pub(super) fn slot(&self) -> std::sync::Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>> {
-        std::sync::Arc::clone(&self.conn)
+    /// The connection's slot: an append holds it for its whole transaction, connects
+    /// when it is empty ([`AuditConnection::connect`]) and empties it after an error.
+    pub(super) fn slot(&self) -> &std::sync::Mutex<Option<rusqlite::Connection>> {
+        &self.conn
     }
 
-    /// The URL to connect to (a file path; no secret).
-    pub(super) fn url(&self) -> String {
-        self.url.clone()
-    }
-
-    /// Opens a connection with the pools' settings.
-    pub(super) async fn connect(
-        url: &str,
-    ) -> std::result::Result<sqlx::AnyConnection, sqlx::Error> {
-        use sqlx::Connection;
-        let mut conn = sqlx::AnyConnection::connect(url).await?;
-        sqlx::raw_sql(SQLITE_PRAGMAS).execute(&mut conn).await?;
-        sqlx::raw_sql(AUDIT_BUSY_TIMEOUT).execute(&mut conn).await?;
+    /// Opens a connection to the (migrated) database with the pools' settings, and a
+    /// shorter wait for the write lock.
+    pub(super) fn connect(&self) -> std::result::Result<rusqlite::Connection, rusqlite::Error> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(AUDIT_BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::InvalidQuery);
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         Ok(conn)
+    }
+}
+
+/// The [`StoreError`] of an error on the audit connection (as [`classify`] does for sqlx).
+pub(super) fn classify_sqlite(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    let code = e.sqlite_error().map(|f| (f.code, f.extended_code));
+    match code {
+        // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE.
+        Some((ErrorCode::ConstraintViolation, 1555 | 2067)) => StoreError::AlreadyExists,
+        Some((
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::DiskFull
+            | ErrorCode::CannotOpen
+            | ErrorCode::ReadOnly
+            | ErrorCode::OutOfMemory
+            | ErrorCode::FileLockingProtocolFailed,
+            _,
+        )) => StoreError::Unavailable(Box::new(e)),
+        _ => StoreError::Database(Box::new(e)),
     }
 }
 
@@ -149,7 +174,7 @@ impl SqlStore {
             backend: Backend::Sqlite,
             begin: "BEGIN IMMEDIATE",
             audit_conn: Some(AuditConnection {
-                url: url.clone(),
+                path: path.to_path_buf(),
                 conn: Default::default(),
             }),
         };
@@ -273,9 +298,8 @@ const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = 
      PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;";
 
 /// The audit connection's wait for the write lock: well under the audit commit timeout
-/// (default 2 s), so a batch either starts within it or fails, rather than committing
-/// after the writer has given up on it and answered its callers.
-const AUDIT_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 1000";
+/// (default 2 s), so a batch either starts within it or fails.
+const AUDIT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Applies [`SQLITE_PRAGMAS`] to each new pool connection.
 fn sqlite_pragmas(
@@ -498,15 +522,15 @@ pub(super) fn classify(e: sqlx::Error) -> StoreError {
         sqlx::Error::RowNotFound => StoreError::NotFound,
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists,
         sqlx::Error::Database(db) if db.code().is_some_and(|c| is_unavailable_code(&c)) => {
-            StoreError::Unavailable(e)
+            StoreError::Unavailable(Box::new(e))
         }
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
-        _ => StoreError::Database(e),
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(Box::new(e)),
+        _ => StoreError::Database(Box::new(e)),
     }
 }
 
