@@ -15,8 +15,11 @@
 //! Invariants:
 //! - A waiter hears `Ok` only after the transaction holding its record committed.
 //! - The writer never hangs a request: a full queue refuses at once, a waiter whose
-//!   record is still queued gives up after its timeout, and a batch that takes longer
-//!   than the commit timeout is dropped (its transaction rolls back) and reported failed.
+//!   record is still queued gives up after its timeout, and on PostgreSQL a batch that
+//!   takes longer than the commit timeout is dropped (its transaction rolls back) and
+//!   reported failed. A SQLite append runs synchronously on this thread to its end
+//!   (SQLite's busy timeout bounds its wait for the lock), and its outcome is what its
+//!   waiters hear.
 //! - A record says what its caller heard: a waiter whose record is in a batch waits for
 //!   that batch's outcome (so a slow commit that succeeds is not answered `UNAVAILABLE`
 //!   beside an OK record), and a record whose waiter gave up first says the response
