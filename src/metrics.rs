@@ -86,6 +86,8 @@ pub struct Metrics {
     pub audit_queue_depth: AtomicI64,
     /// Checkpoints dropped because the sink was stuck.
     pub audit_checkpoints_dropped: AtomicU64,
+    /// Audit records that found no place (a full queue or carry).
+    pub audit_records_lost: AtomicU64,
     /// Webhook deliveries that failed after every retry.
     pub webhook_failures: AtomicU64,
 }
@@ -170,7 +172,7 @@ impl Metrics {
         out.push_str("# TYPE arca_hsm_operation_duration_seconds histogram\n");
         self.hsm_latency
             .render(&mut out, "arca_hsm_operation_duration_seconds", "");
-        let simple: [(&str, &str, &str, u64); 6] = [
+        let simple: [(&str, &str, &str, u64); 7] = [
             (
                 "arca_hsm_errors_total",
                 "counter",
@@ -200,6 +202,12 @@ impl Metrics {
                 "counter",
                 "Checkpoints not written because the sink was stuck.",
                 self.audit_checkpoints_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "arca_audit_records_lost_total",
+                "counter",
+                "Audit records that found the queue full (their calls were refused before their handlers ran).",
+                self.audit_records_lost.load(Ordering::Relaxed),
             ),
             (
                 "arca_alert_webhook_failures_total",

@@ -6,10 +6,15 @@
 //! - `h_n = SHA-256(h_{n-1} || canonical(row_n))`, with `h_0` = 32 zero bytes.
 //! - Seal input: `h_last || seq_last (u64 BE)`; the HSM computes the HMAC.
 //! - Details: JSON, encrypted with AES-256-GCM under a data key (32 bytes from the HSM's
-//!   RNG, stored only sealed under `arca:meta`). The IV is `0u32 || seq` (a seq is used
-//!   once per cluster, so once per key), the AAD is `"arca-audit-v1" || seq`, so a body
-//!   moved to another row no longer decrypts. While sealed (no HSM) details are stored in
-//!   clear with an empty `dek_id`: those records carry no secret by construction either.
+//!   RNG, stored only sealed under `arca:meta`). The body is `IV (12 random bytes) ||
+//!   ciphertext || tag`. The IV is random, not derived from the seq: a batch whose commit
+//!   failed is built again at the same seqs with other contents (its calls now refused),
+//!   and the failed attempt's bytes may survive in the database's files (dead rows, WAL),
+//!   so a seq-derived IV would repeat under one key. A data key encrypts at most
+//!   `DEK_RECORDS` (2^24) records, far below the 2^32 random IVs NIST SP 800-38D allows
+//!   per key. The AAD is `"arca-audit-v1" || seq`, so a body moved to another row no
+//!   longer decrypts. While sealed (no HSM) details are stored in clear with an empty
+//!   `dek_id`: those records carry no secret by construction either.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -60,12 +65,13 @@ pub fn seal_input(head: &[u8; 32], seq: u64) -> Vec<u8> {
     v
 }
 
-fn iv_aad(seq: u64) -> ([u8; 12], Vec<u8>) {
-    let mut iv = [0u8; 12];
-    iv[4..].copy_from_slice(&seq.to_be_bytes());
+/// Length of the random IV that opens an encrypted body.
+const IV_LEN: usize = 12;
+
+fn aad(seq: u64) -> Vec<u8> {
     let mut aad = DOMAIN.to_vec();
     aad.extend_from_slice(&seq.to_be_bytes());
-    (iv, aad)
+    aad
 }
 
 /// A data key of the details encryption, with its id.
@@ -88,30 +94,45 @@ impl DataKey {
 
 /// Turns pending records into rows after `(seq, prev)`: numbered, encrypted (when `dek`
 /// is given) and chained.
-pub fn build_rows(
+pub fn build_rows<'a>(
     mut seq: u64,
     mut prev: [u8; 32],
-    records: &[PendingRecord],
+    records: impl ExactSizeIterator<Item = &'a PendingRecord>,
     dek: Option<&DataKey>,
 ) -> Result<Vec<AuditRow>, AuditError> {
     let cipher = dek.map(DataKey::cipher).transpose()?;
+    // Every IV of the batch in one call to the OS RNG.
+    let mut ivs = vec![
+        0u8;
+        if cipher.is_some() {
+            IV_LEN * records.len()
+        } else {
+            0
+        }
+    ];
+    getrandom::fill(&mut ivs).map_err(|_| AuditError::Corrupt("no randomness for IVs"))?;
     let mut rows = Vec::with_capacity(records.len());
-    for r in records {
+    for (i, r) in records.enumerate() {
         seq += 1;
         let json = Zeroizing::new(
             serde_json::to_vec(&r.details).map_err(|_| AuditError::Corrupt("details"))?,
         );
         let body = match &cipher {
             Some(c) => {
-                let (iv, aad) = iv_aad(seq);
-                c.encrypt(
-                    Nonce::from_slice(&iv),
-                    Payload {
-                        msg: &json,
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| AuditError::Corrupt("encrypt"))?
+                let iv = &ivs[i * IV_LEN..(i + 1) * IV_LEN];
+                let sealed = c
+                    .encrypt(
+                        Nonce::from_slice(iv),
+                        Payload {
+                            msg: &json,
+                            aad: &aad(seq),
+                        },
+                    )
+                    .map_err(|_| AuditError::Corrupt("encrypt"))?;
+                let mut body = Vec::with_capacity(IV_LEN + sealed.len());
+                body.extend_from_slice(iv);
+                body.extend_from_slice(&sealed);
+                body
             }
             None => json.to_vec(),
         };
@@ -138,14 +159,17 @@ pub fn open_details(row: &AuditRow, dek: Option<&DataKey>) -> Result<Details, Au
         None if row.dek_id.is_empty() => Zeroizing::new(row.body.clone()),
         None => return Err(AuditError::Corrupt("data key missing")),
         Some(k) => {
-            let (iv, aad) = iv_aad(row.seq);
+            if row.body.len() < IV_LEN {
+                return Err(AuditError::Corrupt("details do not authenticate"));
+            }
+            let (iv, sealed) = row.body.split_at(IV_LEN);
             Zeroizing::new(
                 k.cipher()?
                     .decrypt(
-                        Nonce::from_slice(&iv),
+                        Nonce::from_slice(iv),
                         Payload {
-                            msg: &row.body,
-                            aad: &aad,
+                            msg: sealed,
+                            aad: &aad(row.seq),
                         },
                     )
                     .map_err(|_| AuditError::Corrupt("details do not authenticate"))?,
@@ -177,7 +201,13 @@ mod tests {
     #[test]
     fn rows_chain_and_decrypt_only_in_place() {
         let dek = DataKey::new("d1".into(), Zeroizing::new([7u8; 32]));
-        let rows = build_rows(4, [1u8; 32], &[pending("A"), pending("B")], Some(&dek)).unwrap();
+        let rows = build_rows(
+            4,
+            [1u8; 32],
+            [pending("A"), pending("B")].iter(),
+            Some(&dek),
+        )
+        .unwrap();
         assert_eq!(rows[0].seq, 5);
         assert_eq!(rows[1].seq, 6);
         assert_eq!(rows[0].hash, link(&[1u8; 32], &rows[0]));
@@ -191,6 +221,17 @@ mod tests {
         let mut moved = rows[1].clone();
         moved.body = rows[0].body.clone();
         assert!(open_details(&moved, Some(&dek)).is_err());
+        // The same record built again at the same seq (a retried batch) gets another IV.
+        let again = build_rows(4, [1u8; 32], [pending("A")].iter(), Some(&dek)).unwrap();
+        assert_ne!(again[0].body[..IV_LEN], rows[0].body[..IV_LEN]);
+        assert_eq!(
+            open_details(&again[0], Some(&dek)).unwrap().principal,
+            "svc:a"
+        );
+        // A cut body is refused, not a panic.
+        let mut cut = rows[0].clone();
+        cut.body.truncate(5);
+        assert!(open_details(&cut, Some(&dek)).is_err());
         // Any column change changes the hash.
         let mut m = rows[0].clone();
         m.result = 7;
@@ -202,7 +243,7 @@ mod tests {
 
     #[test]
     fn clear_rows_while_sealed() {
-        let rows = build_rows(0, GENESIS, &[pending("Unseal")], None).unwrap();
+        let rows = build_rows(0, GENESIS, [pending("Unseal")].iter(), None).unwrap();
         assert!(rows[0].dek_id.is_empty());
         assert_eq!(open_details(&rows[0], None).unwrap().principal, "svc:a");
     }

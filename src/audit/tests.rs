@@ -288,11 +288,13 @@ async fn a_forged_or_lost_checkpoint_is_found() {
 }
 
 /// A store whose fast-path appends commit and then report a failure (a connection lost
-/// during `COMMIT`), `lose` times, and whose appends take `delay_ms` longer.
+/// during `COMMIT`), `lose` times, whose appends take `delay_ms` longer, and whose row
+/// reads fail `blind` times.
 struct LostAnswers {
     inner: Arc<SqlStore>,
     lose: std::sync::atomic::AtomicU32,
     delay_ms: std::sync::atomic::AtomicU64,
+    blind: std::sync::atomic::AtomicU32,
 }
 
 impl LostAnswers {
@@ -301,6 +303,7 @@ impl LostAnswers {
             inner,
             lose: std::sync::atomic::AtomicU32::new(0),
             delay_ms: std::sync::atomic::AtomicU64::new(0),
+            blind: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -367,6 +370,11 @@ impl AuditStore for LostAnswers {
             .await
     }
     async fn audit_row(&self, seq: u64) -> crate::store::Result<crate::store::AuditRow> {
+        let left = self.blind.load(Ordering::SeqCst);
+        if left > 0 {
+            self.blind.store(left - 1, Ordering::SeqCst);
+            return Err(crate::store::StoreError::Unavailable("blind".into()));
+        }
         self.inner.audit_row(seq).await
     }
     async fn audit_seals(&self, from: u64) -> crate::store::Result<Vec<crate::store::AuditSeal>> {
@@ -425,8 +433,29 @@ async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
     assert!(r.ok, "{r:?}");
 }
 
+/// The decrypted records of `operation`.
+async fn records_of(
+    store: &dyn AuditStore,
+    keys: &dyn AuditKeys,
+    operation: &str,
+) -> Vec<super::Record> {
+    query(
+        store,
+        keys,
+        &Filter {
+            operation: Some(operation.into()),
+            ..Filter::default()
+        },
+        1,
+        1000,
+    )
+    .await
+    .unwrap()
+    .0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_says_what_its_caller_heard_when_a_commit_is_slow() {
+async fn a_caller_waits_at_most_its_timeout_and_the_log_says_what_it_heard() {
     let (_dir, inner, store, keys, log) = over_faulty_store(AuditConfig {
         timeout: Duration::from_millis(300),
         commit_timeout: Duration::from_millis(2000),
@@ -439,32 +468,126 @@ async fn a_record_says_what_its_caller_heard_when_a_commit_is_slow() {
     store.delay_ms.store(700, Ordering::SeqCst);
     let first = {
         let log = Arc::clone(&log);
-        tokio::spawn(async move { log.record(rec("UnwrapKey", "svc:a", "in-batch")).await })
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            (
+                log.record(rec("UnwrapKey", "svc:a", "in-batch")).await,
+                t.elapsed(),
+            )
+        })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Queued behind the slow commit: its caller gives up first.
+    // Queued behind the slow commit: its caller gives up at its timeout.
     let second = log.record(rec("UnwrapKey", "svc:a", "queued")).await;
     assert!(matches!(second, Err(AuditError::Unavailable)), "{second:?}");
-    // In the batch when its caller's time ran out: it hears the batch's outcome.
-    let first = first.await.unwrap();
-    assert!(first.is_ok(), "{first:?}");
+    // In the batch when its caller's time ran out: it does not wait for the batch.
+    let (first, waited) = first.await.unwrap();
+    assert!(matches!(first, Err(AuditError::Unavailable)), "{first:?}");
+    assert!(waited < Duration::from_millis(650), "waited {waited:?}");
     store.delay_ms.store(0, Ordering::SeqCst);
-    let mut rows = Vec::new();
+    let mut withheld = Vec::new();
     for _ in 0..300 {
-        rows = inner.audit_rows(1, 100).await.unwrap();
-        if rows.iter().filter(|r| r.kind == "rpc").count() == 3 {
+        withheld = records_of(inner.as_ref(), keys.as_ref(), "audit.responses_withheld").await;
+        if !withheld.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let rows = inner.audit_rows(1, 100).await.unwrap();
     let rpc: Vec<_> = rows.iter().filter(|r| r.kind == "rpc").collect();
     assert_eq!(rpc.len(), 3, "{rows:?}");
-    // The answered call's record is OK; the abandoned one says UNAVAILABLE.
-    assert_eq!(rpc[1].seq, first.unwrap());
+    // The batch that committed late holds the handler's OK, and a later record names
+    // its seq as withheld; the abandoned one says UNAVAILABLE itself.
     assert_eq!(rpc[1].result, codes::OK);
+    assert_eq!(withheld.len(), 1, "{withheld:?}");
+    let detail = withheld[0].details.detail.clone().unwrap_or_default();
+    assert!(detail.contains(&format!("seq {} ", rpc[1].seq)), "{detail}");
     assert_eq!(rpc[2].result, codes::UNAVAILABLE);
     let r = verify(inner.as_ref(), keys.as_ref(), None, 1)
         .await
         .unwrap();
     assert!(r.ok, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_found_stored_only_later_is_not_written_twice_and_is_noted() {
+    let (_dir, inner, store, keys, log) = over_faulty_store(AuditConfig::default()).await;
+    log.record(rec("UnwrapKey", "svc:a", "warm")).await.unwrap();
+    // The next batch commits, its answer is lost, and the look that follows cannot read
+    // the row: its caller is refused, and the writer does not know what was stored.
+    store.lose.store(1, Ordering::SeqCst);
+    store.blind.store(1, Ordering::SeqCst);
+    let r = log.record(rec("UnwrapKey", "svc:a", "lost")).await;
+    assert!(matches!(r, Err(AuditError::Unavailable)), "{r:?}");
+    // The next batch finds it stored first: its record is not written again.
+    log.record(rec("UnwrapKey", "svc:a", "after"))
+        .await
+        .unwrap();
+    let rows = inner.audit_rows(1, 100).await.unwrap();
+    let keys_of: Vec<String> = records_of(inner.as_ref(), keys.as_ref(), "UnwrapKey")
+        .await
+        .into_iter()
+        .map(|r| r.details.key_name.unwrap_or_default())
+        .collect();
+    assert_eq!(keys_of, ["warm", "lost", "after"], "{rows:?}");
+    let late = records_of(inner.as_ref(), keys.as_ref(), "audit.late_commit").await;
+    assert_eq!(late.len(), 1, "{rows:?}");
+    let r = verify(inner.as_ref(), keys.as_ref(), None, 1)
+        .await
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_before_the_call_and_the_loss_is_recorded() {
+    let (dir, store) = sqlite_store().await;
+    let (keys, log) = start_log(
+        store.clone(),
+        true,
+        AuditConfig {
+            queue: 2,
+            checkpoints: Some(dir.path().join("cp.jsonl")),
+            ..AuditConfig::default()
+        },
+    );
+    let lost_before = crate::metrics::global()
+        .audit_records_lost
+        .load(Ordering::Relaxed);
+    // Two calls hold the two places; a third finds none (its handler must not run).
+    let a = log.reserve().expect("a place");
+    let b = log.reserve().expect("a place");
+    assert!(log.reserve().is_none());
+    assert!(matches!(
+        log.record(rec("GetKey", "svc:a", "k")).await,
+        Err(AuditError::Unavailable)
+    ));
+    assert!(
+        crate::metrics::global()
+            .audit_records_lost
+            .load(Ordering::Relaxed)
+            >= lost_before + 2
+    );
+    drop(a);
+    log.submit(b, rec("GetKey", "svc:a", "k")).await.unwrap();
+    // The next batch says how many records were lost.
+    let mut lost = Vec::new();
+    for _ in 0..100 {
+        log.record(rec("GetKey", "svc:a", "k")).await.unwrap();
+        lost = records_of(store.as_ref(), keys.as_ref(), "audit.records_lost").await;
+        if !lost.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].result, "DATA_LOSS");
+    assert!(
+        lost[0]
+            .details
+            .detail
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("count=2:"),
+        "{:?}",
+        lost[0].details.detail
+    );
 }

@@ -14,24 +14,36 @@
 //!
 //! Invariants:
 //! - A waiter hears `Ok` only after the transaction holding its record committed.
-//! - The writer never hangs a request: a full queue refuses at once, a waiter whose
-//!   record is still queued gives up after its timeout, and on PostgreSQL a batch that
-//!   takes longer than the commit timeout is dropped (its transaction rolls back) and
-//!   reported failed. A SQLite append runs synchronously on this thread to its end
-//!   (SQLite's busy timeout bounds its wait for the lock), and its outcome is what its
-//!   waiters hear.
-//! - A record says what its caller heard: a waiter whose record is in a batch waits for
-//!   that batch's outcome (so a slow commit that succeeds is not answered `UNAVAILABLE`
-//!   beside an OK record), and a record whose waiter gave up first says the response
-//!   was withheld.
+//! - A call's record has its place in the queue before the call's handler runs
+//!   ([`AuditLog::reserve`]): a full queue refuses the call before it can change anything.
+//!   Records that find no place (a refused call's own, a background action's) are counted
+//!   and the count is written as an `audit.records_lost` record when the writer can.
+//! - The writer never hangs a request: a caller waits at most its timeout, whatever the
+//!   store does (a commit stuck in `fsync` included); on PostgreSQL a batch that takes
+//!   longer than the commit timeout is dropped (its transaction rolls back) and reported
+//!   failed; every other store call of the writer is bounded by the commit timeout too.
+//!   A SQLite append runs synchronously on this thread to its end (SQLite's busy timeout
+//!   bounds its wait for the lock), and health reports the writer stuck while a commit
+//!   outlasts the timeout.
+//! - The log says what callers heard: a record whose caller gave up while it was queued
+//!   says the response was withheld; when a batch commits after some of its callers gave
+//!   up, an `audit.responses_withheld` record names their seqs.
+//! - Nothing is stored twice: a batch whose commit failed or timed out is an unresolved
+//!   [`Attempt`]; before its records are written again, the writer reads the head and the
+//!   attempt's last row. Found there, the attempt is taken as stored (its records leave
+//!   the carry) and an `audit.late_commit` record says so; otherwise it can no longer be
+//!   stored once the head has moved past the head it was built on (its head update is
+//!   conditional on that head), and while the head is still there, the next batch is
+//!   built on the same head, so at most one of the two commits.
 //! - Records of a failed batch are kept (with result `UNAVAILABLE`, since their requests
 //!   were refused) and written when the store recovers, after an `audit.write_failed`
 //!   job record; while the store keeps failing, the writer retries every 250 ms, so it
 //!   reports healthy again without waiting for traffic.
-//! - Details are encrypted under a data key made in the HSM whenever the HSM is open;
-//!   the data key lives only in this task's memory and sealed in `audit_deks`.
+//! - Details are encrypted under a data key made in the HSM whenever the HSM is open (no
+//!   record is stored in clear while it is open); the data key lives only in this task's
+//!   memory and sealed in `audit_deks`.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -54,10 +66,8 @@ const DEK_RECORDS: u64 = 1 << 24;
 const MAX_CARRY: usize = 100_000;
 /// How often an idle writer looks at the seal state and retries a failed store.
 const TICK: Duration = Duration::from_millis(250);
-/// How much longer than the commit timeout a caller whose record is in a batch waits for
-/// the writer's answer before it gives up: far more than building and checking even a
-/// full carry takes, so only a writer bug reaches it.
-const WRITER_MARGIN: Duration = Duration::from_secs(10);
+/// Seqs named one by one in an `audit.responses_withheld` record (the rest are counted).
+const NAMED_SEQS: usize = 64;
 
 /// Tuning of the audit writer.
 #[derive(Clone, Debug)]
@@ -142,6 +152,12 @@ const ABANDONED: u8 = 2;
 pub struct AuditLog {
     tx: mpsc::Sender<Submission>,
     healthy: Arc<AtomicBool>,
+    /// Records that found no place in the queue, not yet written down.
+    lost: Arc<AtomicU64>,
+    /// While a store call of the writer runs: when it started (ms since `epoch`, plus 1);
+    /// 0 otherwise.
+    busy: Arc<AtomicU64>,
+    epoch: Instant,
     ready: Arc<AtomicBool>,
     digest: Arc<RwLock<Option<Arc<DigestKey>>>>,
     clock: Arc<dyn Clock>,
@@ -165,6 +181,9 @@ impl AuditLog {
         let log = Arc::new(AuditLog {
             tx,
             healthy: Arc::new(AtomicBool::new(true)),
+            lost: Arc::new(AtomicU64::new(0)),
+            busy: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
             ready: Arc::new(AtomicBool::new(false)),
             digest: Arc::new(RwLock::new(None)),
             clock: Arc::clone(&clock),
@@ -178,6 +197,9 @@ impl AuditLog {
             keys,
             clock,
             healthy: Arc::clone(&log.healthy),
+            lost: Arc::clone(&log.lost),
+            busy: Arc::clone(&log.busy),
+            epoch: log.epoch,
             keys_ready: Arc::clone(&log.ready),
             digest: Arc::clone(&log.digest),
             sink: cfg.checkpoints.clone().map(CheckpointSink::start),
@@ -186,6 +208,9 @@ impl AuditLog {
             dek_used: 0,
             open: false,
             carry: Vec::new(),
+            next_ticket: 0,
+            unresolved: Vec::new(),
+            in_flight: Arc::new(Mutex::new(None)),
             outage_noted: false,
             alerts,
             webhook,
@@ -220,10 +245,15 @@ impl AuditLog {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Whether the last batch committed and the writer is running (a writer that never
-    /// started or stopped fails every call closed, so it is not healthy).
+    /// Whether the last batch committed, no store call of the writer has been running
+    /// for longer than the timeout (a commit stuck in `fsync`, say), and the writer is
+    /// running (a writer that never started or stopped fails every call closed, so it is
+    /// not healthy).
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.tx.is_closed()
+        let busy = self.busy.load(Ordering::Relaxed);
+        let stuck = busy != 0
+            && ms_since(self.epoch).saturating_sub(busy - 1) > self.cfg.timeout.as_millis() as u64;
+        self.healthy.load(Ordering::Relaxed) && !stuck && !self.tx.is_closed()
     }
 
     /// The store (for queries and verification).
@@ -254,25 +284,48 @@ impl AuditLog {
         }
     }
 
+    /// A place in the queue for a call's record, taken before the call's handler runs:
+    /// `None` when the queue is full (the call must then be refused before it changes
+    /// anything; its own record is counted as lost and the count written later).
+    pub fn reserve(&self) -> Option<Reservation> {
+        match self.tx.clone().try_reserve_owned() {
+            Ok(p) => Some(Reservation(p)),
+            Err(_) => {
+                self.note_lost(1);
+                None
+            }
+        }
+    }
+
     /// Submits a record and waits until it is durable (or fails, or times out).
+    pub async fn record(&self, rec: PendingRecord) -> Result<u64, AuditError> {
+        let place = self.reserve().ok_or(AuditError::Unavailable)?;
+        self.submit(place, rec).await
+    }
+
+    /// Submits a record in its reserved place and waits until it is durable (or fails,
+    /// or times out).
     ///
-    /// The wait is bounded twice: a record still queued when `timeout` ends is abandoned
-    /// (the caller fails `UNAVAILABLE` and the record says the response was withheld); a
-    /// record already in a batch waits for that batch's outcome, which the writer bounds
-    /// by `commit_timeout`, so what the record says is what the caller hears.
-    pub async fn record(&self, mut rec: PendingRecord) -> Result<u64, AuditError> {
+    /// The wait is bounded by `timeout`, whatever the store does. When it ends, a record
+    /// still queued is abandoned (the writer writes it saying the response was withheld);
+    /// a record already in a batch stays there, and if that batch then commits, the
+    /// writer finds this caller gone and writes an `audit.responses_withheld` record
+    /// naming its seq. An answer that arrived before the wait ended is taken.
+    pub async fn submit(
+        &self,
+        place: Reservation,
+        mut rec: PendingRecord,
+    ) -> Result<u64, AuditError> {
         rec.details.node.clone_from(&self.cfg.node);
         let (answer, mut wait) = oneshot::channel();
         let claim = Arc::new(AtomicU8::new(QUEUED));
-        self.tx
-            .try_send(Submission {
-                rec,
-                done: Some(Waiter {
-                    answer,
-                    claim: Arc::clone(&claim),
-                }),
-            })
-            .map_err(|_| AuditError::Unavailable)?;
+        place.0.send(Submission {
+            rec,
+            done: Some(Waiter {
+                answer,
+                claim: Arc::clone(&claim),
+            }),
+        });
         crate::metrics::global()
             .audit_queue_depth
             .store(self.depth(), Ordering::Relaxed);
@@ -281,18 +334,14 @@ impl AuditLog {
             Ok(Err(_)) => return Err(AuditError::Unavailable),
             Err(_) => {}
         }
-        if claim
-            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            return Err(AuditError::Unavailable);
-        }
-        // In a batch being committed. The writer answers within its commit timeout, the
-        // look-up after a failed commit and the (synchronous) building of the rows; a
-        // writer that dies drops the answer channel. The margin is for a writer bug only.
-        match tokio::time::timeout(self.cfg.commit_timeout + WRITER_MARGIN, wait).await {
-            Ok(Ok(r)) => r,
-            _ => Err(AuditError::Unavailable),
+        // Time is up. Still queued: abandoned. In a batch: the channel is closed first,
+        // so the writer's answer either came before (and is taken here) or fails (and
+        // the writer records the response as withheld).
+        let _ = claim.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+        wait.close();
+        match wait.try_recv() {
+            Ok(r) => r,
+            Err(_) => Err(AuditError::Unavailable),
         }
     }
 
@@ -301,8 +350,16 @@ impl AuditLog {
     pub fn record_nowait(&self, mut rec: PendingRecord) {
         rec.details.node.clone_from(&self.cfg.node);
         if self.tx.try_send(Submission { rec, done: None }).is_err() {
+            self.note_lost(1);
             tracing::error!("audit queue full: a background record was not written");
         }
+    }
+
+    fn note_lost(&self, n: u64) {
+        self.lost.fetch_add(n, Ordering::Relaxed);
+        crate::metrics::global()
+            .audit_records_lost
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// A job record for a background action, now.
@@ -331,6 +388,33 @@ impl AuditLog {
     fn depth(&self) -> i64 {
         (self.tx.max_capacity() - self.tx.capacity()) as i64
     }
+}
+
+/// A call's place in the audit queue ([`AuditLog::reserve`]).
+pub struct Reservation(mpsc::OwnedPermit<Submission>);
+
+/// Milliseconds since `epoch`.
+fn ms_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// A record waiting in the writer under the writer's own number for it (its ticket; its
+/// seq is known only once a batch holding it commits).
+struct Held {
+    ticket: u64,
+    rec: PendingRecord,
+}
+
+/// A batch whose commit failed or timed out: it may have been stored all the same (a
+/// connection lost during `COMMIT`, a transaction the server finished after the writer
+/// gave up on it).
+struct Attempt {
+    /// The head it was built on: its head update is conditional on it.
+    before: (u64, [u8; 32]),
+    /// Its last row.
+    last: (u64, [u8; 32]),
+    /// Its records.
+    tickets: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -405,13 +489,22 @@ struct Writer {
     keys: Arc<dyn AuditKeys>,
     clock: Arc<dyn Clock>,
     healthy: Arc<AtomicBool>,
+    lost: Arc<AtomicU64>,
+    busy: Arc<AtomicU64>,
+    epoch: Instant,
     digest: Arc<RwLock<Option<Arc<DigestKey>>>>,
     sink: Option<CheckpointSink>,
     cfg: AuditConfig,
     dek: Option<DataKey>,
     dek_used: u64,
     open: bool,
-    carry: Vec<PendingRecord>,
+    /// Records not yet stored: those of failed batches, and job records of the writer.
+    carry: Vec<Held>,
+    next_ticket: u64,
+    /// Failed batches that may have been stored all the same, all built on one head.
+    unresolved: Vec<Attempt>,
+    /// The batch being committed, once its rows are built (see [`Writer::commit`]).
+    in_flight: Arc<Mutex<Option<Attempt>>>,
     outage_noted: bool,
     alerts: AlertEngine,
     webhook: Option<Webhook>,
@@ -483,96 +576,213 @@ impl Writer {
             crate::metrics::global()
                 .audit_queue_depth
                 .store(self.rx.len() as i64, Ordering::Relaxed);
-            if batch.is_empty() && self.carry.is_empty() {
+            let lost = self.lost.swap(0, Ordering::Relaxed);
+            if lost > 0 {
+                let note = self.job_record(
+                    "audit.records_lost",
+                    codes::DATA_LOSS,
+                    &format!(
+                        "count={lost}: records that found the audit queue full (calls refused before their handlers ran; background records not written)"
+                    ),
+                );
+                self.hold(note);
+            }
+            if batch.is_empty() && self.carry.is_empty() && self.unresolved.is_empty() {
                 if self.ready.is_some() {
                     // Idle: store the seal on its own.
-                    if let Err(e) = self.commit(&[]).await {
-                        tracing::warn!(error = %e, "could not store an audit seal");
-                    }
+                    let stored = self.bounded(Self::commit_seal).await;
+                    self.note_outcome(stored.as_ref().err());
                 }
                 continue;
             }
-            let carried = self.carry.len();
-            let mut records: Vec<PendingRecord> = std::mem::take(&mut self.carry);
-            records.extend(batch.iter_mut().map(|s| {
-                // A waiter that gave up (its timeout) answered its caller UNAVAILABLE:
-                // its record says so, whatever the handler did. The others wait for
-                // this batch's outcome.
-                if s.done.as_ref().is_some_and(|d| !d.take()) {
+            // A waiter that gave up (its timeout) answered its caller UNAVAILABLE: its
+            // record says so, whatever the handler did. The others hear this batch's
+            // outcome.
+            let mut taken = Vec::with_capacity(batch.len());
+            for s in &mut batch {
+                let late = s.done.as_ref().is_some_and(|d| !d.take());
+                if late {
                     withheld(&mut s.rec, "audit record late");
                 }
-                s.rec.clone()
-            }));
+                taken.push(s.done.is_some() && !late);
+            }
             let started = Instant::now();
-            let before = self.head;
-            let mut outcome =
-                match tokio::time::timeout(self.cfg.commit_timeout, self.commit(&records)).await {
+            // First find out whether a batch that failed earlier was stored after all,
+            // since its records are in the carry.
+            let mut outcome = if self.unresolved.is_empty() {
+                Ok(())
+            } else {
+                match self.bounded(Self::resolve).await {
+                    Ok(Some(a)) => {
+                        self.landed_late(&a);
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            };
+            let carried = self.carry.len();
+            let mut records: Vec<Held> = std::mem::take(&mut self.carry);
+            for s in &batch {
+                records.push(Held {
+                    ticket: self.ticket(),
+                    rec: s.rec.clone(),
+                });
+            }
+            let mut first_seq = 0;
+            if outcome.is_ok() {
+                let busy = ms_since(self.epoch) + 1;
+                self.busy.store(busy, Ordering::Relaxed);
+                let committed = match tokio::time::timeout(
+                    self.cfg.commit_timeout,
+                    self.commit(&records),
+                )
+                .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(AuditError::Unavailable),
                 };
-            if outcome.is_err() {
-                // A commit can fail after it happened (a connection lost during COMMIT,
-                // a timeout while the statement finishes): writing the batch again would
-                // duplicate it, so look first.
-                if let Some(first) = self.committed_anyway(before, &records).await {
-                    outcome = Ok(first);
-                } else {
-                    // Whatever the head is now, the next batch reads it under the lock
-                    // (a commit dropped by the timeout did not get to forget it).
-                    self.head = None;
+                self.busy.store(0, Ordering::Relaxed);
+                if committed.is_err() {
+                    // Whatever reached the store may be there: find out before writing
+                    // its records again.
+                    let attempt = self.in_flight.lock().ok().and_then(|mut a| a.take());
+                    self.unresolved.extend(attempt);
+                }
+                outcome = committed.map(|f| first_seq = f);
+            }
+            let mut late = None;
+            if outcome.is_err() && !self.unresolved.is_empty() {
+                // A commit can fail after it happened (a connection lost during COMMIT, a
+                // timeout while the statement finishes): look before answering.
+                if let Ok(Ok(Some(a))) = tokio::time::timeout(TICK, self.resolve()).await {
+                    let this = a.tickets.len() == records.len()
+                        && a.tickets.last() == records.last().map(|r| &r.ticket);
+                    if this {
+                        outcome = Ok(());
+                        first_seq = a.before.0 + 1;
+                    } else {
+                        late = Some(a);
+                    }
                 }
             }
             let m = crate::metrics::global();
+            self.note_outcome(outcome.as_ref().err());
             match outcome {
-                Ok(first_seq) => {
+                Ok(()) => {
                     m.audit_commit.observe(started.elapsed());
                     m.audit_batches.fetch_add(1, Ordering::Relaxed);
                     m.audit_records
                         .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
-                        tracing::info!("audit log writable again");
-                    }
                     self.outage_noted = false;
-                    for (i, s) in batch.into_iter().enumerate() {
+                    let mut gone = Vec::new();
+                    for (i, (s, taken)) in batch.into_iter().zip(taken).enumerate() {
+                        let seq = first_seq + (carried + i) as u64;
                         if let Some(done) = s.done {
-                            let _ = done.answer.send(Ok(first_seq + (carried + i) as u64));
+                            if done.answer.send(Ok(seq)).is_err() && taken {
+                                // Its caller's time ran out while the batch committed.
+                                gone.push(seq);
+                            }
                         }
                     }
+                    if !gone.is_empty() {
+                        let note = self.job_record(
+                            "audit.responses_withheld",
+                            codes::UNAVAILABLE,
+                            &withheld_detail(&gone),
+                        );
+                        self.hold(note);
+                    }
                     for r in &records {
-                        for f in self.alerts.observe(r) {
+                        for f in self.alerts.observe(&r.rec) {
                             self.raise(f);
                         }
                     }
                 }
-                Err(e) => {
+                Err(_) => {
                     m.audit_failures.fetch_add(1, Ordering::Relaxed);
-                    if self.healthy.swap(false, Ordering::Relaxed) {
-                        tracing::error!(error = %e, source = ?std::error::Error::source(&e), "audit log write failed: requests fail closed");
-                    }
-                    records.truncate(carried);
-                    self.carry = records;
+                    // The carry as it was (with anything resolving put there), then a
+                    // note of the outage, then this batch's records, refused.
+                    let mut kept: Vec<Held> = records.drain(..carried).collect();
+                    kept.append(&mut self.carry);
+                    self.carry = kept;
                     if !self.outage_noted {
                         self.outage_noted = true;
-                        self.carry.push(self.job_record(
-                            "audit.write_failed",
-                            codes::UNAVAILABLE,
-                            "",
-                        ));
+                        let note = self.job_record("audit.write_failed", codes::UNAVAILABLE, "");
+                        self.hold(note);
                     }
-                    for s in batch {
-                        let mut rec = s.rec;
+                    for (s, mut held) in batch.into_iter().zip(records) {
                         if let Some(done) = s.done {
                             // The response is withheld: the record says so, and what the
                             // handler had answered (it may have changed state).
-                            withheld(&mut rec, "audit write failed");
+                            withheld(&mut held.rec, "audit write failed");
                             let _ = done.answer.send(Err(AuditError::Unavailable));
                         }
-                        if self.carry.len() < MAX_CARRY {
-                            self.carry.push(rec);
-                        }
+                        self.keep(held);
                     }
                 }
             }
+            if let Some(a) = late {
+                self.landed_late(&a);
+            }
+        }
+    }
+
+    /// Runs one of the writer's store calls, bounded by the commit timeout and marked
+    /// busy meanwhile (health reports a call stuck past the timeout).
+    async fn bounded<'a, T, F>(&'a mut self, call: F) -> Result<T, AuditError>
+    where
+        F: FnOnce(&'a mut Self) -> BoxFuture<'a, Result<T, AuditError>>,
+    {
+        let limit = self.cfg.commit_timeout;
+        let busy = Arc::clone(&self.busy);
+        busy.store(ms_since(self.epoch) + 1, Ordering::Relaxed);
+        let r = match tokio::time::timeout(limit, call(self)).await {
+            Ok(r) => r,
+            Err(_) => Err(AuditError::Unavailable),
+        };
+        busy.store(0, Ordering::Relaxed);
+        r
+    }
+
+    /// Health after a store call: healthy again after a success, failing (logged once
+    /// per outage) after an error.
+    fn note_outcome(&self, err: Option<&AuditError>) {
+        match err {
+            None => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("audit log writable again");
+                }
+            }
+            Some(e) => {
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, source = ?std::error::Error::source(e), "audit log write failed: requests fail closed");
+                }
+            }
+        }
+    }
+
+    fn ticket(&mut self) -> u64 {
+        self.next_ticket += 1;
+        self.next_ticket
+    }
+
+    /// Puts a job record of the writer in the carry.
+    fn hold(&mut self, rec: PendingRecord) {
+        let ticket = self.ticket();
+        self.keep(Held { ticket, rec });
+    }
+
+    /// Keeps a record for the next batch, unless the carry is full (then it is counted
+    /// as lost, and the count written later).
+    fn keep(&mut self, held: Held) {
+        if self.carry.len() < MAX_CARRY {
+            self.carry.push(held);
+        } else {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global()
+                .audit_records_lost
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -624,7 +834,7 @@ impl Writer {
             Per::Client => rec.details.client = f.group,
             Per::All => {}
         }
-        self.carry.push(rec);
+        self.hold(rec);
     }
 
     /// Follows the seal state: on unseal, makes `arca:audit-mac` if needed, derives the
@@ -687,85 +897,154 @@ impl Writer {
         Ok(DataKey::new(id, key))
     }
 
-    /// After a failed commit on the fast path: whether the batch is stored anyway (its
-    /// last row, rebuilt — numbering, encryption and chaining are deterministic — is in
-    /// the store with the same hash). Returns its first seq if so.
-    async fn committed_anyway(
-        &mut self,
-        before: Option<(u64, [u8; 32])>,
-        records: &[PendingRecord],
-    ) -> Option<u64> {
-        let before = before?;
-        let dek = if self.open { self.dek.as_ref() } else { None };
-        let rows = build_rows(before.0, before.1, records, dek).ok()?;
-        let last = rows.last()?;
-        let stored = tokio::time::timeout(TICK, self.store.audit_row(last.seq))
-            .await
-            .ok()?
-            .ok()?;
-        if stored.hash != last.hash {
-            return None;
-        }
-        tracing::warn!(
-            last_seq = last.seq,
-            "an audit batch reported as failed was stored; not written again"
+    /// Stores the ready seal on its own.
+    fn commit_seal(&mut self) -> BoxFuture<'_, Result<(), AuditError>> {
+        Box::pin(async move { self.commit(&[]).await.map(|_| ()) })
+    }
+
+    /// Finds out what became of the unresolved attempts, and returns the one stored, if
+    /// any. First the head, then the attempts' last rows: an attempt stored before the
+    /// head was read is visible then. One found stored: every other attempt is void (all
+    /// were built on one head). None found: those built on another head than the current
+    /// one are void; those built on it may still commit (a PostgreSQL transaction the
+    /// writer gave up on), and the next batch, built on the same head, races them safely:
+    /// only one of them can move the head.
+    fn resolve(&mut self) -> BoxFuture<'_, Result<Option<Attempt>, AuditError>> {
+        Box::pin(async move {
+            let head = self.store.audit_head().await?;
+            let mut stored = None;
+            for (i, a) in self.unresolved.iter().enumerate() {
+                if head.0 < a.last.0 {
+                    continue;
+                }
+                match self.store.audit_row(a.last.0).await {
+                    Ok(row) if row.hash == a.last.1 => {
+                        stored = Some(i);
+                        break;
+                    }
+                    Ok(_) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.head = Some(head);
+            let Some(i) = stored else {
+                self.unresolved.retain(|a| a.before == head);
+                return Ok(None);
+            };
+            let a = self.unresolved.swap_remove(i);
+            self.unresolved.clear();
+            self.dek_used += a.tickets.len() as u64;
+            self.unsealed = Some(a.last);
+            tracing::warn!(
+                first_seq = a.before.0 + 1,
+                last_seq = a.last.0,
+                "an audit batch reported as failed was stored; not written again"
+            );
+            Ok(Some(a))
+        })
+    }
+
+    /// An earlier batch, whose callers were refused, found stored: its records leave the
+    /// carry, and a record says what happened.
+    fn landed_late(&mut self, a: &Attempt) {
+        let done: std::collections::HashSet<u64> = a.tickets.iter().copied().collect();
+        self.carry.retain(|h| !done.contains(&h.ticket));
+        let note = self.job_record(
+            "audit.late_commit",
+            codes::UNAVAILABLE,
+            &format!(
+                "seq {}..={} were stored after their write was reported failed: the calls among them were answered UNAVAILABLE",
+                a.before.0 + 1,
+                a.last.0
+            ),
         );
-        self.head = None;
-        self.dek_used += records.len() as u64;
-        self.unsealed = Some((last.seq, last.hash));
-        Some(before.0 + 1)
+        self.hold(note);
     }
 
     /// Appends `records` (and the ready seal, if any) in one transaction; returns the
     /// first seq.
-    async fn commit(&mut self, records: &[PendingRecord]) -> Result<u64, AuditError> {
-        let dek = if self.open { self.dek.as_ref() } else { None };
+    ///
+    /// Fast path: built on the head this writer committed last, before the transaction
+    /// (one round trip on SQLite). Locking path, when the head is unknown or another
+    /// writer moved it: the store takes the head inside the transaction and the batch is
+    /// built on it there. Either way the attempt is noted in `in_flight` before it can
+    /// reach the store, so a failure (or the timeout dropping this future) leaves it to
+    /// be resolved. While attempts are unresolved the locking path is not taken: a moved
+    /// head may be one of them having landed, and a batch built on it would hold their
+    /// records a second time.
+    async fn commit(&mut self, records: &[Held]) -> Result<u64, AuditError> {
+        let dek = match (self.open, &self.dek) {
+            (false, _) => None,
+            (true, Some(d)) => Some(d),
+            // Never in clear while the HSM is open.
+            (true, None) if !records.is_empty() => return Err(AuditError::Unavailable),
+            (true, None) => None,
+        };
+        let tickets: Vec<u64> = records.iter().map(|r| r.ticket).collect();
         let seal = self.ready.take();
-        let carried = seal.clone();
-        let build =
-            move |seq: u64, prev: [u8; 32]| -> BoxFuture<'_, Result<AuditAppend, StoreError>> {
-                let seal = carried.clone();
-                Box::pin(async move {
-                    let rows = build_rows(seq, prev, records, dek)
-                        .map_err(|_| StoreError::Corrupt("audit batch"))?;
-                    Ok(AuditAppend { rows, seal })
-                })
-            };
-        // Fast path: on the head this writer committed last, built before the
-        // transaction (one round trip on SQLite). If another writer moved the head, or
-        // after any failure, the locking path reads the head inside the transaction.
         let fast = match self.head {
-            Some(h) => match build_rows(h.0, h.1, records, dek) {
+            Some(h) => match build_rows(h.0, h.1, records.iter().map(|r| &r.rec), dek) {
                 Ok(rows) => {
+                    note_attempt(&self.in_flight, h, &rows, &tickets);
                     let batch = AuditAppend {
                         rows,
                         seal: seal.clone(),
                     };
                     match self.store.audit_append_at(h, batch).await {
                         Ok(nh) => Some(Ok(nh)),
-                        Err(StoreError::AlreadyExists | StoreError::StateConflict { .. }) => None,
-                        Err(e) => Some(Err(e)),
+                        Err(StoreError::AlreadyExists | StoreError::StateConflict { .. }) => {
+                            // Refused whole: nothing of it was stored.
+                            clear_attempt(&self.in_flight);
+                            if self.unresolved.is_empty() {
+                                None
+                            } else {
+                                Some(Err(AuditError::Unavailable))
+                            }
+                        }
+                        Err(e) => Some(Err(e.into())),
                     }
                 }
-                Err(e) => {
-                    self.ready = seal;
-                    return Err(e);
-                }
+                Err(e) => Some(Err(e)),
             },
-            None => None,
+            None if self.unresolved.is_empty() => None,
+            None => Some(Err(AuditError::Unavailable)),
         };
         let appended = match fast {
             Some(r) => r,
-            None => self.store.audit_append(&build).await,
+            None => {
+                let in_flight = Arc::clone(&self.in_flight);
+                let carried = seal.clone();
+                let tickets = &tickets;
+                let build =
+                    move |seq: u64,
+                          prev: [u8; 32]|
+                          -> BoxFuture<'_, Result<AuditAppend, StoreError>> {
+                        let seal = carried.clone();
+                        let in_flight = Arc::clone(&in_flight);
+                        Box::pin(async move {
+                            let rows = build_rows(seq, prev, records.iter().map(|r| &r.rec), dek)
+                                .map_err(|_| StoreError::Corrupt("audit batch"))?;
+                            note_attempt(&in_flight, (seq, prev), &rows, tickets);
+                            Ok(AuditAppend { rows, seal })
+                        })
+                    };
+                self.store
+                    .audit_append(&build)
+                    .await
+                    .map_err(AuditError::from)
+            }
         };
         let (last_seq, last_hash) = match appended {
             Ok(h) => h,
             Err(e) => {
                 self.head = None;
                 self.ready = seal;
-                return Err(e.into());
+                return Err(e);
             }
         };
+        // Stored: every attempt built on the head it was built on is void.
+        clear_attempt(&self.in_flight);
+        self.unresolved.clear();
         self.head = Some((last_seq, last_hash));
         self.dek_used += records.len() as u64;
         if !records.is_empty() {
@@ -781,6 +1060,45 @@ impl Writer {
         }
         Ok(last_seq + 1 - records.len() as u64)
     }
+}
+
+/// Notes an attempt about to reach the store (none for a batch of no rows).
+fn note_attempt(
+    slot: &Mutex<Option<Attempt>>,
+    before: (u64, [u8; 32]),
+    rows: &[crate::store::AuditRow],
+    tickets: &[u64],
+) {
+    if let (Some(last), Ok(mut s)) = (rows.last(), slot.lock()) {
+        *s = Some(Attempt {
+            before,
+            last: (last.seq, last.hash),
+            tickets: tickets.to_vec(),
+        });
+    }
+}
+
+fn clear_attempt(slot: &Mutex<Option<Attempt>>) {
+    if let Ok(mut s) = slot.lock() {
+        *s = None;
+    }
+}
+
+/// The detail of an `audit.responses_withheld` record.
+fn withheld_detail(seqs: &[u64]) -> String {
+    let named: Vec<String> = seqs.iter().take(NAMED_SEQS).map(u64::to_string).collect();
+    let more = seqs.len().saturating_sub(NAMED_SEQS);
+    let mut d = format!(
+        "the callers of seq {} gave up before their records were durable: their responses were withheld (UNAVAILABLE)",
+        named.join(",")
+    );
+    if more > 0 {
+        d.push_str(&format!(
+            " (and {more} more, up to seq {})",
+            seqs[seqs.len() - 1]
+        ));
+    }
+    d
 }
 
 /// Marks `rec` as a call whose response was withheld (the caller got `UNAVAILABLE`),

@@ -7,14 +7,19 @@
 //! has not been sent yet; if the record cannot be made durable within the timeout, the
 //! response is dropped and the caller gets `UNAVAILABLE` instead.
 //!
-//! Never skipped: the handler and its record run on a task of their own, so a caller
-//! that resets the stream or whose deadline passes (tonic drops the call's future) cannot
-//! stop the record of what the handler did. The record's result is the handler's code.
+//! Never skipped: the record's place in the audit queue is taken before the handler runs
+//! (a full queue refuses the call before it can change anything), and the handler and its
+//! record run on a task of their own, so a caller that resets the stream or whose
+//! deadline passes (tonic drops the call's future) cannot stop the record of what the
+//! handler did. The record's result is the handler's code; a handler that panics is
+//! recorded as `INTERNAL`.
 //!
 //! Operation names in records and metric labels are the API's method names only; any
 //! other path is recorded as `unknown` (a caller cannot mint labels).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -147,13 +152,30 @@ where
                 .map(|ip| ip.to_string())
                 .unwrap_or_default();
             let presented = req.headers().contains_key(http::header::AUTHORIZATION);
+            // Verification is how an operator learns why the log cannot be written: it runs
+            // even when its record finds no place (it is then counted as lost).
+            let diagnostic = operation == "VerifyAudit";
+            let place = log.as_ref().map(|l| l.reserve());
+            if matches!(place, Some(None)) && !diagnostic {
+                let code = tonic::Code::Unavailable as u32;
+                crate::metrics::global().request(&operation, code_name(code), started.elapsed());
+                return to_status(ServiceError::AuditUnavailable, &request_id).into_http();
+            }
             let slot = log.as_ref().map(|l| l.slot());
             if let Some(s) = &slot {
                 req.extensions_mut().insert(s.clone());
             }
-            let resp = match inner.call(req).await {
-                Ok(r) => r,
-                Err(never) => match never {},
+            let resp = match CatchPanic(Box::pin(inner.call(req))).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(never)) => match never {},
+                Err(()) => {
+                    tracing::error!(operation = %operation, request_id = %request_id, "a handler panicked");
+                    to_status(
+                        ServiceError::Internal("handler panicked".into()),
+                        &request_id,
+                    )
+                    .into_http()
+                }
             };
             let code = resp
                 .headers()
@@ -181,8 +203,11 @@ where
                 result: code,
                 details,
             };
-            let diagnostic = rec.operation == "VerifyAudit";
-            match log.record(rec).await {
+            let recorded = match place.flatten() {
+                Some(p) => log.submit(p, rec).await,
+                None => Err(crate::audit::AuditError::Unavailable),
+            };
+            match recorded {
                 Ok(_) => resp,
                 // Verification returns no key material and is how an operator learns
                 // why the log cannot be written: it answers anyway (its record waits
@@ -201,6 +226,23 @@ where
                 to_status(ServiceError::AuditUnavailable, "").into_http()
             }))
         })
+    }
+}
+
+/// Polls a handler's future, turning a panic into `Err` so that the call is still
+/// recorded (and answered `INTERNAL`) instead of ending with its task.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
     }
 }
 

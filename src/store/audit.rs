@@ -12,6 +12,10 @@
 //!   pool nor behind other writes in it; SQLite's write lock orders the two. A batch
 //!   never waits behind an earlier one still running there: it fails at once, so no
 //!   batch commits long after its callers were answered.
+//! - A seal already stored for its seq is not stored again (`ON CONFLICT DO NOTHING`): a
+//!   batch whose commit was reported failed may have stored the seal it carried, and the
+//!   writer then hands the same seal in again. (A different seal already there for that
+//!   seq is kept, and verification checks it.)
 //! - This module stores what it is given: it neither computes hashes nor decrypts. The
 //!   chain and encryption are `crate::audit`'s, handed in as the batch builder.
 
@@ -191,7 +195,8 @@ fn append_sqlite(
     }
     if let Some(seal) = &batch.seal {
         tx.prepare_cached(
-            "INSERT INTO audit_seals (seq, head, seal, node, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO audit_seals (seq, head, seal, node, time_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (seq) DO NOTHING",
         )?
         .execute(rusqlite::params![
             int(seal.seq)?,
@@ -334,7 +339,8 @@ impl AuditStore for SqlStore {
         }
         if let Some(s) = &batch.seal {
             sqlx::query(
-                "INSERT INTO audit_seals (seq, head, seal, node, time_ms) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO audit_seals (seq, head, seal, node, time_ms) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (seq) DO NOTHING",
             )
             .bind(i64_of(s.seq)?)
             .bind(hex::encode(s.head))
