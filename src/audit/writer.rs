@@ -871,7 +871,11 @@ impl Writer {
             self.open = true;
         }
         if self.dek.is_none() || self.dek_used >= DEK_RECORDS {
-            match self.new_dek().await {
+            let made = match tokio::time::timeout(self.cfg.commit_timeout, self.new_dek()).await {
+                Ok(r) => r,
+                Err(_) => Err(AuditError::Unavailable),
+            };
+            match made {
                 Ok(d) => {
                     self.dek = Some(d);
                     self.dek_used = 0;
