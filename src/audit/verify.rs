@@ -117,6 +117,8 @@ pub async fn verify(
             Err(e) => return Err(e.into()),
         }
     };
+    // The hash before `prev` (to tell a row inserted before a mismatch).
+    let mut prev_prev: Option<[u8; 32]> = None;
     let mut seals: BTreeMap<u64, SealMark> = BTreeMap::new();
     let mut first_bad: Option<(u64, Problem, String)> = None;
     for s in store.audit_seals(from).await? {
@@ -181,27 +183,7 @@ pub async fn verify(
                         .await?;
                     page.extend(more);
                 }
-                let moved = page[i + 1..]
-                    .iter()
-                    .take(LOOKAHEAD)
-                    .find(|cand| {
-                        let mut c: AuditRow = (*cand).clone();
-                        c.seq = expected;
-                        link(&prev, &c) == cand.hash
-                    })
-                    .map(|c| c.seq);
-                first_bad = Some(match moved {
-                    Some(at) => (
-                        expected,
-                        Problem::Reordered,
-                        format!("the record of seq {expected} is stored at seq {at}"),
-                    ),
-                    None => (
-                        expected,
-                        Problem::Modified,
-                        format!("seq {expected} does not match its hash"),
-                    ),
-                });
+                first_bad = Some(diagnose(&page[i..], expected, &prev, prev_prev.as_ref()));
                 break 'walk;
             }
             if let Some(s) = seals.get(&row.seq) {
@@ -242,6 +224,7 @@ pub async fn verify(
                 }
                 last_good_seal = row.seq;
             }
+            prev_prev = Some(prev);
             prev = row.hash;
             expected += 1;
             checked += 1;
@@ -302,6 +285,77 @@ pub async fn verify(
             detail: format!("OK: {checked} records"),
         },
     })
+}
+
+/// `row` as if it were stored at `seq`.
+fn at_seq(row: &AuditRow, seq: u64) -> AuditRow {
+    let mut r = row.clone();
+    r.seq = seq;
+    r
+}
+
+/// What is wrong where the row at `expected` (`rows[0]`, followed by the rows after it)
+/// does not link on `prev`. Rows keep their stored hashes, so a record moved to another
+/// seq is recognised by linking it at its original seq:
+/// - the row at `expected` is the record of `expected - 1`, whose place holds a row that
+///   linked: that row was inserted (and the ones after it renumbered);
+/// - the next row links on this row's hash at the seq after its own: a record was
+///   removed at `expected` and the later ones renumbered;
+/// - a later row linked at `expected` is this seq's record: this row was inserted there
+///   (when this row belongs right after it) or the two were exchanged;
+/// - otherwise the row was changed.
+fn diagnose(
+    rows: &[AuditRow],
+    expected: u64,
+    prev: &[u8; 32],
+    prev_prev: Option<&[u8; 32]>,
+) -> (u64, Problem, String) {
+    let row = &rows[0];
+    if let Some(pp) = prev_prev {
+        if expected > 1 && link(pp, &at_seq(row, expected - 1)) == row.hash {
+            return (
+                expected - 1,
+                Problem::Inserted,
+                format!(
+                    "seq {} holds a row that is not in the chain: the record of seq {} follows it",
+                    expected - 1,
+                    expected - 1
+                ),
+            );
+        }
+    }
+    if let Some(next) = rows.get(1) {
+        if link(&row.hash, &at_seq(next, next.seq + 1)) == next.hash {
+            return (
+                expected,
+                Problem::Missing,
+                format!(
+                    "the record of seq {expected} was removed and the records after it renumbered"
+                ),
+            );
+        }
+    }
+    let moved = rows[1..]
+        .iter()
+        .take(LOOKAHEAD)
+        .find(|cand| link(prev, &at_seq(cand, expected)) == cand.hash);
+    match moved {
+        Some(cand) if cand.seq == expected + 1 && link(&cand.hash, &at_seq(row, expected + 1)) != row.hash => (
+            expected,
+            Problem::Inserted,
+            format!("seq {expected} holds a row that is not in the chain: the record of seq {expected} follows it"),
+        ),
+        Some(cand) => (
+            expected,
+            Problem::Reordered,
+            format!("the record of seq {expected} is stored at seq {}", cand.seq),
+        ),
+        None => (
+            expected,
+            Problem::Modified,
+            format!("seq {expected} does not match its hash"),
+        ),
+    }
 }
 
 fn bad_report(records: u64, last: u64, seals: u64, seq: u64, p: Problem, d: &str) -> Report {
@@ -404,6 +458,92 @@ pub async fn query(
         }
         if !full {
             return Ok((out, None));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::super::chain::{build_rows, GENESIS};
+    use super::super::record::{Details, Kind, PendingRecord};
+    use super::*;
+
+    /// Seqs 1..=8, chained, in clear.
+    fn chain() -> Vec<AuditRow> {
+        let recs: Vec<PendingRecord> = (0..8)
+            .map(|i| PendingRecord {
+                time_ms: 1_800_000_000_000 + i,
+                kind: Kind::Rpc,
+                operation: format!("Op{i}"),
+                result: 0,
+                details: Details::default(),
+            })
+            .collect();
+        build_rows(0, GENESIS, recs.iter(), None).unwrap()
+    }
+
+    /// Walks like `verify` does and diagnoses the first row that does not link.
+    fn first_bad(rows: &[AuditRow]) -> Option<(u64, Problem)> {
+        let (mut prev, mut pp) = (GENESIS, None);
+        for (i, row) in rows.iter().enumerate() {
+            if link(&prev, row) != row.hash {
+                let (seq, p, _) = diagnose(&rows[i..], row.seq, &prev, pp.as_ref());
+                return Some((seq, p));
+            }
+            pp = Some(prev);
+            prev = row.hash;
+        }
+        None
+    }
+
+    fn renumber(rows: &mut [AuditRow]) {
+        for (i, r) in rows.iter_mut().enumerate() {
+            r.seq = i as u64 + 1;
+        }
+    }
+
+    #[test]
+    fn tampering_that_renumbers_rows_is_named_for_what_it_is() {
+        let good = chain();
+        assert_eq!(first_bad(&good), None);
+        // Changed in place.
+        let mut m = good.clone();
+        m[3].result = 9;
+        assert_eq!(first_bad(&m), Some((4, Problem::Modified)));
+        // Two neighbours exchanged (each keeps its hash).
+        let mut x = good.clone();
+        x.swap(4, 5);
+        renumber(&mut x);
+        assert_eq!(first_bad(&x), Some((5, Problem::Reordered)));
+        // Two rows further apart exchanged.
+        let mut far = good.clone();
+        far.swap(2, 6);
+        renumber(&mut far);
+        assert_eq!(first_bad(&far), Some((3, Problem::Reordered)));
+        // Removed, and the later rows renumbered to close the gap.
+        let mut d = good.clone();
+        d.remove(4);
+        renumber(&mut d);
+        assert_eq!(first_bad(&d), Some((5, Problem::Missing)));
+        // A forged row put in, the later rows renumbered: with a hash that does not
+        // link, and with one computed to link.
+        for consistent in [false, true] {
+            let mut ins = good.clone();
+            let mut forged = at_seq(&good[4], 5);
+            forged.operation = "Forged".into();
+            forged.hash = if consistent {
+                link(&good[3].hash, &forged)
+            } else {
+                [7u8; 32]
+            };
+            ins.insert(4, forged);
+            renumber(&mut ins);
+            assert_eq!(
+                first_bad(&ins),
+                Some((5, Problem::Inserted)),
+                "consistent: {consistent}"
+            );
         }
     }
 }
