@@ -524,4 +524,44 @@ mod tests {
             "connection kept after a lost race"
         );
     }
+
+    #[tokio::test]
+    async fn a_seal_handed_in_again_is_kept_once_and_does_not_fail_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqlStore::open_sqlite(&dir.path().join("a.db"))
+            .await
+            .unwrap();
+        let head = store.audit_head().await.unwrap();
+        let h1 = store
+            .audit_append_at(
+                head,
+                AuditAppend {
+                    rows: vec![row(1)],
+                    seal: None,
+                },
+            )
+            .await
+            .unwrap();
+        let seal = AuditSeal {
+            seq: 1,
+            head: h1.1,
+            seal: [5u8; 32],
+            node: "n".into(),
+            time_ms: 1,
+        };
+        let with_seal = |seq: u64| AuditAppend {
+            rows: vec![row(seq)],
+            seal: Some(seal.clone()),
+        };
+        // Stored with one batch (whose commit was then reported failed, say) and handed
+        // in again with the next ones, on both paths.
+        let h2 = store.audit_append_at(h1, with_seal(2)).await.unwrap();
+        let h3 = store.audit_append_at(h2, with_seal(3)).await.unwrap();
+        let h4 = store
+            .audit_append(&|_, _| Box::pin(async { Ok(with_seal(4)) }))
+            .await
+            .unwrap();
+        assert_eq!((h3.0, h4.0), (3, 4));
+        assert_eq!(store.audit_seals(1).await.unwrap(), vec![seal]);
+    }
 }
