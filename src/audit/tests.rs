@@ -19,6 +19,8 @@ use crate::store::{AuditStore, SqlStore};
 struct TestKeys {
     engine: KeyEngine,
     open: AtomicBool,
+    /// Refuse to seal (an HSM reached through a transport without AES-GCM).
+    no_gcm: AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -52,6 +54,9 @@ impl AuditKeys for TestKeys {
         ))
     }
     async fn seal_meta(&self, aad: Vec<u8>, p: Zeroizing<Vec<u8>>) -> Result<Vec<u8>, AuditError> {
+        if self.no_gcm.load(Ordering::SeqCst) {
+            return Err(AuditError::Hsm);
+        }
         self.engine
             .seal_meta(aad, p)
             .await
@@ -93,6 +98,7 @@ fn start_log(
     let keys = Arc::new(TestKeys {
         engine,
         open: AtomicBool::new(open),
+        no_gcm: AtomicBool::new(false),
     });
     let log = AuditLog::start(
         store,
@@ -590,4 +596,33 @@ async fn a_full_queue_refuses_before_the_call_and_the_loss_is_recorded() {
         "{:?}",
         lost[0].details.detail
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hsm_that_cannot_seal_gets_a_derived_data_key_not_clear_records() {
+    let (_dir, store) = sqlite_store().await;
+    let (keys, log) = start_log(store.clone(), false, AuditConfig::default());
+    keys.no_gcm.store(true, Ordering::SeqCst);
+    keys.open.store(true, Ordering::SeqCst);
+    for _ in 0..100 {
+        if log.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(log.is_ready(), "no data key");
+    log.record(rec("GetKey", "svc:secretive", "k"))
+        .await
+        .unwrap();
+    let rows = store.audit_rows(1, 10).await.unwrap();
+    let row = rows.iter().find(|r| r.operation == "GetKey").unwrap();
+    assert!(!row.dek_id.is_empty());
+    assert!(!String::from_utf8_lossy(&row.body).contains("svc:secretive"));
+    assert_eq!(
+        store.audit_dek(&row.dek_id).await.unwrap(),
+        writer::DERIVED_DEK
+    );
+    // The reader derives it again.
+    let found = records_of(store.as_ref(), keys.as_ref(), "GetKey").await;
+    assert_eq!(found[0].details.principal, "svc:secretive");
 }

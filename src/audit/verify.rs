@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::chain::{link, open_details, seal_input, DataKey, GENESIS};
 use super::record::{code_name, Kind, Record};
-use super::writer::dek_aad;
+use super::writer::{dek_aad, dek_derivation, DERIVED_DEK};
 use super::{checkpoint, AuditError, AuditKeys};
 use crate::store::{AuditRow, AuditStore, StoreError};
 
@@ -423,7 +423,11 @@ pub async fn query(
             }
             if !row.dek_id.is_empty() && !deks.contains_key(&row.dek_id) {
                 let sealed = store.audit_dek(&row.dek_id).await?;
-                let raw = keys.open_meta(dek_aad(&row.dek_id), sealed).await?;
+                let raw = if sealed == DERIVED_DEK {
+                    zeroize::Zeroizing::new(keys.mac(dek_derivation(&row.dek_id)).await?.to_vec())
+                } else {
+                    keys.open_meta(dek_aad(&row.dek_id), sealed).await?
+                };
                 let mut k = zeroize::Zeroizing::new([0u8; 32]);
                 if raw.len() != 32 {
                     return Err(AuditError::Corrupt("audit data key"));

@@ -211,6 +211,7 @@ impl AuditLog {
             next_ticket: 0,
             unresolved: Vec::new(),
             in_flight: Arc::new(Mutex::new(None)),
+            attempts: 0,
             outage_noted: false,
             alerts,
             webhook,
@@ -409,6 +410,8 @@ struct Held {
 /// connection lost during `COMMIT`, a transaction the server finished after the writer
 /// gave up on it).
 struct Attempt {
+    /// Which attempt (the writer's count of them).
+    id: u64,
     /// The head it was built on: its head update is conditional on it.
     before: (u64, [u8; 32]),
     /// Its last row.
@@ -505,6 +508,8 @@ struct Writer {
     unresolved: Vec<Attempt>,
     /// The batch being committed, once its rows are built (see [`Writer::commit`]).
     in_flight: Arc<Mutex<Option<Attempt>>>,
+    /// Commit attempts made.
+    attempts: u64,
     outage_noted: bool,
     alerts: AlertEngine,
     webhook: Option<Webhook>,
@@ -576,7 +581,12 @@ impl Writer {
             crate::metrics::global()
                 .audit_queue_depth
                 .store(self.rx.len() as i64, Ordering::Relaxed);
-            let lost = self.lost.swap(0, Ordering::Relaxed);
+            // Left counted while the carry is full, so the note keeps the whole count.
+            let lost = if self.carry.len() < MAX_CARRY {
+                self.lost.swap(0, Ordering::Relaxed)
+            } else {
+                0
+            };
             if lost > 0 {
                 let note = self.job_record(
                     "audit.records_lost",
@@ -590,7 +600,13 @@ impl Writer {
             if batch.is_empty() && self.carry.is_empty() && self.unresolved.is_empty() {
                 if self.ready.is_some() {
                     // Idle: store the seal on its own.
+                    let seal = self.ready.clone();
                     let stored = self.bounded(Self::commit_seal).await;
+                    if stored.is_err() && self.ready.is_none() {
+                        // Dropped by the timeout: keep it, so the next tick tries again
+                        // (and health recovers without traffic).
+                        self.ready = seal;
+                    }
                     self.note_outcome(stored.as_ref().err());
                 }
                 continue;
@@ -630,6 +646,8 @@ impl Writer {
                 });
             }
             let mut first_seq = 0;
+            let mut this_round = None;
+            let seal = self.ready.clone();
             if outcome.is_ok() {
                 let busy = ms_since(self.epoch) + 1;
                 self.busy.store(busy, Ordering::Relaxed);
@@ -647,18 +665,21 @@ impl Writer {
                     // Whatever reached the store may be there: find out before writing
                     // its records again.
                     let attempt = self.in_flight.lock().ok().and_then(|mut a| a.take());
+                    this_round = attempt.as_ref().map(|a| a.id);
                     self.unresolved.extend(attempt);
                 }
                 outcome = committed.map(|f| first_seq = f);
+            }
+            if outcome.is_err() && self.ready.is_none() {
+                // A commit dropped by the timeout did not get to put its seal back.
+                self.ready = seal;
             }
             let mut late = None;
             if outcome.is_err() && !self.unresolved.is_empty() {
                 // A commit can fail after it happened (a connection lost during COMMIT, a
                 // timeout while the statement finishes): look before answering.
                 if let Ok(Ok(Some(a))) = tokio::time::timeout(TICK, self.resolve()).await {
-                    let this = a.tickets.len() == records.len()
-                        && a.tickets.last() == records.last().map(|r| &r.ticket);
-                    if this {
+                    if Some(a.id) == this_round {
                         outcome = Ok(());
                         first_seq = a.before.0 + 1;
                     } else {
@@ -880,23 +901,45 @@ impl Writer {
                     self.dek = Some(d);
                     self.dek_used = 0;
                 }
-                Err(e) => tracing::error!(error = %e, "cannot make an audit data key"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot make an audit data key");
+                    if self.dek_used >= DEK_RECORDS {
+                        // Spent: nothing more is encrypted under it (records wait).
+                        self.dek = None;
+                    }
+                }
             }
         }
         self.keys_ready.store(self.dek.is_some(), Ordering::Relaxed);
     }
 
+    /// A new data key: 32 random bytes from the HSM, stored sealed under `arca:meta`. An
+    /// HSM that cannot seal (one reached through a transport that does not carry
+    /// AES-GCM parameters, such as some p11-kit remotings) but can MAC gets a key derived
+    /// instead, `HMAC(arca:audit-mac, "arca-audit-dek-v1:" || id)`, recorded with the
+    /// [`DERIVED_DEK`] mark in place of a sealed key: equally bound to a key that never
+    /// leaves the HSM, so that records are never stored in clear while it is open.
     async fn new_dek(&self) -> Result<DataKey, AuditError> {
-        let key = self.keys.random32().await?;
         let mut raw = [0u8; 8];
         getrandom::fill(&mut raw).map_err(|_| AuditError::Hsm)?;
         let id = hex::encode(raw);
-        let sealed = self
+        let key = self.keys.random32().await?;
+        let (key, stored) = match self
             .keys
             .seal_meta(dek_aad(&id), Zeroizing::new(key.to_vec()))
-            .await?;
+            .await
+        {
+            Ok(sealed) => (key, sealed),
+            Err(_) => {
+                let derived = Zeroizing::new(self.keys.mac(dek_derivation(&id)).await?);
+                tracing::warn!(
+                    "the HSM cannot seal the audit data key under arca:meta; it is derived from arca:audit-mac instead"
+                );
+                (derived, DERIVED_DEK.to_vec())
+            }
+        };
         self.store
-            .audit_insert_dek(&id, &sealed, self.clock.now_ms())
+            .audit_insert_dek(&id, &stored, self.clock.now_ms())
             .await?;
         Ok(DataKey::new(id, key))
     }
@@ -917,7 +960,9 @@ impl Writer {
         Box::pin(async move {
             let head = self.store.audit_head().await?;
             let mut stored = None;
-            for (i, a) in self.unresolved.iter().enumerate() {
+            // Newest first: while sealed, rows are not encrypted, so an older attempt of the
+            // same records at the same seqs has the same rows as a newer one.
+            for (i, a) in self.unresolved.iter().enumerate().rev() {
                 if head.0 < a.last.0 {
                     continue;
                 }
@@ -937,7 +982,6 @@ impl Writer {
             };
             let a = self.unresolved.swap_remove(i);
             self.unresolved.clear();
-            self.dek_used += a.tickets.len() as u64;
             self.unsealed = Some(a.last);
             tracing::warn!(
                 first_seq = a.before.0 + 1,
@@ -952,7 +996,16 @@ impl Writer {
     /// carry, and a record says what happened.
     fn landed_late(&mut self, a: &Attempt) {
         let done: std::collections::HashSet<u64> = a.tickets.iter().copied().collect();
-        self.carry.retain(|h| !done.contains(&h.ticket));
+        let (stored, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.carry)
+            .into_iter()
+            .partition(|h| done.contains(&h.ticket));
+        self.carry = kept;
+        // They are in the log: the alert rules see them as they see every stored record.
+        for h in &stored {
+            for f in self.alerts.observe(&h.rec) {
+                self.raise(f);
+            }
+        }
         let note = self.job_record(
             "audit.late_commit",
             codes::UNAVAILABLE,
@@ -978,18 +1031,26 @@ impl Writer {
     /// records a second time.
     async fn commit(&mut self, records: &[Held]) -> Result<u64, AuditError> {
         let dek = match (self.open, &self.dek) {
-            (false, _) => None,
             (true, Some(d)) => Some(d),
-            // Never in clear while the HSM is open.
-            (true, None) if !records.is_empty() => return Err(AuditError::Unavailable),
-            (true, None) => None,
+            _ => None,
         };
+        // Never in clear while the HSM is open (a data key not made yet, or the HSM
+        // open but its system keys not set up).
+        if dek.is_none() && !records.is_empty() && self.keys.is_open() {
+            return Err(AuditError::Unavailable);
+        }
+        self.attempts += 1;
+        let attempt = self.attempts;
+        // Every encryption counts against the data key's bound, stored or not.
+        if dek.is_some() {
+            self.dek_used += records.len() as u64;
+        }
         let tickets: Vec<u64> = records.iter().map(|r| r.ticket).collect();
         let seal = self.ready.take();
         let fast = match self.head {
             Some(h) => match build_rows(h.0, h.1, records.iter().map(|r| &r.rec), dek) {
                 Ok(rows) => {
-                    note_attempt(&self.in_flight, h, &rows, &tickets);
+                    note_attempt(&self.in_flight, attempt, h, &rows, &tickets);
                     let batch = AuditAppend {
                         rows,
                         seal: seal.clone(),
@@ -1016,6 +1077,9 @@ impl Writer {
         let appended = match fast {
             Some(r) => r,
             None => {
+                if dek.is_some() {
+                    self.dek_used += records.len() as u64;
+                }
                 let in_flight = Arc::clone(&self.in_flight);
                 let carried = seal.clone();
                 let tickets = &tickets;
@@ -1028,7 +1092,7 @@ impl Writer {
                         Box::pin(async move {
                             let rows = build_rows(seq, prev, records.iter().map(|r| &r.rec), dek)
                                 .map_err(|_| StoreError::Corrupt("audit batch"))?;
-                            note_attempt(&in_flight, (seq, prev), &rows, tickets);
+                            note_attempt(&in_flight, attempt, (seq, prev), &rows, tickets);
                             Ok(AuditAppend { rows, seal })
                         })
                     };
@@ -1046,12 +1110,12 @@ impl Writer {
                 return Err(e);
             }
         };
-        // Stored: every attempt built on the head it was built on is void.
         clear_attempt(&self.in_flight);
-        self.unresolved.clear();
         self.head = Some((last_seq, last_hash));
-        self.dek_used += records.len() as u64;
         if !records.is_empty() {
+            // Rows stored on the head every unresolved attempt was built on: they are
+            // void now. (A seal alone does not move the head.)
+            self.unresolved.clear();
             self.unsealed = Some((last_seq, last_hash));
         }
         if let (Some(sink), Some(s)) = (&self.sink, seal) {
@@ -1069,12 +1133,14 @@ impl Writer {
 /// Notes an attempt about to reach the store (none for a batch of no rows).
 fn note_attempt(
     slot: &Mutex<Option<Attempt>>,
+    id: u64,
     before: (u64, [u8; 32]),
     rows: &[crate::store::AuditRow],
     tickets: &[u64],
 ) {
     if let (Some(last), Ok(mut s)) = (rows.last(), slot.lock()) {
         *s = Some(Attempt {
+            id,
             before,
             last: (last.seq, last.hash),
             tickets: tickets.to_vec(),
@@ -1122,6 +1188,16 @@ fn withheld(rec: &mut PendingRecord, why: &str) {
         super::record::code_name(rec.result)
     ));
     rec.result = codes::UNAVAILABLE;
+}
+
+/// Stored in place of a sealed data key that is derived from `arca:audit-mac` (a sealed
+/// key starts with a version byte, 0x01, never with this text).
+pub const DERIVED_DEK: &[u8] = b"derived:hmac-sha256:arca:audit-mac:v1";
+
+/// What `arca:audit-mac` MACs to derive the data key `id` (34 bytes: no seal input, 40
+/// bytes, nor the context-digest label has that length).
+pub fn dek_derivation(id: &str) -> Vec<u8> {
+    format!("arca-audit-dek-v1:{id}").into_bytes()
 }
 
 /// AAD of a sealed data key.
