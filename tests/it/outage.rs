@@ -385,8 +385,13 @@ async fn hsm_outage_fails_fast_with_unavailable_and_recovers_by_itself() {
         .collect();
     assert!(
         bad.is_empty(),
-        "during the outage, calls that were not a fast UNAVAILABLE:\n{}",
-        bad.join("\n")
+        "during the outage, calls that were not a fast UNAVAILABLE:\n{}\nserver log lines on the audit log or the HSM's reconnects:\n{}",
+        bad.join("\n"),
+        arca.log_text()
+            .lines()
+            .filter(|l| l.contains("audit") || l.contains("reconnect") || l.contains("HSM"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // Calls that do not need the HSM keep working.
     c.get_key(pb::GetKeyRequest {
