@@ -83,6 +83,8 @@ pub struct AuditSettings {
     pub checkpoints: PathBuf,
     /// How long a call waits for its record to be durable.
     pub timeout: Duration,
+    /// Records that may wait for the writer.
+    pub queue: usize,
     /// Alert rules.
     pub alerts: crate::audit::alerts::AlertPolicy,
     /// Webhook for alerts (`http://` only).

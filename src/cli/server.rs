@@ -143,6 +143,10 @@ pub(super) struct ServerArgs {
     /// UNAVAILABLE.
     #[arg(long, default_value_t = 2000)]
     audit_timeout_ms: u64,
+    /// Audit records that may wait for the writer; when they are all taken, calls are
+    /// refused UNAVAILABLE before they run (and counted in audit.records_lost).
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    audit_queue: u32,
     /// This node's name in audit records (default: host name and process id).
     #[arg(long)]
     node_name: Option<String>,
@@ -197,6 +201,7 @@ fn audit_settings(
             .clone()
             .unwrap_or_else(|| data_dir.join("audit-checkpoints.jsonl")),
         timeout: Duration::from_millis(args.audit_timeout_ms.max(1)),
+        queue: args.audit_queue as usize,
         alerts,
         webhook,
         metrics_listen: args.metrics_listen,
@@ -659,6 +664,7 @@ fn start_audit(
             node: a.node.clone(),
             timeout: a.timeout,
             commit_timeout: a.timeout,
+            queue: a.queue,
             checkpoints: Some(a.checkpoints.clone()),
             ..crate::audit::AuditConfig::default()
         },

@@ -1387,3 +1387,132 @@ async fn a_caller_whose_deadline_passes_cannot_skip_the_record() {
         "no call that hit its deadline reached a handler; the test proves nothing"
     );
 }
+
+/// With `--audit-queue 2` and SQLite's write lock held by someone else (so the writer's
+/// appends wait, and the queue's places stay taken), a burst of CreateKey calls: a call
+/// that finds no place is refused before it runs (its key does not exist), every call that
+/// ran has its record, and the refused calls are counted in `audit.records_lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_queue_refuses_calls_before_they_run_and_records_the_loss() {
+    use std::io::{BufRead, Write};
+    let arca = TestArca::builder()
+        .arg("--audit-queue")
+        .arg("2")
+        .start()
+        .await;
+    let c = arca.client().await;
+    create_key(&mut c.clone(), "warm").await;
+    let mut holder = Command::new("sqlite3")
+        .arg(arca.sqlite_file())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sqlite3");
+    let mut stdin = holder.stdin.take().unwrap();
+    writeln!(stdin, ".timeout 5000\nBEGIN IMMEDIATE;\nSELECT 'locked';").unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let mut c = c.clone();
+        calls.spawn(async move {
+            let name = format!("q{i}");
+            let r = c
+                .create_key(pb::CreateKeyRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await;
+            (name, r.map(|_| ()).map_err(|s| s.code()))
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writeln!(stdin, "COMMIT;\n.quit").unwrap();
+    drop(stdin);
+    holder.wait().unwrap();
+    let mut outcomes = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        outcomes.push(r.unwrap());
+    }
+    for (name, r) in &outcomes {
+        assert!(
+            matches!(r, Ok(()) | Err(Code::Unavailable)),
+            "{name}: {r:?}"
+        );
+    }
+    let mut missing = 0u64;
+    let mut exists = std::collections::BTreeSet::new();
+    for (name, _) in &outcomes {
+        match c
+            .clone()
+            .get_key(pb::GetKeyRequest { name: name.clone() })
+            .await
+        {
+            Ok(_) => {
+                exists.insert(name.clone());
+            }
+            Err(s) if s.code() == Code::NotFound => missing += 1,
+            Err(s) => panic!("GetKey {name}: {s:?}"),
+        }
+    }
+    assert!(
+        missing >= 1,
+        "no call was refused before it ran: {outcomes:?}"
+    );
+    // The refused calls' keys are the missing ones: a call answered OK has its key.
+    for (name, r) in &outcomes {
+        if r.is_ok() {
+            assert!(exists.contains(name), "{name} answered OK but absent");
+        }
+    }
+    let mut records = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        records = export(&arca).await;
+        let lost: u64 = records
+            .iter()
+            .filter(|r| r.operation == "audit.records_lost")
+            .map(|r| {
+                r.detail
+                    .strip_prefix("count=")
+                    .and_then(|d| d.split(':').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum();
+        if lost >= missing {
+            assert_eq!(lost, missing, "{records:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| r.operation == "audit.records_lost" && r.result == "DATA_LOSS"),
+        "{records:?}"
+    );
+    // Every call that ran is in the log, once.
+    let recorded: Vec<&str> = records
+        .iter()
+        .filter(|r| r.operation == "CreateKey" && r.key_name.starts_with('q'))
+        .map(|r| r.key_name.as_str())
+        .collect();
+    let mut unique: Vec<&str> = recorded.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), recorded.len(), "{recorded:?}");
+    assert_eq!(
+        unique
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<std::collections::BTreeSet<_>>(),
+        exists
+    );
+    let v = verify(&arca).await;
+    assert!(v.ok, "{v:?}");
+}
