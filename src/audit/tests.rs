@@ -626,3 +626,23 @@ async fn an_hsm_that_cannot_seal_gets_a_derived_data_key_not_clear_records() {
     let found = records_of(store.as_ref(), keys.as_ref(), "GetKey").await;
     assert_eq!(found[0].details.principal, "svc:secretive");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_just_after_a_seal_are_still_encrypted() {
+    let w = world(true).await;
+    wait_open(&w).await;
+    w.log.record(rec("GetKey", "a", "k")).await.unwrap();
+    // The service seals; a call made while it was open has its record written now.
+    w.keys.open.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seq = w
+        .log
+        .record(rec("UnwrapKey", "svc:late", "k"))
+        .await
+        .unwrap();
+    let row = w.store.audit_row(seq).await.unwrap();
+    assert!(!row.dek_id.is_empty(), "written in clear after the seal");
+    assert!(!String::from_utf8_lossy(&row.body).contains("svc:late"));
+    let found = records_of(w.store.as_ref(), w.keys.as_ref(), "UnwrapKey").await;
+    assert_eq!(found[0].details.principal, "svc:late");
+}

@@ -66,8 +66,10 @@ const DEK_RECORDS: u64 = 1 << 24;
 const MAX_CARRY: usize = 100_000;
 /// How often an idle writer looks at the seal state and retries a failed store.
 const TICK: Duration = Duration::from_millis(250);
-/// Seqs named one by one in an `audit.responses_withheld` record (the rest are counted).
-const NAMED_SEQS: usize = 64;
+/// How long after the HSM seals (beyond the audit timeout) the writer keeps its data key
+/// for records of calls made before: a call's record is submitted when its handler ends,
+/// and a handler waits at most the HSM timeout (5 s by default) for the HSM.
+const RETAIN_DEK: Duration = Duration::from_secs(10);
 
 /// Tuning of the audit writer.
 #[derive(Clone, Debug)]
@@ -212,6 +214,7 @@ impl AuditLog {
             unresolved: Vec::new(),
             in_flight: Arc::new(Mutex::new(None)),
             attempts: 0,
+            retain_until: None,
             outage_noted: false,
             alerts,
             webhook,
@@ -510,6 +513,9 @@ struct Writer {
     in_flight: Arc<Mutex<Option<Attempt>>>,
     /// Commit attempts made.
     attempts: u64,
+    /// After the HSM sealed: until when the data key stays (and longer while the carry
+    /// holds records).
+    retain_until: Option<Instant>,
     outage_noted: bool,
     alerts: AlertEngine,
     webhook: Option<Webhook>,
@@ -621,6 +627,10 @@ impl Writer {
                     withheld(&mut s.rec, "audit record late");
                 }
                 taken.push(s.done.is_some() && !late);
+            }
+            if !self.open && self.keys.is_open() {
+                // Unsealed since this pass's look: set up the keys before building rows.
+                self.refresh().await;
             }
             let started = Instant::now();
             // First find out whether a batch that failed earlier was stored after all,
@@ -866,13 +876,24 @@ impl Writer {
             self.keys_ready.store(false, Ordering::Relaxed);
             if self.open {
                 self.open = false;
-                self.dek = None;
+                // Records of calls made while the HSM was open may still be queued or
+                // carried: they are encrypted under the data key kept for a while, not
+                // written in clear.
+                self.retain_until = Some(Instant::now() + self.cfg.timeout + RETAIN_DEK);
                 if let Ok(mut d) = self.digest.write() {
                     *d = None;
                 }
             }
+            if self
+                .retain_until
+                .is_some_and(|t| Instant::now() >= t && self.carry.is_empty())
+            {
+                self.retain_until = None;
+                self.dek = None;
+            }
             return;
         }
+        self.retain_until = None;
         if !self.open {
             if let Err(e) = self.keys.ensure().await {
                 tracing::error!(error = %e, "cannot make the HSM system key arca:audit-mac");
@@ -897,7 +918,15 @@ impl Writer {
                 Err(_) => Err(AuditError::Unavailable),
             };
             match made {
-                Ok(d) => {
+                Ok((d, derived)) => {
+                    if derived {
+                        let note = self.job_record(
+                            "audit.derived_data_key",
+                            codes::OK,
+                            &format!("data key {}: the HSM could not seal it under arca:meta; derived from arca:audit-mac", d.id),
+                        );
+                        self.hold(note);
+                    }
                     self.dek = Some(d);
                     self.dek_used = 0;
                 }
@@ -919,29 +948,30 @@ impl Writer {
     /// instead, `HMAC(arca:audit-mac, "arca-audit-dek-v1:" || id)`, recorded with the
     /// [`DERIVED_DEK`] mark in place of a sealed key: equally bound to a key that never
     /// leaves the HSM, so that records are never stored in clear while it is open.
-    async fn new_dek(&self) -> Result<DataKey, AuditError> {
+    /// Returns the key and whether it was derived.
+    async fn new_dek(&self) -> Result<(DataKey, bool), AuditError> {
         let mut raw = [0u8; 8];
         getrandom::fill(&mut raw).map_err(|_| AuditError::Hsm)?;
         let id = hex::encode(raw);
         let key = self.keys.random32().await?;
-        let (key, stored) = match self
+        let (key, stored, derived) = match self
             .keys
             .seal_meta(dek_aad(&id), Zeroizing::new(key.to_vec()))
             .await
         {
-            Ok(sealed) => (key, sealed),
+            Ok(sealed) => (key, sealed, false),
             Err(_) => {
                 let derived = Zeroizing::new(self.keys.mac(dek_derivation(&id)).await?);
                 tracing::warn!(
                     "the HSM cannot seal the audit data key under arca:meta; it is derived from arca:audit-mac instead"
                 );
-                (derived, DERIVED_DEK.to_vec())
+                (derived, DERIVED_DEK.to_vec(), true)
             }
         };
         self.store
             .audit_insert_dek(&id, &stored, self.clock.now_ms())
             .await?;
-        Ok(DataKey::new(id, key))
+        Ok((DataKey::new(id, key), derived))
     }
 
     /// Stores the ready seal on its own.
@@ -1030,26 +1060,30 @@ impl Writer {
     /// head may be one of them having landed, and a batch built on it would hold their
     /// records a second time.
     async fn commit(&mut self, records: &[Held]) -> Result<u64, AuditError> {
-        let dek = match (self.open, &self.dek) {
-            (true, Some(d)) => Some(d),
-            _ => None,
+        let dek = if self.open || self.retain_until.is_some() {
+            self.dek.as_ref()
+        } else {
+            None
         };
         // Never in clear while the HSM is open (a data key not made yet, or the HSM
         // open but its system keys not set up).
-        if dek.is_none() && !records.is_empty() && self.keys.is_open() {
+        if dek.is_none() && !records.is_empty() && (self.open || self.keys.is_open()) {
             return Err(AuditError::Unavailable);
         }
         self.attempts += 1;
         let attempt = self.attempts;
         // Every encryption counts against the data key's bound, stored or not.
-        if dek.is_some() {
-            self.dek_used += records.len() as u64;
-        }
+        let encrypted = if dek.is_some() {
+            records.len() as u64
+        } else {
+            0
+        };
         let tickets: Vec<u64> = records.iter().map(|r| r.ticket).collect();
         let seal = self.ready.take();
         let fast = match self.head {
             Some(h) => match build_rows(h.0, h.1, records.iter().map(|r| &r.rec), dek) {
                 Ok(rows) => {
+                    self.dek_used += encrypted;
                     note_attempt(&self.in_flight, attempt, h, &rows, &tickets);
                     let batch = AuditAppend {
                         rows,
@@ -1077,9 +1111,7 @@ impl Writer {
         let appended = match fast {
             Some(r) => r,
             None => {
-                if dek.is_some() {
-                    self.dek_used += records.len() as u64;
-                }
+                self.dek_used += encrypted;
                 let in_flight = Arc::clone(&self.in_flight);
                 let carried = seal.clone();
                 let tickets = &tickets;
@@ -1156,19 +1188,25 @@ fn clear_attempt(slot: &Mutex<Option<Attempt>>) {
 
 /// The detail of an `audit.responses_withheld` record.
 fn withheld_detail(seqs: &[u64]) -> String {
-    let named: Vec<String> = seqs.iter().take(NAMED_SEQS).map(u64::to_string).collect();
-    let more = seqs.len().saturating_sub(NAMED_SEQS);
-    let mut d = format!(
-        "the callers of seq {} gave up before their records were durable: their responses were withheld (UNAVAILABLE)",
-        named.join(",")
-    );
-    if more > 0 {
-        d.push_str(&format!(
-            " (and {more} more, up to seq {})",
-            seqs[seqs.len() - 1]
-        ));
+    // Every seq, as ranges (`12-15,18`): a batch's seqs are consecutive, so this stays short.
+    let mut ranges: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let mut j = i;
+        while j + 1 < seqs.len() && seqs[j + 1] == seqs[j] + 1 {
+            j += 1;
+        }
+        ranges.push(if i == j {
+            seqs[i].to_string()
+        } else {
+            format!("{}-{}", seqs[i], seqs[j])
+        });
+        i = j + 1;
     }
-    d
+    format!(
+        "the callers of seq {} gave up before their records were durable: their responses were withheld (UNAVAILABLE)",
+        ranges.join(",")
+    )
 }
 
 /// Marks `rec` as a call whose response was withheld (the caller got `UNAVAILABLE`),
@@ -1203,4 +1241,13 @@ pub fn dek_derivation(id: &str) -> Vec<u8> {
 /// AAD of a sealed data key.
 pub fn dek_aad(id: &str) -> Vec<u8> {
     format!("arca-audit-dek:{id}").into_bytes()
+}
+
+#[cfg(test)]
+mod detail_tests {
+    #[test]
+    fn withheld_seqs_are_named_as_ranges() {
+        let d = super::withheld_detail(&[3, 5, 6, 7, 9]);
+        assert!(d.starts_with("the callers of seq 3,5-7,9 gave up"), "{d}");
+    }
 }

@@ -143,8 +143,10 @@ pub(super) struct ServerArgs {
     /// UNAVAILABLE.
     #[arg(long, default_value_t = 2000)]
     audit_timeout_ms: u64,
-    /// Audit records that may wait for the writer; when they are all taken, calls are
-    /// refused UNAVAILABLE before they run (and counted in audit.records_lost).
+    /// Places for audit records: a call takes one when it starts and frees it when the
+    /// writer takes its record, so this bounds calls in progress plus records waiting.
+    /// When all are taken, calls are refused UNAVAILABLE before they run (and counted in
+    /// audit.records_lost).
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     audit_queue: u32,
     /// This node's name in audit records (default: host name and process id).

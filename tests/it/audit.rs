@@ -1470,10 +1470,11 @@ async fn a_full_audit_queue_refuses_calls_before_they_run_and_records_the_loss()
         }
     }
     let mut records = Vec::new();
+    let mut lost = 0;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         records = export(&arca).await;
-        let lost: u64 = records
+        lost = records
             .iter()
             .filter(|r| r.operation == "audit.records_lost")
             .map(|r| {
@@ -1485,11 +1486,11 @@ async fn a_full_audit_queue_refuses_calls_before_they_run_and_records_the_loss()
             })
             .sum();
         if lost >= missing {
-            assert_eq!(lost, missing, "{records:?}");
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(lost, missing, "{records:?}");
     assert!(
         records
             .iter()
