@@ -617,22 +617,39 @@ impl Pkcs11Hsm {
     }
 
     /// Finds the token object with this `CKA_ID` (never a session copy).
+    ///
+    /// SoftHSM's `C_CopyObject` first copies every attribute of the original, `CKA_TOKEN
+    /// = true` included, and applies the template (`CKA_TOKEN = false`) after: a search
+    /// by another session in between sees the copy in the making as a second token
+    /// object (observed with four sessions copying one key at once). So two matches are
+    /// looked for again, a few times, before they count as two token objects sharing
+    /// one `CKA_ID`, which is refused rather than one of them picked.
     fn find_token_object(&self, s: &PooledSession, id: &ObjectId) -> Result<Option<ObjectHandle>> {
+        const LOOKS: u32 = 4;
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Token(true),
             Attribute::Id(id.0.to_vec()),
         ];
-        match s.session.find_objects(&template) {
-            Ok(found) => match found.as_slice() {
-                [] => Ok(None),
-                [one] => Ok(Some(*one)),
-                more => Err(HsmError::Pkcs11 {
-                    function: "C_FindObjects",
-                    detail: format!("{} token objects share CKA_ID {id}", more.len()),
-                }),
-            },
-            Err(e) => Err(self.fail(s, e, "C_FindObjects", false)),
+        let mut look = 1;
+        loop {
+            match s.session.find_objects(&template) {
+                Ok(found) => match found.as_slice() {
+                    [] => return Ok(None),
+                    [one] => return Ok(Some(*one)),
+                    _ if look < LOOKS => {
+                        look += 1;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    more => {
+                        return Err(HsmError::Pkcs11 {
+                            function: "C_FindObjects",
+                            detail: format!("{} token objects share CKA_ID {id}", more.len()),
+                        })
+                    }
+                },
+                Err(e) => return Err(self.fail(s, e, "C_FindObjects", false)),
+            }
         }
     }
 
