@@ -83,7 +83,7 @@ pub struct AuditSettings {
     pub checkpoints: PathBuf,
     /// How long a call waits for its record to be durable.
     pub timeout: Duration,
-    /// Records that may wait for the writer.
+    /// Places for audit records (calls in progress plus records waiting for the writer).
     pub queue: usize,
     /// Alert rules.
     pub alerts: crate::audit::alerts::AlertPolicy,

@@ -82,7 +82,8 @@ pub struct AuditConfig {
     pub commit_timeout: Duration,
     /// Records per batch at most.
     pub max_batch: usize,
-    /// Records that may wait for the writer.
+    /// Places for records: a call holds one from [`AuditLog::reserve`] until the writer
+    /// takes its record.
     pub queue: usize,
     /// The checkpoint file.
     pub checkpoints: Option<std::path::PathBuf>,
@@ -295,7 +296,7 @@ impl AuditLog {
         match self.tx.clone().try_reserve_owned() {
             Ok(p) => Some(Reservation(p)),
             Err(_) => {
-                self.note_lost(1);
+                count_lost(&self.lost, 1);
                 None
             }
         }
@@ -354,16 +355,9 @@ impl AuditLog {
     pub fn record_nowait(&self, mut rec: PendingRecord) {
         rec.details.node.clone_from(&self.cfg.node);
         if self.tx.try_send(Submission { rec, done: None }).is_err() {
-            self.note_lost(1);
+            count_lost(&self.lost, 1);
             tracing::error!("audit queue full: a background record was not written");
         }
-    }
-
-    fn note_lost(&self, n: u64) {
-        self.lost.fetch_add(n, Ordering::Relaxed);
-        crate::metrics::global()
-            .audit_records_lost
-            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// A job record for a background action, now.
@@ -396,6 +390,14 @@ impl AuditLog {
 
 /// A call's place in the audit queue ([`AuditLog::reserve`]).
 pub struct Reservation(mpsc::OwnedPermit<Submission>);
+
+/// Counts `n` records that found no place (written later as `audit.records_lost`).
+fn count_lost(lost: &AtomicU64, n: u64) {
+    lost.fetch_add(n, Ordering::Relaxed);
+    crate::metrics::global()
+        .audit_records_lost
+        .fetch_add(n, Ordering::Relaxed);
+}
 
 /// Milliseconds since `epoch`.
 fn ms_since(epoch: Instant) -> u64 {
@@ -605,14 +607,9 @@ impl Writer {
             }
             if batch.is_empty() && self.carry.is_empty() && self.unresolved.is_empty() {
                 if self.ready.is_some() {
-                    // Idle: store the seal on its own.
-                    let seal = self.ready.clone();
-                    let stored = self.bounded(Self::commit_seal).await;
-                    if stored.is_err() && self.ready.is_none() {
-                        // Dropped by the timeout: keep it, so the next tick tries again
-                        // (and health recovers without traffic).
-                        self.ready = seal;
-                    }
+                    // Idle: store the seal on its own (kept if that fails, so the next
+                    // tick tries again and health recovers without traffic).
+                    let stored = self.commit_bounded(&[]).await;
                     self.note_outcome(stored.as_ref().err());
                 }
                 continue;
@@ -657,20 +654,8 @@ impl Writer {
             }
             let mut first_seq = 0;
             let mut this_round = None;
-            let seal = self.ready.clone();
             if outcome.is_ok() {
-                let busy = ms_since(self.epoch) + 1;
-                self.busy.store(busy, Ordering::Relaxed);
-                let committed = match tokio::time::timeout(
-                    self.cfg.commit_timeout,
-                    self.commit(&records),
-                )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(AuditError::Unavailable),
-                };
-                self.busy.store(0, Ordering::Relaxed);
+                let committed = self.commit_bounded(&records).await;
                 if committed.is_err() {
                     // Whatever reached the store may be there: find out before writing
                     // its records again.
@@ -679,10 +664,6 @@ impl Writer {
                     self.unresolved.extend(attempt);
                 }
                 outcome = committed.map(|f| first_seq = f);
-            }
-            if outcome.is_err() && self.ready.is_none() {
-                // A commit dropped by the timeout did not get to put its seal back.
-                self.ready = seal;
             }
             let mut late = None;
             if outcome.is_err() && !self.unresolved.is_empty() {
@@ -810,10 +791,7 @@ impl Writer {
         if self.carry.len() < MAX_CARRY {
             self.carry.push(held);
         } else {
-            self.lost.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::global()
-                .audit_records_lost
-                .fetch_add(1, Ordering::Relaxed);
+            count_lost(&self.lost, 1);
         }
     }
 
@@ -974,9 +952,15 @@ impl Writer {
         Ok((DataKey::new(id, key), derived))
     }
 
-    /// Stores the ready seal on its own.
-    fn commit_seal(&mut self) -> BoxFuture<'_, Result<(), AuditError>> {
-        Box::pin(async move { self.commit(&[]).await.map(|_| ()) })
+    /// [`Writer::commit`], bounded like every store call; the seal it took is put back
+    /// if it fails (a commit dropped by the timeout cannot do that itself).
+    async fn commit_bounded(&mut self, records: &[Held]) -> Result<u64, AuditError> {
+        let seal = self.ready.clone();
+        let r = self.bounded(|w| Box::pin(w.commit(records))).await;
+        if r.is_err() && self.ready.is_none() {
+            self.ready = seal;
+        }
+        r
     }
 
     /// Finds out what became of the unresolved attempts, and returns the one stored, if
@@ -1137,8 +1121,8 @@ impl Writer {
         let (last_seq, last_hash) = match appended {
             Ok(h) => h,
             Err(e) => {
+                // (`commit_bounded` puts the seal back.)
                 self.head = None;
-                self.ready = seal;
                 return Err(e);
             }
         };
