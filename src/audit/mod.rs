@@ -85,4 +85,4 @@ pub trait AuditKeys: Send + Sync + 'static {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -16,7 +16,7 @@ use crate::clock::SystemClock;
 use crate::keys::{EngineConfig, KeyEngine};
 use crate::store::{AuditStore, SqlStore};
 
-struct TestKeys {
+pub(crate) struct TestKeys {
     engine: KeyEngine,
     open: AtomicBool,
     /// Refuse to seal (an HSM reached through a transport without AES-GCM).
@@ -70,11 +70,11 @@ impl AuditKeys for TestKeys {
     }
 }
 
-struct World {
+pub(crate) struct World {
     dir: tempfile::TempDir,
-    store: Arc<SqlStore>,
-    keys: Arc<TestKeys>,
-    log: Arc<AuditLog>,
+    pub(crate) store: Arc<SqlStore>,
+    pub(crate) keys: Arc<TestKeys>,
+    pub(crate) log: Arc<AuditLog>,
 }
 
 /// A fresh SQLite store in a temporary directory.
@@ -111,7 +111,7 @@ fn start_log(
     (keys, log)
 }
 
-async fn world(open: bool) -> World {
+pub(crate) async fn world(open: bool) -> World {
     let (dir, store) = sqlite_store().await;
     let cfg = AuditConfig {
         node: "n1".into(),
@@ -440,7 +440,7 @@ async fn a_batch_stored_before_its_commit_failed_is_not_written_twice() {
 }
 
 /// The decrypted records of `operation`.
-async fn records_of(
+pub(crate) async fn records_of(
     store: &dyn AuditStore,
     keys: &dyn AuditKeys,
     operation: &str,

@@ -383,7 +383,49 @@ impl pb::audit_service_server::AuditService for AuditApi {
 
 #[cfg(test)]
 mod tests {
-    use super::method_of;
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::audit::tests::{records_of, world};
+
+    /// A handler that panics (no handler of the API can be made to from outside).
+    #[derive(Clone)]
+    struct Panics;
+
+    impl Service<Request<Body>> for Panics {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Body>) -> Self::Future {
+            Box::pin(async { panic!("handler bug") })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_that_panics_is_answered_internal_and_recorded() {
+        let w = world(false).await;
+        let mut svc = Audited::new(Panics, Some(Arc::clone(&w.log)));
+        let mut req = Request::builder()
+            .uri("/arca.v1.KeyService/UnwrapKey")
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut().insert(RequestId("req-panic".into()));
+        let resp = svc.call(req).await.unwrap();
+        let status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        assert_eq!(status.as_deref(), Some("13"), "answered INTERNAL");
+        let recs = records_of(w.store.as_ref(), w.keys.as_ref(), "UnwrapKey").await;
+        assert_eq!(recs.len(), 1, "one record of the call");
+        assert_eq!(recs[0].result, "INTERNAL");
+        assert_eq!(recs[0].details.request_id, "req-panic");
+    }
 
     #[test]
     fn only_the_apis_methods_name_operations() {
