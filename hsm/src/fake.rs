@@ -194,7 +194,7 @@ impl Hsm for FakeHsm {
         })
     }
 
-    fn hmac_sha256(&self, id: &ObjectId, data: &[u8]) -> Result<[u8; 32]> {
+    fn hmac_sha256(&self, id: &ObjectId, data: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
         self.with_key(id, KeyKind::HmacSha256, "C_SignInit", |k| {
             let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(k).map_err(|_| {
                 HsmError::Pkcs11 {
@@ -203,7 +203,9 @@ impl Hsm for FakeHsm {
                 }
             })?;
             mac.update(data);
-            Ok(mac.finalize().into_bytes().into())
+            let mut out = Zeroizing::new([0u8; 32]);
+            out.copy_from_slice(&mac.finalize().into_bytes());
+            Ok(out)
         })
     }
 

@@ -195,8 +195,9 @@ pub trait Hsm: Send + Sync + 'static {
         ciphertext_and_tag: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>>;
 
-    /// HMAC-SHA256 of `data` under a [`KeyKind::HmacSha256`] key.
-    fn hmac_sha256(&self, id: &ObjectId, data: &[u8]) -> Result<[u8; 32]>;
+    /// HMAC-SHA256 of `data` under a [`KeyKind::HmacSha256`] key. Zeroized on drop: an
+    /// HMAC under a secret key can itself be a key (derived keys are made this way).
+    fn hmac_sha256(&self, id: &ObjectId, data: &[u8]) -> Result<Zeroizing<[u8; 32]>>;
 
     /// Fills `out` from the HSM's random number generator.
     fn generate_random(&self, out: &mut [u8]) -> Result<()>;

@@ -933,14 +933,22 @@ impl Hsm for Pkcs11Hsm {
         })
     }
 
-    fn hmac_sha256(&self, id: &ObjectId, data: &[u8]) -> Result<[u8; 32]> {
-        let mac = self.with_key(id, Usage::Token, "C_Sign", false, |session, key| {
-            session.sign(&Mechanism::Sha256Hmac, key, data)
-        })?;
-        <[u8; 32]>::try_from(mac.as_slice()).map_err(|_| HsmError::Pkcs11 {
-            function: "C_Sign",
-            detail: format!("HMAC-SHA256 of {} bytes", mac.len()),
-        })
+    fn hmac_sha256(&self, id: &ObjectId, data: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
+        let mac =
+            Zeroizing::new(
+                self.with_key(id, Usage::Token, "C_Sign", false, |session, key| {
+                    session.sign(&Mechanism::Sha256Hmac, key, data)
+                })?,
+            );
+        if mac.len() != 32 {
+            return Err(HsmError::Pkcs11 {
+                function: "C_Sign",
+                detail: format!("HMAC-SHA256 of {} bytes", mac.len()),
+            });
+        }
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&mac);
+        Ok(out)
     }
 
     fn generate_random(&self, out: &mut [u8]) -> Result<()> {

@@ -152,7 +152,7 @@ fn contract(hsm: &dyn Hsm) {
     let h1 = hsm.hmac_sha256(&mac, b"chain head || seq").unwrap();
     assert_eq!(h1, hsm.hmac_sha256(&mac, b"chain head || seq").unwrap());
     assert_ne!(h1, hsm.hmac_sha256(&mac, b"chain head || seq2").unwrap());
-    assert_ne!(h1, [0u8; 32]);
+    assert_ne!(*h1, [0u8; 32]);
     hsm.hmac_sha256(&mac, b"").unwrap();
 
     // Attributes of a key that never left the HSM.

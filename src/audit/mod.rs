@@ -66,8 +66,8 @@ pub trait AuditKeys: Send + Sync + 'static {
     fn is_open(&self) -> bool;
     /// Makes `arca:audit-mac` if missing.
     async fn ensure(&self) -> Result<(), AuditError>;
-    /// HMAC-SHA256 under `arca:audit-mac`.
-    async fn mac(&self, data: Vec<u8>) -> Result<[u8; 32], AuditError>;
+    /// HMAC-SHA256 under `arca:audit-mac` (zeroized on drop: derived keys are made so).
+    async fn mac(&self, data: Vec<u8>) -> Result<zeroize::Zeroizing<[u8; 32]>, AuditError>;
     /// 32 random bytes from the HSM's RNG.
     async fn random32(&self) -> Result<zeroize::Zeroizing<[u8; 32]>, AuditError>;
     /// Encrypts under `arca:meta` with `aad`.

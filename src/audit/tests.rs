@@ -39,7 +39,7 @@ impl AuditKeys for TestKeys {
             .map_err(|_| AuditError::Hsm)?;
         Ok(())
     }
-    async fn mac(&self, data: Vec<u8>) -> Result<[u8; 32], AuditError> {
+    async fn mac(&self, data: Vec<u8>) -> Result<Zeroizing<[u8; 32]>, AuditError> {
         self.engine
             .audit_mac(data)
             .await

@@ -208,7 +208,7 @@ pub async fn verify(
                     || keys
                         .mac(seal_input(&s.head, row.seq))
                         .await
-                        .map(|m| crate::secret::ct_eq(&m, &s.mac))?;
+                        .map(|m| crate::secret::ct_eq(m.as_slice(), &s.mac))?;
                 if s.head != row.hash || !mac_ok {
                     first_bad = Some((
                         last_good_seal + 1,

@@ -554,7 +554,7 @@ impl Writer {
                         Ok(mac) => Some(AuditSeal {
                             seq,
                             head,
-                            seal: mac,
+                            seal: *mac,
                             node,
                             time_ms: now,
                         }),
@@ -880,7 +880,7 @@ impl Writer {
             match self.keys.mac(DigestKey::LABEL.to_vec()).await {
                 Ok(k) => {
                     if let Ok(mut d) = self.digest.write() {
-                        *d = Some(Arc::new(DigestKey(Zeroizing::new(k))));
+                        *d = Some(Arc::new(DigestKey(k)));
                     }
                 }
                 Err(e) => {
@@ -939,7 +939,7 @@ impl Writer {
         {
             Ok(sealed) => (key, sealed, false),
             Err(_) => {
-                let derived = Zeroizing::new(self.keys.mac(dek_derivation(&id)).await?);
+                let derived = self.keys.mac(dek_derivation(&id)).await?;
                 tracing::warn!(
                     "the HSM cannot seal the audit data key under arca:meta; it is derived from arca:audit-mac instead"
                 );

@@ -63,7 +63,7 @@ impl AuditKeys for EngineKeys {
         Ok(())
     }
 
-    async fn mac(&self, data: Vec<u8>) -> std::result::Result<[u8; 32], AuditError> {
+    async fn mac(&self, data: Vec<u8>) -> std::result::Result<Zeroizing<[u8; 32]>, AuditError> {
         self.engine()?.audit_mac(data).await.map_err(hsm)
     }
 

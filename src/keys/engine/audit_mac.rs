@@ -32,7 +32,10 @@ impl KeyEngine {
     }
 
     /// HMAC-SHA256 of `data` under `arca:audit-mac` (one HSM call).
-    pub async fn audit_mac(&self, data: Vec<u8>) -> Result<[u8; 32], KeysError> {
+    pub async fn audit_mac(
+        &self,
+        data: Vec<u8>,
+    ) -> Result<zeroize::Zeroizing<[u8; 32]>, KeysError> {
         self.run(move |hsm| hsm.hmac_sha256(&AUDIT_MAC_KEY_ID, &data).map_err(hsm_err))
             .await
     }
