@@ -14,6 +14,9 @@
 //!   implements `Debug` over key material.
 //! - Using a key for the other kind's operation fails like SoftHSM does
 //!   (`CKR_KEY_FUNCTION_NOT_PERMITTED`), never as an authentication failure.
+//!
+//! Must not import the PKCS#11 implementation (it links no module) nor anything from the
+//! rest of Arca.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,16 +9,21 @@
 //!   trait has no operation that returns key material.
 //! - Objects are addressed by their `CKA_ID` ([`ObjectId`]), never by a PKCS#11 handle:
 //!   handles are an implementation detail that dies with a session or a reconnect.
-//! - Every method is blocking (it calls into C). Async callers run it on a dedicated
-//!   thread, never on an async executor thread.
+//! - Every method is blocking (the PKCS#11 implementation calls into C). Async callers
+//!   run it on a dedicated thread, never on an async executor thread.
 //! - Errors say which PKCS#11 function failed and never carry PINs or data.
 //! - An unreachable HSM yields [`HsmError::Unavailable`] quickly; there is never a
 //!   software fallback.
 //!
 //! ## Modules
-//! - [`pkcs11`]: the cryptoki implementation, with a session pool and reconnection.
-//! - [`softhsm`]: SoftHSM2 configuration template and token initialisation (dev mode, tests).
+//! - [`pkcs11`]: the cryptoki implementation, with a session pool and reconnection; one
+//!   file per PKCS#11 function family (see its docs for the map).
+//! - [`softhsm`]: SoftHSM2 configuration template and token initialisation (dev mode,
+//!   tests), and setting the user PIN as the security officer on any token.
 //! - `fake` (feature `fake`): an in-memory implementation for unit tests of upper layers.
+//!
+//! Depends on no other crate of the workspace; `cryptoki` types never appear in its
+//! public API (PINs are [`AuthPin`], a `secrecy` type).
 
 #![forbid(unsafe_code)]
 

@@ -1,26 +1,32 @@
 //! SoftHSM2 support for dev mode, tests and benchmarks: the configuration template, the
-//! module path, and token initialisation through PKCS#11.
+//! module path, and token initialisation through PKCS#11; and, on any PKCS#11 token,
+//! setting a new user PIN as the security officer ([`reset_user_pin`], which operator
+//! init uses so that no person knows the user PIN).
 //!
 //! SoftHSM reads its configuration file from the `SOFTHSM2_CONF` environment variable
 //! **in `C_Initialize`**. The caller sets it (to the path [`write_config`] returns) before
 //! the first call into the module in this process — that is, before [`token_exists`],
-//! [`init_token`] or [`crate::pkcs11::Pkcs11Hsm::open`] — and does not change it
-//! afterwards. Setting an environment variable is only safe while no other thread reads
-//! the environment, so do it early in `main` or at the start of a test.
+//! [`init_token`], [`reset_user_pin`] or [`crate::pkcs11::Pkcs11Hsm::open`] — and does not
+//! change it afterwards. Setting an environment variable is only safe while no other
+//! thread reads the environment, so do it early in `main` or at the start of a test.
 //!
 //! # Invariants
 //! - A token directory is `DIR/tokens`, mode 0700; the configuration `DIR/softhsm2.conf`
 //!   (mode 0600) points at it by absolute path.
-//! - [`token_exists`] and [`init_token`] `C_Initialize` the module and `C_Finalize` it
-//!   before returning (also on error), so a [`crate::pkcs11::Pkcs11Hsm::open`] later in
-//!   the same process works. They must not run while a `Pkcs11Hsm` on the same module is
-//!   live in the process (they would fail with [`HsmError::Module`], "already
-//!   initialised").
+//! - [`token_exists`], [`init_token`] and [`reset_user_pin`] `C_Initialize` the module and
+//!   `C_Finalize` it before returning (also on error), so a
+//!   [`crate::pkcs11::Pkcs11Hsm::open`] later in the same process works. They must not run
+//!   while a `Pkcs11Hsm` on the same module is live in the process (they would fail with
+//!   [`HsmError::Module`], "already initialised").
 //! - Tokens are found by label, never by slot index: SoftHSM renumbers slots after
 //!   `C_InitToken`.
 //! - PINs stay in [`AuthPin`] (`SecretString`) and are exposed only at the FFI call.
 //!
-//! The shell equivalent, for scripts, is `hsm/softhsm/init-token`.
+//! The shell equivalent of [`write_config`] and [`init_token`], for scripts, is
+//! `hsm/softhsm/init-token`.
+//!
+//! Uses the module loading, token lookup and login of [`crate::pkcs11`]; must not import
+//! anything from the rest of Arca.
 
 use std::fs;
 use std::io::{self, Write};
@@ -29,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::session::UserType;
+use cryptoki::slot::Slot;
 
 use crate::pkcs11::{find_slot, initialize, login, plain_error};
 use crate::{AuthPin, HsmError, Result};
@@ -150,17 +157,7 @@ pub fn init_token(module: &Path, label: &str, so_pin: &AuthPin, user_pin: &AuthP
             .map_err(|e| plain_error(e, "C_InitToken"))?;
         // SoftHSM moves the new token to a slot id derived from its serial number.
         let slot = find_slot(ctx, label)?;
-        let session = ctx
-            .open_rw_session(slot)
-            .map_err(|e| plain_error(e, "C_OpenSession"))?;
-        login(&session, UserType::So, so_pin)?;
-        session
-            .init_pin(user_pin)
-            .map_err(|e| plain_error(e, "C_InitPIN"))?;
-        if let Err(e) = session.logout() {
-            tracing::debug!(error = %e, "C_Logout after C_InitPIN");
-        }
-        drop(session);
+        set_user_pin(ctx, slot, so_pin, user_pin)?;
         tracing::info!(token = label, "SoftHSM token initialised");
         Ok(())
     })
@@ -178,19 +175,24 @@ pub fn reset_user_pin(
 ) -> Result<()> {
     with_module(module, |ctx| {
         let slot = find_slot(ctx, label)?;
-        let session = ctx
-            .open_rw_session(slot)
-            .map_err(|e| plain_error(e, "C_OpenSession"))?;
-        login(&session, UserType::So, so_pin)?;
-        let result = session
-            .init_pin(new_pin)
-            .map_err(|e| plain_error(e, "C_InitPIN"));
-        if let Err(e) = session.logout() {
-            tracing::debug!(error = %e, "C_Logout after C_InitPIN");
-        }
-        drop(session);
-        result
+        set_user_pin(ctx, slot, so_pin, new_pin)
     })
+}
+
+/// Logs in to the token in `slot` as the security officer, sets the user PIN
+/// (`C_InitPIN`) and logs out again (the session closes on return).
+fn set_user_pin(ctx: &Pkcs11, slot: Slot, so_pin: &AuthPin, user_pin: &AuthPin) -> Result<()> {
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(|e| plain_error(e, "C_OpenSession"))?;
+    login(&session, UserType::So, so_pin)?;
+    let result = session
+        .init_pin(user_pin)
+        .map_err(|e| plain_error(e, "C_InitPIN"));
+    if let Err(e) = session.logout() {
+        tracing::debug!(error = %e, "C_Logout after C_InitPIN");
+    }
+    result
 }
 
 /// Runs `f` with the module initialised, finalizing it afterwards whatever happens.
