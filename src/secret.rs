@@ -8,6 +8,19 @@
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+/// The operating system's CSPRNG failed (no entropy source).
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system's random number generator failed")]
+pub struct RngError;
+
+/// Fills a zeroizing buffer from the operating system's CSPRNG: the crate's one source of
+/// random bytes outside the HSM (ids, token secrets, PINs, quorum secrets, nonces).
+pub fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, RngError> {
+    let mut out = Zeroizing::new([0u8; N]);
+    getrandom::fill(out.as_mut()).map_err(|_| RngError)?;
+    Ok(out)
+}
+
 /// Length of a data key (AES-256).
 pub const DATA_KEY_LEN: usize = 32;
 

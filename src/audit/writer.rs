@@ -281,6 +281,13 @@ impl AuditLog {
         self.clock.now_ms()
     }
 
+    /// The keyed digest of a canonical encryption context, as records keep it (`None`
+    /// while the HSM is closed and the digest key not derived).
+    pub fn context_digest(&self, canonical: &[u8]) -> Option<String> {
+        let key = self.digest.read().ok().and_then(|d| d.clone())?;
+        Some(key.digest(canonical))
+    }
+
     /// A fresh per-request slot.
     pub fn slot(&self) -> AuditSlot {
         AuditSlot {

@@ -44,9 +44,12 @@ pub enum AuthMethod {
     Certificate,
 }
 
+/// Principal-name prefix of custodian identities.
+pub const CUSTODIAN_PREFIX: &str = "custodian:";
+
 /// Principal names a certificate can never carry: custodian identities exist only as the
 /// tokens minted at init and rekey.
-const RESERVED_PREFIXES: &[&str] = &["custodian:"];
+const RESERVED_PREFIXES: &[&str] = &[CUSTODIAN_PREFIX];
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]

@@ -1,25 +1,38 @@
-//! `arca.v1.AccessService`: proto ↔ domain conversion around token administration,
-//! elevation, break-glass, TOTP enrolment, reviews and policy changes.
+//! `arca.v1.AccessService` over the access services ([`Tokens`], [`Grants`],
+//! [`Policies`], [`Totp`]).
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::call::{accept, reply};
+use super::convert::{change_to_pb, review_to_pb, seconds_to_ms_saturating, token_to_pb};
 use super::pb;
-use super::status::{caller, to_status};
 use crate::clock::rfc3339;
-use crate::service::ReviewRecord;
-use crate::service::{AccessOutcome, KeyService, NewToken};
+use crate::service::{Grants, NewToken, Policies, Tokens, Totp};
 
-/// The gRPC face of token administration.
+/// The gRPC face of access administration.
 pub struct AccessApi {
-    svc: Arc<KeyService>,
+    tokens: Arc<Tokens>,
+    grants: Arc<Grants>,
+    policies: Arc<Policies>,
+    totp: Arc<Totp>,
 }
 
 impl AccessApi {
-    /// Wraps the service.
-    pub fn new(svc: Arc<KeyService>) -> Self {
-        AccessApi { svc }
+    /// Over the access services.
+    pub fn new(
+        tokens: Arc<Tokens>,
+        grants: Arc<Grants>,
+        policies: Arc<Policies>,
+        totp: Arc<Totp>,
+    ) -> Self {
+        AccessApi {
+            tokens,
+            grants,
+            policies,
+            totp,
+        }
     }
 }
 
@@ -29,202 +42,106 @@ impl pb::access_service_server::AccessService for AccessApi {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let c = caller(&req)?;
-        let r = req.into_inner();
-        let ttl_ms = i64::try_from(r.ttl_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let (id, token) = self
-            .svc
-            .create_token(
-                &c,
-                NewToken {
-                    principal: r.principal,
-                    roles: r.roles,
-                    key_globs: r.key_globs,
-                    ttl_ms,
-                    cidrs: r.cidrs,
-                    bound_principal: (!r.bound_principal.is_empty()).then_some(r.bound_principal),
-                    description: r.description,
-                },
-            )
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        let listed = self
-            .svc
-            .list_tokens(&c)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        let expires_at = listed
-            .iter()
-            .find(|t| t.record.id == id)
-            .and_then(|t| t.record.expires_at)
-            .map(rfc3339)
-            .unwrap_or_default();
-        Ok(Response::new(pb::CreateTokenResponse {
-            id,
+        let (c, r) = accept(req)?;
+        let new = NewToken {
+            principal: r.principal,
+            roles: r.roles,
+            key_globs: r.key_globs,
+            ttl_ms: seconds_to_ms_saturating(r.ttl_seconds),
+            cidrs: r.cidrs,
+            bound_principal: (!r.bound_principal.is_empty()).then_some(r.bound_principal),
+            description: r.description,
+        };
+        let out = self.tokens.create_token(&c, new).await;
+        reply(&c, out, |(record, token)| pb::CreateTokenResponse {
+            id: record.id,
             token: token.expose().to_string(),
-            expires_at,
-        }))
+            expires_at: record.expires_at.map(rfc3339).unwrap_or_default(),
+        })
     }
 
     async fn revoke_token(
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let c = caller(&req)?;
-        self.svc
-            .revoke_token(&c, &req.get_ref().id)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(pb::RevokeTokenResponse {}))
+        let (c, r) = accept(req)?;
+        let out = self.tokens.revoke_token(&c, &r.id).await;
+        reply(&c, out, |()| pb::RevokeTokenResponse {})
     }
 
     async fn list_tokens(
         &self,
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        let c = caller(&req)?;
-        let tokens = self
-            .svc
-            .list_tokens(&c)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(pb::ListTokensResponse {
-            tokens: tokens
-                .into_iter()
-                .map(|t| {
-                    let r = t.record;
-                    pb::TokenInfo {
-                        id: r.id,
-                        principal: r.principal,
-                        roles: r.roles,
-                        key_globs: r.key_globs,
-                        cidrs: r.cidrs,
-                        bound_principal: r.bound_principal.unwrap_or_default(),
-                        created_at: rfc3339(r.created_at),
-                        expires_at: r.expires_at.map(rfc3339).unwrap_or_default(),
-                        revoked_at: r.revoked_at.map(rfc3339).unwrap_or_default(),
-                        description: r.description,
-                    }
-                })
-                .collect(),
-        }))
+        let (c, _) = accept(req)?;
+        let out = self.tokens.list_tokens(&c).await;
+        reply(&c, out, |tokens| pb::ListTokensResponse {
+            tokens: tokens.into_iter().map(token_to_pb).collect(),
+        })
     }
 
     async fn elevate(
         &self,
         req: Request<pb::ElevateRequest>,
     ) -> Result<Response<pb::AccessChangeResponse>, Status> {
-        let c = caller(&req)?;
-        let r = req.into_inner();
-        let ms = i64::try_from(r.duration_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let out = self
-            .svc
-            .elevate(&c, &r.role, ms, &r.reason)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(change_to_pb(out)))
+        let (c, r) = accept(req)?;
+        let ms = seconds_to_ms_saturating(r.duration_seconds);
+        let out = self.grants.elevate(&c, &r.role, ms, &r.reason).await;
+        reply(&c, out, change_to_pb)
     }
 
     async fn break_glass(
         &self,
         req: Request<pb::BreakGlassRequest>,
     ) -> Result<Response<pb::BreakGlassResponse>, Status> {
-        let c = caller(&req)?;
-        let r = req.into_inner();
-        let ms = i64::try_from(r.duration_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let (grant, review) = self
-            .svc
-            .break_glass(&c, &r.reason, ms)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(pb::BreakGlassResponse {
+        let (c, r) = accept(req)?;
+        let ms = seconds_to_ms_saturating(r.duration_seconds);
+        let out = self.grants.break_glass(&c, &r.reason, ms).await;
+        reply(&c, out, |(grant, review)| pb::BreakGlassResponse {
             grant_id: grant.id,
             role: grant.role,
             expires_at: rfc3339(grant.expires_at),
             review: Some(review_to_pb(review)),
-        }))
+        })
     }
 
     async fn enroll_totp(
         &self,
         req: Request<pb::EnrollTotpRequest>,
     ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
-        let c = caller(&req)?;
-        let enrolled = self
-            .svc
-            .enroll_totp(&c)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(pb::EnrollTotpResponse {
+        let (c, _) = accept(req)?;
+        let out = self.totp.enroll(&c).await;
+        reply(&c, out, |enrolled| pb::EnrollTotpResponse {
             totp_uri: enrolled.uri.to_string(),
-        }))
+        })
     }
 
     async fn list_reviews(
         &self,
         req: Request<pb::ListReviewsRequest>,
     ) -> Result<Response<pb::ListReviewsResponse>, Status> {
-        let c = caller(&req)?;
-        let reviews = self
-            .svc
-            .list_reviews(&c, req.get_ref().open_only)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(pb::ListReviewsResponse {
+        let (c, r) = accept(req)?;
+        let out = self.grants.list_reviews(&c, r.open_only).await;
+        reply(&c, out, |reviews| pb::ListReviewsResponse {
             reviews: reviews.into_iter().map(review_to_pb).collect(),
-        }))
+        })
     }
 
     async fn close_review(
         &self,
         req: Request<pb::CloseReviewRequest>,
     ) -> Result<Response<pb::Review>, Status> {
-        let c = caller(&req)?;
-        let r = req.get_ref();
-        let review = self
-            .svc
-            .close_review(&c, &r.id, &r.note)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(review_to_pb(review)))
+        let (c, r) = accept(req)?;
+        let out = self.grants.close_review(&c, &r.id, &r.note).await;
+        reply(&c, out, review_to_pb)
     }
 
     async fn update_policy(
         &self,
         req: Request<pb::UpdatePolicyRequest>,
     ) -> Result<Response<pb::AccessChangeResponse>, Status> {
-        let c = caller(&req)?;
-        let out = self
-            .svc
-            .update_policy(&c, &req.get_ref().policy)
-            .await
-            .map_err(|e| to_status(e, &c.request_id))?;
-        Ok(Response::new(change_to_pb(out)))
-    }
-}
-
-fn change_to_pb(out: AccessOutcome) -> pb::AccessChangeResponse {
-    match out {
-        AccessOutcome::Done(outcome) => pb::AccessChangeResponse {
-            outcome,
-            approval_request: None,
-        },
-        AccessOutcome::Pending(r) => pb::AccessChangeResponse {
-            outcome: String::new(),
-            approval_request: Some(super::quorum::request_to_pb(&r)),
-        },
-    }
-}
-
-fn review_to_pb(r: ReviewRecord) -> pb::Review {
-    pb::Review {
-        id: r.id,
-        grant_id: r.grant_id,
-        principal: r.principal,
-        reason: r.reason,
-        opened_at: rfc3339(r.opened_at),
-        closed_at: r.closed_at.map(rfc3339).unwrap_or_default(),
-        closed_by: r.closed_by.unwrap_or_default(),
-        note: r.note.unwrap_or_default(),
+        let (c, r) = accept(req)?;
+        let out = self.policies.update_policy(&c, &r.policy).await;
+        reply(&c, out, change_to_pb)
     }
 }

@@ -1,44 +1,34 @@
 //! The one mapping from service errors to gRPC status (DESIGN §4). Classification is by
-//! type, never by message text. Internal errors answer "internal error" plus the request
-//! id; their details go to the log only.
+//! type, never by message text. A typed refusal also carries its stable reason in the
+//! `x-arca-reason` metadata, so clients and tests tell outcomes apart without reading the
+//! message. Internal errors answer "internal error" plus the request id; their details go
+//! to the log only.
 
 use tonic::{Code, Status};
 
 use crate::service::ServiceError;
 
-/// The authenticated caller the auth wrapper put in the request (a request that reached
-/// a handler without one is refused like any unauthenticated call).
-pub(super) fn caller<T>(req: &tonic::Request<T>) -> Result<crate::service::Caller, Status> {
-    req.extensions()
-        .get::<crate::service::Caller>()
-        .cloned()
-        .ok_or_else(|| {
-            let id = req
-                .extensions()
-                .get::<super::request_id::RequestId>()
-                .map(|r| r.0.as_str())
-                .unwrap_or_default();
-            to_status(ServiceError::Unauthenticated, id)
-        })
-}
+/// Metadata key of a typed refusal's stable reason.
+pub const REASON_HEADER: &str = "x-arca-reason";
 
 /// Maps a service error to the status the caller sees.
 pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     let code = match &err {
-        ServiceError::Unauthenticated | ServiceError::MfaRequired(_) => Code::Unauthenticated,
+        ServiceError::Unauthenticated | ServiceError::Mfa(_) => Code::Unauthenticated,
         ServiceError::PermissionDenied | ServiceError::Rejected(_) => Code::PermissionDenied,
         ServiceError::InvalidArgument(_)
         | ServiceError::InvalidWrappedKey
         | ServiceError::InvalidPolicy(_) => Code::InvalidArgument,
         ServiceError::NotFound(_) => Code::NotFound,
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,
-        ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+        ServiceError::Conflict(_) | ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
         ServiceError::Unavailable(_) | ServiceError::AuditUnavailable => Code::Unavailable,
         ServiceError::Aborted(_) => Code::Aborted,
         ServiceError::RateLimited(_) => Code::ResourceExhausted,
         ServiceError::Internal(_) => Code::Internal,
     };
-    match err {
+    let reason = err.reason();
+    let mut status = match err {
         ServiceError::RateLimited(wait) => {
             let mut s = Status::new(code, "rate limit exceeded");
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -57,12 +47,17 @@ pub fn to_status(err: ServiceError, request_id: &str) -> Status {
             }
             Status::new(code, other.to_string())
         }
+    };
+    if let Some(v) = reason.and_then(|r| r.parse().ok()) {
+        status.metadata_mut().insert(REASON_HEADER, v);
     }
+    status
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::{Conflict, MfaRefusal};
 
     #[test]
     fn internal_hides_details() {
@@ -76,5 +71,26 @@ mod tests {
         let s = to_status(ServiceError::InvalidWrappedKey, "r");
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "invalid wrapped key or encryption context");
+        assert!(s.metadata().get(REASON_HEADER).is_none());
+    }
+
+    #[test]
+    fn typed_refusals_carry_their_reason() {
+        let s = to_status(ServiceError::Mfa(MfaRefusal::LockedOut), "r");
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert_eq!(
+            s.metadata()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("MFA_LOCKED_OUT")
+        );
+        let s = to_status(ServiceError::Conflict(Conflict::DestructionStarted), "r");
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(
+            s.metadata()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("DESTRUCTION_STARTED")
+        );
     }
 }

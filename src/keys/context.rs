@@ -38,6 +38,38 @@ pub fn canonical_context(ctx: &EncryptionContext) -> Result<Vec<u8>, KeysError> 
     Ok(out)
 }
 
+/// A validated encryption context with its canonical form, computed once per call: the
+/// map for policy conditions, the bytes for the AAD and the audit digest. No `Debug` of
+/// the values (a context may name a patient).
+pub struct CanonicalContext {
+    map: EncryptionContext,
+    bytes: Vec<u8>,
+}
+
+impl CanonicalContext {
+    /// Validates and canonicalises `map`.
+    pub fn new(map: EncryptionContext) -> Result<Self, KeysError> {
+        let bytes = canonical_context(&map)?;
+        Ok(CanonicalContext { map, bytes })
+    }
+
+    /// The entries.
+    pub fn map(&self) -> &EncryptionContext {
+        &self.map
+    }
+
+    /// The canonical encoding.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for CanonicalContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CanonicalContext({} entries)", self.map.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

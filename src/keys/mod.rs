@@ -10,12 +10,15 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+mod access;
 mod context;
 mod engine;
 pub mod policy;
 mod wrapped;
 
-pub use context::{canonical_context, EncryptionContext, MAX_CONTEXT_ENTRIES};
+pub use access::{HsmAccess, HsmOpener, PinSetter};
+pub use arca_hsm::ObjectId; // TEMPORARY SHIM
+pub use context::{canonical_context, CanonicalContext, EncryptionContext, MAX_CONTEXT_ENTRIES};
 pub use engine::{
     EngineConfig, KeyEngine, AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL, META_KEY_ID, META_KEY_LABEL,
 };
@@ -45,6 +48,9 @@ pub enum KeysError {
     /// The HSM object of a version is gone (destroyed).
     #[error("HSM object missing")]
     HsmObjectMissing,
+    /// The HSM refused a PIN.
+    #[error("HSM login refused")]
+    LoginRefused,
     /// Any other HSM failure: a bug or a misconfiguration.
     #[error("HSM failure")]
     Hsm(#[source] arca_hsm::HsmError),

@@ -26,11 +26,10 @@ fn derive(ikm: &[u8], salt: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
     out
 }
 
-/// Fills a buffer from the operating system's CSPRNG.
-pub fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, QuorumError> {
-    let mut out = Zeroizing::new([0u8; N]);
-    getrandom::fill(out.as_mut()).map_err(|_| QuorumError::Rng)?;
-    Ok(out)
+/// Random bytes for the quorum's own use (secrets, nonces); an RNG failure is
+/// [`QuorumError::Rng`].
+pub(super) fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, QuorumError> {
+    crate::secret::random::<N>().map_err(|_| QuorumError::Rng)
 }
 
 /// A fresh quorum secret.

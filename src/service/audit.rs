@@ -1,43 +1,36 @@
 //! The service side of the audit trail: the HSM operations the writer needs (over the
-//! engine, which exists only while unsealed), and the auditor's use cases (query, verify).
+//! engine, which exists only while unsealed), and the auditor's use cases (`QueryAudit`,
+//! `VerifyAudit`).
 //!
-//! Invariant: who may read the audit trail is decided by the access policy alone
-//! (`QueryAudit`, `VerifyAudit`), before any record is read; records are decrypted only
-//! for such a caller.
+//! Invariant: who may read the audit trail is decided by the access policy alone, before
+//! any record is read; records are decrypted only for such a caller.
+//!
+//! Must not import: tonic, prost, sqlx, cryptoki.
 
 use std::sync::{Arc, Weak};
 
 use zeroize::Zeroizing;
 
-use super::{Caller, KeyService, Result, ServiceError};
+use super::access::{act, Guard, Scope};
+use super::context::Context;
+use super::error::{Result, ServiceError};
+use super::Caller;
 use crate::audit::verify::{Filter, Report};
 use crate::audit::{AuditError, AuditKeys, AuditLog, Record};
-use crate::authz::policy::Action;
 
-impl From<AuditError> for ServiceError {
-    fn from(e: AuditError) -> Self {
-        match e {
-            AuditError::Unavailable => ServiceError::AuditUnavailable,
-            AuditError::Hsm => ServiceError::Unavailable("HSM unavailable"),
-            AuditError::Store(s) => s.into(),
-            e => ServiceError::Internal(Box::new(e)),
-        }
-    }
-}
-
-/// [`AuditKeys`] over the service's engine.
-pub struct EngineKeys(Weak<KeyService>);
+/// [`AuditKeys`] over the context's engine.
+pub struct EngineKeys(Weak<Context>);
 
 impl EngineKeys {
-    /// For `svc`.
-    pub fn for_service(svc: &Arc<KeyService>) -> Arc<dyn AuditKeys> {
-        Arc::new(EngineKeys(Arc::downgrade(svc)))
+    /// For `ctx`.
+    pub fn for_context(ctx: &Arc<Context>) -> Arc<dyn AuditKeys> {
+        Arc::new(EngineKeys(Arc::downgrade(ctx)))
     }
 
     fn engine(&self) -> std::result::Result<Arc<crate::keys::KeyEngine>, AuditError> {
         self.0
             .upgrade()
-            .and_then(|s| s.engine().ok())
+            .and_then(|c| c.engine().ok())
             .ok_or(AuditError::Hsm)
     }
 }
@@ -93,52 +86,38 @@ impl AuditKeys for EngineKeys {
     }
 }
 
-impl KeyService {
-    /// Attaches the audit log (once, at start-up).
-    pub fn set_audit(&self, log: Arc<AuditLog>) {
-        if self.audit.set(log).is_err() {
-            tracing::warn!("the audit log was attached twice; keeping the first");
-        }
+/// The auditor's use cases.
+pub struct AuditQueries {
+    ctx: Arc<Context>,
+    guard: Arc<Guard>,
+}
+
+impl AuditQueries {
+    /// Over `ctx`.
+    pub fn new(ctx: Arc<Context>, guard: Arc<Guard>) -> Self {
+        AuditQueries { ctx, guard }
     }
 
-    /// The audit log, unless the server runs without one (benchmarks only).
-    pub fn audit(&self) -> Option<&Arc<AuditLog>> {
-        self.audit.get()
-    }
-
-    /// Records a background action (no caller waits for it).
-    pub fn audit_job(
-        &self,
-        operation: &str,
-        ok: bool,
-        key: Option<(&str, Option<u32>)>,
-        detail: &str,
-    ) {
-        if let Some(log) = self.audit() {
-            let code = if ok { 0 } else { 13 };
-            log.job(operation, code, key, detail);
-        }
-    }
-
-    fn audit_log(&self) -> Result<&Arc<AuditLog>> {
-        self.audit().ok_or(ServiceError::FailedPrecondition(
+    fn log(&self) -> Result<&Arc<AuditLog>> {
+        self.ctx.audit().ok_or(ServiceError::FailedPrecondition(
             "this server runs without an audit log",
         ))
     }
 
-    /// Decrypted records matching `filter` from seq `from`, at most `limit`, and where
-    /// to continue.
-    pub async fn query_audit(
+    /// `QueryAudit`: decrypted records matching `filter` from seq `from`, at most `limit`,
+    /// and where to continue.
+    pub async fn query(
         &self,
         caller: &Caller,
         filter: &Filter,
         from: u64,
         limit: usize,
     ) -> Result<(Vec<Record>, Option<u64>)> {
-        self.authorize(caller, Action::QueryAudit, None, None)
+        self.guard
+            .authorize::<act::QueryAudit>(caller, Scope::none())
             .await?;
-        self.engine()?;
-        let log = self.audit_log()?;
+        self.ctx.engine()?;
+        let log = self.log()?;
         Ok(crate::audit::verify::query(
             log.store().as_ref(),
             log.keys().as_ref(),
@@ -149,11 +128,12 @@ impl KeyService {
         .await?)
     }
 
-    /// Verifies the trail from seq `from`; a failure also raises an alert.
-    pub async fn verify_audit(&self, caller: &Caller, from: u64) -> Result<Report> {
-        self.authorize(caller, Action::VerifyAudit, None, None)
+    /// `VerifyAudit`: verifies the trail from seq `from`; a failure also raises an alert.
+    pub async fn verify(&self, caller: &Caller, from: u64) -> Result<Report> {
+        self.guard
+            .authorize::<act::VerifyAudit>(caller, Scope::none())
             .await?;
-        let log = self.audit_log()?;
+        let log = self.log()?;
         let report = crate::audit::verify::verify(
             log.store().as_ref(),
             log.keys().as_ref(),

@@ -59,6 +59,9 @@ pub enum StoreError {
         /// The state found.
         current: &'static str,
     },
+    /// TEMPORARY SHIM until the store restructure lands.
+    #[error("state conflict: {0:?}")]
+    Conflict(Conflict),
     /// The database could not be reached or timed out; retryable.
     #[error("database unavailable")]
     Unavailable(#[source] DbError),
@@ -68,6 +71,23 @@ pub enum StoreError {
     /// Any other database error.
     #[error("database error")]
     Database(#[source] DbError),
+}
+
+/// TEMPORARY SHIM until the store restructure lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Conflict {
+    VersionState(VersionState),
+    ChangedConcurrently,
+    Destroying,
+    NotDue,
+    RetentionNotDue,
+    RequestState(crate::quorum::approvals::RequestState),
+    Generation,
+    Revoked,
+    StepUsed,
+    ReviewClosed,
+    AuditHead,
 }
 
 /// The driver's error under a [`StoreError`] (sqlx's, or SQLite's own on the audit

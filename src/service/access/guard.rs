@@ -1,0 +1,284 @@
+//! The [`Guard`]: authentication with the per-principal rate limit, and the one
+//! authorization decision of each call (DESIGN §5): the policy in force, time-bound role
+//! grants (elevation, break-glass), the token's narrowing, the role's rate limit and MFA,
+//! around [`Policy::authorize`].
+//!
+//! Invariants:
+//! - Every use case authorizes once, before it reads anything that depends on a key's
+//!   existence; the answer is a proof ([`Authorized`]) the store access requires.
+//! - The policy in force is the newest approved one stored in the database if there is
+//!   any (every node adopts it within [`REFRESH`]); otherwise the one read from the policy
+//!   files at start or SIGHUP. A bad stored policy is refused and the policy in force stays.
+//! - A grant counts only until its `expires_at`, judged on every request with the clock.
+//! - A refusal is the same `PermissionDenied` whatever the reason.
+//!
+//! Must not import: tonic, prost, sqlx, cryptoki.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use super::proof::{Act, Attempt, Authenticated, Authorized, Scope, Snapshot};
+use crate::authz::policy::{Allowed, Decision, Policy, Request, Subject};
+use crate::authz::ratelimit::{RateLimiter, RoleLimiter};
+use crate::authz::{Peer, Principal};
+use crate::secret::BearerToken;
+use crate::service::context::Context;
+use crate::service::error::{Result, ServiceError};
+use crate::service::Caller;
+use crate::store::GrantRecord;
+
+/// How often a node looks for a newly approved policy and for grants made elsewhere.
+pub const REFRESH: Duration = Duration::from_millis(500);
+
+/// The access state of one node and the decision over it.
+pub struct Guard {
+    pub(super) ctx: Arc<Context>,
+    policy: RwLock<Arc<Policy>>,
+    /// The stored policy version in force (0: the files').
+    seq: AtomicI64,
+    grants: RwLock<(Option<Instant>, Arc<Vec<GrantRecord>>)>,
+    refreshing: tokio::sync::Mutex<()>,
+    limiter: RateLimiter,
+    role_limiter: RoleLimiter,
+}
+
+impl Guard {
+    /// A guard over `ctx`, with the policy of `ctx.cfg` in force until a stored one is read.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Guard {
+            policy: RwLock::new(Arc::new(ctx.cfg.access_policy.clone())),
+            seq: AtomicI64::new(0),
+            grants: RwLock::new((None, Arc::new(Vec::new()))),
+            refreshing: tokio::sync::Mutex::new(()),
+            limiter: RateLimiter::new(ctx.cfg.rate_limit),
+            role_limiter: RoleLimiter::default(),
+            ctx,
+        }
+    }
+
+    /// Authenticates a request (a bearer token, else the client certificate) and applies
+    /// the per-principal rate limit.
+    pub async fn authenticate(
+        &self,
+        token: Option<BearerToken>,
+        peer: &Peer,
+    ) -> Result<Arc<Principal>> {
+        let principal = self.ctx.auth.authenticate(token, peer).await?;
+        self.limiter
+            .check(&principal.name, Instant::now())
+            .map_err(ServiceError::RateLimited)?;
+        Ok(principal)
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .map(|p| Arc::clone(&p))
+            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
+    /// The stored policy version in force (0: the files').
+    pub fn policy_seq(&self) -> i64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// Puts `policy` (stored as version `seq`, 0 for the files') in force.
+    pub(crate) fn set_policy(&self, policy: Policy, seq: i64) {
+        let digest = policy.digest().to_string();
+        if let Ok(mut p) = self.policy.write() {
+            *p = Arc::new(policy);
+        }
+        self.seq.store(seq, Ordering::SeqCst);
+        tracing::info!(digest, seq, "access policy in force");
+    }
+
+    /// Adopts a newer approved policy and reloads grants, at most once per [`REFRESH`]
+    /// (or at once with `force`). A store outage keeps what is in force.
+    pub async fn refresh(&self, force: bool) {
+        let (never, stale) = self
+            .grants
+            .read()
+            .map(|g| (g.0.is_none(), g.0.is_none_or(|at| at.elapsed() >= REFRESH)))
+            .unwrap_or((true, true));
+        if !(stale || force) {
+            return;
+        }
+        // Until the first load, every request waits for it: an approved policy in the
+        // database must apply from the first request on.
+        let force = force || never;
+        let _one = match self.refreshing.try_lock() {
+            Ok(g) => g,
+            // Another request refreshes; this one uses what is in force.
+            Err(_) if !force => return,
+            Err(_) => self.refreshing.lock().await,
+        };
+        let system = self.ctx.system();
+        let db = self.ctx.db(&system);
+        match db.quorum.latest_policy().await {
+            Ok(Some(v)) if v.seq > self.policy_seq() => match Policy::parse(&v.text) {
+                Ok(p) => self.set_policy(p, v.seq),
+                Err(e) => {
+                    tracing::error!(seq = v.seq, error = %e, "stored access policy refused; the policy in force stays")
+                }
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the stored access policy"),
+        }
+        match db.quorum.active_grants(self.ctx.clock.now_ms()).await {
+            Ok(g) => {
+                if let Ok(mut slot) = self.grants.write() {
+                    *slot = (Some(Instant::now()), Arc::new(g));
+                }
+            }
+            Err(e) => {
+                // Try again after REFRESH, not on every request; the grants known stay.
+                if let Ok(mut slot) = self.grants.write() {
+                    slot.0 = Some(Instant::now());
+                }
+                tracing::warn!(error = %e, "cannot read role grants")
+            }
+        }
+    }
+
+    /// The policy in force and the roles `caller` holds now: bound by the policy (narrowed
+    /// by its token), plus its unexpired grants of roles the policy still defines.
+    fn snapshot(&self, caller: &Caller) -> Snapshot {
+        let policy = self.policy();
+        let p = &caller.principal;
+        let mut roles = policy.roles_of(&p.name, &p.roles);
+        let now = self.ctx.clock.now_ms();
+        if let Ok(g) = self.grants.read() {
+            for grant in g.1.iter() {
+                if grant.principal == p.name
+                    && grant.expires_at > now
+                    && policy.role(&grant.role).is_some()
+                    && !roles.contains(&grant.role)
+                {
+                    roles.push(grant.role.clone());
+                }
+            }
+        }
+        Snapshot { policy, roles }
+    }
+
+    /// The policy's answer for `A` on `scope` (no MFA, no rate limit). Also applies the
+    /// token's key globs.
+    fn decide<A: Act>(snapshot: &Snapshot, who: &Principal, scope: &Scope) -> Option<Allowed> {
+        let key = scope.key.as_ref().map(|k| k.as_str());
+        if A::ACTION.is_key_scoped() && key.is_some_and(|k| !who.may_use_key(k)) {
+            return None;
+        }
+        match snapshot.policy.authorize(
+            Subject {
+                name: &who.name,
+                roles: &snapshot.roles,
+            },
+            Request {
+                action: A::ACTION,
+                key,
+                context: scope.context.as_ref().map(|c| c.map()),
+            },
+        ) {
+            Decision::Allow(a) => Some(a),
+            Decision::Deny => None,
+        }
+    }
+
+    fn denied<A: Act>(caller: &Caller) -> ServiceError {
+        tracing::info!(
+            request_id = %caller.request_id,
+            principal = %caller.principal.name,
+            action = A::ACTION.as_str(),
+            "permission denied"
+        );
+        ServiceError::PermissionDenied
+    }
+
+    /// Authorizes `caller` for `A` on `scope`: the policy decision, then the role's rate
+    /// limit, then MFA if the allowing role needs it. `PERMISSION_DENIED` before anything
+    /// else is read.
+    pub async fn authorize<A: Act>(&self, caller: &Caller, scope: Scope) -> Result<Authorized<A>> {
+        self.refresh(false).await;
+        let snapshot = Arc::new(self.snapshot(caller));
+        self.finish(caller, snapshot, scope, true).await
+    }
+
+    /// As [`Guard::authorize`] without the MFA step: for enrolling in MFA itself.
+    pub(crate) async fn authorize_enrolment<A: Act>(
+        &self,
+        caller: &Caller,
+    ) -> Result<Authorized<A>> {
+        self.refresh(false).await;
+        let snapshot = Arc::new(self.snapshot(caller));
+        self.finish(caller, snapshot, Scope::none(), false).await
+    }
+
+    /// The first half of a decision on a wrapped key: may `caller` do `A` on some key? A
+    /// caller that may not learns nothing, not even whether the blob names a known key.
+    pub async fn attempt<A: Act>(&self, caller: &Caller) -> Result<Attempt<A>> {
+        self.refresh(false).await;
+        let snapshot = self.snapshot(caller);
+        if Self::decide::<A>(&snapshot, &caller.principal, &Scope::none()).is_none() {
+            return Err(Self::denied::<A>(caller));
+        }
+        Ok(Attempt {
+            caller: caller.clone(),
+            snapshot: Arc::new(snapshot),
+            _act: PhantomData,
+        })
+    }
+
+    /// The second half: `A` on the resolved key (with its context), with the snapshot the
+    /// attempt took.
+    pub async fn confirm<A: Act>(
+        &self,
+        attempt: Attempt<A>,
+        scope: Scope,
+    ) -> Result<Authorized<A>> {
+        self.finish(&attempt.caller, attempt.snapshot, scope, true)
+            .await
+    }
+
+    async fn finish<A: Act>(
+        &self,
+        caller: &Caller,
+        snapshot: Arc<Snapshot>,
+        scope: Scope,
+        mfa: bool,
+    ) -> Result<Authorized<A>> {
+        let Some(allowed) = Self::decide::<A>(&snapshot, &caller.principal, &scope) else {
+            return Err(Self::denied::<A>(caller));
+        };
+        if let Some(limit) = allowed.limit {
+            self.role_limiter
+                .check(&allowed.role, &caller.principal.name, limit, Instant::now())
+                .map_err(ServiceError::RateLimited)?;
+        }
+        if mfa && allowed.mfa {
+            self.check_mfa(caller).await?;
+        }
+        Ok(Authorized {
+            principal: Arc::clone(&caller.principal),
+            request_id: caller.request_id.clone(),
+            key: scope.key,
+            context: scope.context,
+            snapshot,
+            _act: PhantomData,
+        })
+    }
+
+    /// Whether the holder of a `ListKeys` decision may see `key` (the list shows only
+    /// those), judged with the same snapshot.
+    pub fn may_list(proof: &Authorized<super::act::ListKeys>, key: &crate::keys::KeyName) -> bool {
+        let scope = Scope::key(key.clone());
+        Self::decide::<super::act::ListKeys>(&proof.snapshot, &proof.principal, &scope).is_some()
+    }
+
+    /// Every authenticated caller may read the seal status.
+    pub fn authenticated(&self, _caller: &Caller) -> Authenticated {
+        Authenticated { _private: () }
+    }
+}

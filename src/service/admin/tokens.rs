@@ -1,0 +1,232 @@
+//! Token administration: create (the token is shown once), list (never the token),
+//! revoke (effective on every node within the authentication cache TTL). Token
+//! administration answers only while unsealed (DESIGN §2), to principals the access
+//! policy allows.
+//!
+//! Invariants:
+//! - Only the token's SHA-256 is stored; the token exists outside its holder only in the
+//!   one answer that creates it.
+//! - Custodian identities come only from the init and rekey ceremonies.
+//!
+//! Must not import: tonic, prost, sqlx, cryptoki.
+
+use std::sync::Arc;
+
+use crate::authz::{Cidr, CUSTODIAN_PREFIX};
+use crate::secret::BearerToken;
+use crate::service::access::{act, Guard, Scope};
+use crate::service::context::{Context, Permit};
+use crate::service::error::{Conflict, Result, ServiceError};
+use crate::service::Caller;
+use crate::store::{StoreError, TokenRecord};
+
+/// Longest token lifetime (one year).
+pub const MAX_TTL_MS: i64 = 365 * 24 * 3600 * 1000;
+
+/// What a new token may do.
+#[derive(Clone, Debug, Default)]
+pub struct NewToken {
+    /// Principal the token authenticates (e.g. `svc:billing`).
+    pub principal: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Key-name globs; empty = unrestricted.
+    pub key_globs: Vec<String>,
+    /// Lifetime in ms; 0 = no expiry.
+    pub ttl_ms: i64,
+    /// Allowed source networks; empty = anywhere.
+    pub cidrs: Vec<String>,
+    /// Certificate principal the token is bound to.
+    pub bound_principal: Option<String>,
+    /// Free text.
+    pub description: String,
+}
+
+/// A token as listed (never the secret).
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    /// The stored record (hash only).
+    pub record: TokenRecord,
+}
+
+fn valid_glob(g: &str) -> bool {
+    !g.is_empty()
+        && g.len() <= 128
+        && g.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_/-*".contains(&b))
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 256 && !n.chars().any(|c| c.is_control() || c == ',')
+}
+
+/// A token id: `tok_` + 16 hex digits.
+pub(crate) fn token_id() -> Result<String> {
+    let id = crate::secret::random::<8>().map_err(ServiceError::internal)?;
+    Ok(format!("tok_{}", hex::encode(id.as_ref())))
+}
+
+/// The token service.
+pub struct Tokens {
+    ctx: Arc<Context>,
+    guard: Arc<Guard>,
+}
+
+impl Tokens {
+    /// The token service over `ctx`.
+    pub fn new(ctx: Arc<Context>, guard: Arc<Guard>) -> Self {
+        Tokens { ctx, guard }
+    }
+
+    /// `CreateToken`: a scoped token; its id, expiry and the token (shown once).
+    pub async fn create_token(
+        &self,
+        caller: &Caller,
+        t: NewToken,
+    ) -> Result<(TokenRecord, BearerToken)> {
+        self.ctx.engine()?;
+        let proof = self
+            .guard
+            .authorize::<act::CreateToken>(caller, Scope::none())
+            .await?;
+        if !valid_name(&t.principal) || t.roles.iter().any(|r| !valid_name(r)) {
+            return Err(ServiceError::InvalidArgument(
+                "invalid principal or role name",
+            ));
+        }
+        // Custodian identities are issued only by the init ceremony: an admin must not be
+        // able to mint one (the identity half of dual control).
+        if t.principal.starts_with(CUSTODIAN_PREFIX) || t.roles.iter().any(|r| r == "custodian") {
+            return Err(ServiceError::InvalidArgument(
+                "custodian identities come only from the init ceremony",
+            ));
+        }
+        if t.key_globs.iter().any(|g| !valid_glob(g)) {
+            return Err(ServiceError::InvalidArgument(
+                "key globs are 1-128 of [a-z0-9_/-] and *",
+            ));
+        }
+        if t.cidrs.iter().any(|c| Cidr::parse(c).is_none()) {
+            return Err(ServiceError::InvalidArgument("invalid CIDR"));
+        }
+        if t.bound_principal.as_deref().is_some_and(|p| !valid_name(p)) {
+            return Err(ServiceError::InvalidArgument("invalid bound principal"));
+        }
+        if !(0..=MAX_TTL_MS).contains(&t.ttl_ms) {
+            return Err(ServiceError::InvalidArgument(
+                "ttl must be 0 (none) to 365 days",
+            ));
+        }
+        if t.description.len() > 1024 {
+            return Err(ServiceError::InvalidArgument(
+                "description longer than 1024 bytes",
+            ));
+        }
+        let secret = crate::secret::random::<32>().map_err(ServiceError::internal)?;
+        let token = BearerToken::from_random(&secret);
+        let now = self.ctx.clock.now_ms();
+        let record = TokenRecord {
+            id: token_id()?,
+            hash: token.hash(),
+            principal: t.principal,
+            roles: t.roles,
+            created_at: now,
+            expires_at: (t.ttl_ms > 0).then_some(now + t.ttl_ms),
+            revoked_at: None,
+            key_globs: t.key_globs,
+            cidrs: t.cidrs,
+            bound_principal: t.bound_principal,
+            description: t.description,
+        };
+        self.ctx.db(&proof).keys.insert_token(&record).await?;
+        tracing::info!(token_id = %record.id, by = %caller.principal.name, "token created");
+        Ok((record, token))
+    }
+
+    /// `RevokeToken`: revoked at once here, within the authentication cache's lifetime on
+    /// other nodes.
+    pub async fn revoke_token(&self, caller: &Caller, id: &str) -> Result<()> {
+        self.ctx.engine()?;
+        let proof = self
+            .guard
+            .authorize::<act::RevokeToken>(caller, Scope::none())
+            .await?;
+        let now = self.ctx.clock.now_ms();
+        match self.ctx.db(&proof).tokens.revoke_token(id, now).await {
+            Ok(()) => {
+                self.ctx.auth.forget_token(id);
+                tracing::info!(token_id = id, by = %caller.principal.name, "token revoked");
+                Ok(())
+            }
+            Err(StoreError::NotFound) => Err(ServiceError::NotFound("token not found")),
+            Err(StoreError::Conflict(_)) => Err(ServiceError::Conflict(Conflict::TokenRevoked)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `ListTokens`: every token (hashes only).
+    pub async fn list_tokens(&self, caller: &Caller) -> Result<Vec<TokenInfo>> {
+        self.ctx.engine()?;
+        let proof = self
+            .guard
+            .authorize::<act::ListTokens>(caller, Scope::none())
+            .await?;
+        Ok(self
+            .ctx
+            .db(&proof)
+            .tokens
+            .list_tokens()
+            .await?
+            .into_iter()
+            .map(|record| TokenInfo { record })
+            .collect())
+    }
+
+    /// Start-up wiring: mints a bearer token for `principal` with `roles`, stores its
+    /// hash, and returns it (the only time the token exists outside its holder).
+    pub async fn issue(
+        &self,
+        permit: &impl Permit,
+        principal: &str,
+        roles: &[&str],
+    ) -> Result<BearerToken> {
+        let secret = crate::secret::random::<32>().map_err(ServiceError::internal)?;
+        let token = BearerToken::from_random(&secret);
+        self.ensure(permit, &token, principal, roles).await?;
+        Ok(token)
+    }
+
+    /// Start-up wiring: registers an existing token (e.g. the dev token kept in the data
+    /// dir) if the store does not know it.
+    pub async fn ensure(
+        &self,
+        permit: &impl Permit,
+        token: &BearerToken,
+        principal: &str,
+        roles: &[&str],
+    ) -> Result<()> {
+        let db = self.ctx.db(permit);
+        match db.keys.token_by_hash(&token.hash()).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::NotFound) => {
+                db.keys
+                    .insert_token(&TokenRecord {
+                        id: token_id()?,
+                        hash: token.hash(),
+                        principal: principal.to_string(),
+                        roles: roles.iter().map(|r| r.to_string()).collect(),
+                        created_at: self.ctx.clock.now_ms(),
+                        expires_at: None,
+                        revoked_at: None,
+                        key_globs: Vec::new(),
+                        cidrs: Vec::new(),
+                        bound_principal: None,
+                        description: String::new(),
+                    })
+                    .await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

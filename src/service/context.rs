@@ -1,0 +1,226 @@
+//! The one [`Context`] every service shares: the stores, the engine slot (the HSM while
+//! unsealed), the clock, the key metadata cache, the audit log and the configuration.
+//!
+//! Invariants:
+//! - The stores are reached only through [`Context::db`], which takes a [`Permit`]: the
+//!   proof of an authorization decision ([`Authorized`](super::Authorized),
+//!   [`Attempt`](super::Attempt)), of a quorum approval (`QuorumApproved`), or the
+//!   [`System`] permit of background work and start-up. Nothing reads the database on a
+//!   caller's behalf before deciding.
+//! - While sealed the engine slot is empty and [`Context::engine`] answers
+//!   `Unavailable("sealed")`.
+//!
+//! Must not import: tonic, prost, sqlx, cryptoki; nor any service (this is their base).
+
+use std::sync::{Arc, OnceLock, RwLock};
+
+use super::cache::KeyCache;
+use super::error::{Result, ServiceError};
+use crate::audit::AuditLog;
+use crate::authz::Authenticator;
+use crate::clock::Clock;
+use crate::keys::KeyEngine;
+use crate::quorum::approvals::QuorumApproved;
+use crate::store::{QuorumStore, Store, TokenStore};
+
+/// Tuning and policies of the services.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Wraps reserved in the store at a time.
+    pub wrap_reservation: u64,
+    /// Per-principal request rate limit (`None`: unlimited).
+    pub rate_limit: Option<crate::authz::ratelimit::Limit>,
+    /// Whether operations the quorum policy lists wait for K-of-N approval: true with a
+    /// real quorum (`--custodians`, production), false in dev mode's 1-of-1, where they
+    /// run at once.
+    pub quorum_gates: bool,
+    /// Which operations need approval, and how long requests live.
+    pub quorum_policy: crate::quorum::policy::QuorumPolicy,
+    /// Waiting periods, rotation bounds and the usage limit.
+    pub lifecycle: crate::keys::policy::LifecyclePolicy,
+    /// The access policy read at start (an approved one in the database replaces it).
+    pub access_policy: crate::authz::policy::Policy,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            wrap_reservation: super::DEFAULT_WRAP_RESERVATION,
+            rate_limit: None,
+            quorum_gates: false,
+            quorum_policy: crate::quorum::policy::QuorumPolicy::default(),
+            lifecycle: crate::keys::policy::LifecyclePolicy::default(),
+            access_policy: crate::authz::policy::Policy::default(),
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A value that proves the holder may touch the stores: only the access guard, the
+/// quorum and [`Context::system`] mint one.
+pub trait Permit: sealed::Sealed {}
+
+impl<A: super::Act> sealed::Sealed for super::Authorized<A> {}
+impl<A: super::Act> Permit for super::Authorized<A> {}
+impl<A: super::Act> sealed::Sealed for super::Attempt<A> {}
+impl<A: super::Act> Permit for super::Attempt<A> {}
+impl sealed::Sealed for QuorumApproved {}
+impl Permit for QuorumApproved {}
+impl sealed::Sealed for super::Authenticated {}
+impl Permit for super::Authenticated {}
+impl sealed::Sealed for System {}
+impl Permit for System {}
+
+/// The permit of work no caller asked for: background jobs, recovery after an unseal,
+/// start-up wiring, and reading the state an authorization decision depends on (the
+/// policy in force, grants, TOTP enrolments). Made only by [`Context::system`].
+pub struct System {
+    _private: (),
+}
+
+/// The stores, as a permit holder sees them.
+#[derive(Clone, Copy)]
+pub struct Db<'a> {
+    /// Keys, versions, lifecycle, tokens (insert and lookup), leases.
+    pub keys: &'a dyn Store,
+    /// Dual control, approvals and access state.
+    pub quorum: &'a dyn QuorumStore,
+    /// Token listing and revocation.
+    pub tokens: &'a dyn TokenStore,
+}
+
+/// The HSM engine while unsealed.
+#[derive(Default)]
+pub struct EngineSlot(RwLock<Option<Arc<KeyEngine>>>);
+
+impl EngineSlot {
+    /// The engine, or `Unavailable("sealed")`.
+    pub fn get(&self) -> Result<Arc<KeyEngine>> {
+        self.0
+            .read()
+            .ok()
+            .and_then(|e| e.clone())
+            .ok_or(ServiceError::Unavailable("sealed"))
+    }
+
+    /// Whether the service is unsealed.
+    pub fn is_open(&self) -> bool {
+        self.0.read().is_ok_and(|e| e.is_some())
+    }
+
+    pub(super) fn put(&self, engine: Arc<KeyEngine>) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Some(engine);
+        }
+    }
+
+    pub(super) fn take(&self) -> Option<Arc<KeyEngine>> {
+        self.0.write().ok().and_then(|mut e| e.take())
+    }
+}
+
+/// What every service shares.
+pub struct Context {
+    store: Arc<dyn Store>,
+    quorum: Arc<dyn QuorumStore>,
+    tokens: Arc<dyn TokenStore>,
+    /// The HSM engine while unsealed.
+    pub engine: EngineSlot,
+    /// The one clock.
+    pub clock: Arc<dyn Clock>,
+    /// Short-lived key metadata for the hot paths.
+    pub(super) cache: KeyCache,
+    /// Bearer-token verification, with its cache (revocations drop entries here).
+    pub auth: Authenticator,
+    audit: OnceLock<Arc<AuditLog>>,
+    /// Tuning and policies.
+    pub cfg: ServiceConfig,
+}
+
+impl Context {
+    /// A context over the stores, sealed.
+    pub fn new(
+        store: Arc<dyn Store>,
+        quorum: Arc<dyn QuorumStore>,
+        tokens: Arc<dyn TokenStore>,
+        clock: Arc<dyn Clock>,
+        cfg: ServiceConfig,
+    ) -> Self {
+        Context {
+            auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock)),
+            store,
+            quorum,
+            tokens,
+            engine: EngineSlot::default(),
+            clock,
+            cache: KeyCache::default(),
+            audit: OnceLock::new(),
+            cfg,
+        }
+    }
+
+    /// The stores, for the holder of a permit.
+    pub fn db(&self, _permit: &impl Permit) -> Db<'_> {
+        Db {
+            keys: self.store.as_ref(),
+            quorum: self.quorum.as_ref(),
+            tokens: self.tokens.as_ref(),
+        }
+    }
+
+    /// The permit of background work and start-up (see [`System`]).
+    pub fn system(&self) -> System {
+        System { _private: () }
+    }
+
+    /// The engine, or `Unavailable("sealed")`.
+    pub fn engine(&self) -> Result<Arc<KeyEngine>> {
+        self.engine.get()
+    }
+
+    /// A cheap round trip to the database, for health checks.
+    pub async fn ping(&self) -> Result<()> {
+        Ok(self.store.ping().await?)
+    }
+
+    /// Attaches the audit log (once, at start-up).
+    pub fn set_audit(&self, log: Arc<AuditLog>) {
+        if self.audit.set(log).is_err() {
+            tracing::warn!("the audit log was attached twice; keeping the first");
+        }
+    }
+
+    /// The audit log, unless the server runs without one (benchmarks only).
+    pub fn audit(&self) -> Option<&Arc<AuditLog>> {
+        self.audit.get()
+    }
+
+    /// The keyed digest of a canonical encryption context for the audit record (`None`
+    /// without an audit log, or while its digest key is not derived).
+    pub fn context_digest(&self, canonical: &[u8]) -> Option<String> {
+        self.audit()?.context_digest(canonical)
+    }
+
+    /// Records a background action (no caller waits for it).
+    pub fn record_job(
+        &self,
+        operation: &str,
+        ok: bool,
+        key: Option<(&str, Option<u32>)>,
+        detail: &str,
+    ) {
+        if let Some(log) = self.audit() {
+            let code = if ok { 0 } else { 13 };
+            log.job(operation, code, key, detail);
+        }
+    }
+
+    /// A fresh random id `prefix` + 32 hex digits.
+    pub(super) fn random_id(&self, prefix: &str) -> Result<String> {
+        let raw = crate::secret::random::<16>().map_err(ServiceError::internal)?;
+        Ok(format!("{prefix}{}", hex::encode(raw.as_ref())))
+    }
+}

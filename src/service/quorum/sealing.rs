@@ -1,0 +1,208 @@
+//! Sealing and unsealing (DESIGN §2).
+//!
+//! The service starts sealed: no HSM session exists and every key operation answers
+//! `UNAVAILABLE "sealed"`. K distinct custodians each submit their share with a TOTP
+//! code; each share is checked against its custodian's commitment on arrival. At K the
+//! quorum secret is rebuilt, checked against the verifier, used to open the sealed HSM
+//! PIN, and zeroized; the PIN opens the HSM and is then held only by the HSM layer. After
+//! every unseal, approved requests a crash left unrun are run ([`Approvals::recover`]).
+//!
+//! Invariants:
+//! - Partial unseal progress lives in memory only, and expires [`UNSEAL_PROGRESS_TTL_MS`]
+//!   after its first share; one share per custodian per unseal.
+//! - `Seal` drops the engine at once (closing every HSM session) and any progress.
+//!
+//! Must not import: tonic, prost, sqlx, cryptoki.
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::approvals::Approvals;
+use super::custodians::{custodian_name, Custodians};
+use crate::keys::HsmAccess;
+use crate::quorum::{crypto, shamir};
+use crate::secret::Share;
+use crate::service::access::{act, Guard, Scope};
+use crate::service::context::{Context, Permit};
+use crate::service::error::{Conflict, Rejection, Result, ServiceError};
+use crate::service::Caller;
+use crate::store::QuorumConfig;
+
+/// Partial unseal progress expires this long after its first share.
+pub const UNSEAL_PROGRESS_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// The seal state as reported to operators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealStatus {
+    /// Whether the quorum was initialised.
+    pub initialized: bool,
+    /// Whether the service is sealed.
+    pub sealed: bool,
+    /// K.
+    pub threshold: u32,
+    /// N.
+    pub shares: u32,
+    /// Custodians whose shares are held for the unseal in progress.
+    pub progress: Vec<String>,
+}
+
+struct Progress {
+    started_at: i64,
+    shares: Vec<(String, Share)>,
+}
+
+/// The seal service.
+pub struct Sealing {
+    ctx: Arc<Context>,
+    guard: Arc<Guard>,
+    custodians: Arc<Custodians>,
+    approvals: Arc<Approvals>,
+    hsm: HsmAccess,
+    progress: tokio::sync::Mutex<Option<Progress>>,
+}
+
+impl Sealing {
+    /// The seal service over `ctx`; `hsm` opens the HSM at unseal.
+    pub fn new(
+        ctx: Arc<Context>,
+        guard: Arc<Guard>,
+        custodians: Arc<Custodians>,
+        approvals: Arc<Approvals>,
+        hsm: HsmAccess,
+    ) -> Self {
+        Sealing {
+            ctx,
+            guard,
+            custodians,
+            approvals,
+            hsm,
+            progress: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// `SealStatus`: seal state and unseal progress (every authenticated caller).
+    pub async fn status(&self, caller: &Caller) -> Result<SealStatus> {
+        let seen = self.guard.authenticated(caller);
+        self.status_with(&seen).await
+    }
+
+    async fn status_with(&self, permit: &impl Permit) -> Result<SealStatus> {
+        let cfg = self.ctx.db(permit).quorum.quorum_config().await?;
+        let now = self.ctx.clock.now_ms();
+        let mut progress = self.progress.lock().await;
+        if progress
+            .as_ref()
+            .is_some_and(|p| now - p.started_at > UNSEAL_PROGRESS_TTL_MS)
+        {
+            *progress = None;
+        }
+        Ok(SealStatus {
+            initialized: cfg.is_some(),
+            sealed: !self.ctx.engine.is_open(),
+            threshold: cfg.as_ref().map_or(0, |c| u32::from(c.threshold)),
+            shares: cfg.as_ref().map_or(0, |c| u32::from(c.shares)),
+            progress: progress
+                .as_ref()
+                .map(|p| p.shares.iter().map(|(n, _)| n.clone()).collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The stored quorum configuration, if initialised (start-up wiring).
+    pub async fn quorum_config(&self, permit: &impl Permit) -> Result<Option<QuorumConfig>> {
+        Ok(self.ctx.db(permit).quorum.quorum_config().await?)
+    }
+
+    /// `Unseal`: a custodian submits a share with a TOTP code. At the K-th distinct share
+    /// the service unseals.
+    pub async fn unseal(
+        &self,
+        caller: &Caller,
+        share_text: &str,
+        totp_code: &str,
+    ) -> Result<SealStatus> {
+        let proof = self
+            .guard
+            .authorize::<act::Unseal>(caller, Scope::none())
+            .await?;
+        let name = custodian_name(caller)
+            .ok_or(ServiceError::PermissionDenied)?
+            .to_string();
+        let cfg = self.custodians.config(&proof).await?;
+        if self.ctx.engine.is_open() {
+            return Err(ServiceError::Conflict(Conflict::AlreadyUnsealed));
+        }
+        let share = self
+            .custodians
+            .check(&proof, &name, &cfg, share_text, totp_code)
+            .await?;
+        let now = self.ctx.clock.now_ms();
+        let mut progress = self.progress.lock().await;
+        if progress
+            .as_ref()
+            .is_some_and(|p| now - p.started_at > UNSEAL_PROGRESS_TTL_MS)
+        {
+            tracing::info!("unseal progress expired; starting over");
+            *progress = None;
+        }
+        let p = progress.get_or_insert_with(|| Progress {
+            started_at: now,
+            shares: Vec::new(),
+        });
+        if p.shares.iter().any(|(n, _)| *n == name) {
+            return Err(ServiceError::Rejected(Rejection::DuplicateShare));
+        }
+        p.shares.push((name.clone(), share));
+        tracing::info!(custodian = %name, have = p.shares.len(), need = cfg.threshold, "unseal share accepted");
+        if p.shares.len() >= usize::from(cfg.threshold) {
+            let taken = progress.take().map(|p| p.shares).unwrap_or_default();
+            drop(progress);
+            let shares: Vec<Share> = taken.into_iter().map(|(_, s)| s).collect();
+            self.unseal_with_shares(&cfg, &shares).await?;
+        } else {
+            drop(progress);
+        }
+        self.status_with(&proof).await
+    }
+
+    /// Rebuilds S from `shares`, checks it, opens the PIN and the HSM. Used by `Unseal`
+    /// and by dev mode's auto-unseal.
+    pub async fn unseal_with_shares(&self, cfg: &QuorumConfig, shares: &[Share]) -> Result<()> {
+        let refs: Vec<&Share> = shares.iter().collect();
+        let secret = shamir::combine(&refs, cfg.threshold)?;
+        crypto::check_verifier(&secret, &cfg.verifier)?;
+        let pin = crypto::open_pin(&secret, &cfg.sealed_pin)?;
+        drop(secret);
+        self.open_with_pin(pin).await?;
+        tracing::info!("unsealed");
+        Ok(())
+    }
+
+    /// Opens the HSM with `pin` and starts the engine (unsealed); then runs what a crash
+    /// left approved but unrun.
+    pub async fn open_with_pin(&self, pin: Zeroizing<Vec<u8>>) -> Result<()> {
+        let engine = self.hsm.open(pin).await?;
+        self.ctx.engine.put(Arc::new(engine));
+        self.approvals.recover().await;
+        Ok(())
+    }
+
+    /// `Seal`: seals at once, dropping the engine (closing every HSM session and logging
+    /// out) and any unseal progress.
+    pub async fn seal(&self, caller: &Caller) -> Result<SealStatus> {
+        let proof = self
+            .guard
+            .authorize::<act::Seal>(caller, Scope::none())
+            .await?;
+        let engine = self.ctx.engine.take();
+        *self.progress.lock().await = None;
+        if let Some(engine) = engine {
+            // Joining the HSM workers blocks; do it off the async threads. Requests that
+            // still hold the engine finish first.
+            let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+            tracing::warn!("sealed");
+        }
+        self.status_with(&proof).await
+    }
+}

@@ -1,0 +1,176 @@
+//! Access control: grants that expire with the clock, MFA lock-out, the approved policy
+//! over the files.
+
+use super::{caller, caller_with, ok, open_world, World};
+use crate::authz::policy::Policy;
+use crate::keys::KeyName;
+use crate::quorum::totp;
+use crate::service::{
+    act, AccessOutcome, MfaRefusal, ReloadError, Scope, ServiceConfig, ServiceError, LOCKOUT_MS,
+};
+use crate::store::AccessStore;
+
+const POLICY: &str = r#"
+version = 1
+[roles.elevator]
+[[roles.elevator.allow]]
+operations = ["Elevate", "EnrollTotp"]
+[roles.reader]
+max_elevation = "10m"
+[[roles.reader.allow]]
+operations = ["GetKey"]
+keys = ["*"]
+[roles.ops]
+mfa = true
+[[roles.ops.allow]]
+operations = ["RotateKey"]
+keys = ["*"]
+[[bindings]]
+principals = ["p", "m"]
+roles = ["elevator"]
+[[bindings]]
+principals = ["m"]
+roles = ["ops"]
+"#;
+
+async fn world() -> World {
+    open_world(ServiceConfig {
+        access_policy: Policy::parse(POLICY).unwrap(),
+        ..ServiceConfig::default()
+    })
+    .await
+}
+
+fn k() -> Scope {
+    Scope::key(KeyName::parse("k").unwrap())
+}
+
+fn base32_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut buf, mut bits, mut out) = (0u32, 0, Vec::new());
+    for c in s.bytes() {
+        let v = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        buf = (buf << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_elevation_expires_with_the_clock() {
+    let w = world().await;
+    let (guard, grants) = (&w.svc.guard, &w.svc.grants);
+    let p = caller("p", &[]);
+    let may_read = |c| async move { guard.authorize::<act::GetKey>(&c, k()).await.is_ok() };
+    assert!(!may_read(p.clone()).await);
+    // Over the role's maximum, and to a role that may not be elevated to.
+    for (role, ms) in [("reader", 11 * 60_000), ("ops", 60_000)] {
+        assert!(matches!(
+            grants.elevate(&p, role, ms, "why").await,
+            Err(ServiceError::InvalidArgument(_))
+        ));
+    }
+    assert!(matches!(
+        grants.elevate(&p, "reader", 60_000, " ").await,
+        Err(ServiceError::InvalidArgument(_))
+    ));
+    // No quorum gates here (dev mode): granted at once.
+    let AccessOutcome::Done(what) = grants
+        .elevate(&p, "reader", 60_000, "ticket 1")
+        .await
+        .unwrap()
+    else {
+        panic!("no quorum here");
+    };
+    assert!(what.starts_with("p holds role reader until "), "{what}");
+    assert!(may_read(p.clone()).await);
+    // Someone else does not hold it.
+    assert!(!may_read(caller("m", &[])).await);
+    w.clock.advance(60_000);
+    assert!(!may_read(p).await);
+}
+
+#[tokio::test]
+async fn mfa_lockout_lasts_fifteen_minutes() {
+    let w = world().await;
+    let guard = &w.svc.guard;
+    let uri = w.svc.totp.enroll(&caller("m", &[])).await.unwrap().uri;
+    let secret = base32_decode(
+        uri.split("secret=")
+            .nth(1)
+            .and_then(|s| s.split('&').next())
+            .unwrap(),
+    );
+    let code = |now: i64| Some(totp::hotp(&secret, totp::step_at(now) as u64));
+    for _ in 0..5 {
+        assert!(matches!(
+            guard
+                .authorize::<act::RotateKey>(&caller("m", &[]), k())
+                .await,
+            Err(ServiceError::Mfa(MfaRefusal::Missing))
+        ));
+    }
+    let m = caller_with("m", &[], code(w.now()));
+    assert!(matches!(
+        guard.authorize::<act::RotateKey>(&m, k()).await,
+        Err(ServiceError::Mfa(MfaRefusal::LockedOut))
+    ));
+    w.clock.advance(LOCKOUT_MS + 1);
+    let m = caller_with("m", &[], code(w.now()));
+    guard.authorize::<act::RotateKey>(&m, k()).await.unwrap();
+    // The same step again is a replay.
+    assert!(matches!(
+        guard.authorize::<act::RotateKey>(&m, k()).await,
+        Err(ServiceError::Mfa(MfaRefusal::Rejected))
+    ));
+}
+
+#[tokio::test]
+async fn an_approved_policy_wins_over_the_files() {
+    let w = world().await;
+    let guard = &w.svc.guard;
+    let p = caller("p", &[]);
+    assert!(guard
+        .authorize::<act::Elevate>(&p, Scope::none())
+        .await
+        .is_ok());
+    // Another node approved a policy in which p holds nothing.
+    w.store
+        .insert_policy("version = 1\n[roles.none]\n", w.now())
+        .await
+        .unwrap();
+    guard.refresh(true).await;
+    assert!(matches!(
+        guard.authorize::<act::Elevate>(&p, Scope::none()).await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    // SIGHUP's files no longer replace it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
+    assert!(matches!(
+        w.svc.policies.reload(dir.path()).await,
+        Err(ReloadError::ApprovedPolicyInForce)
+    ));
+    assert!(guard
+        .authorize::<act::Elevate>(&p, Scope::none())
+        .await
+        .is_err());
+    // A bad stored policy is refused; the one in force stays.
+    w.store
+        .insert_policy("version = 1\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n", w.now())
+        .await
+        .unwrap();
+    guard.refresh(true).await;
+    assert!(guard.policy().role("none").is_some());
+    // Key use still works for whoever the policy allows: nobody, here.
+    let admin = super::admin();
+    assert!(matches!(
+        w.svc.keys.get_key(&admin, "k").await.result,
+        Err(ServiceError::PermissionDenied)
+    ));
+    let _ = ok::<()>;
+}

@@ -1,0 +1,682 @@
+//! Approval requests: quorum gating, exactly-once execution, expiry, rejection, recovery
+//! at unseal, rekey.
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::{admin, caller, custodian, fake_hsm, kit_code, ok, world_with, World, STEP, T0};
+use crate::authz::{Principal, CUSTODIAN_PREFIX};
+use crate::keys::VersionState;
+use crate::quorum::approvals::{self, Operation, RequestState, PARAM_CUSTODIANS};
+use crate::quorum::shamir;
+use crate::service::{
+    AdminOutcome, ApprovalRecord, Conflict, CustodianKit, KeyRecord, Rejection, RequestResult,
+    Result, ServiceConfig, ServiceError, REKEY_NEEDS_LIVE_APPROVER,
+};
+use crate::store::{ApprovalStore, TokenStore};
+
+const DAY: i64 = 24 * 3600 * 1000;
+
+/// A 3-of-5 quorum (custodians c1..c5), unsealed by c1, c2, c3.
+struct Quorum {
+    w: World,
+    kits: Vec<CustodianKit>,
+}
+
+fn c(n: usize) -> crate::service::Caller {
+    custodian(&format!("c{n}"))
+}
+
+async fn quorum(gates: bool) -> Quorum {
+    let w = world_with(
+        ServiceConfig {
+            quorum_gates: gates,
+            ..ServiceConfig::default()
+        },
+        fake_hsm(),
+    )
+    .await;
+    let names: Vec<String> = (1..=5).map(|i| format!("c{i}")).collect();
+    let kits = w
+        .svc
+        .ceremony
+        .init(
+            &admin(),
+            3,
+            &names,
+            Zeroizing::new("so".into()),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    let q = Quorum { w, kits };
+    for n in 1..=3 {
+        let code = q.code(n).await;
+        q.w.svc
+            .sealing
+            .unseal(&c(n), &q.kits[n - 1].share, &code)
+            .await
+            .unwrap();
+    }
+    assert!(q.w.svc.ctx.engine.is_open());
+    q
+}
+
+impl Quorum {
+    /// Custodian n's TOTP code now. Each custodian's code is used once per step: the tests
+    /// move the clock a step on before a custodian submits again.
+    async fn code(&self, n: usize) -> String {
+        kit_code(&self.w.store, &self.kits[n - 1], 1, self.w.now()).await
+    }
+
+    fn next_step(&self) {
+        self.w.clock.advance(STEP);
+    }
+
+    async fn approve(&self, n: usize, req: &ApprovalRecord) -> Result<ApprovalRecord> {
+        let code = self.code(n).await;
+        self.w
+            .svc
+            .approvals
+            .approve(&c(n), &req.id, &req.digest, &self.kits[n - 1].share, &code)
+            .await
+            .map(|o| o.request)
+    }
+
+    async fn key(&self, name: &str) -> KeyRecord {
+        ok(self.w.svc.keys.get_key(&admin(), name).await)
+    }
+
+    async fn create(&self, name: &str) {
+        ok(self
+            .w
+            .svc
+            .keys
+            .create_key(&admin(), name, "", Default::default())
+            .await);
+    }
+
+    async fn rotate(&self, name: &str) -> ApprovalRecord {
+        pending(ok(self.w.svc.rotation.rotate_key(&admin(), name).await))
+    }
+
+    async fn unseal_all(&self, who: &[usize]) {
+        for &n in who {
+            let code = self.code(n).await;
+            self.w
+                .svc
+                .sealing
+                .unseal(&c(n), &self.kits[n - 1].share, &code)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn seal(&self) {
+        self.w.svc.sealing.seal(&c(1)).await.unwrap();
+    }
+}
+
+fn pending(o: AdminOutcome) -> ApprovalRecord {
+    match o {
+        AdminOutcome::Pending(r) => *r,
+        AdminOutcome::Done(k) => panic!("ran at once: {k:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_waits_for_three_custodians_and_runs_once() {
+    let q = quorum(true).await;
+    let svc = &q.w.svc;
+    q.create("phi").await;
+    let req = q.rotate("phi").await;
+    assert_eq!(req.state, RequestState::Pending);
+    assert_eq!(req.operation, Operation::RotateKey);
+    assert_eq!(req.requester, "dev-admin");
+    assert_eq!(req.threshold, 3);
+    assert_eq!(req.expires_at, T0 + DAY);
+    assert_eq!(
+        req.digest,
+        approvals::digest(Operation::RotateKey, &req.parameters)
+    );
+    assert_eq!(q.key("phi").await.versions.len(), 1);
+    // A request for a key that does not exist is refused at once.
+    assert!(matches!(
+        svc.rotation.rotate_key(&admin(), "nope").await.result,
+        Err(ServiceError::NotFound(_))
+    ));
+
+    // The requester is no custodian (the policy gives it no Approve); a wrong digest;
+    // bad TOTP (counted).
+    q.next_step();
+    assert!(matches!(
+        svc.approvals
+            .approve(&admin(), &req.id, &req.digest, &q.kits[0].share, "000000")
+            .await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    let code = q.code(1).await;
+    assert!(matches!(
+        svc.approvals
+            .approve(&c(1), &req.id, &"0".repeat(64), &q.kits[0].share, &code)
+            .await,
+        Err(ServiceError::InvalidArgument(_))
+    ));
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    assert!(matches!(
+        svc.approvals
+            .approve(&c(1), &req.id, &req.digest, &q.kits[0].share, wrong)
+            .await,
+        Err(ServiceError::Rejected(Rejection::TotpRejected))
+    ));
+    // Another custodian's share under c1's identity.
+    assert!(matches!(
+        svc.approvals
+            .approve(&c(1), &req.id, &req.digest, &q.kits[1].share, &code)
+            .await,
+        Err(ServiceError::Rejected(Rejection::ShareRejected))
+    ));
+
+    let r = q.approve(1, &req).await.unwrap();
+    assert_eq!(r.approvals.len(), 1);
+    q.next_step();
+    assert!(matches!(
+        q.approve(1, &req).await,
+        Err(ServiceError::Rejected(Rejection::AlreadyApproved))
+    ));
+    let r = q.approve(2, &req).await.unwrap();
+    assert_eq!(r.state, RequestState::Pending);
+    assert_eq!(q.key("phi").await.versions.len(), 1);
+    let r = q.approve(4, &req).await.unwrap();
+    assert_eq!(r.state, RequestState::Executed);
+    let Some(RequestResult::Key(after)) = &r.result else {
+        panic!("no result")
+    };
+    assert_eq!(after.primary_version, 2);
+    let key = q.key("phi").await;
+    assert_eq!(key.versions.len(), 2);
+    assert_eq!(key.primary_version, 2);
+    assert!(q.w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+    assert_eq!(
+        r.approvals
+            .iter()
+            .map(|a| a.custodian.as_str())
+            .collect::<Vec<_>>(),
+        ["c1", "c2", "c4"]
+    );
+
+    // After execution: no more approvals, no rejection, nothing runs twice.
+    assert!(matches!(
+        q.approve(5, &req).await,
+        Err(ServiceError::Conflict(Conflict::Request(
+            RequestState::Executed
+        )))
+    ));
+    assert!(svc.approvals.reject(&c(5), &req.id, "late").await.is_err());
+    assert_eq!(q.key("phi").await.versions.len(), 2);
+    let listed = svc
+        .approvals
+        .list_requests(&admin(), "executed", 0, "")
+        .await
+        .unwrap();
+    assert_eq!(listed.0.len(), 1);
+}
+
+#[tokio::test]
+async fn expiry_and_rejection_with_a_fixed_clock() {
+    let q = quorum(true).await;
+    let svc = &q.w.svc;
+    q.create("phi").await;
+    let req = q.rotate("phi").await;
+    q.next_step();
+    q.approve(1, &req).await.unwrap();
+    // One ms before expiry it still takes approvals; at expiry it does not.
+    q.w.clock.advance(DAY - STEP - 1);
+    let state = |r: Result<ApprovalRecord>| r.unwrap().state;
+    assert_eq!(
+        state(svc.approvals.get_request(&admin(), &req.id).await),
+        RequestState::Pending
+    );
+    q.w.clock.advance(1);
+    assert_eq!(
+        state(svc.approvals.get_request(&admin(), &req.id).await),
+        RequestState::Expired
+    );
+    assert!(matches!(
+        q.approve(2, &req).await,
+        Err(ServiceError::Conflict(Conflict::Request(
+            RequestState::Expired
+        )))
+    ));
+    // Listing sweeps it: stored EXPIRED, its share wiped.
+    let (all, _) = svc
+        .approvals
+        .list_requests(&admin(), "", 0, "")
+        .await
+        .unwrap();
+    assert_eq!(all[0].state, RequestState::Expired);
+    assert_eq!(
+        q.w.store.request(&req.id).await.unwrap().state,
+        RequestState::Expired
+    );
+    assert!(q.w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+
+    // Rejection: by a custodian (or the requester), with a reason; then no approvals.
+    let req = q.rotate("phi").await;
+    q.next_step();
+    q.approve(1, &req).await.unwrap();
+    assert!(matches!(
+        svc.approvals
+            .reject(&caller("someone", &["admin"]), &req.id, "no")
+            .await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    assert!(matches!(
+        svc.approvals.reject(&c(9), &req.id, "no").await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    assert!(matches!(
+        svc.approvals.reject(&c(2), &req.id, " ").await,
+        Err(ServiceError::InvalidArgument(_))
+    ));
+    let r = svc
+        .approvals
+        .reject(&c(2), &req.id, "not planned")
+        .await
+        .unwrap();
+    assert_eq!(r.state, RequestState::Rejected);
+    assert_eq!(r.decided_by.as_deref(), Some("custodian:c2"));
+    assert_eq!(r.reason.as_deref(), Some("not planned"));
+    assert!(q.w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+    q.next_step();
+    assert!(matches!(
+        q.approve(3, &req).await,
+        Err(ServiceError::Conflict(Conflict::Request(
+            RequestState::Rejected
+        )))
+    ));
+    // The requester withdraws another.
+    let req = q.rotate("phi").await;
+    let r = svc
+        .approvals
+        .reject(&admin(), &req.id, "typo")
+        .await
+        .unwrap();
+    assert_eq!(r.state, RequestState::Rejected);
+    assert_eq!(q.key("phi").await.versions.len(), 1);
+}
+
+#[tokio::test]
+async fn disable_through_quorum_and_at_once_without_gates() {
+    let q = quorum(true).await;
+    let lifecycle = &q.w.svc.lifecycle;
+    q.create("phi").await;
+    let req = pending(ok(lifecycle.disable_version(&admin(), "phi", 1).await));
+    assert_eq!(req.parameters.get("version").map(String::as_str), Some("1"));
+    // Enabling is not in the default policy; an enabled version needs nothing.
+    assert!(matches!(
+        ok(lifecycle.enable_version(&admin(), "phi", 1).await),
+        AdminOutcome::Done(_)
+    ));
+    assert!(matches!(
+        lifecycle.disable_version(&admin(), "phi", 7).await.result,
+        Err(ServiceError::NotFound(_))
+    ));
+    q.next_step();
+    for n in [3, 4, 5] {
+        q.approve(n, &req).await.unwrap();
+    }
+    let key = q.key("phi").await;
+    assert_eq!(key.versions[0].state, VersionState::Disabled);
+    let r = q.w.svc.approvals.get_request(&admin(), &req.id).await;
+    assert_eq!(r.unwrap().state, RequestState::Executed);
+
+    let q = quorum(false).await;
+    q.create("phi").await;
+    assert!(matches!(
+        ok(q.w.svc.rotation.rotate_key(&admin(), "phi").await),
+        AdminOutcome::Done(k) if k.primary_version == 2
+    ));
+    assert!(matches!(
+        ok(q.w.svc.lifecycle.disable_version(&admin(), "phi", 1).await),
+        AdminOutcome::Done(k) if k.versions[0].state == VersionState::Disabled
+    ));
+}
+
+/// Seals custodian n's share for `req` and stores the approval directly, as if the
+/// process died right after committing it.
+async fn stored_approval(q: &Quorum, n: usize, req: &ApprovalRecord, share: &[u8]) {
+    let engine = q.w.svc.ctx.engine().unwrap();
+    let name = format!("c{n}");
+    let sealed = engine
+        .seal_meta(
+            approvals::share_aad(&req.id, &name),
+            Zeroizing::new(share.to_vec()),
+        )
+        .await
+        .unwrap();
+    q.w.store
+        .add_approval(&req.id, &name, &sealed, q.w.now())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_approved_request_left_unrun_completes_at_the_next_unseal() {
+    let q = quorum(true).await;
+    q.create("phi").await;
+    let req = q.rotate("phi").await;
+    for n in [1, 2, 5] {
+        let share = shamir::decode(&q.kits[n - 1].share).unwrap();
+        stored_approval(&q, n, &req, share.expose()).await;
+    }
+    assert_eq!(q.key("phi").await.versions.len(), 1);
+    q.seal().await;
+    q.next_step();
+    q.unseal_all(&[1, 2, 3]).await;
+    let r = q.w.svc.approvals.get_request(&admin(), &req.id).await;
+    assert_eq!(r.unwrap().state, RequestState::Executed);
+    assert_eq!(q.key("phi").await.versions.len(), 2);
+    assert!(q.w.store.ready_requests().await.unwrap().is_empty());
+    // A second unseal finds nothing more to do.
+    q.seal().await;
+    q.next_step();
+    q.unseal_all(&[1, 2, 3]).await;
+    assert_eq!(q.key("phi").await.versions.len(), 2);
+}
+
+#[tokio::test]
+async fn shares_that_do_not_rebuild_the_secret_fail_the_request() {
+    let q = quorum(true).await;
+    q.create("phi").await;
+    let req = q.rotate("phi").await;
+    for n in [1, 2] {
+        let share = shamir::decode(&q.kits[n - 1].share).unwrap();
+        stored_approval(&q, n, &req, share.expose()).await;
+    }
+    // A third share with the right x but wrong y (as a tampered row would be, had it
+    // passed the HSM's authentication).
+    let mut forged = vec![3u8];
+    forged.extend_from_slice(&[0x42; 32]);
+    stored_approval(&q, 3, &req, &forged).await;
+    q.seal().await;
+    q.next_step();
+    q.unseal_all(&[1, 2, 3]).await;
+    let r =
+        q.w.svc
+            .approvals
+            .get_request(&admin(), &req.id)
+            .await
+            .unwrap();
+    assert_eq!(r.state, RequestState::Failed);
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(Conflict::QuorumMismatch.to_string().as_str())
+    );
+    assert!(q.w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+    assert_eq!(q.key("phi").await.versions.len(), 1);
+}
+
+#[tokio::test]
+async fn a_token_limited_to_other_keys_sees_no_request_about_this_one() {
+    let q = quorum(true).await;
+    let approvals = &q.w.svc.approvals;
+    q.create("phi").await;
+    let req = q.rotate("phi").await;
+    let mut billing = admin();
+    billing.principal = Arc::new(Principal {
+        key_globs: vec!["billing/*".into()],
+        ..(*billing.principal).clone()
+    });
+    assert!(matches!(
+        approvals.get_request(&billing, &req.id).await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    let seen = approvals.list_requests(&billing, "", 0, "").await.unwrap();
+    assert!(seen.0.is_empty());
+    let seen = approvals.list_requests(&admin(), "", 0, "").await.unwrap();
+    assert_eq!(seen.0.len(), 1);
+}
+
+#[tokio::test]
+async fn approvals_need_the_service_unsealed() {
+    let q = quorum(true).await;
+    q.create("phi").await;
+    let req = q.rotate("phi").await;
+    q.seal().await;
+    q.next_step();
+    assert!(matches!(
+        q.approve(4, &req).await,
+        Err(ServiceError::Unavailable("sealed"))
+    ));
+    assert!(matches!(
+        q.w.svc.approvals.get_request(&admin(), &req.id).await,
+        Err(ServiceError::Unavailable("sealed"))
+    ));
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_rekey_waits_for_the_quorum_and_hands_the_new_kits_to_the_executing_approval() {
+    let q = quorum(true).await;
+    let svc = &q.w.svc;
+    let new = names(&["n1", "n2", "n3"]);
+    // Bad parameters are refused up front.
+    for (k, list, shares) in [
+        (1u32, new.clone(), 0),
+        (4, new.clone(), 0),
+        (2, names(&["n1", "n1"]), 0),
+        (2, names(&["n1", "N2"]), 0),
+        (2, names(&["n1", "a,b"]), 0),
+        (2, new.clone(), 4),
+    ] {
+        assert!(matches!(
+            svc.ceremony
+                .request_rekey(&admin(), k, &list, shares, &Default::default())
+                .await,
+            Err(ServiceError::InvalidArgument(_))
+        ));
+    }
+    assert!(matches!(
+        svc.ceremony
+            .request_rekey(&c(1), 2, &new, 0, &Default::default())
+            .await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    let req = svc
+        .ceremony
+        .request_rekey(&admin(), 2, &new, 3, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(req.operation, Operation::Rekey);
+    assert_eq!(
+        req.parameters.get(PARAM_CUSTODIANS).map(String::as_str),
+        Some("n1,n2,n3")
+    );
+    assert_eq!(
+        req.digest,
+        approvals::digest(Operation::Rekey, &req.parameters)
+    );
+    q.next_step();
+    let code = q.code(1).await;
+    let o = svc
+        .approvals
+        .approve(&c(1), &req.id, &req.digest, &q.kits[0].share, &code)
+        .await
+        .unwrap();
+    assert!(o.new_kits.is_empty());
+    q.approve(2, &req).await.unwrap();
+    let system = svc.ctx.system();
+    let generation = |cfg: Option<crate::store::QuorumConfig>| cfg.unwrap().generation;
+    assert_eq!(
+        generation(svc.sealing.quorum_config(&system).await.unwrap()),
+        1
+    );
+    let code = q.code(3).await;
+    let o = svc
+        .approvals
+        .approve(&c(3), &req.id, &req.digest, &q.kits[2].share, &code)
+        .await
+        .unwrap();
+    assert_eq!(o.request.state, RequestState::Executed);
+    assert_eq!(
+        o.request
+            .result
+            .as_ref()
+            .map(RequestResult::summary)
+            .as_deref(),
+        Some("rekeyed to 2 of 3, generation 2")
+    );
+    let kits = o.new_kits;
+    assert_eq!(
+        kits.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+        ["n1", "n2", "n3"]
+    );
+    let cfg = svc.sealing.quorum_config(&system).await.unwrap().unwrap();
+    assert_eq!((cfg.generation, cfg.threshold, cfg.shares), (2, 2, 3));
+    assert!(q.w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+    // The stored request holds no secret.
+    let stored = format!("{:?}", q.w.store.request(&req.id).await.unwrap());
+    for k in &kits {
+        assert!(!stored.contains(k.share.as_str()));
+    }
+    // Every generation-1 custodian token is revoked; the new ones are live.
+    let tokens = q.w.store.list_tokens().await.unwrap();
+    for t in tokens
+        .iter()
+        .filter(|t| t.principal.starts_with(CUSTODIAN_PREFIX))
+    {
+        let new_gen = ["n1", "n2", "n3"]
+            .iter()
+            .any(|n| t.principal == format!("{CUSTODIAN_PREFIX}{n}"));
+        assert_eq!(t.revoked_at.is_none(), new_gen, "{}", t.principal);
+    }
+    // No second run.
+    q.next_step();
+    assert!(matches!(
+        q.approve(4, &req).await,
+        Err(ServiceError::Conflict(_))
+    ));
+
+    // Old shares no longer unseal; two new kits do, and keys still work.
+    q.create("phi").await;
+    q.seal().await;
+    q.next_step();
+    let old = q.code(1).await;
+    assert!(svc
+        .sealing
+        .unseal(&c(1), &q.kits[0].share, &old)
+        .await
+        .is_err());
+    // An old share under a new identity fails the new commitment.
+    let code = kit_code(&q.w.store, &kits[0], 2, q.w.now()).await;
+    assert!(svc
+        .sealing
+        .unseal(&custodian("n1"), &q.kits[0].share, &code)
+        .await
+        .is_err());
+    q.next_step();
+    for k in &kits[1..] {
+        let code = kit_code(&q.w.store, k, 2, q.w.now()).await;
+        svc.sealing
+            .unseal(&custodian(&k.name), &k.share, &code)
+            .await
+            .unwrap();
+    }
+    assert!(svc.ctx.engine.is_open());
+    assert_eq!(q.key("phi").await.versions.len(), 1);
+}
+
+#[tokio::test]
+async fn an_approved_rekey_found_at_unseal_fails_rather_than_run_silently() {
+    let q = quorum(true).await;
+    let svc = &q.w.svc;
+    let new = names(&["n1", "n2", "n3"]);
+    let req = svc
+        .ceremony
+        .request_rekey(&admin(), 2, &new, 0, &Default::default())
+        .await
+        .unwrap();
+    for n in [1, 2, 5] {
+        let share = shamir::decode(&q.kits[n - 1].share).unwrap();
+        stored_approval(&q, n, &req, share.expose()).await;
+    }
+    q.seal().await;
+    q.next_step();
+    q.unseal_all(&[1, 2, 3]).await;
+    let r = svc.approvals.get_request(&admin(), &req.id).await.unwrap();
+    assert_eq!(r.state, RequestState::Failed);
+    assert_eq!(r.reason.as_deref(), Some(REKEY_NEEDS_LIVE_APPROVER));
+    assert!(q.w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+    let system = svc.ctx.system();
+    let cfg = svc.sealing.quorum_config(&system).await.unwrap().unwrap();
+    assert_eq!(cfg.generation, 1);
+}
+
+#[tokio::test]
+async fn rekey_needs_a_real_quorum() {
+    let q = quorum(false).await;
+    assert!(matches!(
+        q.w.svc
+            .ceremony
+            .request_rekey(&admin(), 2, &names(&["n1", "n2"]), 0, &Default::default())
+            .await,
+        Err(ServiceError::FailedPrecondition(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_approved_retirement_rechecks_its_waiting_period_against_the_policy_in_force() {
+    let q = quorum(true).await;
+    q.create("phi").await;
+    let lifecycle = &q.w.svc.lifecycle;
+    let week = 7 * DAY;
+    let req = pending(ok(lifecycle.retire(&admin(), "phi", None, week).await));
+    // The stored parameters are changed behind the service's back to a waiting period
+    // the policy does not allow (the database is not trusted with authority).
+    let mut forged = req.clone();
+    forged
+        .parameters
+        .insert(approvals::PARAM_WAITING_MS.to_string(), "1".to_string());
+    let shares: Vec<_> = q.kits[..3]
+        .iter()
+        .map(|k| shamir::decode(&k.share).unwrap())
+        .collect();
+    let refs: Vec<_> = shares.iter().collect();
+    let system = q.w.svc.ctx.system();
+    let cfg =
+        q.w.svc
+            .sealing
+            .quorum_config(&system)
+            .await
+            .unwrap()
+            .unwrap();
+    let approved = approvals::verify_quorum(&refs, 3, &cfg.verifier).unwrap();
+    let refused = lifecycle
+        .run_approved(
+            Operation::RetireKey,
+            &forged.parameters,
+            &crate::keys::KeyName::parse("phi").unwrap(),
+            None,
+            crate::service::Commit::Approved(&req.id, &approved),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(ServiceError::InvalidArgument(_))),
+        "{:?}",
+        refused.err()
+    );
+    assert_eq!(q.key("phi").await.versions[0].state, VersionState::Enabled);
+    // Approved as asked, it runs.
+    q.next_step();
+    for n in [1, 2, 3] {
+        q.approve(n, &req).await.unwrap();
+    }
+    let key = q.key("phi").await;
+    assert_eq!(key.versions[0].state, VersionState::ScheduledForDestruction);
+    assert_eq!(key.versions[0].destroy_at, Some(q.w.now() + week));
+}

@@ -1,0 +1,82 @@
+//! Authorization as a value: one decision per call, refusals that reveal nothing, and the
+//! facts a call returns for its audit record.
+
+use super::{admin, caller, ok, open_world};
+use crate::keys::EncryptionContext;
+use crate::service::{Facts, ServiceConfig, ServiceError};
+
+fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_caller_without_the_right_learns_nothing_about_keys() {
+    let w = open_world(ServiceConfig::default()).await;
+    let keys = &w.svc.keys;
+    ok(keys
+        .create_key(&admin(), "phi", "", Default::default())
+        .await);
+    let dk = ok(keys
+        .generate_data_key(&admin(), "phi", ctx(&[("t", "1")]), false)
+        .await);
+    let nobody = caller("nobody", &[]);
+    // The same refusal for a key that exists and one that does not.
+    for name in ["phi", "nope"] {
+        assert!(matches!(
+            keys.get_key(&nobody, name).await.result,
+            Err(ServiceError::PermissionDenied)
+        ));
+    }
+    // A valid blob, garbage and a blob of an unknown key: the same refusal.
+    let mut unknown = dk.wrapped.clone();
+    unknown[1] ^= 0xff;
+    for blob in [dk.wrapped.clone(), b"garbage".to_vec(), unknown.clone()] {
+        assert!(matches!(
+            keys.unwrap_key(&nobody, &blob, ctx(&[("t", "1")]))
+                .await
+                .result,
+            Err(ServiceError::PermissionDenied)
+        ));
+    }
+    // A caller who may unwrap gets the one INVALID_ARGUMENT for the unknown key.
+    assert!(matches!(
+        keys.unwrap_key(&admin(), &unknown, ctx(&[("t", "1")]))
+            .await
+            .result,
+        Err(ServiceError::InvalidWrappedKey)
+    ));
+}
+
+#[tokio::test]
+async fn a_call_returns_the_facts_of_its_audit_record() {
+    let w = open_world(ServiceConfig::default()).await;
+    let keys = &w.svc.keys;
+    ok(keys
+        .create_key(&admin(), "phi", "", Default::default())
+        .await);
+    let out = keys
+        .generate_data_key(&admin(), "phi", ctx(&[("t", "1")]), true)
+        .await;
+    assert_eq!(out.facts.key.as_deref(), Some("phi"));
+    assert_eq!(out.facts.version, Some(1));
+    let dk = ok(out);
+    let out = keys
+        .unwrap_key(&admin(), &dk.wrapped, ctx(&[("t", "1")]))
+        .await;
+    assert_eq!(out.facts.key.as_deref(), Some("phi"));
+    assert_eq!(out.facts.version, Some(1));
+    assert!(out.result.is_ok());
+    // A failure keeps what was known: the key the blob named, not its version.
+    let out = keys
+        .unwrap_key(&admin(), &dk.wrapped, ctx(&[("t", "2")]))
+        .await;
+    assert!(matches!(out.result, Err(ServiceError::InvalidWrappedKey)));
+    assert_eq!(out.facts.key.as_deref(), Some("phi"));
+    assert_eq!(out.facts.version, None);
+    // A refusal before any lookup names only what the caller asked for.
+    let out = keys.get_key(&caller("nobody", &[]), "phi").await;
+    assert_eq!(out.facts, Facts::key("phi", None));
+}

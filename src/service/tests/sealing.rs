@@ -1,0 +1,208 @@
+//! Sealing, unsealing and the init ceremony.
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::{admin, custodian, fake_hsm, kit_code, world_with, World, T0};
+use crate::keys::{EngineConfig, HsmAccess, HsmOpener, PinSetter};
+use crate::quorum::shamir;
+use crate::service::{
+    Conflict, CustodianKit, Rejection, ServiceConfig, ServiceError, LOCKOUT_MS,
+    UNSEAL_PROGRESS_TTL_MS,
+};
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A K-of-N quorum of `names` made by dev wiring (any K ≥ 1).
+async fn init(w: &World, k: u32, who: &[&str]) -> Vec<CustodianKit> {
+    let system = w.svc.ctx.system();
+    w.svc
+        .ceremony
+        .init_with(
+            &system,
+            k,
+            &names(who),
+            Zeroizing::new("so".into()),
+            &Default::default(),
+            1,
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn unseal_progress_expires_after_ten_minutes() {
+    let w = world_with(ServiceConfig::default(), fake_hsm()).await;
+    let kits = init(&w, 2, &["a", "b", "c"]).await;
+    let sealing = &w.svc.sealing;
+    let c = kit_code(&w.store, &kits[0], 1, w.now()).await;
+    let st = sealing
+        .unseal(&custodian("a"), &kits[0].share, &c)
+        .await
+        .unwrap();
+    assert_eq!(st.progress, ["a"]);
+    w.clock.advance(UNSEAL_PROGRESS_TTL_MS + 1);
+    let st = sealing.status(&custodian("a")).await.unwrap();
+    assert!(st.progress.is_empty());
+    // After expiry, one more share is not enough: the first one was dropped.
+    let c = kit_code(&w.store, &kits[1], 1, w.now()).await;
+    let st = sealing
+        .unseal(&custodian("b"), &kits[1].share, &c)
+        .await
+        .unwrap();
+    assert!(st.sealed);
+    assert_eq!(st.progress, ["b"]);
+    let c = kit_code(&w.store, &kits[2], 1, w.now()).await;
+    let st = sealing
+        .unseal(&custodian("c"), &kits[2].share, &c)
+        .await
+        .unwrap();
+    assert!(!st.sealed);
+    assert!(w.svc.ctx.engine.is_open());
+}
+
+#[tokio::test]
+async fn lockout_lasts_fifteen_minutes() {
+    let w = world_with(ServiceConfig::default(), fake_hsm()).await;
+    let kits = init(&w, 2, &["a", "b"]).await;
+    let sealing = &w.svc.sealing;
+    let good = kit_code(&w.store, &kits[0], 1, w.now()).await;
+    let wrong = if good == "000000" { "111111" } else { "000000" };
+    for _ in 0..crate::service::FAILURE_LIMIT {
+        assert!(sealing
+            .unseal(&custodian("a"), &kits[0].share, wrong)
+            .await
+            .is_err());
+    }
+    let e = sealing
+        .unseal(&custodian("a"), &kits[0].share, &good)
+        .await
+        .err();
+    assert!(matches!(
+        e,
+        Some(ServiceError::Rejected(Rejection::LockedOut))
+    ));
+    w.clock.advance(LOCKOUT_MS + 60_000);
+    let c = kit_code(&w.store, &kits[0], 1, w.now()).await;
+    assert!(sealing
+        .unseal(&custodian("a"), &kits[0].share, &c)
+        .await
+        .is_ok());
+}
+
+/// The PIN that init sets, the quorum secret's shares and the opened PIN reach the HSM
+/// and the custodians only: the database files hold none of them.
+#[tokio::test]
+async fn init_stores_no_pin_or_share_and_unseal_opens_with_the_new_pin() {
+    use secrecy::ExposeSecret;
+    let set_pin = Arc::new(std::sync::Mutex::new(String::new()));
+    let opened_with = Arc::new(std::sync::Mutex::new(String::new()));
+    let (sp, ow) = (set_pin.clone(), opened_with.clone());
+    let opener: HsmOpener = Arc::new(move |pin: arca_hsm::AuthPin| {
+        *ow.lock().unwrap() = pin.expose_secret().to_string();
+        Ok(Arc::new(arca_hsm::fake::FakeHsm::new()) as Arc<dyn arca_hsm::Hsm>)
+    });
+    let setter: PinSetter = Arc::new(move |_so, new: &arca_hsm::AuthPin| {
+        *sp.lock().unwrap() = new.expose_secret().to_string();
+        Ok(())
+    });
+    let hsm = HsmAccess::new(opener, setter, EngineConfig::default());
+    let w = world_with(ServiceConfig::default(), hsm).await;
+    let kits = w
+        .svc
+        .ceremony
+        .init(
+            &admin(),
+            2,
+            &names(&["a", "b", "c"]),
+            Zeroizing::new("so".into()),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    let pin = set_pin.lock().unwrap().clone();
+    assert_eq!(pin.len(), 64, "a 256-bit random PIN");
+    let mut needles: Vec<Vec<u8>> = vec![pin.clone().into_bytes()];
+    for k in &kits {
+        let share = shamir::decode(&k.share).unwrap();
+        needles.push(share.expose().to_vec());
+        needles.push(hex::encode(&share.expose()[1..]).into_bytes());
+        needles.push(k.token.expose().as_bytes().to_vec());
+    }
+    for k in &kits[..2] {
+        let c = kit_code(&w.store, k, 1, T0).await;
+        w.svc
+            .sealing
+            .unseal(&custodian(&k.name), &k.share, &c)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        *opened_with.lock().unwrap(),
+        pin,
+        "unseal opens the HSM with the PIN init set"
+    );
+    let World {
+        _dir: dir,
+        store,
+        svc,
+        ..
+    } = w;
+    drop(svc);
+    drop(store);
+    for f in ["a.db", "a.db-wal", "a.db-shm"] {
+        let Ok(bytes) = std::fs::read(dir.path().join(f)) else {
+            continue;
+        };
+        for n in &needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == n.as_slice()),
+                "a secret is in {f}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn init_refuses_bad_parameters_and_reinit() {
+    let w = world_with(ServiceConfig::default(), fake_hsm()).await;
+    let ceremony = &w.svc.ceremony;
+    let so = || Zeroizing::new("so".to_string());
+    let none = Default::default();
+    for (k, list) in [
+        (1u32, names(&["a", "b"])),
+        (3, names(&["a", "b"])),
+        (2, names(&["a", "a"])),
+        (2, names(&["a", "B"])),
+        (300, names(&["a", "b"])),
+    ] {
+        assert!(
+            matches!(
+                ceremony.init(&admin(), k, &list, so(), &none).await,
+                Err(ServiceError::InvalidArgument(_))
+            ),
+            "{k} {list:?}"
+        );
+    }
+    let kits = ceremony
+        .init(&admin(), 2, &names(&["a", "b", "c"]), so(), &none)
+        .await
+        .unwrap();
+    assert_eq!(kits.len(), 3);
+    assert!(matches!(
+        ceremony
+            .init(&admin(), 2, &names(&["x", "y"]), so(), &none)
+            .await,
+        Err(ServiceError::Conflict(Conflict::AlreadyInitialised))
+    ));
+    // A custodian may not initialise.
+    assert!(matches!(
+        ceremony
+            .init(&custodian("a"), 2, &names(&["x", "y"]), so(), &none)
+            .await,
+        Err(ServiceError::PermissionDenied)
+    ));
+}
