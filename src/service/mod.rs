@@ -46,7 +46,7 @@ use crate::keys::{
     WrappedKey,
 };
 use crate::secret::{BearerToken, Plaintext};
-use crate::store::{NewKey, QuorumStore, Store, StoreError, TokenRecord, TokenStore};
+use crate::store::{NewKey, Store, StoreError, TokenRecord, TokenStore};
 
 pub use crate::store::{
     ApprovalEntry, ApprovalRecord, GrantRecord, KeyRecord, RequestResult, ReviewRecord,
@@ -142,7 +142,7 @@ impl From<StoreError> for ServiceError {
         match e {
             StoreError::NotFound => ServiceError::NotFound("key not found"),
             StoreError::AlreadyExists => ServiceError::AlreadyExists("key name already used"),
-            StoreError::StateConflict { .. } => {
+            StoreError::Conflict(_) => {
                 ServiceError::FailedPrecondition("illegal key version state transition")
             }
             StoreError::Unavailable(_) => ServiceError::Unavailable("database unavailable"),
@@ -259,7 +259,7 @@ impl Default for ServiceConfig {
 /// The key use cases.
 pub struct KeyService {
     store: Arc<dyn Store>,
-    quorum: Arc<dyn QuorumStore>,
+    quorum: Arc<dyn Store>,
     tokens: Arc<dyn TokenStore>,
     /// `None` while sealed.
     engine: RwLock<Option<Arc<KeyEngine>>>,
@@ -293,7 +293,7 @@ impl KeyService {
     /// [`KeyService::unseal_with_shares`] / [`KeyService::open_with_pin`]) opens the HSM.
     pub fn new(
         store: Arc<dyn Store>,
-        quorum: Arc<dyn QuorumStore>,
+        quorum: Arc<dyn Store>,
         tokens: Arc<dyn TokenStore>,
         seal: SealControl,
         clock: Arc<dyn Clock>,
@@ -656,10 +656,14 @@ impl KeyService {
     /// the failure proves the version was not stored (a lost race, a refused state). After
     /// an ambiguous failure (the connection dropped during the commit) the version may be
     /// committed: its object is kept (an orphan at worst, never a version without its key).
-    pub(super) async fn discard_unstored_object(&self, object: arca_hsm::ObjectId, e: &StoreError) {
+    pub(super) async fn discard_unstored_object(
+        &self,
+        object: crate::keys::ObjectId,
+        e: &StoreError,
+    ) {
         let not_stored = matches!(
             e,
-            StoreError::AlreadyExists | StoreError::StateConflict { .. } | StoreError::NotFound
+            StoreError::AlreadyExists | StoreError::Conflict(_) | StoreError::NotFound
         );
         if !not_stored {
             tracing::warn!(object = %object, "kept the HSM object of a rotation whose commit may have happened");
@@ -779,7 +783,7 @@ impl KeyService {
         caller: &Caller,
         name: &str,
         check: Option<(Action, &EncryptionContext)>,
-    ) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
+    ) -> Result<(Arc<KeyRecord>, u32, crate::keys::ObjectId)> {
         let name = KeyName::parse(name)?;
         if let Some((action, ctx)) = check {
             self.authorize(caller, action, Some(name.as_str()), Some(ctx))
@@ -806,7 +810,7 @@ impl KeyService {
         wrapped: &[u8],
         action: Action,
         ctx: &EncryptionContext,
-    ) -> Result<(Arc<KeyRecord>, WrappedKey, arca_hsm::ObjectId)> {
+    ) -> Result<(Arc<KeyRecord>, WrappedKey, crate::keys::ObjectId)> {
         // A caller that may do this on no key learns nothing, not even whether the blob
         // names a known key.
         if self.decide(caller, action, None, None).is_none() {
@@ -856,7 +860,7 @@ impl KeyService {
         caller: &Caller,
         name: &str,
         check: Option<(Action, &EncryptionContext)>,
-    ) -> Result<(Arc<KeyRecord>, u32, arca_hsm::ObjectId)> {
+    ) -> Result<(Arc<KeyRecord>, u32, crate::keys::ObjectId)> {
         for attempt in 0..3 {
             // Authorized once, before the first lookup.
             let check = if attempt == 0 { check } else { None };
