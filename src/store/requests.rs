@@ -2,7 +2,7 @@
 //! decoding (and the stored form of a result), and the in-transaction steps every
 //! approval write shares — reading a request, naming what a refused write found
 //! ([`conflict`]), claiming a request for its completion, deciding it and wiping its
-//! shares. [`super::approvals`] builds the `ApprovalStore` on these.
+//! shares. `approvals.rs` builds the `ApprovalStore` on these.
 //!
 //! Invariants (enforced by conditional updates here and by triggers in the migrations):
 //! - Only a `PENDING` request changes; every other state is final, and a decided row is

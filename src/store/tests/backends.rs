@@ -12,7 +12,7 @@ use super::{migration_versions, new_key, TestDb};
 use crate::store::classify::classify;
 use crate::store::{KeyStore, Ping, SqlStore, StoreError};
 
-on_both_backends!(two_nodes_migrate_at_once,);
+on_both_backends!(two_nodes_migrate_at_once);
 
 on_postgres!(
     a_lost_connection_is_unavailable_and_the_pool_recovers,
