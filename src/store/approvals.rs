@@ -13,8 +13,8 @@
 //!   `requests.rs`'s; the effects are made by the steps of the families that own their
 //!   tables (`keys.rs`, `lifecycle.rs`, `quorum.rs`, `tokens.rs`, `access.rs`).
 //!
-//! Must not import: nothing imports this file in `store/` (it is the top family); tonic,
-//! prost, cryptoki.
+//! Must not import: tonic, prost, cryptoki. It is the top table family: no other file of
+//! `store/` may import it.
 
 use super::access::{insert_grant_in, insert_policy_in, GrantRecord};
 use super::classify::classify;

@@ -1,5 +1,5 @@
-//! Audit rows: the one place that reads and writes `audit_log`, `audit_seals`,
-//! `audit_deks` and `audit_head` (migration 0006).
+//! The audit trail ([`AuditStore`]): the one place that reads and writes `audit_log`,
+//! `audit_seals`, `audit_deks` and `audit_head` (migration 0006).
 //!
 //! Invariants:
 //! - A batch is appended in one transaction that first takes the head (`FOR UPDATE` on
