@@ -1082,7 +1082,7 @@ impl Writer {
                     };
                     match self.store.audit_append_at(h, batch).await {
                         Ok(nh) => Some(Ok(nh)),
-                        Err(StoreError::AlreadyExists | StoreError::StateConflict { .. }) => {
+                        Err(StoreError::AlreadyExists | StoreError::Conflict(_)) => {
                             // Refused whole: nothing of it was stored.
                             clear_attempt(&self.in_flight);
                             if self.unresolved.is_empty() {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arca_hsm::{Hsm, HsmError, KeyAttributes, KeyKind, ObjectId, GCM_IV_LEN};
+use arca_hsm::{Hsm, HsmError, KeyAttributes, KeyKind, ObjectId as HsmObjectId, GCM_IV_LEN};
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
@@ -28,7 +28,7 @@ pub use audit_mac::{AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL};
 pub use meta::{META_KEY_ID, META_KEY_LABEL};
 
 use super::wrapped::check_plaintext_len;
-use super::{version_label, KeyId, KeysError, WrappedKey};
+use super::{version_label, KeyId, KeysError, ObjectId, WrappedKey};
 use crate::secret::{Plaintext, DATA_KEY_LEN};
 
 type Job = Box<dyn FnOnce(&dyn Hsm) + Send + 'static>;
@@ -201,13 +201,13 @@ impl KeyEngine {
             move |hsm| {
                 let mut id = [0u8; 16];
                 hsm.generate_random(&mut id).map_err(hsm_err)?;
-                let id = ObjectId(id);
+                let id = HsmObjectId(id);
                 hsm.generate_key(KeyKind::Aes256, &id, &version_label(&key, version))
                     .map_err(hsm_err)?;
-                Ok(id)
+                Ok(ObjectId::from(id))
             },
             |hsm, id| {
-                if let Err(e) = hsm.destroy_key(&id) {
+                if let Err(e) = hsm.destroy_key(&HsmObjectId::from(id)) {
                     tracing::warn!(error = %e, "could not remove an HSM object created for a caller that gave up");
                 }
             },
@@ -223,6 +223,7 @@ impl KeyEngine {
         object: ObjectId,
         canonical_context: Vec<u8>,
     ) -> Result<(Plaintext, WrappedKey), KeysError> {
+        let object = HsmObjectId::from(object);
         self.run(move |hsm| {
             let mut rnd = Zeroizing::new([0u8; DATA_KEY_LEN + GCM_IV_LEN]);
             hsm.generate_random(rnd.as_mut()).map_err(hsm_err)?;
@@ -253,6 +254,7 @@ impl KeyEngine {
         canonical_context: Vec<u8>,
     ) -> Result<WrappedKey, KeysError> {
         check_plaintext_len(plaintext.len())?;
+        let object = HsmObjectId::from(object);
         self.run(move |hsm| {
             let mut iv = [0u8; GCM_IV_LEN];
             hsm.generate_random(&mut iv).map_err(hsm_err)?;
@@ -276,6 +278,7 @@ impl KeyEngine {
         object: ObjectId,
         canonical_context: Vec<u8>,
     ) -> Result<Plaintext, KeysError> {
+        let object = HsmObjectId::from(object);
         self.run(move |hsm| decrypt(hsm, &wrapped, &object, &canonical_context))
             .await
     }
@@ -291,6 +294,8 @@ impl KeyEngine {
         to_object: ObjectId,
         canonical_context: Vec<u8>,
     ) -> Result<WrappedKey, KeysError> {
+        let (from_object, to_object) =
+            (HsmObjectId::from(from_object), HsmObjectId::from(to_object));
         self.run(move |hsm| {
             let plaintext = decrypt(hsm, &wrapped, &from_object, &canonical_context)?;
             let mut iv = [0u8; GCM_IV_LEN];
@@ -310,6 +315,7 @@ impl KeyEngine {
 
     /// Destroys a version's HSM object (and every session copy in this process).
     pub async fn destroy_object(&self, object: ObjectId) -> Result<bool, KeysError> {
+        let object = HsmObjectId::from(object);
         self.run(move |hsm| hsm.destroy_key(&object).map_err(hsm_err))
             .await
     }
@@ -317,6 +323,7 @@ impl KeyEngine {
     /// Drops every handle and session copy of an object this process holds (after
     /// another node destroyed it).
     pub async fn forget_object(&self, object: ObjectId) -> Result<(), KeysError> {
+        let object = HsmObjectId::from(object);
         self.run(move |hsm| {
             hsm.forget_key(&object);
             Ok(())
@@ -326,6 +333,7 @@ impl KeyEngine {
 
     /// Reads back an HSM object's security attributes.
     pub async fn object_attributes(&self, object: ObjectId) -> Result<KeyAttributes, KeysError> {
+        let object = HsmObjectId::from(object);
         self.run(move |hsm| hsm.key_attributes(&object).map_err(hsm_err))
             .await
     }
@@ -352,7 +360,7 @@ fn encrypt(
     hsm: &dyn Hsm,
     key: KeyId,
     version: u32,
-    object: &ObjectId,
+    object: &HsmObjectId,
     iv: [u8; GCM_IV_LEN],
     canonical_context: &[u8],
     plaintext: &Plaintext,
@@ -372,7 +380,7 @@ fn encrypt(
 fn decrypt(
     hsm: &dyn Hsm,
     wrapped: &WrappedKey,
-    object: &ObjectId,
+    object: &HsmObjectId,
     canonical_context: &[u8],
 ) -> Result<Plaintext, KeysError> {
     let aad = WrappedKey::aad(&wrapped.key_id, wrapped.version, canonical_context);

@@ -1,27 +1,30 @@
 //! The key hierarchy: key names, ids, versions and their lifecycle states, the wrapped-key
-//! format and the canonical encryption context, and the [`KeyEngine`] that performs the
-//! HSM side of wrapping.
+//! format and the canonical encryption context, the [`ObjectId`] of a version's HSM object,
+//! and the [`KeyEngine`] that performs the HSM side of wrapping.
 //!
 //! Invariants:
 //! - A key name matches `[a-z0-9][a-z0-9_/-]{0,127}` and is never reused.
 //! - Version numbers start at 1 and increase by one per rotation.
 //! - Only the primary version wraps; every `Enabled` version unwraps; other states refuse.
 //! - State transitions go only along the edges [`VersionState::can_transition_to`] allows.
+//! - HSM object ids cross this module's boundary only as [`ObjectId`]: the [`KeyEngine`]
+//!   takes and returns it, and converts to the HSM crate's id inside `keys/`.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
 mod access;
 mod context;
 mod engine;
+mod object_id;
 pub mod policy;
 mod wrapped;
 
 pub use access::{HsmAccess, HsmOpener, PinSetter};
-pub use arca_hsm::ObjectId; // TEMPORARY SHIM
 pub use context::{canonical_context, CanonicalContext, EncryptionContext, MAX_CONTEXT_ENTRIES};
 pub use engine::{
     EngineConfig, KeyEngine, AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL, META_KEY_ID, META_KEY_LABEL,
 };
+pub use object_id::ObjectId;
 pub use wrapped::{WrappedKey, WRAPPED_HEADER_LEN, WRAPPED_V1};
 
 use std::fmt;

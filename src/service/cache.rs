@@ -50,7 +50,7 @@ impl KeyCache {
         if let Some(k) = self.fresh(id) {
             return Ok(k);
         }
-        let rec = db.keys.key_by_id(id).await?;
+        let rec = db.key_by_id(id).await?;
         self.put(rec);
         self.fresh(id).ok_or(ServiceError::internal("key cache"))
     }
@@ -61,7 +61,7 @@ impl KeyCache {
         if let Some(k) = id.and_then(|id| self.fresh(&id)) {
             return Ok(k);
         }
-        let rec = db.keys.key_by_name(name).await?;
+        let rec = db.key_by_name(name).await?;
         let id = rec.id;
         self.put(rec);
         self.fresh(&id).ok_or(ServiceError::internal("key cache"))

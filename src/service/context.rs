@@ -21,7 +21,7 @@ use crate::authz::Authenticator;
 use crate::clock::Clock;
 use crate::keys::KeyEngine;
 use crate::quorum::approvals::QuorumApproved;
-use crate::store::{QuorumStore, Store, TokenStore};
+use crate::store::Store;
 
 /// Tuning and policies of the services.
 #[derive(Clone, Debug)]
@@ -81,16 +81,8 @@ pub struct System {
     _private: (),
 }
 
-/// The stores, as a permit holder sees them.
-#[derive(Clone, Copy)]
-pub struct Db<'a> {
-    /// Keys, versions, lifecycle, tokens (insert and lookup), leases.
-    pub keys: &'a dyn Store,
-    /// Dual control, approvals and access state.
-    pub quorum: &'a dyn QuorumStore,
-    /// Token listing and revocation.
-    pub tokens: &'a dyn TokenStore,
-}
+/// The stores, as a permit holder sees them (every table family's trait).
+pub type Db<'a> = &'a dyn Store;
 
 /// The HSM engine while unsealed.
 #[derive(Default)]
@@ -125,8 +117,6 @@ impl EngineSlot {
 /// What every service shares.
 pub struct Context {
     store: Arc<dyn Store>,
-    quorum: Arc<dyn QuorumStore>,
-    tokens: Arc<dyn TokenStore>,
     /// The HSM engine while unsealed.
     pub engine: EngineSlot,
     /// The one clock.
@@ -142,18 +132,10 @@ pub struct Context {
 
 impl Context {
     /// A context over the stores, sealed.
-    pub fn new(
-        store: Arc<dyn Store>,
-        quorum: Arc<dyn QuorumStore>,
-        tokens: Arc<dyn TokenStore>,
-        clock: Arc<dyn Clock>,
-        cfg: ServiceConfig,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ServiceConfig) -> Self {
         Context {
             auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock)),
             store,
-            quorum,
-            tokens,
             engine: EngineSlot::default(),
             clock,
             cache: KeyCache::default(),
@@ -164,11 +146,7 @@ impl Context {
 
     /// The stores, for the holder of a permit.
     pub fn db(&self, _permit: &impl Permit) -> Db<'_> {
-        Db {
-            keys: self.store.as_ref(),
-            quorum: self.quorum.as_ref(),
-            tokens: self.tokens.as_ref(),
-        }
+        self.store.as_ref()
     }
 
     /// The permit of background work and start-up (see [`System`]).

@@ -351,7 +351,7 @@ impl From<StoreError> for ServiceError {
         match e {
             StoreError::NotFound => ServiceError::NotFound("key not found"),
             StoreError::AlreadyExists => ServiceError::AlreadyExists("key name already used"),
-            StoreError::StateConflict { .. } => ServiceError::Conflict(Conflict::IllegalTransition),
+            StoreError::Conflict(_) => ServiceError::Conflict(Conflict::IllegalTransition),
             StoreError::Unavailable(_) => ServiceError::Unavailable("database unavailable"),
             e => ServiceError::Internal(Box::new(e)),
         }

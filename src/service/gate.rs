@@ -87,7 +87,6 @@ impl Gate {
     ) -> Result<ApprovalRecord> {
         let db = self.ctx.db(proof);
         let cfg = db
-            .quorum
             .quorum_config()
             .await?
             .ok_or(ServiceError::Conflict(Conflict::NotInitialised))?;
@@ -96,7 +95,6 @@ impl Gate {
         let now = self.ctx.clock.now_ms();
         let requester = &proof.principal().name;
         let rec = db
-            .quorum
             .create_request(&NewRequest {
                 id: &id,
                 operation: op,

@@ -105,8 +105,7 @@ impl Jobs {
         let ttl = i64::try_from(cfg.lease_ttl.as_millis()).unwrap_or(i64::MAX);
         let db = self.ctx.db(&system);
         let lease = || async {
-            db.keys
-                .acquire_lease(LIFECYCLE_LEASE, &cfg.node, ttl, self.ctx.clock.now_ms())
+            db.acquire_lease(LIFECYCLE_LEASE, &cfg.node, ttl, self.ctx.clock.now_ms())
                 .await
         };
         if !lease().await? {
@@ -115,7 +114,6 @@ impl Jobs {
         self.apply_retention(&system).await?;
         self.rotate_due(&system).await?;
         for due in db
-            .keys
             .due_destructions(self.ctx.clock.now_ms(), DESTRUCTIONS_PER_PASS)
             .await?
         {
@@ -132,10 +130,10 @@ impl Jobs {
         let db = self.ctx.db(system);
         let now = self.ctx.clock.now_ms();
         let waiting = self.ctx.cfg.lifecycle.default_waiting_ms;
-        for id in db.keys.keys_due_retention(now).await? {
+        for id in db.keys_due_retention(now).await? {
             let destroy_at = now.saturating_add(waiting);
             let change = LifecycleChange::ApplyRetention { destroy_at };
-            match db.keys.apply_lifecycle(&id, &change, now).await {
+            match db.apply_lifecycle(&id, &change, now).await {
                 Ok(rec) => {
                     tracing::warn!(
                         key = %rec.name,
@@ -160,8 +158,8 @@ impl Jobs {
 
     async fn rotate_due(&self, system: &System) -> Result<()> {
         let db = self.ctx.db(system);
-        for id in db.keys.keys_due_rotation(self.ctx.clock.now_ms()).await? {
-            let key = db.keys.key_by_id(&id).await?;
+        for id in db.keys_due_rotation(self.ctx.clock.now_ms()).await? {
+            let key = db.key_by_id(&id).await?;
             let when = When::IfPrimary {
                 version: key.primary_version,
                 why: "rotation period",
@@ -177,7 +175,7 @@ impl Jobs {
     async fn destroy_version(&self, system: &System, due: &DueDestruction) -> Result<()> {
         let db = self.ctx.db(system);
         let now = self.ctx.clock.now_ms();
-        match db.keys.begin_destruction(&due.key, due.version, now).await {
+        match db.begin_destruction(&due.key, due.version, now).await {
             Ok(()) => {}
             // Cancelled or finished meanwhile.
             Err(StoreError::Conflict(_)) => return Ok(()),
@@ -186,7 +184,6 @@ impl Jobs {
         let existed = self.ctx.engine()?.destroy_object(due.hsm_id).await?;
         crate::fault::point("after-hsm-destroy");
         let rec = db
-            .keys
             .finish_destruction(&due.key, due.version, self.ctx.clock.now_ms())
             .await?;
         tracing::warn!(
@@ -222,7 +219,7 @@ impl Forgotten {
 
     async fn sweep(&mut self, ctx: &Context, system: &System, engine: &KeyEngine) -> Result<()> {
         let since = self.seen_until.saturating_sub(Self::MARGIN_MS);
-        for (object, at) in ctx.db(system).keys.destroyed_since(since).await? {
+        for (object, at) in ctx.db(system).destroyed_since(since).await? {
             self.seen_until = self.seen_until.max(at);
             if self.done.insert(object) {
                 engine.forget_object(object).await?;

@@ -102,7 +102,7 @@ impl Rotation {
                 .await?;
             if self.gate.needs_quorum(Operation::RotateKey) {
                 // Refused now rather than after K approvals: the key must exist and live.
-                let key = self.ctx.db(&proof).keys.key_by_name(&name).await?;
+                let key = self.ctx.db(&proof).key_by_name(&name).await?;
                 if !has_live_version(&key) {
                     return Err(ServiceError::Conflict(Conflict::KeyRetired));
                 }
@@ -139,8 +139,8 @@ impl Rotation {
                 tokio::time::sleep(backoff(attempt)).await;
             }
             let key = match target {
-                Target::Name(n) => db.keys.key_by_name(n).await?,
-                Target::Id(id) => db.keys.key_by_id(id).await?,
+                Target::Name(n) => db.key_by_name(n).await?,
+                Target::Id(id) => db.key_by_id(id).await?,
             };
             if let When::IfPrimary { version, .. } = when {
                 if key.primary_version != version || !has_live_version(&key) {
@@ -163,10 +163,9 @@ impl Rotation {
                 .await?;
             let now = self.ctx.clock.now_ms();
             let stored = match commit {
-                Commit::Direct => db.keys.add_version(&key.id, next, &object, now).await,
+                Commit::Direct => db.add_version(&key.id, next, &object, now).await,
                 Commit::Approved(id, approved) => {
-                    db.quorum
-                        .complete_add_version(id, approved, &key.id, next, &object, now)
+                    db.complete_add_version(id, approved, &key.id, next, &object, now)
                         .await
                 }
             };
@@ -206,7 +205,7 @@ impl Rotation {
     async fn discard_unstored_object(&self, object: ObjectId, e: &StoreError) {
         let not_stored = matches!(
             e,
-            StoreError::AlreadyExists | StoreError::StateConflict { .. } | StoreError::NotFound
+            StoreError::AlreadyExists | StoreError::Conflict(_) | StoreError::NotFound
         );
         if !not_stored {
             tracing::warn!(object = %object, "kept the HSM object of a rotation whose commit may have happened");

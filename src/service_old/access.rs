@@ -132,7 +132,7 @@ impl KeyService {
                 Ok(())
             }
             Err(StoreError::NotFound) => Err(ServiceError::NotFound("token not found")),
-            Err(StoreError::StateConflict { .. }) => {
+            Err(StoreError::Conflict(_)) => {
                 Err(ServiceError::FailedPrecondition("token already revoked"))
             }
             Err(e) => Err(e.into()),

@@ -122,10 +122,8 @@ fn decided(s: RequestState) -> ServiceError {
 /// A store conflict on a request, as the state it names.
 pub(super) fn request_conflict(e: StoreError) -> ServiceError {
     match e {
-        StoreError::StateConflict { current } => match RequestState::parse(current) {
-            Some(s) => decided(s),
-            None => ServiceError::Internal(Box::new(e)),
-        },
+        StoreError::Conflict(crate::store::Conflict::RequestState(s)) => decided(s),
+        StoreError::Conflict(_) => ServiceError::Internal(Box::new(e)),
         StoreError::NotFound => ServiceError::NotFound("approval request not found"),
         e => e.into(),
     }
@@ -360,7 +358,9 @@ impl KeyService {
             Ok(rec) => rec,
             Err(StoreError::AlreadyExists) => return Err(refusal(Refusal::AlreadyApproved)),
             // K approvals arrived meanwhile: run (or report) it.
-            Err(StoreError::StateConflict { current: "PENDING" }) => return self.execute(id).await,
+            Err(StoreError::Conflict(crate::store::Conflict::RequestState(
+                RequestState::Pending,
+            ))) => return self.execute(id).await,
             Err(e) => return Err(request_conflict(e)),
         };
         tracing::info!(
@@ -742,11 +742,11 @@ impl KeyService {
             )
             .await
             .map_err(|e| match e {
-                StoreError::StateConflict {
-                    current: "generation",
-                } => ServiceError::FailedPrecondition(
-                    "the custodians changed since this request was made",
-                ),
+                StoreError::Conflict(crate::store::Conflict::Generation) => {
+                    ServiceError::FailedPrecondition(
+                        "the custodians changed since this request was made",
+                    )
+                }
                 e => request_conflict(e),
             })?;
         // Revoked custodian tokens stop working here at once (other nodes: within the
@@ -800,7 +800,7 @@ impl KeyService {
                 .fail_request(&req.id, &reason, self.clock.now_ms())
                 .await
             {
-                Ok(_) | Err(StoreError::StateConflict { .. }) => {}
+                Ok(_) | Err(StoreError::Conflict(_)) => {}
                 Err(se) => return Err(se.into()),
             }
         } else {

@@ -73,11 +73,19 @@ impl Default for JobConfig {
 /// What a lifecycle conflict in the store means for the caller.
 fn lifecycle_conflict(e: StoreError) -> ServiceError {
     match e {
-        StoreError::StateConflict { current } => ServiceError::FailedPrecondition(match current {
-            "DESTROYING" => "destruction has already started; it cannot be cancelled",
-            "DESTROYED" => "key version destroyed",
-            "SCHEDULED_FOR_DESTRUCTION" => "key version is already scheduled for destruction",
-            "ENABLED" | "DISABLED" => "key version is not scheduled for destruction",
+        StoreError::Conflict(c) => ServiceError::FailedPrecondition(match c {
+            crate::store::Conflict::Destroying => {
+                "destruction has already started; it cannot be cancelled"
+            }
+            crate::store::Conflict::VersionState(VersionState::Destroyed) => {
+                "key version destroyed"
+            }
+            crate::store::Conflict::VersionState(VersionState::ScheduledForDestruction) => {
+                "key version is already scheduled for destruction"
+            }
+            crate::store::Conflict::VersionState(
+                VersionState::Enabled | VersionState::Disabled,
+            ) => "key version is not scheduled for destruction",
             _ => "illegal key version state transition",
         }),
         StoreError::NotFound => ServiceError::NotFound("key version not found"),
@@ -559,7 +567,7 @@ impl KeyService {
                     );
                     self.cache.put(rec);
                 }
-                Err(StoreError::StateConflict { .. }) => {}
+                Err(StoreError::Conflict(_)) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -585,7 +593,7 @@ impl KeyService {
         {
             Ok(()) => {}
             // Cancelled or finished meanwhile.
-            Err(StoreError::StateConflict { .. }) => return Ok(()),
+            Err(StoreError::Conflict(_)) => return Ok(()),
             Err(e) => return Err(e.into()),
         }
         let existed = self.engine()?.destroy_object(due.hsm_id).await?;
@@ -614,7 +622,7 @@ impl KeyService {
 
 /// Objects this node has already dropped its handles to.
 struct Forgotten {
-    done: HashSet<arca_hsm::ObjectId>,
+    done: HashSet<crate::keys::ObjectId>,
     /// Destruction time up to which tombstones were read (minus a margin for clock
     /// differences between nodes).
     seen_until: i64,

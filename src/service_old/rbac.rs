@@ -323,7 +323,7 @@ impl KeyService {
         match totp::verify(&secret, code.expose(), now, enrolment.last_step) {
             Ok(step) => match self.quorum.use_principal_totp_step(name, step).await {
                 Ok(()) => Ok(()),
-                Err(StoreError::StateConflict { .. }) => {
+                Err(StoreError::Conflict(_)) => {
                     self.count_mfa_failure(name, "replay").await?;
                     Err(ServiceError::MfaRequired("TOTP code rejected"))
                 }
@@ -627,7 +627,7 @@ impl KeyService {
         {
             Ok(r) => r,
             Err(StoreError::NotFound) => return Err(ServiceError::NotFound("review not found")),
-            Err(StoreError::StateConflict { .. }) => {
+            Err(StoreError::Conflict(_)) => {
                 return Err(ServiceError::FailedPrecondition("review already closed"))
             }
             Err(e) => return Err(e.into()),

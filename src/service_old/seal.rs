@@ -476,7 +476,7 @@ impl KeyService {
             Ok((share, step)) => {
                 match self.quorum.use_totp_step(name, cfg.generation, step).await {
                     Ok(()) => Ok(share),
-                    Err(StoreError::StateConflict { .. }) => {
+                    Err(StoreError::Conflict(_)) => {
                         self.count_failure(name, cfg, "totp replay").await?;
                         Err(quorum_err(QuorumError::TotpRejected))
                     }

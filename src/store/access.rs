@@ -1,22 +1,28 @@
-//! Access-control rows: approved policy versions, time-bound role grants, break-glass
-//! reviews, and principals' TOTP enrolments with their failures ([`AccessStore`]).
+//! Access-control state ([`AccessStore`]): approved policy versions, time-bound role
+//! grants, break-glass reviews, and principals' TOTP enrolments with their failures; and
+//! the in-transaction steps an approval's completion reuses ([`insert_policy_in`],
+//! [`insert_grant_in`]).
 //!
 //! Invariants:
 //! - A policy version and a granted elevation are written in the same transaction as the
-//!   `EXECUTED` mark of the approval request that ordered them (exactly once).
+//!   `EXECUTED` mark of the approval request that ordered them (exactly once; the
+//!   completion is `ApprovalStore`'s).
 //! - A break-glass grant and its review are written in one transaction: there is never a
-//!   grant without an open review.
+//!   grant without an open review. A review closes once (`Conflict::ReviewClosed`).
 //! - A TOTP step is recorded with a conditional update, so a code is accepted at most once
-//!   even across nodes; failures are appended, never updated.
+//!   even across nodes (`Conflict::StepUsed`); failures are appended, never updated.
 //! - A TOTP secret is stored only sealed (the caller seals it under `arca:meta`).
+//!
+//! Must not import: the other table-family files of `store/`; tonic, prost, cryptoki.
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::approvals::Tx;
-use super::sql::{classify, get, SqlStore};
-use super::{RequestResult, Result, StoreError};
-use crate::quorum::approvals::{QuorumApproved, RequestState};
+use super::classify::classify;
+use super::error::{Conflict, Result, StoreError};
+use super::pool::SqlStore;
+use super::rows::get;
+use super::tx::Tx;
 
 /// An approved policy as stored.
 #[derive(Clone, Debug)]
@@ -110,24 +116,6 @@ pub trait AccessStore: Send + Sync + 'static {
     async fn latest_policy(&self) -> Result<Option<PolicyVersion>>;
     /// Stores a policy applied without approval (dev mode's 1-of-1); returns its seq.
     async fn insert_policy(&self, text: &str, now: i64) -> Result<i64>;
-    /// Stores the policy of approved request `id` and marks it `EXECUTED`, in one
-    /// transaction; returns the new seq.
-    async fn complete_update_policy(
-        &self,
-        id: &str,
-        approved: &QuorumApproved,
-        text: &str,
-        now: i64,
-    ) -> Result<i64>;
-    /// Stores the grant of approved elevation `id` and marks it `EXECUTED`, in one
-    /// transaction.
-    async fn complete_elevation(
-        &self,
-        id: &str,
-        approved: &QuorumApproved,
-        grant: &GrantRecord,
-        now: i64,
-    ) -> Result<()>;
     /// Stores a grant made without approval (dev mode's 1-of-1 elevation).
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<()>;
     /// Stores a break-glass grant and its open review in one transaction.
@@ -136,13 +124,13 @@ pub trait AccessStore: Send + Sync + 'static {
     async fn active_grants(&self, now: i64) -> Result<Vec<GrantRecord>>;
     /// Reviews, newest first; only open ones if `open_only`.
     async fn list_reviews(&self, open_only: bool) -> Result<Vec<ReviewRecord>>;
-    /// Closes an open review; `NotFound`, or `StateConflict` if closed already.
+    /// Closes an open review; `NotFound`, or `Conflict::ReviewClosed` if closed already.
     async fn close_review(&self, id: &str, by: &str, note: &str, now: i64) -> Result<ReviewRecord>;
     /// A principal's enrolment.
     async fn totp_enrolment(&self, principal: &str) -> Result<Option<TotpEnrolment>>;
     /// Enrols (or re-enrols) a principal; clears its last step and lock.
     async fn enroll_totp(&self, principal: &str, sealed: &[u8], now: i64) -> Result<()>;
-    /// Records that `step` was used; `StateConflict` on a replay.
+    /// Records that `step` was used; `Conflict::StepUsed` on a replay.
     async fn use_principal_totp_step(&self, principal: &str, step: i64) -> Result<()>;
     /// Appends a failure; returns the count within the window, locking at the limit.
     async fn record_mfa_failure(&self, failure: &MfaFailure<'_>) -> Result<u32>;
@@ -178,7 +166,8 @@ fn review_from_row(row: &AnyRow) -> Result<ReviewRecord> {
     })
 }
 
-async fn insert_grant_in(tx: &mut Tx<'_>, g: &GrantRecord) -> Result<()> {
+/// Inside a transaction: stores a grant.
+pub(super) async fn insert_grant_in(tx: &mut Tx<'_>, g: &GrantRecord) -> Result<()> {
     sqlx::query(
         "INSERT INTO role_grants (id, principal, role, kind, reason, request_id, created_at, \
          expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -197,7 +186,9 @@ async fn insert_grant_in(tx: &mut Tx<'_>, g: &GrantRecord) -> Result<()> {
     Ok(())
 }
 
-async fn insert_policy_in(
+/// Inside a transaction: stores a policy as the next version (ordered by approval
+/// request `request_id`, if any); returns its seq.
+pub(super) async fn insert_policy_in(
     tx: &mut Tx<'_>,
     text: &str,
     request_id: Option<&str>,
@@ -224,30 +215,6 @@ async fn insert_policy_in(
     Ok(seq)
 }
 
-impl SqlStore {
-    /// Marks claimed request `id` executed with a note, and commits.
-    async fn executed_with_note(
-        &self,
-        mut tx: Tx<'static>,
-        id: &str,
-        note: String,
-        now: i64,
-    ) -> Result<()> {
-        let result = super::approvals::result_to_json(&RequestResult::Note(note));
-        Self::decide(
-            &mut tx,
-            id,
-            RequestState::Executed,
-            None,
-            None,
-            Some(result),
-            now,
-        )
-        .await?;
-        tx.commit().await.map_err(classify)
-    }
-}
-
 #[async_trait::async_trait]
 impl AccessStore for SqlStore {
     async fn latest_policy(&self) -> Result<Option<PolicyVersion>> {
@@ -270,55 +237,20 @@ impl AccessStore for SqlStore {
     }
 
     async fn insert_policy(&self, text: &str, now: i64) -> Result<i64> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         let seq = insert_policy_in(&mut tx, text, None, now).await?;
         tx.commit().await.map_err(classify)?;
         Ok(seq)
     }
 
-    async fn complete_update_policy(
-        &self,
-        id: &str,
-        _approved: &QuorumApproved,
-        text: &str,
-        now: i64,
-    ) -> Result<i64> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
-        self.claim_for_completion(&mut tx, id, now).await?;
-        let seq = insert_policy_in(&mut tx, text, Some(id), now).await?;
-        self.executed_with_note(tx, id, format!("access policy version {seq} in force"), now)
-            .await?;
-        Ok(seq)
-    }
-
-    async fn complete_elevation(
-        &self,
-        id: &str,
-        _approved: &QuorumApproved,
-        grant: &GrantRecord,
-        now: i64,
-    ) -> Result<()> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
-        self.claim_for_completion(&mut tx, id, now).await?;
-        insert_grant_in(&mut tx, grant).await?;
-        let note = format!(
-            "{} holds role {} until {} ({})",
-            grant.principal,
-            grant.role,
-            crate::clock::rfc3339(grant.expires_at),
-            grant.id
-        );
-        self.executed_with_note(tx, id, note, now).await
-    }
-
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<()> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         insert_grant_in(&mut tx, grant).await?;
         tx.commit().await.map_err(classify)
     }
 
     async fn break_glass(&self, grant: &GrantRecord, review_id: &str) -> Result<ReviewRecord> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         insert_grant_in(&mut tx, grant).await?;
         sqlx::query(
             "INSERT INTO access_reviews (id, grant_id, principal, reason, opened_at) \
@@ -374,7 +306,7 @@ impl AccessStore for SqlStore {
     }
 
     async fn close_review(&self, id: &str, by: &str, note: &str, now: i64) -> Result<ReviewRecord> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE access_reviews SET closed_at = $2, closed_by = $3, note = $4 \
              WHERE id = $1 AND closed_at IS NULL",
@@ -394,7 +326,7 @@ impl AccessStore for SqlStore {
             .map_err(classify)?
             .ok_or(StoreError::NotFound)?;
         if done.rows_affected() != 1 {
-            return Err(StoreError::StateConflict { current: "closed" });
+            return Err(StoreError::Conflict(Conflict::ReviewClosed));
         }
         let rec = review_from_row(&row)?;
         tx.commit().await.map_err(classify)?;
@@ -423,7 +355,7 @@ impl AccessStore for SqlStore {
     }
 
     async fn enroll_totp(&self, principal: &str, sealed: &[u8], now: i64) -> Result<()> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM principal_totp WHERE principal = $1")
             .bind(principal.to_string())
             .execute(&mut *tx)
@@ -454,12 +386,12 @@ impl AccessStore for SqlStore {
         if done.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(StoreError::StateConflict { current: "used" })
+            Err(StoreError::Conflict(Conflict::StepUsed))
         }
     }
 
     async fn record_mfa_failure(&self, f: &MfaFailure<'_>) -> Result<u32> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         // Lock the enrolment row first, so concurrent failures on several PostgreSQL
         // nodes count each other (SQLite's IMMEDIATE transaction serialises them).
         sqlx::query("UPDATE principal_totp SET locked_until = locked_until WHERE principal = $1")
@@ -494,103 +426,5 @@ impl AccessStore for SqlStore {
         }
         tx.commit().await.map_err(classify)?;
         Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    async fn store() -> (tempfile::TempDir, SqlStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqlStore::open_sqlite(&dir.path().join("a.db"))
-            .await
-            .unwrap();
-        (dir, s)
-    }
-
-    fn grant(id: &str, kind: &str, created: i64, expires: i64) -> GrantRecord {
-        GrantRecord {
-            id: id.into(),
-            principal: "oncall:ann".into(),
-            role: "break-glass".into(),
-            kind: kind.into(),
-            reason: "pager".into(),
-            request_id: None,
-            created_at: created,
-            expires_at: expires,
-        }
-    }
-
-    #[tokio::test]
-    async fn grants_expire_and_reviews_close_once() {
-        let (_d, s) = store().await;
-        let r = s
-            .break_glass(&grant("g1", "break-glass", 1000, 5000), "rev1")
-            .await
-            .unwrap();
-        assert_eq!(r.closed_at, None);
-        s.insert_grant(&grant("g2", "elevation", 1000, 9000))
-            .await
-            .unwrap();
-        assert_eq!(s.active_grants(4000).await.unwrap().len(), 2);
-        assert_eq!(s.active_grants(5000).await.unwrap().len(), 1);
-        assert_eq!(s.list_reviews(true).await.unwrap().len(), 1);
-        let closed = s
-            .close_review("rev1", "auditor:eve", "ok", 6000)
-            .await
-            .unwrap();
-        assert_eq!(closed.closed_by.as_deref(), Some("auditor:eve"));
-        assert!(matches!(
-            s.close_review("rev1", "auditor:eve", "again", 7000).await,
-            Err(StoreError::StateConflict { .. })
-        ));
-        assert!(matches!(
-            s.close_review("nope", "auditor:eve", "x", 7000).await,
-            Err(StoreError::NotFound)
-        ));
-        assert!(s.list_reviews(true).await.unwrap().is_empty());
-        assert_eq!(s.list_reviews(false).await.unwrap().len(), 1);
-        // A grant with no lifetime is refused by the database.
-        assert!(s
-            .insert_grant(&grant("g3", "elevation", 10, 10))
-            .await
-            .is_err());
-    }
-
-    #[tokio::test]
-    async fn policies_are_sequenced_and_totp_steps_used_once() {
-        let (_d, s) = store().await;
-        assert!(s.latest_policy().await.unwrap().is_none());
-        assert_eq!(s.insert_policy("a", 1).await.unwrap(), 1);
-        assert_eq!(s.insert_policy("b", 2).await.unwrap(), 2);
-        assert_eq!(s.latest_policy().await.unwrap().unwrap().text, "b");
-        s.enroll_totp("p", &[1, 2, 3], 1).await.unwrap();
-        s.use_principal_totp_step("p", 10).await.unwrap();
-        assert!(s.use_principal_totp_step("p", 10).await.is_err());
-        assert!(s.use_principal_totp_step("p", 9).await.is_err());
-        s.use_principal_totp_step("p", 11).await.unwrap();
-        for i in 1..=5 {
-            let n = s
-                .record_mfa_failure(&MfaFailure {
-                    principal: "p",
-                    at: 100 + i,
-                    reason: "totp",
-                    since: 0,
-                    limit: 5,
-                    lock_until: 999,
-                })
-                .await
-                .unwrap();
-            assert_eq!(n, i as u32);
-        }
-        let e = s.totp_enrolment("p").await.unwrap().unwrap();
-        assert_eq!(e.locked_until, Some(999));
-        assert_eq!(e.sealed, vec![1, 2, 3]);
-        // Re-enrolment clears the step and the lock.
-        s.enroll_totp("p", &[4], 2).await.unwrap();
-        let e = s.totp_enrolment("p").await.unwrap().unwrap();
-        assert_eq!((e.last_step, e.locked_until), (None, None));
     }
 }

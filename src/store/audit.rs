@@ -1,5 +1,5 @@
-//! Audit rows: the one place that reads and writes `audit_log`, `audit_seals`,
-//! `audit_deks` and `audit_head` (migration 0006).
+//! The audit trail ([`AuditStore`]): the one place that reads and writes `audit_log`,
+//! `audit_seals`, `audit_deks` and `audit_head` (migration 0006).
 //!
 //! Invariants:
 //! - A batch is appended in one transaction that first takes the head (`FOR UPDATE` on
@@ -18,14 +18,20 @@
 //!   seq is kept, and verification checks it.)
 //! - This module stores what it is given: it neither computes hashes nor decrypts. The
 //!   chain and encryption are `crate::audit`'s, handed in as the batch builder.
+//! - A batch refused because the head moved changed nothing (`Conflict::AuditHead`).
+//!
+//! Must not import: the other table-family files of `store/`; tonic, prost, cryptoki.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use sqlx::any::AnyRow;
 
-use super::sql::{classify, classify_sqlite, get, Backend, SqlStore};
-use super::{Result, StoreError};
+use super::classify::{classify, classify_sqlite};
+use super::connect::Backend;
+use super::error::{Conflict, Result, StoreError};
+use super::pool::SqlStore;
+use super::rows::get;
 
 /// A future that may borrow, for the batch builder.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -87,7 +93,7 @@ pub trait AuditStore: Send + Sync + 'static {
     /// head, commits. Returns the new head `(seq, hash)`.
     async fn audit_append(&self, build: &AppendBuilder<'_>) -> Result<(u64, [u8; 32])>;
     /// Appends a batch built on `head`, the head the caller last committed. Fails with
-    /// `AlreadyExists` or `StateConflict` (and changes nothing) if the head has moved
+    /// `AlreadyExists` or `Conflict::AuditHead` (and changes nothing) if the head has moved
     /// since: the caller then appends through [`AuditStore::audit_append`]. On SQLite this
     /// is one round trip to the database.
     async fn audit_append_at(
@@ -240,9 +246,7 @@ impl AuditStore for SqlStore {
                     };
                     Box::pin(async move {
                         if (seq, hash) != head {
-                            return Err(StoreError::StateConflict {
-                                current: "audit head moved",
-                            });
+                            return Err(StoreError::Conflict(Conflict::AuditHead));
                         }
                         Ok(batch)
                     })
@@ -271,9 +275,7 @@ impl AuditStore for SqlStore {
             }
             Ok(false) => {
                 *held = Some(conn);
-                Err(StoreError::StateConflict {
-                    current: "audit head moved",
-                })
+                Err(StoreError::Conflict(Conflict::AuditHead))
             }
             Err(e) => {
                 let e = classify_sqlite(e);
@@ -290,7 +292,7 @@ impl AuditStore for SqlStore {
 
     async fn audit_append(&self, build: &AppendBuilder<'_>) -> Result<(u64, [u8; 32])> {
         use base64::Engine;
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         let head_sql = match self.backend() {
             Backend::Postgres => "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
             Backend::Sqlite => "SELECT seq, hash FROM audit_head WHERE id = 1",
@@ -365,9 +367,7 @@ impl AuditStore for SqlStore {
                 .await
                 .map_err(classify)?;
         if moved.rows_affected() != 1 {
-            return Err(StoreError::StateConflict {
-                current: "audit head moved",
-            });
+            return Err(StoreError::Conflict(Conflict::AuditHead));
         }
         tx.commit().await.map_err(classify)?;
         Ok(new_head)
@@ -463,105 +463,5 @@ impl AuditStore for SqlStore {
             u64_of(get(&row, "seq")?)?,
             hash_of(&get::<String>(&row, "hash")?)?,
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    fn row(seq: u64) -> AuditRow {
-        AuditRow {
-            seq,
-            time_ms: 1,
-            kind: "rpc".into(),
-            operation: "UnwrapKey".into(),
-            result: 0,
-            dek_id: String::new(),
-            body: b"{}".to_vec(),
-            hash: [seq as u8; 32],
-        }
-    }
-
-    // The held guard stands for another append in progress; the append under test only
-    // tries the lock, so holding it across the await cannot deadlock.
-    #[allow(clippy::await_holding_lock)]
-    #[tokio::test]
-    async fn an_append_never_waits_behind_one_still_running() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqlStore::open_sqlite(&dir.path().join("a.db"))
-            .await
-            .unwrap();
-        let head = store.audit_head().await.unwrap();
-        let batch = || AuditAppend {
-            rows: vec![row(head.0 + 1)],
-            seal: None,
-        };
-        // An earlier append still holds the audit connection: this batch fails at once
-        // and stores nothing (it must not commit later, after its callers were answered).
-        let slot = store.audit_conn.as_ref().unwrap().slot();
-        let held = slot.lock().unwrap();
-        let r = store.audit_append_at(head, batch()).await;
-        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
-        drop(held);
-        assert_eq!(store.audit_head().await.unwrap(), head);
-        // Free again: the same batch is stored.
-        let new = store.audit_append_at(head, batch()).await.unwrap();
-        assert_eq!(new, (head.0 + 1, [(head.0 + 1) as u8; 32]));
-        assert_eq!(store.audit_head().await.unwrap(), new);
-        // A lost race for the head keeps the connection for the next batch.
-        let again = store.audit_append_at(head, batch()).await;
-        assert!(
-            matches!(
-                again,
-                Err(StoreError::AlreadyExists | StoreError::StateConflict { .. })
-            ),
-            "{again:?}"
-        );
-        assert!(
-            slot.lock().unwrap().is_some(),
-            "connection kept after a lost race"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_seal_handed_in_again_is_kept_once_and_does_not_fail_the_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqlStore::open_sqlite(&dir.path().join("a.db"))
-            .await
-            .unwrap();
-        let head = store.audit_head().await.unwrap();
-        let h1 = store
-            .audit_append_at(
-                head,
-                AuditAppend {
-                    rows: vec![row(1)],
-                    seal: None,
-                },
-            )
-            .await
-            .unwrap();
-        let seal = AuditSeal {
-            seq: 1,
-            head: h1.1,
-            seal: [5u8; 32],
-            node: "n".into(),
-            time_ms: 1,
-        };
-        let with_seal = |seq: u64| AuditAppend {
-            rows: vec![row(seq)],
-            seal: Some(seal.clone()),
-        };
-        // Stored with one batch (whose commit was then reported failed, say) and handed
-        // in again with the next ones, on both paths.
-        let h2 = store.audit_append_at(h1, with_seal(2)).await.unwrap();
-        let h3 = store.audit_append_at(h2, with_seal(3)).await.unwrap();
-        let h4 = store
-            .audit_append(&|_, _| Box::pin(async { Ok(with_seal(4)) }))
-            .await
-            .unwrap();
-        assert_eq!((h3.0, h4.0), (3, 4));
-        assert_eq!(store.audit_seals(1).await.unwrap(), vec![seal]);
     }
 }

@@ -1,25 +1,129 @@
-//! Storage of the key lifecycle (DESIGN §3): usage-bounded wrap reservations, retirement
-//! and its cancellation, retention, the destroyer's two steps, tombstones and the leases
-//! that keep each background job on one node at a time.
+//! The key lifecycle (DESIGN §3, [`LifecycleStore`]): retirement and its cancellation,
+//! retention, the scheduled rotations and destructions that are due, the destroyer's two
+//! steps, and the tombstones of destroyed versions — on the `keys`, `key_versions` and
+//! `key_tombstones` rows. [`apply_in`] makes a [`LifecycleChange`] inside a transaction,
+//! for an approval's completion too.
 //!
 //! Invariants:
 //! - Every change is one conditional statement (or several in one transaction), so two
-//!   nodes racing for the same row cannot both win: a lost race is `StateConflict`.
+//!   nodes racing for the same row cannot both win: a lost race is a `Conflict` naming
+//!   what won.
 //! - A version whose destruction has started (`destroying_at` set) can only become
 //!   DESTROYED; a trigger refuses anything else, so a cancel can never revive a version
 //!   whose HSM object may already be gone.
 //! - A tombstone is written by the database itself, in the transaction that marks the
 //!   version DESTROYED, and is never updated or deleted.
-//! - `wrap_count` never passes the usage limit given to [`reserve_wraps_within`].
 //!
-//! Must not import: tonic, prost, cryptoki.
+//! Must not import: table-family files of `store/` other than `keys.rs` (which must not
+//! import this one); tonic, prost, cryptoki.
 
-use arca_hsm::ObjectId;
 use sqlx::Row;
 
-use super::sql::{classify, get, object_id_from_hex, u32_of, SqlStore};
-use super::{DueDestruction, LifecycleChange, Result, StoreError, Tombstone};
-use crate::keys::{KeyId, VersionState};
+use super::classify::classify;
+use super::error::{Conflict, Result, StoreError};
+use super::keys::{load_key, KeyLookup, KeyRecord};
+use super::pool::SqlStore;
+use super::rows::{get, object_id_from_hex, u32_of};
+use crate::keys::{KeyId, ObjectId, VersionState};
+
+/// A lifecycle change to one key, made in one transaction (directly, or with the
+/// completion of the approval request that ordered it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LifecycleChange {
+    /// ENABLED/DISABLED → SCHEDULED_FOR_DESTRUCTION for each listed version, due at
+    /// `destroy_at`; a `Conflict` (nothing changed) if any is in another state.
+    Schedule {
+        /// Versions to retire.
+        versions: Vec<u32>,
+        /// When the destroyer may act (Unix ms).
+        destroy_at: i64,
+        /// The approval request that ordered it.
+        request: Option<String>,
+    },
+    /// SCHEDULED_FOR_DESTRUCTION → DISABLED for each listed version, unless the
+    /// destroyer has started on it (`Conflict::Destroying`).
+    Cancel {
+        /// Versions to restore.
+        versions: Vec<u32>,
+    },
+    /// Sets or clears the retention date (and forgets an earlier application of it).
+    Retention {
+        /// The new date (Unix ms).
+        retain_until: Option<i64>,
+    },
+    /// The retention job: schedules every version not yet retired, like `Schedule`,
+    /// and records that the retention date was acted on — only if the date has passed
+    /// and was not acted on already (`Conflict::RetentionNotDue`).
+    ApplyRetention {
+        /// When the destroyer may act (Unix ms).
+        destroy_at: i64,
+    },
+}
+
+/// A version whose destruction is due.
+#[derive(Clone, Debug)]
+pub struct DueDestruction {
+    /// Key id.
+    pub key: KeyId,
+    /// Version.
+    pub version: u32,
+    /// Its HSM object.
+    pub hsm_id: ObjectId,
+}
+
+/// The permanent record of a destroyed version.
+#[derive(Clone, Debug)]
+pub struct Tombstone {
+    /// Key id.
+    pub key: KeyId,
+    /// Version.
+    pub version: u32,
+    /// The destroyed HSM object's `CKA_ID`.
+    pub hsm_id: ObjectId,
+    /// Unix ms.
+    pub destroyed_at: i64,
+    /// The approval request that retired it, if any.
+    pub retire_request: Option<String>,
+}
+
+/// Storage of the key lifecycle.
+#[async_trait::async_trait]
+pub trait LifecycleStore: Send + Sync + 'static {
+    /// Applies a lifecycle change in one transaction.
+    async fn apply_lifecycle(
+        &self,
+        key: &KeyId,
+        change: &LifecycleChange,
+        now: i64,
+    ) -> Result<KeyRecord>;
+
+    /// Ids of keys whose primary version is ENABLED and older than the key's rotation
+    /// period. (The usage limit is enforced where wraps are reserved.)
+    async fn keys_due_rotation(&self, now: i64) -> Result<Vec<KeyId>>;
+
+    /// Ids of keys whose retention date has passed and was not acted on yet.
+    async fn keys_due_retention(&self, now: i64) -> Result<Vec<KeyId>>;
+
+    /// Versions SCHEDULED_FOR_DESTRUCTION whose `destroy_at` has passed (or whose
+    /// destruction was started), oldest first.
+    async fn due_destructions(&self, now: i64, limit: u32) -> Result<Vec<DueDestruction>>;
+
+    /// Marks the destruction of a due version as started (no cancelling from now on).
+    /// `Conflict::NotDue` if it is not due yet, `Conflict::VersionState` if it is no
+    /// longer scheduled.
+    async fn begin_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<()>;
+
+    /// SCHEDULED_FOR_DESTRUCTION (started) → DESTROYED, writing the tombstone, in one
+    /// transaction. A version already DESTROYED is left as it is.
+    async fn finish_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<KeyRecord>;
+
+    /// HSM object ids of versions destroyed at or after `since` (Unix ms), so every
+    /// node can drop what it still holds of them.
+    async fn destroyed_since(&self, since: i64) -> Result<Vec<(ObjectId, i64)>>;
+
+    /// The tombstones of a key.
+    async fn tombstones(&self, key: &KeyId) -> Result<Vec<Tombstone>>;
+}
 
 const SCHEDULED: &str = "SCHEDULED_FOR_DESTRUCTION";
 
@@ -45,13 +149,9 @@ async fn conflict(tx: &mut sqlx::AnyConnection, key: &KeyId, version: u32) -> St
     let destroying: Option<i64> = get(&row, "destroying_at").unwrap_or(None);
     match VersionState::parse(&state) {
         Some(VersionState::ScheduledForDestruction) if destroying.is_some() => {
-            StoreError::StateConflict {
-                current: "DESTROYING",
-            }
+            StoreError::Conflict(Conflict::Destroying)
         }
-        Some(s) => StoreError::StateConflict {
-            current: s.as_str(),
-        },
+        Some(s) => StoreError::Conflict(Conflict::VersionState(s)),
         None => StoreError::Corrupt("version state"),
     }
 }
@@ -134,9 +234,7 @@ pub(super) async fn apply_in(
             .await
             .map_err(classify)?;
             if done.rows_affected() != 1 {
-                return Err(StoreError::StateConflict {
-                    current: "RETENTION_APPLIED",
-                });
+                return Err(StoreError::Conflict(Conflict::RetentionNotDue));
             }
             sqlx::query(
                 "UPDATE key_versions SET state = $1, destroy_at = $2, retire_request = NULL, \
@@ -154,238 +252,168 @@ pub(super) async fn apply_in(
     Ok(())
 }
 
-/// Reserves up to `n` wraps without passing `limit`; returns the number granted.
-pub(super) async fn reserve_wraps_within(
-    s: &SqlStore,
-    key: &KeyId,
-    version: u32,
-    n: u64,
-    limit: u64,
-) -> Result<u64> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut want = i64::try_from(n).map_err(|_| StoreError::Corrupt("reservation size"))?;
-    // A conditional add cannot overshoot the limit; when it does not fit, ask for what
-    // is left (another node may take it first: try again a few times).
-    for _attempt in 0..4 {
-        if want <= 0 {
-            return Ok(0);
-        }
-        let done = sqlx::query(
-            "UPDATE key_versions SET wrap_count = wrap_count + $1 \
-             WHERE key_id = $2 AND version = $3 AND wrap_count + $1 <= $4",
-        )
-        .bind(want)
-        .bind(key.to_string())
-        .bind(i64::from(version))
-        .bind(limit)
-        .execute(&s.writer)
-        .await
-        .map_err(classify)?;
-        if done.rows_affected() == 1 {
-            return u64::try_from(want).map_err(|_| StoreError::Corrupt("reservation size"));
-        }
-        let count: Option<i64> = sqlx::query_scalar(
-            "SELECT wrap_count FROM key_versions WHERE key_id = $1 AND version = $2",
-        )
-        .bind(key.to_string())
-        .bind(i64::from(version))
-        .fetch_optional(&s.writer)
-        .await
-        .map_err(classify)?;
-        let count = count.ok_or(StoreError::NotFound)?;
-        want = want.min(limit.saturating_sub(count));
-    }
-    Ok(0)
-}
-
 fn key_ids(rows: Vec<String>) -> Result<Vec<KeyId>> {
     rows.iter()
         .map(|s| KeyId::parse(s).ok_or(StoreError::Corrupt("key id")))
         .collect()
 }
 
-pub(super) async fn keys_due_rotation(s: &SqlStore, now: i64) -> Result<Vec<KeyId>> {
-    let rows: Vec<String> = sqlx::query_scalar(
-        "SELECT k.id FROM keys k JOIN key_versions v \
-         ON v.key_id = k.id AND v.version = k.primary_version \
-         WHERE v.state = 'ENABLED' AND k.rotation_period_ms IS NOT NULL \
-         AND v.created_at + k.rotation_period_ms <= $1 ORDER BY k.name",
-    )
-    .bind(now)
-    .fetch_all(&s.reader)
-    .await
-    .map_err(classify)?;
-    key_ids(rows)
-}
-
-pub(super) async fn keys_due_retention(s: &SqlStore, now: i64) -> Result<Vec<KeyId>> {
-    let rows: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM keys WHERE retain_until IS NOT NULL AND retain_until <= $1 \
-         AND retention_applied_at IS NULL ORDER BY name",
-    )
-    .bind(now)
-    .fetch_all(&s.reader)
-    .await
-    .map_err(classify)?;
-    key_ids(rows)
-}
-
-pub(super) async fn due_destructions(
-    s: &SqlStore,
-    now: i64,
-    limit: u32,
-) -> Result<Vec<DueDestruction>> {
-    let rows = sqlx::query(
-        "SELECT key_id, version, hsm_id FROM key_versions WHERE state = $1 \
-         AND (destroy_at <= $2 OR destroying_at IS NOT NULL) \
-         ORDER BY destroy_at, key_id, version LIMIT $3",
-    )
-    .bind(SCHEDULED)
-    .bind(now)
-    .bind(i64::from(limit))
-    .fetch_all(&s.reader)
-    .await
-    .map_err(classify)?;
-    rows.iter()
-        .map(|r| {
-            Ok(DueDestruction {
-                key: KeyId::parse(&get::<String>(r, "key_id")?)
-                    .ok_or(StoreError::Corrupt("key id"))?,
-                version: u32_of(get::<i64>(r, "version")?)?,
-                hsm_id: object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
-            })
-        })
-        .collect()
-}
-
-pub(super) async fn begin_destruction(
-    s: &SqlStore,
-    key: &KeyId,
-    version: u32,
-    now: i64,
-) -> Result<()> {
-    let mut tx = s.writer.begin_with(s.begin).await.map_err(classify)?;
-    let done = sqlx::query(
-        "UPDATE key_versions SET destroying_at = COALESCE(destroying_at, $1) \
-         WHERE key_id = $2 AND version = $3 AND state = $4 \
-         AND (destroy_at <= $1 OR destroying_at IS NOT NULL)",
-    )
-    .bind(now)
-    .bind(key.to_string())
-    .bind(i64::from(version))
-    .bind(SCHEDULED)
-    .execute(&mut *tx)
-    .await
-    .map_err(classify)?;
-    if done.rows_affected() != 1 {
-        return Err(conflict(&mut tx, key, version).await);
+#[async_trait::async_trait]
+impl LifecycleStore for SqlStore {
+    async fn apply_lifecycle(
+        &self,
+        key: &KeyId,
+        change: &LifecycleChange,
+        now: i64,
+    ) -> Result<KeyRecord> {
+        let mut tx = self.begin_write().await?;
+        apply_in(&mut tx, key, change, now).await?;
+        let rec = load_key(&mut *tx, KeyLookup::Id(key)).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(rec)
     }
-    tx.commit().await.map_err(classify)
-}
 
-pub(super) async fn finish_destruction(
-    s: &SqlStore,
-    key: &KeyId,
-    version: u32,
-    now: i64,
-) -> Result<super::KeyRecord> {
-    let mut tx = s.writer.begin_with(s.begin).await.map_err(classify)?;
-    let done = sqlx::query(
-        "UPDATE key_versions SET state = 'DESTROYED', destroyed_at = $1, updated_at = $1 \
-         WHERE key_id = $2 AND version = $3 AND state = $4 AND destroying_at IS NOT NULL",
-    )
-    .bind(now)
-    .bind(key.to_string())
-    .bind(i64::from(version))
-    .bind(SCHEDULED)
-    .execute(&mut *tx)
-    .await
-    .map_err(classify)?;
-    if done.rows_affected() != 1 {
-        match conflict(&mut tx, key, version).await {
-            StoreError::StateConflict {
-                current: "DESTROYED",
-            } => {}
-            e => return Err(e),
-        }
-    }
-    let rec = s.load_key(&mut *tx, super::sql::KeyLookup::Id(key)).await?;
-    tx.commit().await.map_err(classify)?;
-    Ok(rec)
-}
-
-pub(super) async fn destroyed_since(s: &SqlStore, since: i64) -> Result<Vec<(ObjectId, i64)>> {
-    let rows = sqlx::query(
-        "SELECT hsm_id, destroyed_at FROM key_tombstones WHERE destroyed_at >= $1 \
-         ORDER BY destroyed_at",
-    )
-    .bind(since)
-    .fetch_all(&s.reader)
-    .await
-    .map_err(classify)?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
-                get::<i64>(r, "destroyed_at")?,
-            ))
-        })
-        .collect()
-}
-
-pub(super) async fn tombstones(s: &SqlStore, key: &KeyId) -> Result<Vec<Tombstone>> {
-    let rows = sqlx::query(
-        "SELECT version, hsm_id, destroyed_at, retire_request FROM key_tombstones \
-         WHERE key_id = $1 ORDER BY version",
-    )
-    .bind(key.to_string())
-    .fetch_all(&s.reader)
-    .await
-    .map_err(classify)?;
-    rows.iter()
-        .map(|r| {
-            Ok(Tombstone {
-                key: *key,
-                version: u32_of(get::<i64>(r, "version")?)?,
-                hsm_id: object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
-                destroyed_at: get(r, "destroyed_at")?,
-                retire_request: r
-                    .try_get::<Option<String>, _>("retire_request")
-                    .map_err(|_| StoreError::Corrupt("column type"))?,
-            })
-        })
-        .collect()
-}
-
-pub(super) async fn acquire_lease(
-    s: &SqlStore,
-    name: &str,
-    holder: &str,
-    ttl_ms: i64,
-    now: i64,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "INSERT INTO job_leases (name, holder, expires_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
-         expires_at = excluded.expires_at \
-         WHERE job_leases.holder = excluded.holder OR job_leases.expires_at <= $4",
-    )
-    .bind(name.to_string())
-    .bind(holder.to_string())
-    .bind(now.saturating_add(ttl_ms))
-    .bind(now)
-    .execute(&s.writer)
-    .await
-    .map_err(classify)?;
-    Ok(done.rows_affected() == 1)
-}
-
-pub(super) async fn release_lease(s: &SqlStore, name: &str, holder: &str) -> Result<()> {
-    sqlx::query("UPDATE job_leases SET expires_at = 0 WHERE name = $1 AND holder = $2")
-        .bind(name.to_string())
-        .bind(holder.to_string())
-        .execute(&s.writer)
+    async fn keys_due_rotation(&self, now: i64) -> Result<Vec<KeyId>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT k.id FROM keys k JOIN key_versions v \
+             ON v.key_id = k.id AND v.version = k.primary_version \
+             WHERE v.state = 'ENABLED' AND k.rotation_period_ms IS NOT NULL \
+             AND v.created_at + k.rotation_period_ms <= $1 ORDER BY k.name",
+        )
+        .bind(now)
+        .fetch_all(&self.reader)
         .await
         .map_err(classify)?;
-    Ok(())
+        key_ids(rows)
+    }
+
+    async fn keys_due_retention(&self, now: i64) -> Result<Vec<KeyId>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM keys WHERE retain_until IS NOT NULL AND retain_until <= $1 \
+             AND retention_applied_at IS NULL ORDER BY name",
+        )
+        .bind(now)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        key_ids(rows)
+    }
+
+    async fn due_destructions(&self, now: i64, limit: u32) -> Result<Vec<DueDestruction>> {
+        let rows = sqlx::query(
+            "SELECT key_id, version, hsm_id FROM key_versions WHERE state = $1 \
+             AND (destroy_at <= $2 OR destroying_at IS NOT NULL) \
+             ORDER BY destroy_at, key_id, version LIMIT $3",
+        )
+        .bind(SCHEDULED)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DueDestruction {
+                    key: KeyId::parse(&get::<String>(r, "key_id")?)
+                        .ok_or(StoreError::Corrupt("key id"))?,
+                    version: u32_of(get::<i64>(r, "version")?)?,
+                    hsm_id: object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn begin_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE key_versions SET destroying_at = COALESCE(destroying_at, $1) \
+             WHERE key_id = $2 AND version = $3 AND state = $4 \
+             AND (destroy_at <= $1 OR destroying_at IS NOT NULL)",
+        )
+        .bind(now)
+        .bind(key.to_string())
+        .bind(i64::from(version))
+        .bind(SCHEDULED)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() != 1 {
+            // Still scheduled and not started: the update's only other condition, the
+            // due date, is ahead.
+            return Err(match conflict(&mut tx, key, version).await {
+                StoreError::Conflict(Conflict::VersionState(
+                    VersionState::ScheduledForDestruction,
+                )) => StoreError::Conflict(Conflict::NotDue),
+                e => e,
+            });
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn finish_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<KeyRecord> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE key_versions SET state = 'DESTROYED', destroyed_at = $1, updated_at = $1 \
+             WHERE key_id = $2 AND version = $3 AND state = $4 AND destroying_at IS NOT NULL",
+        )
+        .bind(now)
+        .bind(key.to_string())
+        .bind(i64::from(version))
+        .bind(SCHEDULED)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() != 1 {
+            match conflict(&mut tx, key, version).await {
+                StoreError::Conflict(Conflict::VersionState(VersionState::Destroyed)) => {}
+                e => return Err(e),
+            }
+        }
+        let rec = load_key(&mut *tx, KeyLookup::Id(key)).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(rec)
+    }
+
+    async fn destroyed_since(&self, since: i64) -> Result<Vec<(ObjectId, i64)>> {
+        let rows = sqlx::query(
+            "SELECT hsm_id, destroyed_at FROM key_tombstones WHERE destroyed_at >= $1 \
+             ORDER BY destroyed_at",
+        )
+        .bind(since)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
+                    get::<i64>(r, "destroyed_at")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn tombstones(&self, key: &KeyId) -> Result<Vec<Tombstone>> {
+        let rows = sqlx::query(
+            "SELECT version, hsm_id, destroyed_at, retire_request FROM key_tombstones \
+             WHERE key_id = $1 ORDER BY version",
+        )
+        .bind(key.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Tombstone {
+                    key: *key,
+                    version: u32_of(get::<i64>(r, "version")?)?,
+                    hsm_id: object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
+                    destroyed_at: get(r, "destroyed_at")?,
+                    retire_request: r
+                        .try_get::<Option<String>, _>("retire_request")
+                        .map_err(|_| StoreError::Corrupt("column type"))?,
+                })
+            })
+            .collect()
+    }
 }

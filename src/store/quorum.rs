@@ -1,13 +1,28 @@
-//! Storage of dual-control state: [`QuorumStore`] and its implementation on [`SqlStore`].
+//! Dual-control state ([`QuorumStore`]): the quorum's sealed configuration
+//! (`quorum_config`), its custodians (`custodians`) and their failed attempts
+//! (`custodian_failures`); and the in-transaction steps a rekey's completion reuses
+//! ([`insert_custodian_in`], [`replace_config_in`]).
 //!
-//! Invariants: initialisation happens once (a single-row table); a TOTP step is recorded
-//! with a conditional update, so a code is accepted at most once even across nodes;
-//! failures are appended, never updated.
+//! Invariants:
+//! - Initialisation happens once (a single-row table); a rekey replaces the configuration
+//!   only while the generation it replaces is current (`Conflict::Generation`).
+//! - A TOTP step is recorded with a conditional update, so a code is accepted at most once
+//!   even across nodes (`Conflict::StepUsed` on a replay).
+//! - Failures are appended, never updated; a custodian's failures are counted under a row
+//!   lock, so concurrent failures on several nodes count each other.
+//! - No share and no PIN is stored: the PIN only sealed under the quorum secret, a share
+//!   only as its commitment.
+//!
+//! Must not import: table-family files of `store/` other than `tokens.rs`; tonic, prost,
+//! cryptoki.
 
 use sqlx::Row;
 
-use super::sql::{classify, get, SqlStore};
-use super::{Result, StoreError, TokenRecord};
+use super::classify::classify;
+use super::error::{Conflict, Result, StoreError};
+use super::pool::SqlStore;
+use super::rows::get;
+use super::tokens::{insert_token_in, TokenRecord};
 
 /// The sealed configuration of the quorum.
 #[derive(Clone, Debug)]
@@ -64,11 +79,9 @@ pub struct Failure<'a> {
     pub lock_until: i64,
 }
 
-/// Storage of dual-control state; approval requests of quorum operations come with it
-/// ([`super::ApprovalStore`]), and access-control state, whose grants and policies
-/// complete approval requests ([`super::AccessStore`]).
+/// Storage of dual-control state (approval requests are `ApprovalStore`'s).
 #[async_trait::async_trait]
-pub trait QuorumStore: super::ApprovalStore + super::AccessStore + Send + Sync + 'static {
+pub trait QuorumStore: Send + Sync + 'static {
     /// The configuration, if the quorum was initialised.
     async fn quorum_config(&self) -> Result<Option<QuorumConfig>>;
 
@@ -84,13 +97,63 @@ pub trait QuorumStore: super::ApprovalStore + super::AccessStore + Send + Sync +
     /// A custodian of the given generation.
     async fn custodian(&self, name: &str, generation: i64) -> Result<CustodianRecord>;
 
-    /// Records that `step` was used; `StateConflict` if that step or a later one was
+    /// Records that `step` was used; `Conflict::StepUsed` if that step or a later one was
     /// already used (a replay).
     async fn use_totp_step(&self, name: &str, generation: i64, step: i64) -> Result<()>;
 
     /// Appends a failure and returns how many failures the custodian has within the
     /// policy's window; locks the custodian when that count reaches the limit.
     async fn record_failure(&self, failure: &Failure<'_>) -> Result<u32>;
+}
+
+/// Inside a transaction: adds a custodian of its generation, created at `now`.
+pub(super) async fn insert_custodian_in(
+    tx: &mut sqlx::AnyConnection,
+    c: &CustodianRecord,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO custodians (name, generation, share_index, commitment, totp_sealed, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(c.name.clone())
+    .bind(c.generation)
+    .bind(i64::from(c.share_index))
+    .bind(hex::encode(&c.commitment))
+    .bind(hex::encode(&c.totp_sealed))
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+/// Inside a transaction: replaces the configuration with `cfg`, only while
+/// `previous_generation` is current (`Conflict::Generation` otherwise).
+pub(super) async fn replace_config_in(
+    tx: &mut sqlx::AnyConnection,
+    cfg: &QuorumConfig,
+    previous_generation: i64,
+    now: i64,
+) -> Result<()> {
+    let done = sqlx::query(
+        "UPDATE quorum_config SET generation = $1, threshold = $2, shares = $3, \
+         sealed_pin = $4, verifier = $5, updated_at = $6 WHERE id = 1 AND generation = $7",
+    )
+    .bind(cfg.generation)
+    .bind(i64::from(cfg.threshold))
+    .bind(i64::from(cfg.shares))
+    .bind(hex::encode(&cfg.sealed_pin))
+    .bind(hex::encode(&cfg.verifier))
+    .bind(now)
+    .bind(previous_generation)
+    .execute(&mut *tx)
+    .await
+    .map_err(classify)?;
+    if done.rows_affected() != 1 {
+        return Err(StoreError::Conflict(Conflict::Generation));
+    }
+    Ok(())
 }
 
 fn custodian_from_row(row: &sqlx::any::AnyRow) -> Result<CustodianRecord> {
@@ -139,7 +202,7 @@ impl QuorumStore for SqlStore {
         custodians: &[CustodianRecord],
         tokens: &[TokenRecord],
     ) -> Result<()> {
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO quorum_config (id, generation, threshold, shares, sealed_pin, verifier, created_at, updated_at) \
              VALUES (1, $1, $2, $3, $4, $5, $6, $6)",
@@ -154,22 +217,10 @@ impl QuorumStore for SqlStore {
         .await
         .map_err(classify)?;
         for c in custodians {
-            sqlx::query(
-                "INSERT INTO custodians (name, generation, share_index, commitment, totp_sealed, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(c.name.clone())
-            .bind(c.generation)
-            .bind(i64::from(c.share_index))
-            .bind(hex::encode(&c.commitment))
-            .bind(hex::encode(&c.totp_sealed))
-            .bind(cfg.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+            insert_custodian_in(&mut tx, c, cfg.created_at).await?;
         }
         for t in tokens {
-            super::tokens::insert_token_in(&mut *tx, t).await?;
+            insert_token_in(&mut *tx, t).await?;
         }
         tx.commit().await.map_err(classify)?;
         Ok(())
@@ -203,7 +254,7 @@ impl QuorumStore for SqlStore {
         if done.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(StoreError::StateConflict { current: "used" })
+            Err(StoreError::Conflict(Conflict::StepUsed))
         }
     }
 
@@ -217,7 +268,7 @@ impl QuorumStore for SqlStore {
             limit,
             lock_until,
         } = *f;
-        let mut tx = self.writer.begin_with(self.begin).await.map_err(classify)?;
+        let mut tx = self.begin_write().await?;
         // Lock the custodian's row first (a no-op update), so concurrent failures on
         // several PostgreSQL nodes count each other; SQLite's IMMEDIATE transaction
         // already serialises them.

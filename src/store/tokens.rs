@@ -1,14 +1,67 @@
-//! Bearer-token rows: the one place that reads and writes the `tokens` table. Only the
-//! SHA-256 of a token is stored.
+//! Bearer tokens ([`TokenStore`]): the one place that reads and writes the `tokens` table —
+//! issuing, looking up by hash, listing, revoking — and the in-transaction steps that
+//! the quorum's set-up and rekey reuse ([`insert_token_in`],
+//! [`revoke_custodian_tokens_in`]).
+//!
+//! Invariants:
+//! - Only the SHA-256 of a token is stored, never the token.
+//! - A token id and a token hash are each unique (the database refuses a second one).
+//! - Revocation is final: a revoked token is never un-revoked, and revoking it again is
+//!   `Conflict::Revoked`.
+//!
+//! Must not import: the other table-family files of `store/`; tonic, prost, cryptoki.
 
 use sqlx::any::AnyRow;
 
-use super::sql::{classify, get, SqlStore};
-use super::{Result, StoreError, TokenRecord};
+use super::classify::classify;
+use super::error::{Conflict, Result, StoreError};
+use super::pool::SqlStore;
+use super::rows::get;
 use crate::secret::TokenHash;
 
+/// A bearer token's stored form (the token itself is never stored).
+#[derive(Clone, Debug)]
+pub struct TokenRecord {
+    /// Public token id (for listing and revocation).
+    pub id: String,
+    /// SHA-256 of the token.
+    pub hash: TokenHash,
+    /// The principal the token authenticates.
+    pub principal: String,
+    /// Roles granted.
+    pub roles: Vec<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms; `None` = no expiry.
+    pub expires_at: Option<i64>,
+    /// Key-name globs the token may touch; empty = every key its roles allow.
+    pub key_globs: Vec<String>,
+    /// Source networks it may be used from; empty = anywhere.
+    pub cidrs: Vec<String>,
+    /// Certificate principal it only works with (over mutual TLS).
+    pub bound_principal: Option<String>,
+    /// Free text.
+    pub description: String,
+    /// Unix ms when revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// Storage of bearer tokens.
+#[async_trait::async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// Stores a new token. `AlreadyExists` if its id or hash is taken.
+    async fn insert_token(&self, token: &TokenRecord) -> Result<()>;
+    /// The token with that hash.
+    async fn token_by_hash(&self, hash: &TokenHash) -> Result<TokenRecord>;
+    /// Every token, newest first (hashes only, never a token).
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Marks a token revoked at `now`; `NotFound` if no such id; `Conflict::Revoked` if
+    /// it was revoked already.
+    async fn revoke_token(&self, id: &str, now: i64) -> Result<()>;
+}
+
 /// Every column of a token row, in the order [`insert_token_in`] binds them.
-pub(super) const TOKEN_COLUMNS: &str = "id, token_hash, principal, roles, created_at, \
+const TOKEN_COLUMNS: &str = "id, token_hash, principal, roles, created_at, \
      expires_at, revoked_at, key_globs, cidrs, bound_principal, description";
 
 fn list(v: &[String]) -> String {
@@ -49,8 +102,31 @@ where
     Ok(())
 }
 
+/// Inside a transaction: revokes every custodian token not revoked yet (a rekey makes
+/// them all belong to an earlier generation) and returns their ids.
+pub(super) async fn revoke_custodian_tokens_in(
+    tx: &mut sqlx::AnyConnection,
+    now: i64,
+) -> Result<Vec<String>> {
+    let revoked: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM tokens WHERE principal LIKE 'custodian:%' AND revoked_at IS NULL",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(classify)?;
+    sqlx::query(
+        "UPDATE tokens SET revoked_at = $1 \
+         WHERE principal LIKE 'custodian:%' AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(classify)?;
+    Ok(revoked)
+}
+
 /// A token record from a row selected with [`TOKEN_COLUMNS`].
-pub(super) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
+fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
     let mut hash = [0u8; 32];
     hex::decode_to_slice(get::<String>(row, "token_hash")?, &mut hash)
         .map_err(|_| StoreError::Corrupt("token hash"))?;
@@ -69,18 +145,23 @@ pub(super) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
     })
 }
 
-/// Token administration.
-#[async_trait::async_trait]
-pub trait TokenStore: Send + Sync + 'static {
-    /// Every token, newest first (hashes only, never a token).
-    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
-    /// Marks a token revoked at `now`; `NotFound` if no such id; `StateConflict` if it
-    /// was revoked already.
-    async fn revoke_token(&self, id: &str, now: i64) -> Result<()>;
-}
-
 #[async_trait::async_trait]
 impl TokenStore for SqlStore {
+    async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
+        insert_token_in(&self.writer, token).await
+    }
+
+    async fn token_by_hash(&self, hash: &TokenHash) -> Result<TokenRecord> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_hash = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(hash.to_hex())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(classify)?
+            .ok_or(StoreError::NotFound)?;
+        token_from_row(&row)
+    }
+
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
         let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at DESC, id");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -107,7 +188,7 @@ impl TokenStore for SqlStore {
             .await
             .map_err(classify)?;
         match exists {
-            Some(_) => Err(StoreError::StateConflict { current: "revoked" }),
+            Some(_) => Err(StoreError::Conflict(Conflict::Revoked)),
             None => Err(StoreError::NotFound),
         }
     }

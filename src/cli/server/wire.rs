@@ -63,8 +63,6 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
 
     let ctx = Arc::new(Context::new(
         store.clone(),
-        store.clone(),
-        store.clone(),
         Arc::new(SystemClock),
         ServiceConfig {
             wrap_reservation: cfg.wrap_reservation,

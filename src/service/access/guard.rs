@@ -117,7 +117,7 @@ impl Guard {
         };
         let system = self.ctx.system();
         let db = self.ctx.db(&system);
-        match db.quorum.latest_policy().await {
+        match db.latest_policy().await {
             Ok(Some(v)) if v.seq > self.policy_seq() => match Policy::parse(&v.text) {
                 Ok(p) => self.set_policy(p, v.seq),
                 Err(e) => {
@@ -127,7 +127,7 @@ impl Guard {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot read the stored access policy"),
         }
-        match db.quorum.active_grants(self.ctx.clock.now_ms()).await {
+        match db.active_grants(self.ctx.clock.now_ms()).await {
             Ok(g) => {
                 if let Ok(mut slot) = self.grants.write() {
                     *slot = (Some(Instant::now()), Arc::new(g));

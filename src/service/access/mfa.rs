@@ -38,7 +38,7 @@ impl Guard {
         // Reading the enrolment is part of the decision the caller is waiting for.
         let system = self.ctx.system();
         let db = self.ctx.db(&system);
-        let Some(enrolment) = db.quorum.totp_enrolment(name).await? else {
+        let Some(enrolment) = db.totp_enrolment(name).await? else {
             return Err(ServiceError::Mfa(MfaRefusal::NotEnrolled));
         };
         if enrolment.locked_until.is_some_and(|t| t > now) {
@@ -54,9 +54,9 @@ impl Guard {
             .await
             .map_err(ServiceError::internal)?;
         match totp::verify(&secret, code.expose(), now, enrolment.last_step) {
-            Ok(step) => match db.quorum.use_principal_totp_step(name, step).await {
+            Ok(step) => match db.use_principal_totp_step(name, step).await {
                 Ok(()) => Ok(()),
-                Err(StoreError::StateConflict { .. }) => {
+                Err(StoreError::Conflict(_)) => {
                     self.count_mfa_failure(name, "replay").await?;
                     Err(ServiceError::Mfa(MfaRefusal::Rejected))
                 }
@@ -75,7 +75,6 @@ impl Guard {
         let n = self
             .ctx
             .db(&system)
-            .quorum
             .record_mfa_failure(&MfaFailure {
                 principal,
                 at: now,

@@ -117,7 +117,7 @@ impl Grants {
             return Ok(AccessOutcome::Pending(Box::new(req)));
         }
         let grant = self.elevation_grant(&params, None)?;
-        self.ctx.db(&proof).quorum.insert_grant(&grant).await?;
+        self.ctx.db(&proof).insert_grant(&grant).await?;
         self.guard.refresh(true).await;
         tracing::warn!(principal = %grant.principal, role = %grant.role, grant = %grant.id, "role elevated (no quorum in this mode)");
         Ok(AccessOutcome::Done(describe(&grant)))
@@ -166,7 +166,6 @@ impl Grants {
         let grant = self.elevation_grant(&req.parameters, Some(&req.id))?;
         self.ctx
             .db(ok)
-            .quorum
             .complete_elevation(&req.id, ok, &grant, self.ctx.clock.now_ms())
             .await
             .map_err(request_conflict)?;
@@ -222,7 +221,6 @@ impl Grants {
         let review = self
             .ctx
             .db(&proof)
-            .quorum
             .break_glass(&grant, &self.ctx.random_id("rev_")?)
             .await?;
         self.guard.refresh(true).await;
@@ -249,7 +247,7 @@ impl Grants {
             .guard
             .authorize::<act::ListReviews>(caller, Scope::none())
             .await?;
-        Ok(self.ctx.db(&proof).quorum.list_reviews(open_only).await?)
+        Ok(self.ctx.db(&proof).list_reviews(open_only).await?)
     }
 
     /// `CloseReview`: an auditor closes a review with a note. Nobody closes the review of
@@ -266,7 +264,7 @@ impl Grants {
             .await?;
         let note = check_reason(note)?;
         let db = self.ctx.db(&proof);
-        let all = db.quorum.list_reviews(false).await?;
+        let all = db.list_reviews(false).await?;
         let review = all
             .iter()
             .find(|r| r.id == id)
@@ -275,11 +273,7 @@ impl Grants {
             return Err(ServiceError::PermissionDenied);
         }
         let now = self.ctx.clock.now_ms();
-        let rec = match db
-            .quorum
-            .close_review(id, &caller.principal.name, note, now)
-            .await
-        {
+        let rec = match db.close_review(id, &caller.principal.name, note, now).await {
             Ok(r) => r,
             Err(StoreError::NotFound) => return Err(ServiceError::NotFound("review not found")),
             Err(StoreError::Conflict(_)) => {

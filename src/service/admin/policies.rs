@@ -70,7 +70,6 @@ impl Policies {
         let seq = self
             .ctx
             .db(&proof)
-            .quorum
             .insert_policy(text, self.ctx.clock.now_ms())
             .await?;
         self.guard.set_policy(policy, seq);
@@ -93,7 +92,6 @@ impl Policies {
         let seq = self
             .ctx
             .db(ok)
-            .quorum
             .complete_update_policy(&req.id, ok, text, self.ctx.clock.now_ms())
             .await
             .map_err(request_conflict)?;

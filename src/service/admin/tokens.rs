@@ -138,7 +138,7 @@ impl Tokens {
             bound_principal: t.bound_principal,
             description: t.description,
         };
-        self.ctx.db(&proof).keys.insert_token(&record).await?;
+        self.ctx.db(&proof).insert_token(&record).await?;
         tracing::info!(token_id = %record.id, by = %caller.principal.name, "token created");
         Ok((record, token))
     }
@@ -152,7 +152,7 @@ impl Tokens {
             .authorize::<act::RevokeToken>(caller, Scope::none())
             .await?;
         let now = self.ctx.clock.now_ms();
-        match self.ctx.db(&proof).tokens.revoke_token(id, now).await {
+        match self.ctx.db(&proof).revoke_token(id, now).await {
             Ok(()) => {
                 self.ctx.auth.forget_token(id);
                 tracing::info!(token_id = id, by = %caller.principal.name, "token revoked");
@@ -174,7 +174,6 @@ impl Tokens {
         Ok(self
             .ctx
             .db(&proof)
-            .tokens
             .list_tokens()
             .await?
             .into_iter()
@@ -206,24 +205,23 @@ impl Tokens {
         roles: &[&str],
     ) -> Result<()> {
         let db = self.ctx.db(permit);
-        match db.keys.token_by_hash(&token.hash()).await {
+        match db.token_by_hash(&token.hash()).await {
             Ok(_) => Ok(()),
             Err(StoreError::NotFound) => {
-                db.keys
-                    .insert_token(&TokenRecord {
-                        id: token_id()?,
-                        hash: token.hash(),
-                        principal: principal.to_string(),
-                        roles: roles.iter().map(|r| r.to_string()).collect(),
-                        created_at: self.ctx.clock.now_ms(),
-                        expires_at: None,
-                        revoked_at: None,
-                        key_globs: Vec::new(),
-                        cidrs: Vec::new(),
-                        bound_principal: None,
-                        description: String::new(),
-                    })
-                    .await?;
+                db.insert_token(&TokenRecord {
+                    id: token_id()?,
+                    hash: token.hash(),
+                    principal: principal.to_string(),
+                    roles: roles.iter().map(|r| r.to_string()).collect(),
+                    created_at: self.ctx.clock.now_ms(),
+                    expires_at: None,
+                    revoked_at: None,
+                    key_globs: Vec::new(),
+                    cidrs: Vec::new(),
+                    bound_principal: None,
+                    description: String::new(),
+                })
+                .await?;
                 Ok(())
             }
             Err(e) => Err(e.into()),

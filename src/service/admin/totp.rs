@@ -44,7 +44,7 @@ impl Totp {
             .await?;
         let name = &caller.principal.name;
         let db = self.ctx.db(&proof);
-        if db.quorum.totp_enrolment(name).await?.is_some() {
+        if db.totp_enrolment(name).await?.is_some() {
             self.guard.check_mfa(caller).await?;
         }
         let secret = crate::secret::random::<20>().map_err(ServiceError::internal)?;
@@ -52,8 +52,7 @@ impl Totp {
         let sealed = engine
             .seal_meta(totp_aad(name), Zeroizing::new(secret.to_vec()))
             .await?;
-        db.quorum
-            .enroll_totp(name, &sealed, self.ctx.clock.now_ms())
+        db.enroll_totp(name, &sealed, self.ctx.clock.now_ms())
             .await?;
         tracing::warn!(principal = %name, "TOTP enrolled");
         Ok(TotpEnrolled {

@@ -110,8 +110,7 @@ impl Budgets {
             .map(|b| b.get(&(key, version)).map_or(0, |x| x.left) < block / 2 + 1)
             .unwrap_or(true);
         let result = if low {
-            db.keys
-                .reserve_wraps_within(&key, version, block, self.ctx.cfg.lifecycle.usage_limit)
+            db.reserve_wraps_within(&key, version, block, self.ctx.cfg.lifecycle.usage_limit)
                 .await
         } else {
             Ok(block)

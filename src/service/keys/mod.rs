@@ -144,7 +144,7 @@ impl Keys {
             ));
         }
         let db = self.ctx.db(&proof);
-        match db.keys.key_by_name(&name).await {
+        match db.key_by_name(&name).await {
             Ok(_) => return Err(ServiceError::AlreadyExists("key name already used")),
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
@@ -152,7 +152,6 @@ impl Keys {
         let id = KeyId::from_random(engine.random().await?);
         let object = engine.create_version_object(id, 1).await?;
         let result = db
-            .keys
             .create_key(&NewKey {
                 id,
                 name,
@@ -184,7 +183,7 @@ impl Keys {
                 .guard
                 .authorize::<act::GetKey>(caller, Scope::key(name.clone()))
                 .await?;
-            Ok(self.ctx.db(&proof).keys.key_by_name(&name).await?)
+            Ok(self.ctx.db(&proof).key_by_name(&name).await?)
         }
         .await;
         Outcome::new(result, Facts::key(name, None))
@@ -214,7 +213,6 @@ impl Keys {
         let mut keys = self
             .ctx
             .db(&proof)
-            .keys
             .list_keys(after.as_deref(), size)
             .await?;
         let full = keys.len() == size as usize;

@@ -131,7 +131,7 @@ impl Lifecycle {
     ) -> Result<AdminOutcome> {
         if self.gate.needs_quorum(op) {
             // Checked now, so that no request is made for a change that cannot happen.
-            let key = self.ctx.db(proof).keys.key_by_name(name).await?;
+            let key = self.ctx.db(proof).key_by_name(name).await?;
             let current = key
                 .version(version)
                 .ok_or(ServiceError::NotFound("key version not found"))?;
@@ -162,7 +162,7 @@ impl Lifecycle {
         commit: Commit<'_>,
     ) -> Result<KeyRecord> {
         let db = self.ctx.db(permit);
-        let key = db.keys.key_by_name(name).await?;
+        let key = db.key_by_name(name).await?;
         let current = key
             .version(version)
             .ok_or(ServiceError::NotFound("key version not found"))?;
@@ -175,13 +175,11 @@ impl Lifecycle {
         let rec = match commit {
             Commit::Direct if current.state == to => return Ok(key),
             Commit::Direct => {
-                db.keys
-                    .set_version_state(&key.id, version, from, to, now)
+                db.set_version_state(&key.id, version, from, to, now)
                     .await?
             }
             Commit::Approved(id, approved) => {
-                db.quorum
-                    .complete_set_version_state(id, approved, &key.id, version, from, to, now)
+                db.complete_set_version_state(id, approved, &key.id, version, from, to, now)
                     .await?
             }
         };
@@ -220,7 +218,7 @@ impl Lifecycle {
     ) -> Result<AdminOutcome> {
         let (name, proof) = self.authorize::<A>(caller, name).await?;
         let waiting = self.waiting_ms(waiting_ms)?;
-        let key = self.ctx.db(&proof).keys.key_by_name(&name).await?;
+        let key = self.ctx.db(&proof).key_by_name(&name).await?;
         // Checked now, so that no request is made for a change that cannot happen.
         plan_retire(&key, version)?;
         let op = match version {
@@ -259,7 +257,7 @@ impl Lifecycle {
         waiting_ms: i64,
         commit: Commit<'_>,
     ) -> Result<KeyRecord> {
-        let key = self.ctx.db(permit).keys.key_by_name(name).await?;
+        let key = self.ctx.db(permit).key_by_name(name).await?;
         let versions = plan_retire(&key, version)?;
         let now = self.ctx.clock.now_ms();
         let change = LifecycleChange::Schedule {
@@ -289,7 +287,7 @@ impl Lifecycle {
             let (name, proof) = self
                 .authorize::<act::CancelRetirement>(caller, name)
                 .await?;
-            let key = self.ctx.db(&proof).keys.key_by_name(&name).await?;
+            let key = self.ctx.db(&proof).key_by_name(&name).await?;
             plan_cancel(&key, version)?;
             if self.gate.needs_quorum(Operation::CancelRetirement) {
                 let params = key_params(&name, version);
@@ -315,7 +313,7 @@ impl Lifecycle {
         version: Option<u32>,
         commit: Commit<'_>,
     ) -> Result<KeyRecord> {
-        let key = self.ctx.db(permit).keys.key_by_name(name).await?;
+        let key = self.ctx.db(permit).key_by_name(name).await?;
         let versions = plan_cancel(&key, version)?;
         let now = self.ctx.clock.now_ms();
         let change = LifecycleChange::Cancel {
@@ -335,7 +333,7 @@ impl Lifecycle {
     ) -> Outcome<AdminOutcome> {
         let result = async {
             let (name, proof) = self.authorize::<act::SetRetention>(caller, name).await?;
-            self.ctx.db(&proof).keys.key_by_name(&name).await?;
+            self.ctx.db(&proof).key_by_name(&name).await?;
             if self.gate.needs_quorum(Operation::SetRetention) {
                 let mut params = key_params(&name, None);
                 params.insert(
@@ -364,7 +362,7 @@ impl Lifecycle {
         retain_until: Option<i64>,
         commit: Commit<'_>,
     ) -> Result<KeyRecord> {
-        let key = self.ctx.db(permit).keys.key_by_name(name).await?;
+        let key = self.ctx.db(permit).key_by_name(name).await?;
         let now = self.ctx.clock.now_ms();
         let change = LifecycleChange::Retention { retain_until };
         let rec = self.commit(permit, &key.id, &change, commit, now).await?;
@@ -430,11 +428,9 @@ impl Lifecycle {
     ) -> Result<KeyRecord> {
         let db = self.ctx.db(permit);
         let rec = match commit {
-            Commit::Direct => db.keys.apply_lifecycle(key, change, now).await,
+            Commit::Direct => db.apply_lifecycle(key, change, now).await,
             Commit::Approved(id, approved) => {
-                db.quorum
-                    .complete_lifecycle(id, approved, key, change, now)
-                    .await
+                db.complete_lifecycle(id, approved, key, change, now).await
             }
         }
         .map_err(lifecycle_conflict)?;

@@ -105,7 +105,7 @@ impl Ceremony {
         // ceremony whose kits could then not be handed out as planned.
         let recipients = age_recipients(recipients, custodians)?;
         let n = check_quorum(threshold, custodians, min_threshold)?;
-        if self.ctx.db(permit).quorum.quorum_config().await?.is_some() {
+        if self.ctx.db(permit).quorum_config().await?.is_some() {
             return Err(ServiceError::Conflict(Conflict::AlreadyInitialised));
         }
         if self.ctx.engine.is_open() {
@@ -159,7 +159,6 @@ impl Ceremony {
         match self
             .ctx
             .db(permit)
-            .quorum
             .init_quorum(&q.config, &q.custodians, &q.tokens)
             .await
         {
@@ -256,7 +255,6 @@ impl Ceremony {
         let revoked = self
             .ctx
             .db(ok)
-            .quorum
             .complete_rekey(
                 &req.id,
                 ok,

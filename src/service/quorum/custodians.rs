@@ -145,7 +145,6 @@ impl Custodians {
     pub(super) async fn config(&self, permit: &impl Permit) -> Result<QuorumConfig> {
         self.ctx
             .db(permit)
-            .quorum
             .quorum_config()
             .await?
             .ok_or(ServiceError::Conflict(
@@ -160,7 +159,7 @@ impl Custodians {
         name: &str,
         generation: i64,
     ) -> Result<bool> {
-        match self.ctx.db(permit).quorum.custodian(name, generation).await {
+        match self.ctx.db(permit).custodian(name, generation).await {
             Ok(_) => Ok(true),
             Err(StoreError::NotFound) => Ok(false),
             Err(e) => Err(e.into()),
@@ -179,7 +178,7 @@ impl Custodians {
     ) -> Result<Share> {
         let db = self.ctx.db(permit);
         let now = self.ctx.clock.now_ms();
-        let record = match db.quorum.custodian(name, cfg.generation).await {
+        let record = match db.custodian(name, cfg.generation).await {
             Ok(r) => r,
             Err(StoreError::NotFound) => return Err(ServiceError::PermissionDenied),
             Err(e) => return Err(e.into()),
@@ -199,7 +198,7 @@ impl Custodians {
                 Ok((share, step))
             });
         match checked {
-            Ok((share, step)) => match db.quorum.use_totp_step(name, cfg.generation, step).await {
+            Ok((share, step)) => match db.use_totp_step(name, cfg.generation, step).await {
                 Ok(()) => Ok(share),
                 Err(StoreError::Conflict(_)) => {
                     self.count_failure(permit, name, cfg, "totp replay").await?;
@@ -230,7 +229,6 @@ impl Custodians {
         let n = self
             .ctx
             .db(permit)
-            .quorum
             .record_failure(&Failure {
                 name,
                 generation: cfg.generation,

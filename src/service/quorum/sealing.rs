@@ -88,7 +88,7 @@ impl Sealing {
     }
 
     async fn status_with(&self, permit: &impl Permit) -> Result<SealStatus> {
-        let cfg = self.ctx.db(permit).quorum.quorum_config().await?;
+        let cfg = self.ctx.db(permit).quorum_config().await?;
         let now = self.ctx.clock.now_ms();
         let mut progress = self.progress.lock().await;
         if progress
@@ -111,7 +111,7 @@ impl Sealing {
 
     /// The stored quorum configuration, if initialised (start-up wiring).
     pub async fn quorum_config(&self, permit: &impl Permit) -> Result<Option<QuorumConfig>> {
-        Ok(self.ctx.db(permit).quorum.quorum_config().await?)
+        Ok(self.ctx.db(permit).quorum_config().await?)
     }
 
     /// `Unseal`: a custodian submits a share with a TOTP code. At the K-th distinct share

@@ -53,13 +53,7 @@ pub(super) async fn world_with(cfg: ServiceConfig, hsm: HsmAccess) -> World {
             .await
             .unwrap(),
     );
-    let ctx = Arc::new(Context::new(
-        store.clone(),
-        store.clone(),
-        store.clone(),
-        clock.clone(),
-        cfg,
-    ));
+    let ctx = Arc::new(Context::new(store.clone(), clock.clone(), cfg));
     World {
         _dir: dir,
         store,

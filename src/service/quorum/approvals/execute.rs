@@ -123,7 +123,7 @@ impl Approvals {
         if cfg.generation != req.generation {
             return Err(ServiceError::Conflict(Conflict::QuorumChanged));
         }
-        let sealed = self.ctx.db(permit).quorum.sealed_shares(&req.id).await?;
+        let sealed = self.ctx.db(permit).sealed_shares(&req.id).await?;
         let mut shares: Vec<Share> = Vec::with_capacity(usize::from(req.threshold));
         for s in sealed.into_iter().take(usize::from(req.threshold)) {
             match engine
@@ -236,7 +236,6 @@ impl Approvals {
             match self
                 .ctx
                 .db(permit)
-                .quorum
                 .fail_request(&req.id, &reason, now)
                 .await
             {
@@ -275,10 +274,10 @@ impl Approvals {
         let system = self.ctx.system();
         let db = self.ctx.db(&system);
         let now = self.ctx.clock.now_ms();
-        if let Err(e) = db.quorum.expire_requests(now).await {
+        if let Err(e) = db.expire_requests(now).await {
             tracing::warn!(error = %e, "could not expire overdue approval requests");
         }
-        let ready = match db.quorum.ready_requests().await {
+        let ready = match db.ready_requests().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for approved requests to run");
@@ -291,11 +290,7 @@ impl Approvals {
                 // here, they would reach no one.
                 Ok(r) if r.operation == Operation::Rekey => {
                     let now = self.ctx.clock.now_ms();
-                    match db
-                        .quorum
-                        .fail_request(&id, REKEY_NEEDS_LIVE_APPROVER, now)
-                        .await
-                    {
+                    match db.fail_request(&id, REKEY_NEEDS_LIVE_APPROVER, now).await {
                         Ok(_) => {
                             tracing::warn!(request = %id, reason = REKEY_NEEDS_LIVE_APPROVER, "approved rekey failed after unseal")
                         }

@@ -149,7 +149,6 @@ impl Approvals {
     async fn load(&self, permit: &impl Permit, id: &str) -> Result<ApprovalRecord> {
         self.ctx
             .db(permit)
-            .quorum
             .request(id)
             .await
             .map_err(request_conflict)
@@ -186,9 +185,8 @@ impl Approvals {
         let now = self.ctx.clock.now_ms();
         let db = self.ctx.db(&proof);
         // So that a PENDING filter does not show requests whose time ran out.
-        db.quorum.expire_requests(now).await?;
+        db.expire_requests(now).await?;
         let recs = db
-            .quorum
             .list_requests(
                 state,
                 after.as_ref().map(|(at, id)| (*at, id.as_str())),
@@ -290,7 +288,6 @@ impl Approvals {
         drop(share);
         let db = self.ctx.db(&proof);
         let rec = match db
-            .quorum
             .add_approval(id, &name, &sealed, self.ctx.clock.now_ms())
             .await
         {
@@ -353,7 +350,6 @@ impl Approvals {
         let rec = self
             .ctx
             .db(&proof)
-            .quorum
             .reject_request(id, &caller.principal.name, reason, now)
             .await
             .map_err(request_conflict)?;
