@@ -5,23 +5,26 @@
 //!
 //! Both run on the `governor` crate's GCRA (generic cell rate algorithm: a token bucket
 //! kept as one "theoretical arrival time" per key in an atomic integer), through one shared
-//! core, [`Buckets`], so the two limiters cannot drift apart again.
+//! core, `Buckets`, so the two limiters cannot drift apart again.
 //!
 //! Time is a parameter (STYLE habit 5): every check takes the caller's `now`, as it did
 //! before governor. Governor reads time from its `Clock` and measures it from the instant
 //! a limiter was built, so each check builds a light governor limiter view over the shared
 //! state store whose clock reads exactly the caller's `now`, and the store view
-//! ([`Shifted`]) keeps each key's state as an offset from the [`Buckets`]' own origin. The
+//! (`Shifted`) keeps each key's state as an offset from the `Buckets`' own origin. The
 //! arithmetic is all governor's; tests step time by adding to an `Instant`, never by
 //! sleeping.
 //!
 //! Governor's features: `default-features = false, features = ["std"]`. `std` gives the
-//! `Instant` clock types, a keyed store under a `parking_lot` mutex (which cannot be
-//! poisoned, and sleeps rather than spins) with std's SipHash map; it brings in only
-//! `futures-timer` new (`parking_lot`, `futures-util` and `hashbrown` are in the build
-//! already). Left out: `dashmap` (a sharded map; one short critical section per call does
-//! not need it), `quanta` (a TSC clock; the caller already holds the time) and `jitter`
-//! (`rand` and `getrandom` for `until_ready_with_jitter`, which Arca does not call).
+//! `Instant` clock types and a keyed store under a `parking_lot` mutex (cannot be
+//! poisoned; parks rather than spins) over std's SipHash map. New to the build with it:
+//! governor, `futures-timer` and governor's small `nonzero_ext`, `portable-atomic`,
+//! `spinning_top` and `web-time`; `parking_lot`, `futures-util` and `hashbrown` were there
+//! already. Without `std` governor is `no_std`: its map sits behind a spinlock (poor when
+//! tokio workers contend on two cores) and only `futures-timer` would be saved. Left out:
+//! `dashmap` (a sharded map; one short critical section per call does not need it),
+//! `quanta` (a TSC clock; the caller already holds the time) and `jitter` (`rand` and
+//! `getrandom`, for `until_ready_with_jitter`, which Arca does not call).
 //!
 //! Invariants:
 //! - **Never fails open.** Nothing here skips a check: governor's store lock cannot be
@@ -29,10 +32,14 @@
 //!   entries). A limit that makes no sense (rate not above 0, burst below 1, NaN) refuses
 //!   every call rather than allowing them; the policy loader and the CLI never build one.
 //! - **One principal's traffic never spends another's** tokens, nor another role's.
-//! - **Memory stays bounded** by the principals active within one refill window: every
-//!   [`SWEEP_EVERY`] calls a limiter whose map has grown past its mark drops the keys whose
-//!   bucket is full again (governor's `retain_recent`); such a key behaves exactly like one
-//!   never seen, so eviction changes no answer. Nothing clears live buckets.
+//! - **Memory stays bounded** by the principals active within one refill window. Every
+//!   `SWEEP_EVERY` calls a limiter looks at its map and, if it has grown past twice what
+//!   was live at the last sweep (at least `SWEEP_ABOVE` keys), or holds more than
+//!   `SWEEP_ABOVE` and was last swept `SWEEP_INTERVAL` ago, drops the keys whose bucket
+//!   is full again (governor's `retain_recent`). Such a key answers exactly as one never
+//!   seen, so eviction changes no answer; nothing clears live buckets. Every
+//!   `ROLE_SWEEP_EVERY` calls the role limiter sweeps every role and forgets roles left
+//!   with no key.
 //! - A burst is whole calls: a fractional `burst` is rounded down (at least 1). A role
 //!   whose limit changes (a new policy) starts its buckets afresh at the new limit.
 //!
