@@ -1,18 +1,29 @@
 //! Principals, authentication and authorization.
 //!
-//! Authorization is [`policy::Policy::authorize`], the one decision over roles, bindings
-//! and key globs from `policies/*.toml` (default deny); [`ratelimit`] holds the
-//! per-principal and per-role token buckets.
+//! A request is authenticated once, here ([`Authenticator::authenticate`]), into a
+//! [`Principal`], by one of two methods ([`AuthMethod`]):
+//! - **Bearer token** (`authorization: Bearer arca_…`): Arca hashes it (SHA-256) and looks
+//!   the hash up (a verified token is cached for [`TOKEN_CACHE_TTL`]); only hashes are
+//!   stored. A token carries its principal, the roles it narrows to, key-name globs, an
+//!   optional expiry, an optional CIDR allow-list and an optional binding to a
+//!   certificate principal; the last two are checked on every request, cached or not.
+//! - **Client certificate** under mutual TLS, when no token is presented: the principal
+//!   is the name the verified certificate carries ([`cert`]: URI SAN, else DNS SAN, else
+//!   CN), with no narrowing; names reserved for tokens (`custodian:`) are refused.
 //!
-//! A request is authenticated once, here, into a [`Principal`]. Today the credential is a
-//! bearer token (`authorization: Bearer arca_…`): Arca hashes it (SHA-256) and looks the
-//! hash up; only hashes are stored. Client certificates join as a second method with
-//! mutual TLS.
+//! Either way the roles a principal holds come from the access policy's bindings
+//! ([`policy::Policy::roles_of`]), narrowed by a token's roles. Authorization is
+//! [`policy::Policy::authorize`], the one decision over roles, bindings and key globs from
+//! `policies/*.toml` (default deny); [`ratelimit`] holds the per-principal and per-role
+//! rate limits.
 //!
 //! Invariants:
-//! - A token that is unknown, revoked or expired authenticates nobody, and every such
-//!   failure is the same [`AuthError::Unauthenticated`] (the caller learns nothing more).
-//! - A revocation takes effect within [`TOKEN_CACHE_TTL`] on every node.
+//! - A token that is unknown, revoked or expired, used from outside its networks or
+//!   without its bound certificate, and a request with neither a token nor a usable
+//!   certificate, all fail with the same [`AuthError::Unauthenticated`] (the caller
+//!   learns nothing more).
+//! - A revocation takes effect within [`TOKEN_CACHE_TTL`] on every node (at once on the
+//!   node that revoked, [`Authenticator::forget_token`]).
 //! - Token text never reaches a log, an error or a record.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
@@ -58,7 +69,8 @@ pub struct Principal {
     pub name: String,
     /// How it authenticated.
     pub method: AuthMethod,
-    /// Roles granted to it.
+    /// The roles its token narrows it to (empty: no narrowing, as for a certificate).
+    /// The roles it holds are the policy's bindings for `name` narrowed by these.
     pub roles: Vec<String>,
     /// Key-name globs its credential is scoped to; empty = no scope limit.
     pub key_globs: Vec<String>,
