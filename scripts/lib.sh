@@ -21,7 +21,8 @@
 # postgresql: the second store back end (a throwaway cluster in scripts/test); pkg-config, build-essential: native
 # builds (bundled SQLite); ca-certificates: TLS to the package registries; age: tests that
 # decrypt custodian shares encrypted with `operator init --age-recipient`; sqlite3: tests
-# that tamper with a copy of the database by hand (as an attacker with file access would).
+# that tamper with a copy of the database by hand (as an attacker with file access would);
+# python3: scripts/check-layering (parses the Rust sources' imports).
 ARCA_PACKAGES=(
     softhsm2
     opensc
@@ -35,6 +36,7 @@ ARCA_PACKAGES=(
     ca-certificates
     age
     sqlite3
+    python3
 )
 
 _arca_pkg_installed() {

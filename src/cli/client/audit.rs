@@ -2,12 +2,15 @@
 //!
 //! Times are RFC 3339 UTC (`2026-11-26T10:00:00Z`) or an age (`15m`, `2h`, `7d`: that
 //! long ago). `export` prints every record as JSON lines, oldest first.
+//!
+//! Imports only the client's shared files, never another command file.
 
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::{call_error, BoxError, Client};
-use crate::cli::{parse_duration_secs, ClientOpts, Output};
+use super::args::{parse_duration_secs, ClientOpts, Output};
+use super::call::{call, Session};
+use super::error::CliError;
 use crate::clock::Clock;
 use crate::grpc::pb;
 
@@ -123,51 +126,17 @@ fn record_json(r: &pb::AuditRecord) -> serde_json::Value {
 }
 
 /// Runs one `arca audit` command.
-pub(in crate::cli) async fn run(cmd: AuditCommand) -> Result<(), BoxError> {
+pub(super) async fn run(cmd: AuditCommand) -> Result<(), CliError> {
     match cmd {
         AuditCommand::Verify { from, opts } => {
-            let mut c = Client::connect(&opts).await?;
-            let r = c
-                .audit
-                .verify_audit(c.req(pb::VerifyAuditRequest { from_seq: from }))
-                .await
-                .map_err(call_error)?
-                .into_inner();
-            match c.output {
-                Output::Json => println!(
-                    "{}",
-                    json!({
-                        "ok": r.ok,
-                        "records": r.records,
-                        "last_seq": r.last_seq,
-                        "first_bad_seq": (!r.ok).then_some(r.first_bad_seq),
-                        "problem": r.problem,
-                        "detail": r.detail,
-                        "seals_checked": r.seals_checked,
-                        "seal_macs_checked": r.seal_macs_checked,
-                        "unsealed_tail": r.unsealed_tail,
-                    })
-                ),
-                Output::Human if r.ok => println!(
-                    "OK: {} records (through seq {}), {} seals checked{}",
-                    r.records,
-                    r.last_seq,
-                    r.seals_checked,
-                    if r.seal_macs_checked {
-                        ""
-                    } else {
-                        " (HMACs not checked: sealed)"
-                    }
-                ),
-                Output::Human => {
-                    println!("BAD: seq {} {}: {}", r.first_bad_seq, r.problem, r.detail)
-                }
-            }
-            if r.ok {
-                Ok(())
-            } else {
-                Err(format!("audit verification failed at seq {}", r.first_bad_seq).into())
-            }
+            let req = pb::VerifyAuditRequest { from_seq: from };
+            call(
+                &opts,
+                req,
+                async |c, r| c.audit.verify_audit(r).await,
+                print_verified,
+            )
+            .await
         }
         AuditCommand::Query {
             principal,
@@ -179,54 +148,25 @@ pub(in crate::cli) async fn run(cmd: AuditCommand) -> Result<(), BoxError> {
             limit,
             opts,
         } => {
-            let mut c = Client::connect(&opts).await?;
+            let mut session = Session::connect(&opts).await?;
             let mut token = String::new();
             let mut shown = 0usize;
             while shown < limit {
-                let page = c
-                    .audit
-                    .query_audit(c.req(pb::QueryAuditRequest {
-                        principal: principal.clone().unwrap_or_default(),
-                        key_name: key.clone().unwrap_or_default(),
-                        operation: op.clone().unwrap_or_default(),
-                        since_ms: since.unwrap_or_default(),
-                        until_ms: until.unwrap_or_default(),
-                        result: result.clone().unwrap_or_default(),
-                        page_size: (limit - shown).min(1000) as u32,
-                        page_token: token.clone(),
-                    }))
-                    .await
-                    .map_err(call_error)?
-                    .into_inner();
+                let req = pb::QueryAuditRequest {
+                    principal: principal.clone().unwrap_or_default(),
+                    key_name: key.clone().unwrap_or_default(),
+                    operation: op.clone().unwrap_or_default(),
+                    since_ms: since.unwrap_or_default(),
+                    until_ms: until.unwrap_or_default(),
+                    result: result.clone().unwrap_or_default(),
+                    page_size: (limit - shown).min(1000) as u32,
+                    page_token: token.clone(),
+                };
+                let page = session
+                    .send(req, async |c, r| c.audit.query_audit(r).await)
+                    .await?;
                 for r in &page.records {
-                    match c.output {
-                        Output::Json => println!("{}", record_json(r)),
-                        Output::Human => println!(
-                            "{:>8}  {}  {:<16} {:<20} {:<18} {:<24} {}{}",
-                            r.seq,
-                            r.time,
-                            r.operation,
-                            r.result,
-                            if r.principal.is_empty() {
-                                "-"
-                            } else {
-                                &r.principal
-                            },
-                            if r.key_name.is_empty() {
-                                "-".to_string()
-                            } else if r.key_version == 0 {
-                                r.key_name.clone()
-                            } else {
-                                format!("{}/v{}", r.key_name, r.key_version)
-                            },
-                            r.client,
-                            if r.detail.is_empty() {
-                                String::new()
-                            } else {
-                                format!("  {}", r.detail)
-                            }
-                        ),
-                    }
+                    print_record(session.output(), r);
                 }
                 shown += page.records.len();
                 if page.next_page_token.is_empty() || page.records.is_empty() {
@@ -238,19 +178,17 @@ pub(in crate::cli) async fn run(cmd: AuditCommand) -> Result<(), BoxError> {
         }
         AuditCommand::Export { format, opts } => {
             let ExportFormat::Jsonl = format;
-            let mut c = Client::connect(&opts).await?;
+            let mut session = Session::connect(&opts).await?;
             let mut token = String::new();
             loop {
-                let page = c
-                    .audit
-                    .query_audit(c.req(pb::QueryAuditRequest {
-                        page_size: 1000,
-                        page_token: token.clone(),
-                        ..pb::QueryAuditRequest::default()
-                    }))
-                    .await
-                    .map_err(call_error)?
-                    .into_inner();
+                let req = pb::QueryAuditRequest {
+                    page_size: 1000,
+                    page_token: token.clone(),
+                    ..pb::QueryAuditRequest::default()
+                };
+                let page = session
+                    .send(req, async |c, r| c.audit.query_audit(r).await)
+                    .await?;
                 for r in &page.records {
                     println!("{}", record_json(r));
                 }
@@ -260,6 +198,76 @@ pub(in crate::cli) async fn run(cmd: AuditCommand) -> Result<(), BoxError> {
                 token = page.next_page_token;
             }
         }
+    }
+}
+
+/// The verifier's report; a bad chain is also the command's failure (exit status 1).
+fn print_verified(output: Output, r: pb::VerifyAuditResponse) -> Result<(), CliError> {
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "ok": r.ok,
+                "records": r.records,
+                "last_seq": r.last_seq,
+                "first_bad_seq": (!r.ok).then_some(r.first_bad_seq),
+                "problem": r.problem,
+                "detail": r.detail,
+                "seals_checked": r.seals_checked,
+                "seal_macs_checked": r.seal_macs_checked,
+                "unsealed_tail": r.unsealed_tail,
+            })
+        ),
+        Output::Human if r.ok => println!(
+            "OK: {} records (through seq {}), {} seals checked{}",
+            r.records,
+            r.last_seq,
+            r.seals_checked,
+            if r.seal_macs_checked {
+                ""
+            } else {
+                " (HMACs not checked: sealed)"
+            }
+        ),
+        Output::Human => {
+            println!("BAD: seq {} {}: {}", r.first_bad_seq, r.problem, r.detail)
+        }
+    }
+    if r.ok {
+        Ok(())
+    } else {
+        Err(CliError::AuditBroken(r.first_bad_seq))
+    }
+}
+
+fn print_record(output: Output, r: &pb::AuditRecord) {
+    match output {
+        Output::Json => println!("{}", record_json(r)),
+        Output::Human => println!(
+            "{:>8}  {}  {:<16} {:<20} {:<18} {:<24} {}{}",
+            r.seq,
+            r.time,
+            r.operation,
+            r.result,
+            if r.principal.is_empty() {
+                "-"
+            } else {
+                &r.principal
+            },
+            if r.key_name.is_empty() {
+                "-".to_string()
+            } else if r.key_version == 0 {
+                r.key_name.clone()
+            } else {
+                format!("{}/v{}", r.key_name, r.key_version)
+            },
+            r.client,
+            if r.detail.is_empty() {
+                String::new()
+            } else {
+                format!("  {}", r.detail)
+            }
+        ),
     }
 }
 

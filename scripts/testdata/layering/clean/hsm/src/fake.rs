@@ -1,0 +1,3 @@
+use crate::Hsm;
+pub struct Fake;
+impl Hsm for Fake {}

@@ -1,0 +1,2 @@
+pub mod fake;
+pub trait Hsm {}

@@ -1,0 +1,5 @@
+//! A tree that imports one way only: the check must accept it.
+pub mod clock;
+pub mod keys;
+pub mod service;
+pub mod store;

@@ -1,0 +1,3 @@
+//! Unit tests in their own file may reach anywhere.
+use super::*;
+use crate::store::Pool;

@@ -1,0 +1,7 @@
+use crate::keys::KeyId;
+
+pub struct Approved;
+
+fn id() -> KeyId {
+    KeyId
+}

@@ -1,0 +1,7 @@
+mod approvals;
+
+pub use approvals::Approved;
+
+pub fn key() -> Approved {
+    Approved
+}

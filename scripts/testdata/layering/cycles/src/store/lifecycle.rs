@@ -1,0 +1,5 @@
+use super::sql::{self};
+
+pub(super) fn reserve() {
+    sql::classify()
+}

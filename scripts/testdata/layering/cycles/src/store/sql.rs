@@ -1,0 +1,3 @@
+pub fn classify() {
+    super::lifecycle::reserve();
+}

@@ -1,0 +1,7 @@
+use super::StoreError;
+
+pub struct TokenStore;
+
+fn conflict() -> StoreError {
+    StoreError::Conflict
+}

@@ -1,0 +1,2 @@
+use cryptoki::context::Pkcs11;
+use crate::softhsm::init_token;
