@@ -3,7 +3,7 @@
 
 use arca::quorum::age::{encrypt_armored, parse_recipient};
 
-use crate::support::quorum::{age_decrypt, age_keygen};
+use crate::support::{age_decrypt, age_keygen};
 
 #[test]
 fn age_cli_decrypts_what_arca_encrypts() {

@@ -16,7 +16,7 @@ use tonic::Code;
 
 use crate::support::{
     arca_command, assert_absent, assert_code, ctx, generate, get_key, note, output_of,
-    request_rotation, three_of_five, unsealed, unwrap, CliOutput, Db, TestArca,
+    request_rotation, three_of_five, unsealed, unwrap, CliOutput, Custodians, Db, TestArca,
 };
 
 async fn get_request(arca: &TestArca, id: &str) -> pb::ApprovalRequest {
@@ -26,6 +26,32 @@ async fn get_request(arca: &TestArca, id: &str) -> pb::ApprovalRequest {
         .await
         .unwrap()
         .into_inner()
+}
+
+/// `arca approve ID --digest DIGEST --share-file FILE --totp CODE EXTRA…` as custodian
+/// `n`, with their next code.
+async fn approve_by_cli(
+    arca: &TestArca,
+    cs: &Custodians,
+    n: usize,
+    id: &str,
+    digest: &str,
+    extra: &[&str],
+) -> CliOutput {
+    let code = cs.code(n).await;
+    let share_file = cs.kit(n).share_file().to_str().unwrap().to_string();
+    let mut args = vec![
+        "approve",
+        id,
+        "--digest",
+        digest,
+        "--share-file",
+        &share_file,
+        "--totp",
+        &code,
+    ];
+    args.extend_from_slice(extra);
+    arca.cli(&cs.kit(n).token).run(&args).await
 }
 
 fn approvers(r: &pb::ApprovalRequest) -> Vec<&str> {
@@ -420,12 +446,7 @@ async fn no_share_at_rest_or_in_logs_after_approvals() {
 #[tokio::test]
 async fn the_approval_through_the_cli() {
     let (arca, cs) = unsealed(three_of_five(Db::default())).await;
-    let CliOutput { ok, out, err } = arca
-        .cli(arca.token())
-        .run(&["key", "rotate", "phi", "--output", "json"])
-        .await;
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = arca.cli(arca.token()).json(&["key", "rotate", "phi"]).await;
     let id = v["approval_request"]["id"].as_str().unwrap().to_string();
     let digest = v["approval_request"]["digest"]
         .as_str()
@@ -456,23 +477,8 @@ async fn the_approval_through_the_cli() {
     assert!(ok && out.contains(&id), "{out}");
 
     for (i, n) in [4usize, 5, 1].into_iter().enumerate() {
-        let code = cs.code(n).await;
-        let share_file = cs.kit(n).share_file().to_str().unwrap().to_string();
-        let CliOutput { ok, out, err } = arca
-            .cli(&cs.kit(n).token)
-            .run(&[
-                "approve",
-                &id,
-                "--digest",
-                &digest,
-                "--share-file",
-                &share_file,
-                "--totp",
-                &code,
-                "--output",
-                "json",
-            ])
-            .await;
+        let CliOutput { ok, out, err } =
+            approve_by_cli(&arca, &cs, n, &id, &digest, &["--output", "json"]).await;
         assert!(ok, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["state"], if i < 2 { "PENDING" } else { "EXECUTED" });
@@ -489,12 +495,7 @@ async fn the_approval_through_the_cli() {
     );
 
     // A wrong digest fails with the reason; a rejection through the CLI.
-    let CliOutput { ok, out, err } = arca
-        .cli(arca.token())
-        .run(&["key", "rotate", "phi", "--output", "json"])
-        .await;
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = arca.cli(arca.token()).json(&["key", "rotate", "phi"]).await;
     let id = v["approval_request"]["id"].as_str().unwrap().to_string();
     let share_file = cs.kit(2).share_file().to_str().unwrap().to_string();
     let CliOutput { ok, err, .. } = arca
@@ -551,9 +552,9 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
         ])
         .await;
     assert!(!ok && err.contains("--shares"), "{err}");
-    let CliOutput { ok, out, err } = arca
+    let v = arca
         .cli(arca.token())
-        .run(&[
+        .json(&[
             "operator",
             "rekey",
             "--threshold",
@@ -564,12 +565,8 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
             "new-2",
             "--custodian",
             "new-3",
-            "--output",
-            "json",
         ])
         .await;
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let id = v["approval_request"]["id"].as_str().unwrap().to_string();
     let digest = v["approval_request"]["digest"]
         .as_str()
@@ -580,23 +577,15 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
 
     let out_dir = arca.root().join("new-kits");
     for (i, n) in [4usize, 5, 1].into_iter().enumerate() {
-        let code = cs.code(n).await;
-        let share_file = cs.kit(n).share_file().to_str().unwrap().to_string();
-        let CliOutput { ok, out, err } = arca
-            .cli(&cs.kit(n).token)
-            .run(&[
-                "approve",
-                &id,
-                "--digest",
-                &digest,
-                "--share-file",
-                &share_file,
-                "--totp",
-                &code,
-                "--out-dir",
-                out_dir.to_str().unwrap(),
-            ])
-            .await;
+        let CliOutput { ok, out, err } = approve_by_cli(
+            &arca,
+            &cs,
+            n,
+            &id,
+            &digest,
+            &["--out-dir", out_dir.to_str().unwrap()],
+        )
+        .await;
         assert!(ok, "{err}");
         if i < 2 {
             assert!(out.contains("PENDING") && !out_dir.exists(), "{out}");

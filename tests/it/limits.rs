@@ -7,7 +7,7 @@ use arca::grpc::pb;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
 
-use crate::support::{create_key, ctx, TestArca};
+use crate::support::{create_key, ctx, generate_wrapped, TestArca};
 
 async fn quick_call_works(arca: &TestArca) {
     let t = Instant::now();
@@ -51,16 +51,7 @@ async fn ten_thousand_streams_on_one_connection_do_not_starve_others() {
     let arca = TestArca::start().await;
     let mut c = arca.client().await;
     create_key(&mut c, "k").await;
-    let blob = c
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_name: "k".into(),
-            context: ctx(&[]),
-            without_plaintext: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .wrapped_key;
+    let blob = generate_wrapped(&mut c, "k", &ctx(&[])).await;
     // One connection, 10,000 calls in flight at once (the server allows a bounded number
     // of concurrent streams per connection; the rest wait on the client side).
     let one = arca.client().await;

@@ -10,8 +10,7 @@ use std::process::Command;
 use crate::support::cli::Cli;
 use crate::support::hsm::SOFTHSM_MODULE;
 use crate::support::pki::make_test_ca;
-use crate::support::quorum::{age_decrypt, age_keygen};
-use crate::support::{arca_command, CliOutput, Kit, ServerProcess};
+use crate::support::{age_decrypt, age_keygen, arca_command, CliOutput, Kit, ServerProcess};
 
 /// A production server (no `--dev`) over mutual TLS on its own SoftHSM token, in a
 /// temporary directory; restartable.

@@ -40,6 +40,18 @@ fn policy_dir(root: &Path, extra: &str) -> PathBuf {
     dir
 }
 
+/// The shipped roles and bindings as one policy document (what `UpdatePolicy` takes).
+fn shipped_policy() -> String {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    format!(
+        "{}\n{}",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", "")
+    )
+}
+
 /// A tenant-bound service role: data keys only under `tenants/*`, only with the caller's
 /// own tenant and a purpose from a list in the context.
 const TENANTS: &str = r#"
@@ -390,14 +402,7 @@ async fn update_policy_needs_quorum_and_takes_effect_after_approval(db: Db) {
     );
 
     // A policy that does not load is refused at once, with the reason.
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    let base = format!(
-        "{}\n{}",
-        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
-        std::fs::read_to_string(shipped.join("bindings.toml"))
-            .unwrap()
-            .replace("version = 1\n", "")
-    );
+    let base = shipped_policy();
     let mut admin = arca.access(arca.token()).await;
     let bad = format!("{base}\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n");
     let e = admin
@@ -783,13 +788,9 @@ async fn two_nodes_share_the_approved_policy_and_grants() {
     );
 
     // Dev mode runs UpdatePolicy at once (no quorum); node A stores it.
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let policy = format!(
-        "{}\n{}\n{}",
-        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
-        std::fs::read_to_string(shipped.join("bindings.toml"))
-            .unwrap()
-            .replace("version = 1\n", ""),
+        "{}\n{}",
+        shipped_policy(),
         r#"
 [roles.creator]
 [[roles.creator.allow]]
@@ -887,13 +888,9 @@ async fn the_cli_enrols_breaks_glass_and_closes_the_review() {
 
     // A policy update from a file (dev mode: at once).
     let pol = tempfile::tempdir().unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let text = format!(
-        "{}\n{}\n[roles.creator]\n[[roles.creator.allow]]\noperations = [\"CreateKey\"]\nkeys = [\"x/*\"]\n[[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"creator\"]\n",
-        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
-        std::fs::read_to_string(shipped.join("bindings.toml"))
-            .unwrap()
-            .replace("version = 1\n", "")
+        "{}\n[roles.creator]\n[[roles.creator.allow]]\noperations = [\"CreateKey\"]\nkeys = [\"x/*\"]\n[[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"creator\"]\n",
+        shipped_policy()
     );
     let file = pol.path().join("p.toml");
     std::fs::write(&file, text).unwrap();

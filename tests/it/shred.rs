@@ -11,8 +11,9 @@ use tonic::Code;
 
 use crate::support::hsm::{secret_key_ids, so_set_user_pin};
 use crate::support::{
-    assert_code, create_key, ctx, generate, get_key, lifecycle_policy, request_rotation, sqlite3,
-    three_of_five, unsealed, unwrap, version_state, CliOutput, Db, KeyClient, TestArca,
+    assert_code, create_key, ctx, generate, get_key, lifecycle_policy, request_rotation,
+    sqlite_query, three_of_five, unsealed, unwrap, version_state, CliOutput, Db, KeyClient,
+    TestArca,
 };
 
 fn tmp() -> tempfile::TempDir {
@@ -146,10 +147,11 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
     assert_eq!(count(&arca.log_text(), "key version destroyed"), 1);
     // The tombstone row, as the database holds it.
     let db = arca.sqlite_file();
-    let t = sqlite3(
+    let t = sqlite_query(
         &db,
         &format!("SELECT version, retire_request FROM key_tombstones WHERE key_id = '{v1_id}'"),
-    );
+    )
+    .unwrap();
     assert_eq!(t.trim(), format!("1|{}", req.id));
 
     // A copy of the SQLite file and the token directory taken now, opened by a fresh
@@ -159,11 +161,12 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
     let copy_opts = three_of_five(Db::Sqlite).fast_jobs(&p, "2s");
     let mut copy = arca.start_on_copy(copy_opts.clone()).await;
     copy.stop().await;
-    sqlite3(
+    sqlite_query(
         &copy.sqlite_file(),
         "DROP TRIGGER key_versions_state_transition; \
          UPDATE key_versions SET state = 'ENABLED', destroyed_at = NULL WHERE version = 1;",
-    );
+    )
+    .unwrap();
     copy.start_with(copy_opts).await;
     // The same custodians (their kits were copied too); `cs` remembers which TOTP steps
     // each has spent, and the copy's database remembers them as well.
@@ -187,14 +190,20 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
 
     // Through PKCS#11 directly (pkcs11-tool, with the user PIN reset by the SO on the
     // copy's token): no object with v1's CKA_ID; v2's is there.
-    let v1_hsm = hex_id(&sqlite3(
-        &copy.sqlite_file(),
-        "SELECT hsm_id FROM key_versions WHERE version = 1",
-    ));
-    let v2_hsm = hex_id(&sqlite3(
-        &copy.sqlite_file(),
-        "SELECT hsm_id FROM key_versions WHERE version = 2",
-    ));
+    let v1_hsm = hex_id(
+        &sqlite_query(
+            &copy.sqlite_file(),
+            "SELECT hsm_id FROM key_versions WHERE version = 1",
+        )
+        .unwrap(),
+    );
+    let v2_hsm = hex_id(
+        &sqlite_query(
+            &copy.sqlite_file(),
+            "SELECT hsm_id FROM key_versions WHERE version = 2",
+        )
+        .unwrap(),
+    );
     so_set_user_pin(copy.data_dir().to_path_buf(), "0000-test".into()).await;
     let ids = secret_key_ids(copy.data_dir().to_path_buf(), "0000-test".into()).await;
     assert!(ids.contains(&v2_hsm), "v2 object missing: {ids:?}");
@@ -704,11 +713,12 @@ async fn a_rotation_due_while_sealed_happens_once_after_the_unseal() {
     // Three periods pass while sealed: the jobs do nothing (no HSM to rotate with).
     tokio::time::sleep(Duration::from_millis(3200)).await;
     let versions = |arca: &TestArca| {
-        sqlite3(
+        sqlite_query(
             &arca.sqlite_file(),
             "SELECT COUNT(*) FROM key_versions v JOIN keys k ON k.id = v.key_id \
              WHERE k.name = 'sealed-away'",
         )
+        .unwrap()
         .trim()
         .to_string()
     };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use arca::grpc::pb;
 use tonic::Code;
 
-use crate::support::{contains, ctx, TestArca};
+use crate::support::{contains, ctx, generate_wrapped, TestArca};
 
 async fn create(arca: &TestArca, req: pb::CreateTokenRequest) -> pb::CreateTokenResponse {
     arca.access(arca.token())
@@ -46,16 +46,7 @@ async fn key_globs_scope_a_token_and_hide_existence() {
         .await
         .unwrap();
     let mut admin = arca.client().await;
-    let patients_blob = admin
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_name: "patients/records".into(),
-            context: ctx(&[]),
-            without_plaintext: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .wrapped_key;
+    let patients_blob = generate_wrapped(&mut admin, "patients/records", &ctx(&[])).await;
 
     let t = create(
         &arca,

@@ -215,6 +215,23 @@ pub async fn generate(
     .into_inner()
 }
 
+/// Generates a data key without its plaintext; its wrapped key. Panics on failure.
+pub async fn generate_wrapped(
+    c: &mut KeyClient,
+    name: &str,
+    context: &HashMap<String, String>,
+) -> Vec<u8> {
+    c.generate_data_key(pb::GenerateDataKeyRequest {
+        key_name: name.to_string(),
+        context: context.clone(),
+        without_plaintext: true,
+    })
+    .await
+    .unwrap_or_else(|s| panic!("GenerateDataKey {name} (without plaintext): {s:?}"))
+    .into_inner()
+    .wrapped_key
+}
+
 /// Unwraps a wrapped key.
 pub async fn unwrap(
     c: &mut KeyClient,

@@ -1,7 +1,7 @@
 //! The back ends of the tests: which one a server runs on ([`Db`]), a fresh PostgreSQL
 //! database per server ([`PgDatabase`]) on the server at `ARCA_TEST_POSTGRES_URL`, a
 //! private PostgreSQL cluster a test may stop and start ([`PrivatePg`]), and the database
-//! shells (`psql`, `sqlite3`) through which tests look at what is stored, as someone with
+//! shells ([`psql_query`], [`sqlite_query`]) through which tests look at what is stored, as someone with
 //! access to the database would (no Arca code involved).
 //!
 //! A [`PgDatabase`] is created and dropped with `psql`, and handed to the server with a
@@ -82,7 +82,8 @@ impl PgDatabase {
         let admin_url = std::env::var("ARCA_TEST_POSTGRES_URL")
             .expect("ARCA_TEST_POSTGRES_URL (a Db::Postgres test without a server)");
         let name = format!("arca_it_{}", hex::encode(random_bytes(8)));
-        psql(&admin_url, &format!("CREATE DATABASE {name}"));
+        psql_query(&admin_url, &format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
         let (scheme, authority, query) = split_url(&admin_url);
         // A password the trusting test cluster ignores, where the URL names a user but no
         // password, so tests can look for it in logs.
@@ -133,71 +134,44 @@ impl PgDatabase {
 
 impl Drop for PgDatabase {
     fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-            .arg(&self.admin_url)
-            .arg("-c")
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = psql_query(
+            &self.admin_url,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
     }
 }
 
-/// Runs one SQL command with `psql` on the server at `url`; panics on failure.
-pub fn psql(url: &str, sql: &str) {
-    let out = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+/// Runs SQL with `psql` on the database at `url` and returns its output unaligned
+/// (`a|b` per row), trimmed; or psql's error output.
+pub fn psql_query(url: &str, sql: &str) -> Result<String, String> {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
         .arg(url)
         .arg("-c")
-        .arg(sql)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run psql (the PostgreSQL client)");
-    assert!(
-        out.status.success(),
-        "psql {sql:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(sql);
+    query(cmd, "psql (the PostgreSQL client)")
 }
 
-/// Runs one SQL statement with `psql` on the database at `url` and returns its output
-/// unaligned (`a|b` per row), trimmed; or psql's error output.
-pub fn psql_query(url: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
-        .arg(url)
-        .arg("-c")
-        .arg(sql)
+/// Runs SQL with the `sqlite3` shell on the SQLite file `file` (waiting up to 10 s for a
+/// lock) and returns its output (`a|b` per row), trimmed; or its error output.
+pub fn sqlite_query(file: &Path, sql: &str) -> Result<String, String> {
+    let mut cmd = Command::new("sqlite3");
+    cmd.arg("-cmd").arg(".timeout 10000").arg(file).arg(sql);
+    query(cmd, "sqlite3 (apt-get install sqlite3)")
+}
+
+/// Runs a database shell to completion: its stdout, trimmed, or its stderr when it
+/// failed or reported an error.
+fn query(mut cmd: Command, what: &str) -> Result<String, String> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
-        .expect("run psql (the PostgreSQL client)");
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
     if out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("Error") {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
-}
-
-/// Runs SQL on a SQLite file with the `sqlite3` shell, as someone with access to the
-/// file would (no Arca code involved).
-pub fn sqlite3(file: &Path, sql: &str) -> String {
-    let out = Command::new("sqlite3")
-        .arg(file)
-        .arg(sql)
-        .stdin(Stdio::null())
-        .output()
-        .expect("sqlite3 (apt-get install sqlite3)");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A private PostgreSQL cluster (`scripts/throwaway-postgres`), stopped and removed on

@@ -83,40 +83,42 @@ pub async fn so_set_user_pin(dir: PathBuf, new_pin: String) {
         .expect("DIR/hsm-so-pin")
         .trim()
         .to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("pkcs11-tool")
-            .args(["--module", SOFTHSM_MODULE, "--token-label", "arca-dev"])
-            .args(["--login", "--login-type", "so", "--so-pin"])
-            .arg(&so)
-            .args(["--init-pin", "--new-pin"])
-            .arg(&new_pin)
-            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("pkcs11-tool (apt-get install opensc)")
-    })
-    .await
-    .expect("join");
-    assert!(
-        out.status.success(),
-        "pkcs11-tool --init-pin failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pkcs11_tool(
+        dir,
+        vec![
+            "--login".into(),
+            "--login-type".into(),
+            "so".into(),
+            "--so-pin".into(),
+            so,
+            "--init-pin".into(),
+            "--new-pin".into(),
+            new_pin,
+        ],
+    )
+    .await;
 }
 
 async fn secret_keys_with_pin(dir: PathBuf, pin: String) -> Vec<Object> {
+    let args = [
+        "--login",
+        "--pin",
+        &pin,
+        "--list-objects",
+        "--type",
+        "secrkey",
+    ];
+    let out = pkcs11_tool(dir, args.iter().map(|a| a.to_string()).collect()).await;
+    parse_objects(&out)
+}
+
+/// `pkcs11-tool --module SOFTHSM --token-label arca-dev ARGS` on the dev token of data
+/// dir `dir`, off the async runtime; its stdout. Panics when it fails.
+async fn pkcs11_tool(dir: PathBuf, args: Vec<String>) -> String {
     let out = tokio::task::spawn_blocking(move || {
         Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                SOFTHSM_MODULE,
-                "--token-label",
-                "arca-dev",
-                "--login",
-                "--pin",
-            ])
-            .arg(&pin)
-            .args(["--list-objects", "--type", "secrkey"])
+            .args(["--module", SOFTHSM_MODULE, "--token-label", "arca-dev"])
+            .args(&args)
             .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
             .stdin(Stdio::null())
             .output()
@@ -129,5 +131,5 @@ async fn secret_keys_with_pin(dir: PathBuf, pin: String) -> Vec<Object> {
         "pkcs11-tool failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    parse_objects(&String::from_utf8_lossy(&out.stdout))
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -37,11 +37,13 @@ pub mod server;
 
 pub use cli::CliOutput;
 pub use clients::{
-    assert_code, create_key, generate, get_key, health_status, mint_token, rotate, unwrap,
-    version_state, wait_health, Auth, KeyClient,
+    assert_code, create_key, generate, generate_wrapped, get_key, health_status, mint_token,
+    rotate, unwrap, version_state, wait_health, Auth, KeyClient,
 };
-pub use database::{postgres_url, sqlite3, Db};
-pub use quorum::{age_decrypt, age_keygen, request_rotation, three_of_five, unsealed, Kit, Totp};
+pub use database::{postgres_url, sqlite_query, Db};
+pub use quorum::{
+    age_decrypt, age_keygen, request_rotation, three_of_five, unsealed, Custodians, Kit, Totp,
+};
 pub use server::{
     arca_command, lifecycle_policy, output_of, signal, Builder, ServerProcess, TestArca,
 };

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::copy_dir;
-use super::database::{Db, PgDatabase};
+use super::database::{psql_query, sqlite_query, Db, PgDatabase};
 
 /// How long a server may take to print its listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -356,22 +356,8 @@ impl TestArca {
     /// the output (`a|b` per row on both), trimmed.
     pub fn sql(&self, stmt: &str) -> Result<String, String> {
         match &self.pg {
-            Some(pg) => super::database::psql_query(pg.url(), stmt),
-            None => {
-                let out = Command::new("sqlite3")
-                    .arg("-cmd")
-                    .arg(".timeout 10000")
-                    .arg(self.sqlite_file())
-                    .arg(stmt)
-                    .stdin(Stdio::null())
-                    .output()
-                    .expect("run sqlite3");
-                if out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("Error") {
-                    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-                } else {
-                    Err(String::from_utf8_lossy(&out.stderr).to_string())
-                }
-            }
+            Some(pg) => psql_query(pg.url(), stmt),
+            None => sqlite_query(&self.sqlite_file(), stmt),
         }
     }
 
