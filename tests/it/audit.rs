@@ -39,7 +39,8 @@ fn req<T>(msg: T, token: Option<&str>, rid: &str) -> tonic::Request<T> {
 /// A fresh token of an auditor (the policy binds `auditor:*` to the role that reads the
 /// trail; the dev admin does not). Minting it is itself a `CreateToken` record.
 async fn auditor(arca: &TestArca) -> String {
-    AccessServiceClient::new(arca.channel().await)
+    arca.access(Auth::none())
+        .await
         .create_token(req(
             pb::CreateTokenRequest {
                 principal: "auditor:it".into(),
@@ -658,7 +659,9 @@ async fn nothing_secret_reaches_the_database_checkpoints_or_logs(db: Db) {
         "context value".into(),
         b"consent-secret-value-31337".to_vec(),
     ));
-    let minted = AccessServiceClient::new(arca.channel().await)
+    let minted = arca
+        .access(Auth::none())
+        .await
         .create_token(req(
             pb::CreateTokenRequest {
                 principal: "svc:x".into(),
@@ -674,7 +677,9 @@ async fn nothing_secret_reaches_the_database_checkpoints_or_logs(db: Db) {
     secrets.push(("minted token".into(), minted.token.clone().into_bytes()));
     // A failed authentication with a token that looks real.
     let fake = format!("arca_{}", hex::encode(crate::support::random_bytes(32)));
-    let _ = KeyServiceClient::new(arca.channel().await)
+    let _ = arca
+        .keys(Auth::none())
+        .await
         .get_key(req(
             pb::GetKeyRequest { name: "phi".into() },
             Some(&fake),
@@ -1116,7 +1121,7 @@ async fn five_bad_totp_codes_raise_an_alert() {
         .start()
         .await;
     let kit = Kit::custodian(&arca, 1);
-    let mut q = QuorumServiceClient::new(arca.channel().await);
+    let mut q = arca.quorum(Auth::none()).await;
     for i in 0..5 {
         let st = q
             .unseal(req(
@@ -1287,7 +1292,7 @@ fn code_name(c: Code) -> &'static str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_whose_deadline_passes_cannot_skip_the_record() {
     let arca = TestArca::start().await;
-    let mut keys = KeyServiceClient::new(arca.channel().await);
+    let mut keys = arca.keys(Auth::none()).await;
     let t = arca.token().to_string();
     // CreateKey makes an HSM key and commits: longer than these deadlines, so tonic
     // drops the calls' futures while the handlers run.
