@@ -15,8 +15,8 @@ use arca::grpc::pb;
 use tonic::Code;
 
 use crate::support::{
-    arca_command, assert_absent, assert_code, ctx, generate, get_key, note, output_of,
-    request_rotation, three_of_five, unsealed, unwrap, CliOutput, Custodians, Db, TestArca,
+    arca_command, assert_absent, assert_code, ctx, generate, note, output_of, request_rotation,
+    three_of_five, unsealed, unwrap, CliOutput, Custodians, Db, TestArca,
 };
 
 async fn get_request(arca: &TestArca, id: &str) -> pb::ApprovalRequest {
@@ -73,10 +73,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     assert_eq!(req.digest.len(), 64);
     assert!(req.requester.starts_with("dev-admin"), "{req:?}");
     assert_eq!(
-        get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len(),
+        arca.key("phi").await.versions.len(),
         1,
         "rotated before approval"
     );
@@ -130,13 +127,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     assert!(s.message().contains("already approved"), "{s:?}");
     let r = cs.approve(&arca, 5, &req).await.unwrap();
     assert_eq!(r.state, "PENDING");
-    assert_eq!(
-        get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len(),
-        1
-    );
+    assert_eq!(arca.key("phi").await.versions.len(), 1);
 
     // The third approval runs the rotation and answers the request EXECUTED with the key.
     let r = cs.approve(&arca, 1, &req).await.unwrap();
@@ -144,7 +135,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     assert_eq!(approvers(&r), ["custodian-4", "custodian-5", "custodian-1"]);
     let result = r.result.as_ref().expect("the key as it is after");
     assert_eq!((result.name.as_str(), result.primary_version), ("phi", 2));
-    let k = get_key(&mut arca.client().await, "phi").await;
+    let k = arca.key("phi").await;
     assert_eq!(k.versions.len(), 2, "exactly one new version");
     assert_eq!(k.primary_version, 2);
 
@@ -152,13 +143,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     let e = cs.approve(&arca, 2, &req).await;
     let s = assert_code(e, Code::FailedPrecondition, "approval after execution");
     assert!(s.message().contains("executed"), "{s:?}");
-    assert_eq!(
-        get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len(),
-        2
-    );
+    assert_eq!(arca.key("phi").await.versions.len(), 2);
 
     let got = get_request(&arca, &req.id).await;
     assert_eq!(got.state, "EXECUTED");
@@ -242,13 +227,7 @@ async fn disable_through_quorum_and_reject() {
         "approval of a rejected request",
     );
     assert!(s.message().contains("rejected"), "{s:?}");
-    assert_eq!(
-        get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len(),
-        1
-    );
+    assert_eq!(arca.key("phi").await.versions.len(), 1);
 }
 
 #[tokio::test]
@@ -273,13 +252,7 @@ async fn an_expired_request_takes_no_approvals() {
     let s = assert_code(e, Code::FailedPrecondition, "approval after expiry");
     assert!(s.message().contains("expired"), "{s:?}");
     assert_eq!(get_request(&arca, &req.id).await.state, "EXPIRED");
-    assert_eq!(
-        get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len(),
-        1
-    );
+    assert_eq!(arca.key("phi").await.versions.len(), 1);
     // DisableKeyVersion is not in this policy: it runs at once.
     let r = arca
         .client()
@@ -356,10 +329,7 @@ async fn kill_9_after_the_third_approval_runs_the_operation_once_or_not_at_all()
             .log_text()
             .contains("approved request completed after unseal");
         let after = get_request(&arca, &req.id).await;
-        let versions = get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len();
+        let versions = arca.key("phi").await.versions.len();
         let outcome = match after.state.as_str() {
             "EXECUTED" => {
                 assert_eq!(
@@ -383,13 +353,7 @@ async fn kill_9_after_the_third_approval_runs_the_operation_once_or_not_at_all()
                 // A third approval again: now it runs, once.
                 let r = cs.approve(&arca, 3, &req).await.unwrap();
                 assert_eq!(r.state, "EXECUTED");
-                assert_eq!(
-                    get_key(&mut arca.client().await, "phi")
-                        .await
-                        .versions
-                        .len(),
-                    2
-                );
+                assert_eq!(arca.key("phi").await.versions.len(), 2);
                 "approval lost, completed by a new approval"
             }
             other => panic!("attempt {attempt}: request {other}: {after:?}"),
@@ -486,13 +450,7 @@ async fn the_approval_through_the_cli() {
             assert_eq!(v["result"]["primary_version"], 2);
         }
     }
-    assert_eq!(
-        get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len(),
-        2
-    );
+    assert_eq!(arca.key("phi").await.versions.len(), 2);
 
     // A wrong digest fails with the reason; a rejection through the CLI.
     let v = arca.cli(arca.token()).json(&["key", "rotate", "phi"]).await;
@@ -524,13 +482,7 @@ async fn the_approval_through_the_cli() {
         out.contains("REJECTED") && out.contains("duplicate"),
         "{out}"
     );
-    assert_eq!(
-        get_key(&mut arca.client().await, "phi")
-            .await
-            .versions
-            .len(),
-        2
-    );
+    assert_eq!(arca.key("phi").await.versions.len(), 2);
 }
 
 #[tokio::test]

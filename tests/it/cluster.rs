@@ -403,7 +403,7 @@ async fn approvals_on_two_nodes_with_the_last_two_at_once_run_the_operation_once
     assert!(results.iter().any(|r| r.is_ok()), "{results:?}");
     // One new version, seen the same on both nodes.
     for n in [&a, &b] {
-        let k = get_key(&mut n.client().await, "phi").await;
+        let k = n.key("phi").await;
         let versions: Vec<u32> = k.versions.iter().map(|v| v.version).collect();
         assert_eq!(versions, vec![1, 2], "the rotation ran once");
     }

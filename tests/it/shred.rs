@@ -27,7 +27,7 @@ fn tmp() -> tempfile::TempDir {
 async fn wait_destroyed(arca: &TestArca, name: &str, v: u32, limit: Duration) -> pb::Key {
     let started = Instant::now();
     loop {
-        let k = get_key(&mut arca.client().await, name).await;
+        let k = arca.key(name).await;
         if version_state(&k, v) == pb::KeyVersionState::Destroyed {
             return k;
         }
@@ -106,7 +106,7 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
         Some("1000")
     );
     assert_eq!(
-        version_state(&get_key(&mut arca.client().await, "phi").await, 1),
+        version_state(&arca.key("phi").await, 1),
         pb::KeyVersionState::Enabled
     );
     for n in [4, 5] {

@@ -135,6 +135,11 @@ impl TestArca {
         AuditServiceClient::with_interceptor(self.channel().await, auth.into())
     }
 
+    /// Key `name` as the dev admin sees it; panics on failure.
+    pub async fn key(&self, name: &str) -> pb::Key {
+        get_key(&mut self.client().await, name).await
+    }
+
     /// A health client (no credentials).
     pub async fn health(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel().await)
