@@ -1,14 +1,15 @@
 //! Authentication, health, request ids, and the dev server's loopback-only rule.
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{arca_bin, assert_code, create_key, ctx, generate, health_status, TestArca};
+use crate::support::{
+    arca_command, assert_code, create_key, ctx, generate, health_status, output_of, TestArca,
+};
 use arca::grpc::pb;
 
 #[tokio::test]
@@ -314,20 +315,10 @@ async fn dev_mode_refuses_a_non_loopback_listener() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
     for listen in ["0.0.0.0:0", "[::]:0"] {
-        let out = tokio::task::spawn_blocking({
-            let data_dir = data_dir.clone();
-            move || {
-                Command::new(arca_bin())
-                    .args(["server", "--dev", "--listen", listen, "--data-dir"])
-                    .arg(&data_dir)
-                    .env_remove("ARCA_HSM_MODULE")
-                    .stdin(Stdio::null())
-                    .output()
-                    .expect("run arca server")
-            }
-        })
-        .await
-        .expect("join");
+        let mut cmd = arca_command();
+        cmd.args(["server", "--dev", "--listen", listen, "--data-dir"])
+            .arg(&data_dir);
+        let out = output_of(cmd).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(

@@ -6,220 +6,21 @@
 //! the CLI, and no share at rest or in the logs.
 //!
 //! TOTP codes are accepted once per custodian per 30-second step, within one step of
-//! now: [`Custodians::code`] hands out each custodian's next unused step (now, then
-//! now + 1) and waits for the clock when a custodian has used both.
+//! now: `Custodians::code` (in support) hands out each custodian's next unused step (now,
+//! then now + 1) and waits for the clock when a custodian has used both.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use arca::grpc::pb;
-use arca::grpc::pb::quorum_service_client::QuorumServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::Code;
 
 use crate::support::{
-    arca_bin, assert_code, create_key, ctx, generate, note, unwrap, Builder, Db, TestArca,
+    arca_command, assert_absent, assert_code, ctx, generate, note, output_of, request_rotation,
+    three_of_five, unsealed, unwrap, CliOutput, Custodians, Db, TestArca,
 };
 
-#[derive(Clone)]
-pub(crate) struct Bearer(MetadataValue<Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-pub(crate) type QuorumClient = QuorumServiceClient<InterceptedService<Channel, Bearer>>;
-
-pub(crate) async fn quorum_client(arca: &TestArca, token: &str) -> QuorumClient {
-    let v = format!("Bearer {token}").parse().unwrap();
-    QuorumServiceClient::with_interceptor(arca.channel().await, Bearer(v))
-}
-
-struct Kit {
-    share: String,
-    share_file: std::path::PathBuf,
-    token: String,
-    totp_secret: Vec<u8>,
-}
-
-use crate::quorum::base32_decode;
-
-fn now_ms() -> i64 {
-    use arca::clock::Clock;
-    arca::clock::SystemClock.now_ms()
-}
-
-/// The five custodians of a test server, and the TOTP steps each has used.
-pub(crate) struct Custodians {
-    kits: Vec<Kit>,
-    used: Mutex<HashMap<usize, i64>>,
-}
-
-impl Custodians {
-    pub(crate) fn read(arca: &TestArca) -> Custodians {
-        let kits = (1..=5)
-            .map(|n| {
-                let dir = arca
-                    .data_dir()
-                    .join("custodians")
-                    .join(format!("custodian-{n}"));
-                let read = |f: &str| {
-                    std::fs::read_to_string(dir.join(f))
-                        .unwrap()
-                        .trim()
-                        .to_string()
-                };
-                let uri = read("totp-uri");
-                let secret = uri
-                    .split("secret=")
-                    .nth(1)
-                    .and_then(|s| s.split('&').next())
-                    .unwrap()
-                    .to_string();
-                Kit {
-                    share: read("share"),
-                    share_file: dir.join("share"),
-                    token: read("token"),
-                    totp_secret: base32_decode(&secret),
-                }
-            })
-            .collect();
-        Custodians {
-            kits,
-            used: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn kit(&self, n: usize) -> &Kit {
-        &self.kits[n - 1]
-    }
-
-    /// Custodian n's code for the next step they have not used (now or now + 1; waits
-    /// for the clock when both are used).
-    async fn code(&self, n: usize) -> String {
-        loop {
-            let now = arca::quorum::totp::step_at(now_ms());
-            let step = {
-                let mut used = self.used.lock().unwrap();
-                let step = used.get(&n).map_or(now, |&u| (u + 1).max(now));
-                if step <= now + 1 {
-                    used.insert(n, step);
-                    Some(step)
-                } else {
-                    None
-                }
-            };
-            match step {
-                Some(step) => {
-                    return arca::quorum::totp::hotp(&self.kit(n).totp_secret, step as u64)
-                }
-                None => {
-                    let into_step = now_ms().rem_euclid(30_000);
-                    tokio::time::sleep(Duration::from_millis((30_000 - into_step + 100) as u64))
-                        .await
-                }
-            }
-        }
-    }
-
-    /// A six-digit code that is none of custodian n's valid codes now.
-    fn wrong_code(&self, n: usize) -> String {
-        let now = arca::quorum::totp::step_at(now_ms());
-        let valid: Vec<String> = (now - 2..=now + 2)
-            .map(|s| arca::quorum::totp::hotp(&self.kit(n).totp_secret, s as u64))
-            .collect();
-        (0..10)
-            .map(|d| d.to_string().repeat(6))
-            .find(|c| !valid.contains(c))
-            .unwrap()
-    }
-
-    async fn client(&self, arca: &TestArca, n: usize) -> QuorumClient {
-        quorum_client(arca, &self.kit(n).token).await
-    }
-
-    /// Custodian n seals the server.
-    pub(crate) async fn seal(&self, arca: &TestArca, n: usize) {
-        self.client(arca, n)
-            .await
-            .seal(pb::SealRequest {})
-            .await
-            .unwrap_or_else(|s| panic!("seal by custodian-{n}: {s:?}"));
-    }
-
-    pub(crate) async fn unseal(&self, arca: &TestArca, who: &[usize]) {
-        for &n in who {
-            let code = self.code(n).await;
-            self.client(arca, n)
-                .await
-                .unseal(pb::UnsealRequest {
-                    share: self.kit(n).share.clone(),
-                    totp: code,
-                })
-                .await
-                .unwrap_or_else(|s| panic!("unseal by custodian-{n}: {s:?}"));
-        }
-    }
-
-    pub(crate) async fn approve(
-        &self,
-        arca: &TestArca,
-        n: usize,
-        req: &pb::ApprovalRequest,
-    ) -> Result<pb::ApprovalRequest, Status> {
-        let code = self.code(n).await;
-        self.approve_with(arca, n, &req.id, &req.digest, &code)
-            .await
-    }
-
-    async fn approve_with(
-        &self,
-        arca: &TestArca,
-        n: usize,
-        id: &str,
-        digest: &str,
-        code: &str,
-    ) -> Result<pb::ApprovalRequest, Status> {
-        self.client(arca, n)
-            .await
-            .approve(pb::ApproveRequest {
-                id: id.to_string(),
-                digest: digest.to_string(),
-                share: self.kit(n).share.clone(),
-                totp: code.to_string(),
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-}
-
-pub(crate) fn three_of_five(db: Db) -> Builder {
-    TestArca::builder()
-        .backend(db)
-        .arg("--custodians")
-        .arg("5")
-        .arg("--threshold")
-        .arg("3")
-}
-
-/// A 3-of-5 server, unsealed by custodians 1, 2 and 3, with a key `phi`.
-pub(crate) async fn unsealed(builder: Builder) -> (TestArca, Custodians) {
-    let arca = builder.start().await;
-    let cs = Custodians::read(&arca);
-    cs.unseal(&arca, &[1, 2, 3]).await;
-    create_key(&mut arca.client().await, "phi").await;
-    (arca, cs)
-}
-
 async fn get_request(arca: &TestArca, id: &str) -> pb::ApprovalRequest {
-    quorum_client(arca, arca.token())
+    arca.quorum(arca.token())
         .await
         .get_request(pb::GetRequestRequest { id: id.to_string() })
         .await
@@ -227,27 +28,30 @@ async fn get_request(arca: &TestArca, id: &str) -> pb::ApprovalRequest {
         .into_inner()
 }
 
-pub(crate) async fn key(arca: &TestArca, name: &str) -> pb::Key {
-    arca.client()
-        .await
-        .get_key(pb::GetKeyRequest {
-            name: name.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-pub(crate) async fn request_rotation(arca: &TestArca) -> pb::ApprovalRequest {
-    let r = arca
-        .client()
-        .await
-        .rotate_key(pb::RotateKeyRequest { name: "phi".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.key.is_none(), "RotateKey ran without approval: {r:?}");
-    r.approval_request.expect("an approval request")
+/// `arca approve ID --digest DIGEST --share-file FILE --totp CODE EXTRA…` as custodian
+/// `n`, with their next code.
+async fn approve_by_cli(
+    arca: &TestArca,
+    cs: &Custodians,
+    n: usize,
+    id: &str,
+    digest: &str,
+    extra: &[&str],
+) -> CliOutput {
+    let code = cs.code(n).await;
+    let share_file = cs.kit(n).share_file().to_str().unwrap().to_string();
+    let mut args = vec![
+        "approve",
+        id,
+        "--digest",
+        digest,
+        "--share-file",
+        &share_file,
+        "--totp",
+        &code,
+    ];
+    args.extend_from_slice(extra);
+    arca.cli(&cs.kit(n).token).run(&args).await
 }
 
 fn approvers(r: &pb::ApprovalRequest) -> Vec<&str> {
@@ -269,13 +73,14 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     assert_eq!(req.digest.len(), 64);
     assert!(req.requester.starts_with("dev-admin"), "{req:?}");
     assert_eq!(
-        key(&arca, "phi").await.versions.len(),
+        arca.key("phi").await.versions.len(),
         1,
         "rotated before approval"
     );
 
     // The requester (the dev admin) is not a custodian.
-    let e = quorum_client(&arca, arca.token())
+    let e = arca
+        .quorum(arca.token())
         .await
         .approve(pb::ApproveRequest {
             id: req.id.clone(),
@@ -295,7 +100,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     assert!(s.message().contains("digest"), "{s:?}");
     // A bad TOTP code: refused (and counted towards lock-out).
     let e = cs
-        .approve_with(&arca, 4, &req.id, &req.digest, &cs.wrong_code(4))
+        .approve_with(&arca, 4, &req.id, &req.digest, &cs.kit(4).totp.wrong())
         .await;
     let s = assert_code(e, Code::PermissionDenied, "bad TOTP");
     assert!(s.message().contains("TOTP"), "{s:?}");
@@ -322,7 +127,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     assert!(s.message().contains("already approved"), "{s:?}");
     let r = cs.approve(&arca, 5, &req).await.unwrap();
     assert_eq!(r.state, "PENDING");
-    assert_eq!(key(&arca, "phi").await.versions.len(), 1);
+    assert_eq!(arca.key("phi").await.versions.len(), 1);
 
     // The third approval runs the rotation and answers the request EXECUTED with the key.
     let r = cs.approve(&arca, 1, &req).await.unwrap();
@@ -330,7 +135,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     assert_eq!(approvers(&r), ["custodian-4", "custodian-5", "custodian-1"]);
     let result = r.result.as_ref().expect("the key as it is after");
     assert_eq!((result.name.as_str(), result.primary_version), ("phi", 2));
-    let k = key(&arca, "phi").await;
+    let k = arca.key("phi").await;
     assert_eq!(k.versions.len(), 2, "exactly one new version");
     assert_eq!(k.primary_version, 2);
 
@@ -338,13 +143,13 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     let e = cs.approve(&arca, 2, &req).await;
     let s = assert_code(e, Code::FailedPrecondition, "approval after execution");
     assert!(s.message().contains("executed"), "{s:?}");
-    assert_eq!(key(&arca, "phi").await.versions.len(), 2);
+    assert_eq!(arca.key("phi").await.versions.len(), 2);
 
     let got = get_request(&arca, &req.id).await;
     assert_eq!(got.state, "EXECUTED");
     assert_eq!(got.digest, req.digest);
     assert!(!got.decided_at.is_empty());
-    let mut q = quorum_client(&arca, arca.token()).await;
+    let mut q = arca.quorum(arca.token()).await;
     let pending = q
         .list_requests(pb::ListRequestsRequest {
             state: "pending".into(),
@@ -422,7 +227,7 @@ async fn disable_through_quorum_and_reject() {
         "approval of a rejected request",
     );
     assert!(s.message().contains("rejected"), "{s:?}");
-    assert_eq!(key(&arca, "phi").await.versions.len(), 1);
+    assert_eq!(arca.key("phi").await.versions.len(), 1);
 }
 
 #[tokio::test]
@@ -447,7 +252,7 @@ async fn an_expired_request_takes_no_approvals() {
     let s = assert_code(e, Code::FailedPrecondition, "approval after expiry");
     assert!(s.message().contains("expired"), "{s:?}");
     assert_eq!(get_request(&arca, &req.id).await.state, "EXPIRED");
-    assert_eq!(key(&arca, "phi").await.versions.len(), 1);
+    assert_eq!(arca.key("phi").await.versions.len(), 1);
     // DisableKeyVersion is not in this policy: it runs at once.
     let r = arca
         .client()
@@ -477,17 +282,12 @@ async fn a_bad_policy_stops_the_server() {
     ] {
         let policy = root.path().join("bad.toml");
         std::fs::write(&policy, text).unwrap();
-        let out = std::process::Command::new(arca_bin())
-            .args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        let mut cmd = arca_command();
+        cmd.args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(root.path().join("data"))
             .arg("--quorum-policy")
-            .arg(&policy)
-            .env_remove("ARCA_HSM_MODULE")
-            .env_remove("SOFTHSM2_CONF")
-            .env_remove("ARCA_DATABASE_URL")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+            .arg(&policy);
+        let out = output_of(cmd).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "started with {text:?}");
         assert!(err.contains(says), "{says:?} not in: {err}");
@@ -529,7 +329,7 @@ async fn kill_9_after_the_third_approval_runs_the_operation_once_or_not_at_all()
             .log_text()
             .contains("approved request completed after unseal");
         let after = get_request(&arca, &req.id).await;
-        let versions = key(&arca, "phi").await.versions.len();
+        let versions = arca.key("phi").await.versions.len();
         let outcome = match after.state.as_str() {
             "EXECUTED" => {
                 assert_eq!(
@@ -553,7 +353,7 @@ async fn kill_9_after_the_third_approval_runs_the_operation_once_or_not_at_all()
                 // A third approval again: now it runs, once.
                 let r = cs.approve(&arca, 3, &req).await.unwrap();
                 assert_eq!(r.state, "EXECUTED");
-                assert_eq!(key(&arca, "phi").await.versions.len(), 2);
+                assert_eq!(arca.key("phi").await.versions.len(), 2);
                 "approval lost, completed by a new approval"
             }
             other => panic!("attempt {attempt}: request {other}: {after:?}"),
@@ -598,43 +398,19 @@ async fn no_share_at_rest_or_in_logs_after_approvals() {
         needles.push((format!("share {n} (raw)"), raw));
         needles.push((format!("share {n} (y raw)"), hex::decode(&hexpart).unwrap()));
         needles.push((format!("token {n}"), k.token.clone().into_bytes()));
-        needles.push((format!("totp secret {n}"), k.totp_secret.clone()));
+        needles.push((format!("totp secret {n}"), k.totp.secret().to_vec()));
     }
     needles.push((
         "a TOTP code".into(),
         format!("\"{open_code}\"").into_bytes(),
     ));
-    let mut haystacks: Vec<(String, Vec<u8>)> = arca.stored_bytes();
-    haystacks.push(("log".into(), arca.all_logs().into_bytes()));
-    for (name, hay) in &haystacks {
-        for (what, needle) in &needles {
-            assert!(
-                !hay.windows(needle.len()).any(|w| w == needle.as_slice()),
-                "{what} appears in {name}"
-            );
-        }
-    }
+    assert_absent(&needles, &arca.stored_bytes_and_logs());
 }
 
 #[tokio::test]
 async fn the_approval_through_the_cli() {
     let (arca, cs) = unsealed(three_of_five(Db::default())).await;
-    let run = |args: &[&str], token: &str| {
-        let out = std::process::Command::new(arca_bin())
-            .args(args)
-            .env("ARCA_ADDR", arca.url())
-            .env("ARCA_TOKEN", token)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
-    let (ok, out, err) = run(&["key", "rotate", "phi", "--output", "json"], arca.token());
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = arca.cli(arca.token()).json(&["key", "rotate", "phi"]).await;
     let id = v["approval_request"]["id"].as_str().unwrap().to_string();
     let digest = v["approval_request"]["digest"]
         .as_str()
@@ -643,7 +419,10 @@ async fn the_approval_through_the_cli() {
     assert_eq!(v["approval_request"]["digest_verified"], true);
 
     // What a custodian reads before approving.
-    let (ok, out, err) = run(&["request", "show", &id], &cs.kit(4).token);
+    let CliOutput { ok, out, err } = arca
+        .cli(&cs.kit(4).token)
+        .run(&["request", "show", &id])
+        .await;
     assert!(ok, "{err}");
     assert!(
         out.contains("RotateKey") && out.contains("key = phi"),
@@ -655,27 +434,15 @@ async fn the_approval_through_the_cli() {
         )),
         "{out}"
     );
-    let (ok, out, _) = run(&["request", "list", "--state", "pending"], arca.token());
+    let CliOutput { ok, out, .. } = arca
+        .cli(arca.token())
+        .run(&["request", "list", "--state", "pending"])
+        .await;
     assert!(ok && out.contains(&id), "{out}");
 
     for (i, n) in [4usize, 5, 1].into_iter().enumerate() {
-        let code = cs.code(n).await;
-        let share_file = cs.kit(n).share_file.to_str().unwrap().to_string();
-        let (ok, out, err) = run(
-            &[
-                "approve",
-                &id,
-                "--digest",
-                &digest,
-                "--share-file",
-                &share_file,
-                "--totp",
-                &code,
-                "--output",
-                "json",
-            ],
-            &cs.kit(n).token,
-        );
+        let CliOutput { ok, out, err } =
+            approve_by_cli(&arca, &cs, n, &id, &digest, &["--output", "json"]).await;
         assert!(ok, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["state"], if i < 2 { "PENDING" } else { "EXECUTED" });
@@ -683,16 +450,15 @@ async fn the_approval_through_the_cli() {
             assert_eq!(v["result"]["primary_version"], 2);
         }
     }
-    assert_eq!(key(&arca, "phi").await.versions.len(), 2);
+    assert_eq!(arca.key("phi").await.versions.len(), 2);
 
     // A wrong digest fails with the reason; a rejection through the CLI.
-    let (ok, out, err) = run(&["key", "rotate", "phi", "--output", "json"], arca.token());
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = arca.cli(arca.token()).json(&["key", "rotate", "phi"]).await;
     let id = v["approval_request"]["id"].as_str().unwrap().to_string();
-    let share_file = cs.kit(2).share_file.to_str().unwrap().to_string();
-    let (ok, _, err) = run(
-        &[
+    let share_file = cs.kit(2).share_file().to_str().unwrap().to_string();
+    let CliOutput { ok, err, .. } = arca
+        .cli(&cs.kit(2).token)
+        .run(&[
             "approve",
             &id,
             "--digest",
@@ -701,40 +467,30 @@ async fn the_approval_through_the_cli() {
             &share_file,
             "--totp",
             "000000",
-        ],
-        &cs.kit(2).token,
-    );
+        ])
+        .await;
     assert!(
         !ok && err.contains("InvalidArgument") && err.contains("digest"),
         "{err}"
     );
-    let (ok, out, err) = run(&["reject", &id, "--reason", "duplicate"], &cs.kit(2).token);
+    let CliOutput { ok, out, err } = arca
+        .cli(&cs.kit(2).token)
+        .run(&["reject", &id, "--reason", "duplicate"])
+        .await;
     assert!(ok, "{err}");
     assert!(
         out.contains("REJECTED") && out.contains("duplicate"),
         "{out}"
     );
-    assert_eq!(key(&arca, "phi").await.versions.len(), 2);
+    assert_eq!(arca.key("phi").await.versions.len(), 2);
 }
 
 #[tokio::test]
 async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian() {
     let (arca, cs) = unsealed(three_of_five(Db::default())).await;
-    let run = |args: &[&str], token: &str| {
-        let out = std::process::Command::new(arca_bin())
-            .args(args)
-            .env("ARCA_ADDR", arca.url())
-            .env("ARCA_TOKEN", token)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
-    let (ok, _, err) = run(
-        &[
+    let CliOutput { ok, err, .. } = arca
+        .cli(arca.token())
+        .run(&[
             "operator",
             "rekey",
             "--threshold",
@@ -745,12 +501,12 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
             "new-1",
             "--custodian",
             "new-2",
-        ],
-        arca.token(),
-    );
+        ])
+        .await;
     assert!(!ok && err.contains("--shares"), "{err}");
-    let (ok, out, err) = run(
-        &[
+    let v = arca
+        .cli(arca.token())
+        .json(&[
             "operator",
             "rekey",
             "--threshold",
@@ -761,13 +517,8 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
             "new-2",
             "--custodian",
             "new-3",
-            "--output",
-            "json",
-        ],
-        arca.token(),
-    );
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        ])
+        .await;
     let id = v["approval_request"]["id"].as_str().unwrap().to_string();
     let digest = v["approval_request"]["digest"]
         .as_str()
@@ -778,23 +529,15 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
 
     let out_dir = arca.root().join("new-kits");
     for (i, n) in [4usize, 5, 1].into_iter().enumerate() {
-        let code = cs.code(n).await;
-        let share_file = cs.kit(n).share_file.to_str().unwrap().to_string();
-        let (ok, out, err) = run(
-            &[
-                "approve",
-                &id,
-                "--digest",
-                &digest,
-                "--share-file",
-                &share_file,
-                "--totp",
-                &code,
-                "--out-dir",
-                out_dir.to_str().unwrap(),
-            ],
-            &cs.kit(n).token,
-        );
+        let CliOutput { ok, out, err } = approve_by_cli(
+            &arca,
+            &cs,
+            n,
+            &id,
+            &digest,
+            &["--out-dir", out_dir.to_str().unwrap()],
+        )
+        .await;
         assert!(ok, "{err}");
         if i < 2 {
             assert!(out.contains("PENDING") && !out_dir.exists(), "{out}");
@@ -819,6 +562,9 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
         assert!(share.starts_with(&format!("arca-share-v1:{n}:")), "{share}");
     }
     // The old custodians' tokens are revoked.
-    let (ok, _, err) = run(&["request", "show", &id], &cs.kit(2).token);
+    let CliOutput { ok, err, .. } = arca
+        .cli(&cs.kit(2).token)
+        .run(&["request", "show", &id])
+        .await;
     assert!(!ok && err.contains("Unauthenticated"), "{err}");
 }

@@ -17,11 +17,12 @@ use arca::grpc::pb::audit_service_client::AuditServiceClient;
 use arca::grpc::pb::key_service_client::KeyServiceClient;
 use arca::grpc::pb::quorum_service_client::QuorumServiceClient;
 use base64::Engine;
-use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{create_key, ctx, generate, unwrap, wait_health, Db, TestArca};
+use crate::support::{
+    contains, create_key, ctx, generate, unwrap, wait_health, Auth, Db, Kit, TestArca,
+};
 
 /// A request with an `x-request-id` and, optionally, a bearer token.
 fn req<T>(msg: T, token: Option<&str>, rid: &str) -> tonic::Request<T> {
@@ -35,14 +36,11 @@ fn req<T>(msg: T, token: Option<&str>, rid: &str) -> tonic::Request<T> {
     r
 }
 
-async fn audit_client(arca: &TestArca) -> AuditServiceClient<Channel> {
-    AuditServiceClient::new(arca.channel().await)
-}
-
 /// A fresh token of an auditor (the policy binds `auditor:*` to the role that reads the
 /// trail; the dev admin does not). Minting it is itself a `CreateToken` record.
 async fn auditor(arca: &TestArca) -> String {
-    AccessServiceClient::new(arca.channel().await)
+    arca.access(Auth::none())
+        .await
         .create_token(req(
             pb::CreateTokenRequest {
                 principal: "auditor:it".into(),
@@ -63,7 +61,7 @@ async fn auditor(arca: &TestArca) -> String {
 /// Every record, decrypted, through QueryAudit with an auditor's token.
 async fn export(arca: &TestArca) -> Vec<pb::AuditRecord> {
     let auditor = auditor(arca).await;
-    let mut c = audit_client(arca).await;
+    let mut c = arca.audit(Auth::none()).await;
     let mut out = Vec::new();
     let mut token = String::new();
     for page in 0.. {
@@ -99,7 +97,7 @@ async fn verify(arca: &TestArca) -> pb::VerifyAuditResponse {
 
 /// VerifyAudit with `auditor`'s token (for a trail that no longer takes new records).
 async fn verify_as(arca: &TestArca, auditor: &str) -> pb::VerifyAuditResponse {
-    audit_client(arca)
+    arca.audit(Auth::none())
         .await
         .verify_audit(req(
             pb::VerifyAuditRequest { from_seq: 0 },
@@ -111,11 +109,6 @@ async fn verify_as(arca: &TestArca, auditor: &str) -> pb::VerifyAuditResponse {
         .into_inner()
 }
 
-/// Runs SQL on the server's database (sqlite3 or psql) and returns its output.
-fn sql(arca: &TestArca, stmt: &str) -> Result<String, String> {
-    arca.sql(stmt)
-}
-
 fn checkpoints(arca: &TestArca) -> PathBuf {
     arca.data_dir().join("audit-checkpoints.jsonl")
 }
@@ -124,7 +117,8 @@ fn checkpoints(arca: &TestArca) -> PathBuf {
 async fn wait_rows(arca: &TestArca, n: u64) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
-        if sql(arca, "SELECT count(*) FROM audit_log")
+        if arca
+            .sql("SELECT count(*) FROM audit_log")
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
             .is_some_and(|c| c >= n)
@@ -612,8 +606,7 @@ async fn every_rpc_writes_exactly_one_record(db: Db) {
         .seal(req(pb::SealRequest {}, t, "t-seal"))
         .await
         .unwrap();
-    let last = sql(
-        &arca,
+    let last = arca.sql(
         "SELECT operation || '|' || result || '|' || dek_id FROM audit_log ORDER BY seq DESC LIMIT 1",
     )
     .unwrap();
@@ -666,7 +659,9 @@ async fn nothing_secret_reaches_the_database_checkpoints_or_logs(db: Db) {
         "context value".into(),
         b"consent-secret-value-31337".to_vec(),
     ));
-    let minted = AccessServiceClient::new(arca.channel().await)
+    let minted = arca
+        .access(Auth::none())
+        .await
         .create_token(req(
             pb::CreateTokenRequest {
                 principal: "svc:x".into(),
@@ -682,7 +677,9 @@ async fn nothing_secret_reaches_the_database_checkpoints_or_logs(db: Db) {
     secrets.push(("minted token".into(), minted.token.clone().into_bytes()));
     // A failed authentication with a token that looks real.
     let fake = format!("arca_{}", hex::encode(crate::support::random_bytes(32)));
-    let _ = KeyServiceClient::new(arca.channel().await)
+    let _ = arca
+        .keys(Auth::none())
+        .await
         .get_key(req(
             pb::GetKeyRequest { name: "phi".into() },
             Some(&fake),
@@ -728,10 +725,7 @@ async fn nothing_secret_reaches_the_database_checkpoints_or_logs(db: Db) {
         for (hay, bytes) in &haystacks {
             for form in &forms {
                 let needle = &form[..form.len().min(40)];
-                assert!(
-                    !bytes.windows(needle.len()).any(|w| w == needle),
-                    "{what} found in {hay}"
-                );
+                assert!(!contains(bytes, needle), "{what} found in {hay}");
             }
         }
     }
@@ -758,26 +752,27 @@ async fn tampering_is_found_at_the_first_bad_seq() {
     let dbf = arca.data_dir().join("arca.db");
     let pristine = arca.root().join("pristine.db");
     // Fold the WAL into the file so one copy holds everything.
-    sql(&arca, "PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    arca.sql("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
     std::fs::copy(&dbf, &pristine).unwrap();
     let pristine_cp = std::fs::read(checkpoints(&arca)).unwrap();
-    let last: u64 = sql(&arca, "SELECT max(seq) FROM audit_log")
+    let last: u64 = arca
+        .sql("SELECT max(seq) FROM audit_log")
         .unwrap()
         .parse()
         .unwrap();
     // A seal boundary in the middle, for the cut.
-    let cut: u64 = sql(
-        &arca,
-        &format!("SELECT max(seq) FROM audit_seals WHERE seq <= {}", last / 2),
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
+    let cut: u64 = arca
+        .sql(&format!(
+            "SELECT max(seq) FROM audit_seals WHERE seq <= {}",
+            last / 2
+        ))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(cut >= 5, "cut at {cut}");
 
     // The forged row: chained correctly after the last one, but beyond the head.
-    let row = sql(
-        &arca,
+    let row = arca.sql(
         &format!("SELECT time_ms, kind, operation, result, dek_id, body, hash FROM audit_log WHERE seq = {last}"),
     )
     .unwrap();
@@ -847,7 +842,7 @@ async fn tampering_is_found_at_the_first_bad_seq() {
         std::fs::copy(&pristine, &dbf).unwrap();
         std::fs::write(checkpoints(&arca), &pristine_cp).unwrap();
         if !tamper.is_empty() {
-            sql(&arca, &tamper).unwrap_or_else(|e| panic!("{what}: {e}"));
+            arca.sql(&tamper).unwrap_or_else(|e| panic!("{what}: {e}"));
         }
         arca.start_with(TestArca::builder()).await;
         let v = verify_as(&arca, &eve).await;
@@ -880,7 +875,7 @@ async fn the_database_refuses_update_and_delete(db: Db) {
     wait_rows(&arca, 3).await;
     // Seals trail the head: wait for one, so that every table has rows to refuse.
     let start = Instant::now();
-    while sql(&arca, "SELECT count(*) FROM audit_seals").unwrap() == "0" {
+    while arca.sql("SELECT count(*) FROM audit_seals").unwrap() == "0" {
         assert!(start.elapsed() < Duration::from_secs(10), "no seal");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -893,18 +888,19 @@ async fn the_database_refuses_update_and_delete(db: Db) {
         "DELETE FROM audit_deks",
         "UPDATE audit_head SET seq = 0",
     ] {
-        let e = sql(&arca, stmt).expect_err(stmt);
+        let e = arca.sql(stmt).expect_err(stmt);
         assert!(
             e.contains("append-only") || e.contains("only moves forward"),
             "{stmt}: {e}"
         );
     }
     if arca.postgres().is_some() {
-        let e = sql(&arca, "TRUNCATE audit_log").expect_err("truncate");
+        let e = arca.sql("TRUNCATE audit_log").expect_err("truncate");
         assert!(e.contains("append-only"), "{e}");
     }
     assert_eq!(
-        sql(&arca, "SELECT result FROM audit_log WHERE seq = 2").unwrap(),
+        arca.sql("SELECT result FROM audit_log WHERE seq = 2")
+            .unwrap(),
         "0"
     );
 }
@@ -926,7 +922,7 @@ async fn an_unwritable_log_fails_closed_then_recovers_with_an_unbroken_chain(db:
     } else {
         "CREATE TRIGGER audit_block BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'blocked by the test'); END"
     };
-    sql(&arca, block).unwrap();
+    arca.sql(block).unwrap();
     for _ in 0..3 {
         let st = unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap_err();
         assert_eq!(st.code(), Code::Unavailable, "{st:?}");
@@ -953,7 +949,7 @@ async fn an_unwritable_log_fails_closed_then_recovers_with_an_unbroken_chain(db:
     } else {
         "DROP TRIGGER audit_block"
     };
-    sql(&arca, drop_block).unwrap();
+    arca.sql(drop_block).unwrap();
     assert!(
         wait_health(&mut h, ServingStatus::Serving, Duration::from_secs(5))
             .await
@@ -1124,18 +1120,16 @@ async fn five_bad_totp_codes_raise_an_alert() {
         .arg(&url)
         .start()
         .await;
-    let dir = arca.data_dir().join("custodians").join("custodian-1");
-    let share = std::fs::read_to_string(dir.join("share")).unwrap();
-    let token = std::fs::read_to_string(dir.join("token")).unwrap();
-    let mut q = QuorumServiceClient::new(arca.channel().await);
+    let kit = Kit::custodian(&arca, 1);
+    let mut q = arca.quorum(Auth::none()).await;
     for i in 0..5 {
         let st = q
             .unseal(req(
                 pb::UnsealRequest {
-                    share: share.trim().to_string(),
+                    share: kit.share.clone(),
                     totp: "000000".into(),
                 },
-                Some(token.trim()),
+                Some(&kit.token),
                 &format!("totp-{i}"),
             ))
             .await
@@ -1150,7 +1144,9 @@ async fn five_bad_totp_codes_raise_an_alert() {
     assert!(bodies.lock().unwrap()[0].contains("failed_custodian_check"));
     // Sealed: the records are in clear, the alert among them.
     wait_rows(&arca, 7).await;
-    let alert = sql(&arca, "SELECT body FROM audit_log WHERE kind = 'alert'").unwrap();
+    let alert = arca
+        .sql("SELECT body FROM audit_log WHERE kind = 'alert'")
+        .unwrap();
     let body = base64::engine::general_purpose::STANDARD
         .decode(alert.trim())
         .unwrap();
@@ -1212,16 +1208,6 @@ async fn two_nodes_on_one_postgres_keep_one_gapless_chain() {
     assert!(v.ok, "{v:?}");
 }
 
-fn cli(arca: &TestArca, token: &str, args: &[&str]) -> std::process::Output {
-    Command::new(crate::support::arca_bin())
-        .args(args)
-        .env("ARCA_ADDR", arca.url())
-        .env("ARCA_TOKEN", token)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run arca")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_verifies_queries_and_exports() {
     let arca = TestArca::start().await;
@@ -1231,45 +1217,31 @@ async fn the_cli_verifies_queries_and_exports() {
     let dk = generate(&mut c, "cli-k", &context).await;
     unwrap(&mut c, &dk.wrapped_key, &context).await.unwrap();
     let eve = auditor(&arca).await;
-    let a = Arc::new(arca);
-    let arca2 = Arc::clone(&a);
-    let (verify_out, query_out, export_out, denied, admin) =
-        tokio::task::spawn_blocking(move || {
-            let arca = arca2.as_ref();
-            (
-                cli(arca, &eve, &["audit", "verify"]),
-                cli(
-                    arca,
-                    &eve,
-                    &[
-                        "audit",
-                        "query",
-                        "--op",
-                        "UnwrapKey",
-                        "--since",
-                        "1h",
-                        "--output",
-                        "json",
-                    ],
-                ),
-                cli(arca, &eve, &["audit", "export", "--format", "jsonl"]),
-                Command::new(crate::support::arca_bin())
-                    .args(["audit", "export"])
-                    .env("ARCA_ADDR", arca.url())
-                    .env("ARCA_TOKEN", "arca_wrong")
-                    .stdin(Stdio::null())
-                    .output()
-                    .unwrap(),
-                // Administering keys and tokens does not make one an auditor.
-                cli(arca, arca.token(), &["audit", "verify"]),
-            )
-        })
-        .await
-        .unwrap();
-    assert!(verify_out.status.success(), "{verify_out:?}");
-    let text = String::from_utf8_lossy(&verify_out.stdout);
-    assert!(text.starts_with("OK: "), "{text}");
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&query_out.stdout)
+    let verify_out = arca.cli(&eve).run(&["audit", "verify"]).await;
+    let query_out = arca
+        .cli(&eve)
+        .run(&[
+            "audit",
+            "query",
+            "--op",
+            "UnwrapKey",
+            "--since",
+            "1h",
+            "--output",
+            "json",
+        ])
+        .await;
+    let export_out = arca
+        .cli(&eve)
+        .run(&["audit", "export", "--format", "jsonl"])
+        .await;
+    let denied = arca.cli("arca_wrong").run(&["audit", "export"]).await;
+    // Administering keys and tokens does not make one an auditor.
+    let admin = arca.cli(arca.token()).run(&["audit", "verify"]).await;
+    assert!(verify_out.ok, "{verify_out:?}");
+    assert!(verify_out.out.starts_with("OK: "), "{}", verify_out.out);
+    let lines: Vec<serde_json::Value> = query_out
+        .out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -1277,7 +1249,8 @@ async fn the_cli_verifies_queries_and_exports() {
     assert_eq!(lines[0]["operation"], "UnwrapKey");
     assert_eq!(lines[0]["key_name"], "cli-k");
     assert_eq!(lines[0]["principal"], "dev-admin");
-    let exported: Vec<serde_json::Value> = String::from_utf8_lossy(&export_out.stdout)
+    let exported: Vec<serde_json::Value> = export_out
+        .out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -1287,13 +1260,10 @@ async fn the_cli_verifies_queries_and_exports() {
         .map(|r| r["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
-    assert!(!denied.status.success());
-    assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
-    assert!(!admin.status.success());
-    assert!(
-        String::from_utf8_lossy(&admin.stderr).contains("PermissionDenied"),
-        "{admin:?}"
-    );
+    assert!(!denied.ok);
+    assert!(denied.err.contains("Unauthenticated"));
+    assert!(!admin.ok);
+    assert!(admin.err.contains("PermissionDenied"), "{admin:?}");
 }
 
 /// The gRPC code name an audit record uses.
@@ -1322,7 +1292,7 @@ fn code_name(c: Code) -> &'static str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_whose_deadline_passes_cannot_skip_the_record() {
     let arca = TestArca::start().await;
-    let mut keys = KeyServiceClient::new(arca.channel().await);
+    let mut keys = arca.keys(Auth::none()).await;
     let t = arca.token().to_string();
     // CreateKey makes an HSM key and commits: longer than these deadlines, so tonic
     // drops the calls' futures while the handlers run.

@@ -7,18 +7,16 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::support::{create_key, ctx, generate, postgres_url, unwrap, Db, KeyClient, TestArca};
+use crate::support::database::{psql_query, PrivatePg};
+use crate::support::{
+    create_key, ctx, generate, get_key, lifecycle_policy, mint_token, postgres_url,
+    request_rotation, three_of_five, unsealed, unwrap, version_state, Builder, Db, KeyClient,
+    TestArca,
+};
 use arca::grpc::pb;
 
 /// How long a change on one node may take to reach the other (DESIGN §7).
 const PROPAGATION: Duration = Duration::from_secs(1);
-
-async fn get_key(c: &mut KeyClient, name: &str) -> pb::Key {
-    c.get_key(pb::GetKeyRequest { name: name.into() })
-        .await
-        .unwrap_or_else(|s| panic!("GetKey {name}: {s:?}"))
-        .into_inner()
-}
 
 async fn set_enabled(c: &mut KeyClient, name: &str, version: u32, enabled: bool) {
     let req = pb::KeyVersionRequest {
@@ -204,37 +202,10 @@ async fn two_nodes_share_keys_and_see_each_others_changes_within_a_second() {
 
 /// Job options for two-node lifecycle tests: any waiting period from 1 s, passes every
 /// 200 ms, and a lease of `lease`.
-fn lifecycle_nodes(root: &std::path::Path, lease: &str) -> crate::support::Builder {
-    let policy = root.join("lifecycle.toml");
-    std::fs::write(
-        &policy,
-        "version = 1\ndefault_waiting_period = \"7d\"\nmin_waiting_period = \"1s\"\n\
-         max_waiting_period = \"90d\"\nmin_rotation_period = \"1s\"\nusage_limit = 1073741824\n",
-    )
-    .unwrap();
+fn lifecycle_nodes(root: &std::path::Path, lease: &str) -> Builder {
     TestArca::builder()
         .backend(Db::Postgres)
-        .arg("--lifecycle-policy")
-        .arg(policy)
-        .arg("--job-interval")
-        .arg("200ms")
-        .arg("--job-lease")
-        .arg(lease)
-}
-
-fn version_state(k: &pb::Key, v: u32) -> pb::KeyVersionState {
-    k.versions
-        .iter()
-        .find(|x| x.version == v)
-        .map(|x| x.state())
-        .unwrap()
-}
-
-fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
+        .fast_jobs(&lifecycle_policy(root, "7d", 1 << 30), lease)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,28 +271,21 @@ async fn retire_and_destroy_on_a_and_revoke_on_b_reach_the_other_node_within_a_s
     );
 
     // A token made and used on A, revoked on B: A refuses it within a second.
-    let mut access_a = pb::access_service_client::AccessServiceClient::new(a.channel().await);
-    let mut access_b = pb::access_service_client::AccessServiceClient::new(b.channel().await);
-    let t = access_a
-        .create_token(authed(
-            a.token(),
-            pb::CreateTokenRequest {
-                principal: "svc:cluster".into(),
-                ..Default::default()
-            },
-        ))
+    let t = a
+        .access(a.token())
+        .await
+        .create_token(pb::CreateTokenRequest {
+            principal: "svc:cluster".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    let mut with_token = a
-        .client_with_header(Some(&format!("Bearer {}", t.token)))
-        .await;
+    let mut with_token = a.keys(&t.token).await;
     get_key(&mut with_token, "shred").await;
-    access_b
-        .revoke_token(authed(
-            b.token(),
-            pb::RevokeTokenRequest { id: t.id.clone() },
-        ))
+    b.access(b.token())
+        .await
+        .revoke_token(pb::RevokeTokenRequest { id: t.id.clone() })
         .await
         .unwrap();
     let took = within_propagation("revocation on B reaching A", || {
@@ -364,12 +328,11 @@ async fn kill_9_of_the_lease_holder_hands_the_jobs_to_the_other_node_after_the_l
     .await
     .unwrap();
     let holder = |url: &str| {
-        let out = std::process::Command::new("psql")
-            .args(["-X", "-q", "-t", "-A", "-d", url, "-c"])
-            .arg("SELECT holder FROM job_leases WHERE name = 'lifecycle'")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        psql_query(
+            url,
+            "SELECT holder FROM job_leases WHERE name = 'lifecycle'",
+        )
+        .unwrap()
     };
     let first = holder(&url);
     assert!(!first.is_empty(), "no lease holder");
@@ -409,53 +372,8 @@ async fn kill_9_of_the_lease_holder_hands_the_jobs_to_the_other_node_after_the_l
     eprintln!("jobs handed over; destruction {destroyed_after:?} after the kill");
 }
 
-/// A private PostgreSQL cluster (`scripts/throwaway-postgres`), stopped and removed on
-/// drop, so that this test can stop and start its database without touching the one the
-/// other tests share.
-struct PrivatePg {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-impl PrivatePg {
-    fn run(cmd: &str, dir: &std::path::Path) -> String {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-postgres");
-        let out = std::process::Command::new(script)
-            .arg(cmd)
-            .arg(dir.join("pg"))
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("scripts/throwaway-postgres");
-        assert!(
-            out.status.success(),
-            "throwaway-postgres {cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn start() -> PrivatePg {
-        let dir = tempfile::Builder::new()
-            .prefix("arca-it-pg-")
-            .tempdir()
-            .unwrap();
-        // The postgres user (when run as root) must reach the directory.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-        let url = Self::run("start", dir.path());
-        PrivatePg { dir, url }
-    }
-}
-
-impl Drop for PrivatePg {
-    fn drop(&mut self) {
-        Self::run("remove", self.dir.path());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvals_on_two_nodes_with_the_last_two_at_once_run_the_operation_once() {
-    use crate::approvals::{request_rotation, three_of_five, unsealed};
     if postgres_url("cluster::approvals_on_two_nodes").is_none() {
         return;
     }
@@ -485,7 +403,7 @@ async fn approvals_on_two_nodes_with_the_last_two_at_once_run_the_operation_once
     assert!(results.iter().any(|r| r.is_ok()), "{results:?}");
     // One new version, seen the same on both nodes.
     for n in [&a, &b] {
-        let k = get_key(&mut n.client().await, "phi").await;
+        let k = n.key("phi").await;
         let versions: Vec<u32> = k.versions.iter().map(|v| v.version).collect();
         assert_eq!(versions, vec![1, 2], "the rotation ran once");
     }
@@ -555,7 +473,7 @@ async fn postgres_restarted_under_64_callers_fails_cleanly_and_recovers_without_
     let pg = PrivatePg::start();
     let mut arca = TestArca::builder()
         .arg("--database")
-        .arg(&pg.url)
+        .arg(pg.url())
         .start()
         .await;
     let pid_before = arca.is_running();
@@ -594,19 +512,11 @@ async fn postgres_restarted_under_64_callers_fails_cleanly_and_recovers_without_
         });
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let dir = pg.dir.path().to_path_buf();
     let stopped_at = t0.elapsed();
-    tokio::task::spawn_blocking({
-        let dir = dir.clone();
-        move || PrivatePg::run("stop", &dir)
-    })
-    .await
-    .unwrap();
+    pg.stop().await;
     let down_at = t0.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    tokio::task::spawn_blocking(move || PrivatePg::run("resume", &dir))
-        .await
-        .unwrap();
+    pg.resume().await;
     let up_at = t0.elapsed();
 
     let mut outcomes = Vec::new();
@@ -657,57 +567,23 @@ async fn postgres_restarted_under_64_callers_fails_cleanly_and_recovers_without_
     // No audit record was lost: every call answered has its record (the refused ones
     // are written after the outage, with their refusal), every answer that carried a
     // data key has an OK record, and the chain verifies.
-    let counted = |sql: &str| -> u64 {
-        let out = std::process::Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                &pg.url,
-                "-c",
-                sql,
-            ])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
+    let counted = |sql: &str| -> u64 { psql_query(pg.url(), sql).unwrap().parse().unwrap() };
     let calls = outcomes.len() as u64;
     let ok_calls = outcomes.iter().filter(|(_, e)| e.is_none()).count() as u64;
     let records = counted("SELECT COUNT(*) FROM audit_log WHERE operation = 'UnwrapKey'");
     let ok_records =
         counted("SELECT COUNT(*) FROM audit_log WHERE operation = 'UnwrapKey' AND result = 0");
-    let auditor = pb::access_service_client::AccessServiceClient::new(arca.channel().await)
-        .create_token(bearer(
-            pb::CreateTokenRequest {
-                principal: "auditor:pg-restart".into(),
-                ..Default::default()
-            },
-            arca.token(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let auditor = mint_token(&arca, "auditor:pg-restart", &[]).await;
     // An OK record whose caller was refused all the same (its batch committed after the
     // caller's time ran out, or was found stored after being reported failed) is named by
     // an `audit.responses_withheld` or `audit.late_commit` record.
     let withheld = withheld_seqs(&arca, &auditor).await;
-    let ok_seqs = std::process::Command::new("psql")
-        .args(["-X", "-q", "-At", "-d", &pg.url, "-c"])
-        .arg("SELECT seq FROM audit_log WHERE operation = 'UnwrapKey' AND result = 0")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("psql");
-    let ok_withheld = String::from_utf8_lossy(&ok_seqs.stdout)
+    let ok_seqs = psql_query(
+        pg.url(),
+        "SELECT seq FROM audit_log WHERE operation = 'UnwrapKey' AND result = 0",
+    )
+    .unwrap();
+    let ok_withheld = ok_seqs
         .lines()
         .filter_map(|l| l.trim().parse::<u64>().ok())
         .filter(|s| withheld.contains(s))
@@ -721,8 +597,10 @@ async fn postgres_restarted_under_64_callers_fails_cleanly_and_recovers_without_
         ok_calls,
         "one OK record, not named withheld, per unwrap answered OK"
     );
-    let v = pb::audit_service_client::AuditServiceClient::new(arca.channel().await)
-        .verify_audit(bearer(pb::VerifyAuditRequest { from_seq: 0 }, &auditor))
+    let v = arca
+        .audit(&auditor)
+        .await
+        .verify_audit(pb::VerifyAuditRequest { from_seq: 0 })
         .await
         .unwrap()
         .into_inner();
@@ -733,20 +611,17 @@ async fn postgres_restarted_under_64_callers_fails_cleanly_and_recovers_without_
 /// The seqs that `audit.responses_withheld` and `audit.late_commit` records name.
 async fn withheld_seqs(arca: &TestArca, auditor: &str) -> std::collections::BTreeSet<u64> {
     let mut out = std::collections::BTreeSet::new();
-    let mut c = pb::audit_service_client::AuditServiceClient::new(arca.channel().await);
+    let mut c = arca.audit(auditor).await;
     for op in ["audit.responses_withheld", "audit.late_commit"] {
         let mut token = String::new();
         loop {
             let page = c
-                .query_audit(bearer(
-                    pb::QueryAuditRequest {
-                        operation: op.into(),
-                        page_size: 1000,
-                        page_token: token.clone(),
-                        ..Default::default()
-                    },
-                    auditor,
-                ))
+                .query_audit(pb::QueryAuditRequest {
+                    operation: op.into(),
+                    page_size: 1000,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -774,14 +649,4 @@ async fn withheld_seqs(arca: &TestArca, auditor: &str) -> std::collections::BTre
         }
     }
     out
-}
-
-/// `msg` with `authorization: Bearer TOKEN`.
-fn bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    r
 }

@@ -1,9 +1,9 @@
 //! `--database` / `ARCA_DATABASE_URL`: where the state goes, and that a URL's password
 //! never reaches an error, a log line or `--help`.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use crate::support::{arca_bin, create_key, ctx, generate, unwrap, TestArca};
+use crate::support::{arca_command, create_key, ctx, generate, output_of, unwrap, TestArca};
 
 const PASSWORD: &str = "pw-5f1c-never-shown";
 
@@ -11,28 +11,14 @@ const PASSWORD: &str = "pw-5f1c-never-shown";
 async fn run_arca(args: &[&str], env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(arca_bin())
-            .args(&args)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .env_remove("ARCA_HSM_MODULE")
-            .env_remove("SOFTHSM2_CONF")
-            .env_remove("ARCA_DATABASE_URL")
-            .envs(env)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run arca");
-        drop(dir);
-        out
-    })
-    .await
-    .expect("join")
+    let mut cmd = arca_command();
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .envs(env.iter().copied());
+    let out = output_of(cmd).await;
+    drop(dir);
+    out
 }
 
 #[tokio::test]

@@ -2,54 +2,8 @@
 //! labelled `arca:<key-id>:v<n>`: read back through PKCS#11 with OpenSC's `pkcs11-tool`,
 //! independently of Arca's own code.
 
-use std::process::{Command, Stdio};
-
+use crate::support::hsm::{list_secret_keys, Object};
 use crate::support::{create_key, rotate, TestArca};
-
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-/// One object as `pkcs11-tool --list-objects` prints it:
-/// ```text
-/// Secret Key Object; AES length 32
-///   label:      arca:2193abf9-3ebc-49d9-9ce2-aedd5f852e5f:v1
-///   ID:         645ee3edc372e8f1b3b00e6f4018b2bc
-///   Usage:      encrypt, decrypt
-///   Access:     sensitive, always sensitive, never extractable, local
-/// ```
-#[derive(Debug, Default)]
-struct Object {
-    header: String,
-    fields: Vec<(String, String)>,
-}
-
-impl Object {
-    fn field(&self, name: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn parse_objects(out: &str) -> Vec<Object> {
-    let mut objects: Vec<Object> = Vec::new();
-    for line in out.lines() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        if !line.starts_with(' ') {
-            objects.push(Object {
-                header: line.trim().to_string(),
-                ..Object::default()
-            });
-        } else if let (Some(obj), Some((k, v))) = (objects.last_mut(), line.trim().split_once(':'))
-        {
-            obj.fields
-                .push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    objects
-}
 
 #[tokio::test]
 async fn key_version_objects_are_sensitive_and_never_extractable() {
@@ -116,83 +70,6 @@ async fn key_version_objects_are_sensitive_and_never_extractable() {
     // Distinct versions are distinct objects.
     let ids: std::collections::HashSet<_> = objects.iter().filter_map(|o| o.field("ID")).collect();
     assert!(ids.len() >= 2, "{objects:?}");
-}
-
-/// Lists the token's secret keys through `pkcs11-tool` (the server may be running).
-async fn list_secret_keys(arca: &TestArca) -> Vec<Object> {
-    let dir = arca.data_dir().to_path_buf();
-    let pin = std::fs::read_to_string(dir.join("hsm-pin"))
-        .expect("DIR/hsm-pin")
-        .trim()
-        .to_string();
-    secret_keys_with_pin(dir, pin).await
-}
-
-/// The `CKA_ID`s (hex) of every secret key on the dev token of data dir `dir`, listed
-/// through `pkcs11-tool` with the user PIN `pin`.
-pub(crate) async fn secret_key_ids(dir: std::path::PathBuf, pin: String) -> Vec<String> {
-    secret_keys_with_pin(dir, pin)
-        .await
-        .iter()
-        .filter_map(|o| o.field("ID").map(str::to_string))
-        .collect()
-}
-
-/// Sets the user PIN of the dev token in data dir `dir` with its SO PIN
-/// (`DIR/hsm-so-pin`), through `pkcs11-tool`: how an operator holding the SO PIN reaches
-/// the objects of a token whose user PIN only the custodians can open.
-pub(crate) async fn so_set_user_pin(dir: std::path::PathBuf, new_pin: String) {
-    let so = std::fs::read_to_string(dir.join("hsm-so-pin"))
-        .expect("DIR/hsm-so-pin")
-        .trim()
-        .to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("pkcs11-tool")
-            .args(["--module", SOFTHSM_MODULE, "--token-label", "arca-dev"])
-            .args(["--login", "--login-type", "so", "--so-pin"])
-            .arg(&so)
-            .args(["--init-pin", "--new-pin"])
-            .arg(&new_pin)
-            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("pkcs11-tool (apt-get install opensc)")
-    })
-    .await
-    .expect("join");
-    assert!(
-        out.status.success(),
-        "pkcs11-tool --init-pin failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-async fn secret_keys_with_pin(dir: std::path::PathBuf, pin: String) -> Vec<Object> {
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                SOFTHSM_MODULE,
-                "--token-label",
-                "arca-dev",
-                "--login",
-                "--pin",
-            ])
-            .arg(&pin)
-            .args(["--list-objects", "--type", "secrkey"])
-            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("pkcs11-tool (apt-get install opensc)")
-    })
-    .await
-    .expect("join");
-    assert!(
-        out.status.success(),
-        "pkcs11-tool failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_objects(&String::from_utf8_lossy(&out.stdout))
 }
 
 #[tokio::test]

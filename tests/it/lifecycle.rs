@@ -4,20 +4,12 @@
 use tonic::Code;
 
 use crate::support::{
-    assert_code, create_key, ctx, generate, rotate, unwrap, uuid_bytes, Db, TestArca,
+    assert_code, create_key, ctx, generate, rotate, unwrap, uuid_bytes, version_state, Db, TestArca,
 };
 use arca::grpc::pb;
 
 fn version_in(blob: &[u8]) -> u32 {
     u32::from_be_bytes(blob[17..21].try_into().expect("4 bytes"))
-}
-
-fn state_of(key: &pb::Key, version: u32) -> pb::KeyVersionState {
-    key.versions
-        .iter()
-        .find(|v| v.version == version)
-        .unwrap_or_else(|| panic!("no version {version} in {key:?}"))
-        .state()
 }
 
 on_both_backends!(
@@ -47,8 +39,8 @@ async fn rotation_wraps_under_v2_keeps_v1_unwrapping_and_rewrap_moves_blobs(db: 
     assert_eq!(rotated.primary_version, 2);
     assert_eq!(rotated.id, key.id, "rotation changed the key id");
     assert_eq!(rotated.versions.len(), 2);
-    assert_eq!(state_of(&rotated, 1), pb::KeyVersionState::Enabled);
-    assert_eq!(state_of(&rotated, 2), pb::KeyVersionState::Enabled);
+    assert_eq!(version_state(&rotated, 1), pb::KeyVersionState::Enabled);
+    assert_eq!(version_state(&rotated, 2), pb::KeyVersionState::Enabled);
     let got = c
         .get_key(pb::GetKeyRequest {
             name: "rotating".into(),
@@ -202,8 +194,8 @@ async fn a_disabled_version_refuses_unwrap_and_enabling_restores_it(db: Db) {
 
     // Disable v1: its blobs are refused with FAILED_PRECONDITION, at once.
     let k = set(1, false).await;
-    assert_eq!(state_of(&k, 1), pb::KeyVersionState::Disabled);
-    assert_eq!(state_of(&k, 2), pb::KeyVersionState::Enabled);
+    assert_eq!(version_state(&k, 1), pb::KeyVersionState::Disabled);
+    assert_eq!(version_state(&k, 2), pb::KeyVersionState::Enabled);
     assert_code(
         unwrap(&mut c, &v1.wrapped_key, &context).await,
         Code::FailedPrecondition,
@@ -231,12 +223,12 @@ async fn a_disabled_version_refuses_unwrap_and_enabling_restores_it(db: Db) {
         .await
         .expect("GetKey")
         .into_inner();
-    assert_eq!(state_of(&got, 1), pb::KeyVersionState::Disabled);
+    assert_eq!(version_state(&got, 1), pb::KeyVersionState::Disabled);
 
     // Disabling again is harmless; enabling restores unwrap.
     set(1, false).await;
     let k = set(1, true).await;
-    assert_eq!(state_of(&k, 1), pb::KeyVersionState::Enabled);
+    assert_eq!(version_state(&k, 1), pb::KeyVersionState::Enabled);
     let u = unwrap(&mut c, &v1.wrapped_key, &context)
         .await
         .expect("v1 after enable");
@@ -337,7 +329,7 @@ async fn restart_on_the_same_data_dir_keeps_keys_tokens_and_blobs(db: Db) {
         .expect("GetKey durable-2")
         .into_inner();
     assert_eq!(
-        state_of(&k2, 1),
+        version_state(&k2, 1),
         pb::KeyVersionState::Disabled,
         "state lost on restart"
     );

@@ -7,7 +7,7 @@ use arca::grpc::pb;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
 
-use crate::support::{ctx, TestArca};
+use crate::support::{create_key, ctx, generate_wrapped, TestArca};
 
 async fn quick_call_works(arca: &TestArca) {
     let t = Instant::now();
@@ -27,13 +27,7 @@ async fn quick_call_works(arca: &TestArca) {
 async fn a_10_mib_message_is_refused() {
     let arca = TestArca::start().await;
     let mut c = arca.client().await;
-    c.create_key(pb::CreateKeyRequest {
-        name: "k".into(),
-        description: String::new(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_key(&mut c, "k").await;
     let e = c
         .wrap_key(pb::WrapKeyRequest {
             key_name: "k".into(),
@@ -56,23 +50,8 @@ async fn a_10_mib_message_is_refused() {
 async fn ten_thousand_streams_on_one_connection_do_not_starve_others() {
     let arca = TestArca::start().await;
     let mut c = arca.client().await;
-    c.create_key(pb::CreateKeyRequest {
-        name: "k".into(),
-        description: String::new(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let blob = c
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_name: "k".into(),
-            context: ctx(&[]),
-            without_plaintext: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .wrapped_key;
+    create_key(&mut c, "k").await;
+    let blob = generate_wrapped(&mut c, "k", &ctx(&[])).await;
     // One connection, 10,000 calls in flight at once (the server allows a bounded number
     // of concurrent streams per connection; the rest wait on the client side).
     let one = arca.client().await;

@@ -6,6 +6,10 @@
 //! (scripts/test starts a throwaway server) and is skipped without it unless
 //! `ARCA_REQUIRE_POSTGRES=1`.
 //!
+//! Plumbing (servers, clients, custodian kits, the CLI runner, database shells) lives in
+//! [`support`], once; test modules define none of their own and import nothing from each
+//! other.
+//!
 //! Needs softhsm2, opensc (pkcs11-tool), p11-kit (server and client module) and the
 //! PostgreSQL client (psql, pg_dump): `scripts/setup --no-run` installs them.
 

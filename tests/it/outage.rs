@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::hsm_objects::SOFTHSM_MODULE;
+use crate::support::hsm::SOFTHSM_MODULE;
 use crate::support::{
     create_key, ctx, generate, health_status, unwrap, wait_health, KeyClient, TestArca,
 };

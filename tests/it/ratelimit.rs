@@ -2,10 +2,9 @@
 //! `retry-after` header; another principal is unaffected.
 
 use arca::grpc::pb;
-use arca::grpc::pb::access_service_client::AccessServiceClient;
 use tonic::Code;
 
-use crate::support::TestArca;
+use crate::support::{mint_token, TestArca};
 
 #[tokio::test]
 async fn a_burst_over_the_bucket_is_refused_and_others_are_unaffected() {
@@ -17,20 +16,7 @@ async fn a_burst_over_the_bucket_is_refused_and_others_are_unaffected() {
         .start()
         .await;
     // A second principal, minted while the admin's bucket is still full.
-    let mut req = tonic::Request::new(pb::CreateTokenRequest {
-        principal: "svc:other".into(),
-        ..Default::default()
-    });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", arca.token()).parse().unwrap(),
-    );
-    let other = AccessServiceClient::new(arca.channel().await)
-        .create_token(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let other = mint_token(&arca, "svc:other", &[]).await;
 
     let mut admin = arca.client().await;
     let mut refused = None;
@@ -50,9 +36,7 @@ async fn a_burst_over_the_bucket_is_refused_and_others_are_unaffected() {
         .expect("retry-after header");
     assert!((1..=2).contains(&retry), "retry-after {retry}");
 
-    let mut o = arca
-        .client_with_header(Some(&format!("Bearer {other}")))
-        .await;
+    let mut o = arca.keys(&other).await;
     for _ in 0..10 {
         o.list_keys(pb::ListKeysRequest::default()).await.unwrap();
     }

@@ -8,125 +8,24 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arca::grpc::pb;
-use arca::grpc::pb::access_service_client::AccessServiceClient;
-use arca::grpc::pb::audit_service_client::AuditServiceClient;
-use arca::grpc::pb::key_service_client::KeyServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
-use crate::approvals::{three_of_five, unsealed};
-use crate::quorum::base32_decode;
 use crate::support::{
-    arca_bin, assert_code, create_key, ctx, generate, postgres_url, Db, TestArca,
+    arca_command, assert_code, create_key, ctx, generate, mint_token, output_of, postgres_url,
+    three_of_five, unsealed, Auth, Db, KeyClient, TestArca, Totp,
 };
 
-/// `authorization` and, optionally, `x-arca-totp` on every request.
-#[derive(Clone)]
-struct Headers(Vec<(&'static str, MetadataValue<Ascii>)>);
-
-impl Interceptor for Headers {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        for (k, v) in &self.0 {
-            req.metadata_mut().insert(*k, v.clone());
-        }
-        Ok(req)
-    }
-}
-
-fn headers(token: &str, totp: Option<&str>) -> Headers {
-    let mut h = vec![("authorization", format!("Bearer {token}").parse().unwrap())];
-    if let Some(c) = totp {
-        h.push(("x-arca-totp", c.parse().unwrap()));
-    }
-    Headers(h)
-}
-
-type Keys = KeyServiceClient<InterceptedService<Channel, Headers>>;
-type Access = AccessServiceClient<InterceptedService<Channel, Headers>>;
-
-async fn keys(arca: &TestArca, token: &str, totp: Option<&str>) -> Keys {
-    KeyServiceClient::with_interceptor(arca.channel().await, headers(token, totp))
-}
-
-async fn access(arca: &TestArca, token: &str, totp: Option<&str>) -> Access {
-    AccessServiceClient::with_interceptor(arca.channel().await, headers(token, totp))
-}
-
-/// A token for `principal` (narrowed to `roles` when any), minted by the dev admin.
-async fn mint(arca: &TestArca, principal: &str, roles: &[&str]) -> String {
-    access(arca, arca.token(), None)
+/// Enrols `token`'s principal and keeps the secret from the URI shown once.
+async fn enroll(arca: &TestArca, token: &str) -> Totp {
+    let uri = arca
+        .access(token)
         .await
-        .create_token(pb::CreateTokenRequest {
-            principal: principal.into(),
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-            ..Default::default()
-        })
+        .enroll_totp(pb::EnrollTotpRequest {})
         .await
         .unwrap()
         .into_inner()
-        .token
-}
-
-fn now_ms() -> i64 {
-    use arca::clock::Clock;
-    arca::clock::SystemClock.now_ms()
-}
-
-/// A principal's TOTP authenticator: each code is of a step not used before.
-struct Totp {
-    secret: Vec<u8>,
-    last: Option<i64>,
-}
-
-impl Totp {
-    /// Enrols `token`'s principal and keeps the secret from the URI shown once.
-    async fn enroll(arca: &TestArca, token: &str) -> Totp {
-        let uri = access(arca, token, None)
-            .await
-            .enroll_totp(pb::EnrollTotpRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .totp_uri;
-        let secret = uri
-            .split("secret=")
-            .nth(1)
-            .and_then(|s| s.split('&').next())
-            .unwrap();
-        Totp {
-            secret: base32_decode(secret),
-            last: None,
-        }
-    }
-
-    /// The code of the next unused step (now or now + 1; waits for the clock otherwise).
-    async fn code(&mut self) -> String {
-        loop {
-            let now = arca::quorum::totp::step_at(now_ms());
-            let step = self.last.map_or(now, |l| (l + 1).max(now));
-            if step <= now + 1 {
-                self.last = Some(step);
-                return arca::quorum::totp::hotp(&self.secret, step as u64);
-            }
-            let into = now_ms().rem_euclid(30_000);
-            tokio::time::sleep(Duration::from_millis((30_000 - into + 100) as u64)).await;
-        }
-    }
-
-    /// A code that is none of the valid ones now.
-    fn wrong(&self) -> String {
-        let now = arca::quorum::totp::step_at(now_ms());
-        let valid: Vec<String> = (now - 2..=now + 2)
-            .map(|s| arca::quorum::totp::hotp(&self.secret, s as u64))
-            .collect();
-        (0..10)
-            .map(|d| d.to_string().repeat(6))
-            .find(|c| !valid.contains(c))
-            .unwrap()
-    }
+        .totp_uri;
+    Totp::from_uri(&uri)
 }
 
 /// A policy directory: the shipped role and binding files, plus `extra.toml`.
@@ -139,6 +38,18 @@ fn policy_dir(root: &Path, extra: &str) -> PathBuf {
     }
     std::fs::write(dir.join("extra.toml"), extra).unwrap();
     dir
+}
+
+/// The shipped roles and bindings as one policy document (what `UpdatePolicy` takes).
+fn shipped_policy() -> String {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    format!(
+        "{}\n{}",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", "")
+    )
 }
 
 /// A tenant-bound service role: data keys only under `tenants/*`, only with the caller's
@@ -157,7 +68,7 @@ principals = ["tenant:*"]
 roles = ["tenant-svc"]
 "#;
 
-async fn gdk(c: &mut Keys, key: &str, context: &[(&str, &str)]) -> Result<Vec<u8>, Status> {
+async fn gdk(c: &mut KeyClient, key: &str, context: &[(&str, &str)]) -> Result<Vec<u8>, Status> {
     c.generate_data_key(pb::GenerateDataKeyRequest {
         key_name: key.into(),
         context: ctx(context),
@@ -167,7 +78,7 @@ async fn gdk(c: &mut Keys, key: &str, context: &[(&str, &str)]) -> Result<Vec<u8
     .map(|r| r.into_inner().wrapped_key)
 }
 
-async fn unwrap_as(c: &mut Keys, blob: &[u8], context: &[(&str, &str)]) -> Result<(), Status> {
+async fn unwrap_as(c: &mut KeyClient, blob: &[u8], context: &[(&str, &str)]) -> Result<(), Status> {
     c.unwrap_key(pb::UnwrapKeyRequest {
         wrapped_key: blob.to_vec(),
         context: ctx(context),
@@ -177,7 +88,7 @@ async fn unwrap_as(c: &mut Keys, blob: &[u8], context: &[(&str, &str)]) -> Resul
 }
 
 /// Operation `op` by client `c` on key `k`.
-async fn call(c: &mut Keys, op: &str, k: &str) -> Result<(), Status> {
+async fn call(c: &mut KeyClient, op: &str, k: &str) -> Result<(), Status> {
     match op {
         "CreateKey" => c
             .create_key(pb::CreateKeyRequest {
@@ -220,11 +131,11 @@ async fn roles_operations_and_keys_over_grpc() {
     for k in ["billing/ssn", "tenants/acme", "spare"] {
         create_key(&mut admin, k).await;
     }
-    let svc = mint(&arca, "svc:billing", &[]).await;
-    let auditor = mint(&arca, "auditor:eve", &[]).await;
-    let kadmin = mint(&arca, "key-admin:ann", &[]).await;
-    let stranger = mint(&arca, "nobody", &[]).await;
-    let narrowed = mint(&arca, "svc:narrow", &["auditor"]).await;
+    let svc = mint_token(&arca, "svc:billing", &[]).await;
+    let auditor = mint_token(&arca, "auditor:eve", &[]).await;
+    let kadmin = mint_token(&arca, "key-admin:ann", &[]).await;
+    let stranger = mint_token(&arca, "nobody", &[]).await;
+    let narrowed = mint_token(&arca, "svc:narrow", &["auditor"]).await;
 
     use Code::{Ok as Allowed, PermissionDenied as Denied};
     #[rustfmt::skip]
@@ -256,24 +167,24 @@ async fn roles_operations_and_keys_over_grpc() {
             "narrowed" => &narrowed,
             _ => arca.token(),
         };
-        let got = call(&mut keys(&arca, token, None).await, op, key).await;
+        let got = call(&mut arca.keys(token).await, op, key).await;
         let code = got.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         assert_eq!(code, *want, "{who} {op} {key}: {got:?}");
     }
 
     // A key admin cannot unwrap either.
-    let blob = gdk(&mut keys(&arca, &svc, None).await, "billing/ssn", &[])
+    let blob = gdk(&mut arca.keys(&svc).await, "billing/ssn", &[])
         .await
         .unwrap();
-    let e = unwrap_as(&mut keys(&arca, &kadmin, None).await, &blob, &[]).await;
+    let e = unwrap_as(&mut arca.keys(&kadmin).await, &blob, &[]).await;
     assert_code(e, Code::PermissionDenied, "key-admin unwraps");
-    unwrap_as(&mut keys(&arca, &svc, None).await, &blob, &[])
+    unwrap_as(&mut arca.keys(&svc).await, &blob, &[])
         .await
         .unwrap();
 
     // Context conditions: a tenant's own id and an allowed purpose only.
-    let acme = mint(&arca, "tenant:acme", &[]).await;
-    let mut t = keys(&arca, &acme, None).await;
+    let acme = mint_token(&arca, "tenant:acme", &[]).await;
+    let mut t = arca.keys(&acme).await;
     let good = [("tenant", "acme"), ("purpose", "care")];
     let blob = gdk(&mut t, "tenants/acme", &good).await.unwrap();
     unwrap_as(&mut t, &blob, &good).await.unwrap();
@@ -313,8 +224,8 @@ async fn a_refusal_looks_and_takes_the_same_for_existing_and_missing_keys() {
     let blob = generate(&mut arca.client().await, "patients/records", &ctx(&[]))
         .await
         .wrapped_key;
-    let auditor = mint(&arca, "auditor:eve", &[]).await;
-    let mut c = keys(&arca, &auditor, None).await;
+    let auditor = mint_token(&arca, "auditor:eve", &[]).await;
+    let mut c = arca.keys(&auditor).await;
 
     // Same code and message for every operation, key there or not.
     for op in [
@@ -388,17 +299,12 @@ operations = ["Approve"]
 "#,
     );
     let data = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(arca_bin())
-        .args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+    let mut cmd = arca_command();
+    cmd.args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path().join("d"))
         .arg("--policy-dir")
-        .arg(&dir)
-        .env_remove("ARCA_HSM_MODULE")
-        .env_remove("SOFTHSM2_CONF")
-        .env_remove("ARCA_DATABASE_URL")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+        .arg(&dir);
+    let out = output_of(cmd).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("role \"rogue\""), "{err}");
@@ -431,8 +337,8 @@ async fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
         .arg(&dir)
         .start()
         .await;
-    let tok = mint(&arca, "svc:x", &[]).await;
-    let mut c = keys(&arca, &tok, None).await;
+    let tok = mint_token(&arca, "svc:x", &[]).await;
+    let mut c = arca.keys(&tok).await;
     assert_code(
         call(&mut c, "CreateKey", "x/1").await,
         Code::PermissionDenied,
@@ -487,8 +393,8 @@ on_both_backends!(
 
 async fn update_policy_needs_quorum_and_takes_effect_after_approval(db: Db) {
     let (arca, cs) = unsealed(three_of_five(db)).await;
-    let tok = mint(&arca, "svc:x", &[]).await;
-    let mut c = keys(&arca, &tok, None).await;
+    let tok = mint_token(&arca, "svc:x", &[]).await;
+    let mut c = arca.keys(&tok).await;
     assert_code(
         call(&mut c, "CreateKey", "x/1").await,
         Code::PermissionDenied,
@@ -496,15 +402,8 @@ async fn update_policy_needs_quorum_and_takes_effect_after_approval(db: Db) {
     );
 
     // A policy that does not load is refused at once, with the reason.
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    let base = format!(
-        "{}\n{}",
-        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
-        std::fs::read_to_string(shipped.join("bindings.toml"))
-            .unwrap()
-            .replace("version = 1\n", "")
-    );
-    let mut admin = access(&arca, arca.token(), None).await;
+    let base = shipped_policy();
+    let mut admin = arca.access(arca.token()).await;
     let bad = format!("{base}\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n");
     let e = admin
         .update_policy(pb::UpdatePolicyRequest { policy: bad })
@@ -554,18 +453,14 @@ on_both_backends!(
 
 async fn mfa_for_a_key_admin_without_wrong_right_and_lockout(db: Db) {
     let arca = TestArca::start_on(db).await;
-    let ann = mint(&arca, "key-admin:ann", &[]).await;
+    let ann = mint_token(&arca, "key-admin:ann", &[]).await;
     let create = |totp: Option<String>, name: &'static str| {
-        let ann = ann.clone();
+        let auth = match totp {
+            Some(code) => Auth::bearer(&ann).totp(&code),
+            None => Auth::bearer(&ann),
+        };
         let arca = &arca;
-        async move {
-            call(
-                &mut keys(arca, &ann, totp.as_deref()).await,
-                "CreateKey",
-                name,
-            )
-            .await
-        }
+        async move { call(&mut arca.keys(auth).await, "CreateKey", name).await }
     };
     // Not enrolled: told to enrol.
     let s = assert_code(
@@ -574,9 +469,10 @@ async fn mfa_for_a_key_admin_without_wrong_right_and_lockout(db: Db) {
         "not enrolled",
     );
     assert!(s.message().contains("EnrollTotp"), "{s:?}");
-    let mut totp = Totp::enroll(&arca, &ann).await;
+    let totp = enroll(&arca, &ann).await;
     // Re-enrolment needs a valid code.
-    let e = access(&arca, &ann, None)
+    let e = arca
+        .access(&ann)
         .await
         .enroll_totp(pb::EnrollTotpRequest {})
         .await;
@@ -590,7 +486,7 @@ async fn mfa_for_a_key_admin_without_wrong_right_and_lockout(db: Db) {
         "wrong",
     ); // 3
     assert_eq!(s.message(), "TOTP code rejected");
-    let code = totp.code().await;
+    let code = totp.next().await;
     create(Some(code.clone()), "k1").await.unwrap();
     // The same code again: a replay.
     assert_code(
@@ -604,7 +500,7 @@ async fn mfa_for_a_key_admin_without_wrong_right_and_lockout(db: Db) {
         "wrong",
     ); // 5
        // Locked out now, even with a good code.
-    let code = totp.code().await;
+    let code = totp.next().await;
     let s = assert_code(
         create(Some(code), "k2").await,
         Code::Unauthenticated,
@@ -627,9 +523,9 @@ on_both_backends!(
 
 async fn elevation_is_approved_works_and_expires_by_itself(db: Db) {
     let (arca, cs) = unsealed(three_of_five(db)).await;
-    let ann = mint(&arca, "key-admin:ann", &[]).await;
-    let mut totp = Totp::enroll(&arca, &ann).await;
-    let mut as_ann = keys(&arca, &ann, None).await;
+    let ann = mint_token(&arca, "key-admin:ann", &[]).await;
+    let totp = enroll(&arca, &ann).await;
+    let mut as_ann = arca.keys(&ann).await;
     assert_code(
         gdk(&mut as_ann, "phi", &[]).await,
         Code::PermissionDenied,
@@ -637,7 +533,8 @@ async fn elevation_is_approved_works_and_expires_by_itself(db: Db) {
     );
 
     // Above the role's maximum: refused.
-    let e = access(&arca, &ann, Some(&totp.code().await))
+    let e = arca
+        .access(Auth::bearer(&ann).totp(&totp.next().await))
         .await
         .elevate(pb::ElevateRequest {
             role: "service".into(),
@@ -647,7 +544,8 @@ async fn elevation_is_approved_works_and_expires_by_itself(db: Db) {
         .await;
     assert_code(e, Code::InvalidArgument, "over max_elevation");
 
-    let r = access(&arca, &ann, Some(&totp.code().await))
+    let r = arca
+        .access(Auth::bearer(&ann).totp(&totp.next().await))
         .await
         .elevate(pb::ElevateRequest {
             role: "service".into(),
@@ -697,12 +595,13 @@ on_both_backends!(
 async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
     let arca = TestArca::start_on(db).await;
     create_key(&mut arca.client().await, "phi").await;
-    let bob = mint(&arca, "oncall:bob", &[]).await;
-    let svc = mint(&arca, "svc:x", &[]).await;
-    let eve = mint(&arca, "auditor:eve", &[]).await;
+    let bob = mint_token(&arca, "oncall:bob", &[]).await;
+    let svc = mint_token(&arca, "svc:x", &[]).await;
+    let eve = mint_token(&arca, "auditor:eve", &[]).await;
 
     // Not listed: refused.
-    let e = access(&arca, &svc, None)
+    let e = arca
+        .access(&svc)
         .await
         .break_glass(pb::BreakGlassRequest {
             reason: "curious".into(),
@@ -711,10 +610,10 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
         .await;
     assert_code(e, Code::PermissionDenied, "unlisted break-glass");
     // Listed: the role needs MFA, so the break-glass needs a code.
-    let mut totp = Totp::enroll(&arca, &bob).await;
+    let totp = enroll(&arca, &bob).await;
     assert_code(
         gdk(
-            &mut keys(&arca, &bob, Some(&totp.code().await)).await,
+            &mut arca.keys(Auth::bearer(&bob).totp(&totp.next().await)).await,
             "phi",
             &[],
         )
@@ -722,7 +621,8 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
         Code::PermissionDenied,
         "before break-glass",
     );
-    let r = access(&arca, &bob, Some(&totp.code().await))
+    let r = arca
+        .access(Auth::bearer(&bob).totp(&totp.next().await))
         .await
         .break_glass(pb::BreakGlassRequest {
             reason: "pager 7: EHR down".into(),
@@ -743,7 +643,7 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
     assert!(alert.contains("oncall:bob"), "{alert}");
     // The audit trail holds the break-glass call and, once it committed, an alert record
     // of the `break_glass` rule (policies/alerts.toml) naming bob.
-    let mut audit = AuditServiceClient::with_interceptor(arca.channel().await, headers(&eve, None));
+    let mut audit = arca.audit(&eve).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let records = audit
@@ -773,7 +673,7 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
     }
     // The role works (with a code).
     gdk(
-        &mut keys(&arca, &bob, Some(&totp.code().await)).await,
+        &mut arca.keys(Auth::bearer(&bob).totp(&totp.next().await)).await,
         "phi",
         &[],
     )
@@ -784,7 +684,7 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
     let list = |token: String| {
         let arca = &arca;
         async move {
-            access(arca, &token, None)
+            arca.access(&token)
                 .await
                 .list_reviews(pb::ListReviewsRequest { open_only: true })
                 .await
@@ -797,7 +697,8 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
         Code::PermissionDenied,
         "service lists reviews",
     );
-    let e = access(&arca, &bob, None)
+    let e = arca
+        .access(&bob)
         .await
         .close_review(pb::CloseReviewRequest {
             id: review.id.clone(),
@@ -805,7 +706,8 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
         })
         .await;
     assert_code(e, Code::PermissionDenied, "own review");
-    let closed = access(&arca, &eve, None)
+    let closed = arca
+        .access(&eve)
         .await
         .close_review(pb::CloseReviewRequest {
             id: review.id.clone(),
@@ -816,7 +718,8 @@ async fn break_glass_for_listed_principals_alerts_and_opens_a_review(db: Db) {
         .into_inner();
     assert_eq!(closed.closed_by, "auditor:eve");
     assert!(list(eve.clone()).await.unwrap().is_empty());
-    let e = access(&arca, &eve, None)
+    let e = arca
+        .access(&eve)
         .await
         .close_review(pb::CloseReviewRequest {
             id: review.id,
@@ -848,9 +751,9 @@ roles = ["metered"]
         .arg(&dir)
         .start()
         .await;
-    let metered = mint(&arca, "svc:metered", &["metered"]).await;
-    let free = mint(&arca, "svc:free", &[]).await;
-    let mut m = keys(&arca, &metered, None).await;
+    let metered = mint_token(&arca, "svc:metered", &["metered"]).await;
+    let free = mint_token(&arca, "svc:free", &[]).await;
+    let mut m = arca.keys(&metered).await;
     let mut refused = None;
     for _ in 0..10 {
         if let Err(e) = m.list_keys(pb::ListKeysRequest::default()).await {
@@ -862,7 +765,7 @@ roles = ["metered"]
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.metadata().get("retry-after").is_some());
     // The service role (no limit) is unaffected, even at the same moment.
-    let mut f = keys(&arca, &free, None).await;
+    let mut f = arca.keys(&free).await;
     for _ in 0..20 {
         f.list_keys(pb::ListKeysRequest::default()).await.unwrap();
     }
@@ -876,8 +779,8 @@ async fn two_nodes_share_the_approved_policy_and_grants() {
     let a = TestArca::start_on(Db::Postgres).await;
     let b = a.second_node().await;
     create_key(&mut a.client().await, "shared").await;
-    let tok = mint(&a, "svc:x", &[]).await;
-    let mut on_b = keys(&b, &tok, None).await;
+    let tok = mint_token(&a, "svc:x", &[]).await;
+    let mut on_b = b.keys(&tok).await;
     assert_code(
         call(&mut on_b, "CreateKey", "x/1").await,
         Code::PermissionDenied,
@@ -885,13 +788,9 @@ async fn two_nodes_share_the_approved_policy_and_grants() {
     );
 
     // Dev mode runs UpdatePolicy at once (no quorum); node A stores it.
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let policy = format!(
-        "{}\n{}\n{}",
-        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
-        std::fs::read_to_string(shipped.join("bindings.toml"))
-            .unwrap()
-            .replace("version = 1\n", ""),
+        "{}\n{}",
+        shipped_policy(),
         r#"
 [roles.creator]
 [[roles.creator.allow]]
@@ -910,7 +809,8 @@ principals = ["svc:x"]
 roles = ["creator", "elevator"]
 "#
     );
-    let r = access(&a, a.token(), None)
+    let r = a
+        .access(a.token())
         .await
         .update_policy(pb::UpdatePolicyRequest { policy })
         .await
@@ -937,7 +837,7 @@ roles = ["creator", "elevator"]
         Code::PermissionDenied,
         "before",
     );
-    access(&a, &tok, None)
+    a.access(&tok)
         .await
         .elevate(pb::ElevateRequest {
             role: "rotator".into(),
@@ -956,98 +856,51 @@ roles = ["creator", "elevator"]
     }
 }
 
-/// Runs `arca ARGS` against `arca` as `token`, with `ARCA_TOTP` when given.
-async fn cli(
-    arca: &TestArca,
-    token: &str,
-    totp: Option<String>,
-    args: &[&str],
-) -> serde_json::Value {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let (addr, token) = (arca.url(), token.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new(arca_bin());
-        cmd.args(&args)
-            .args(["--output", "json"])
-            .env("ARCA_ADDR", addr)
-            .env("ARCA_TOKEN", token)
-            .env_remove("ARCA_TOTP")
-            .stdin(std::process::Stdio::null());
-        if let Some(c) = totp {
-            cmd.env("ARCA_TOTP", c);
-        }
-        cmd.output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "arca failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn the_cli_enrols_breaks_glass_and_closes_the_review() {
     let arca = TestArca::start().await;
-    let bob = mint(&arca, "oncall:bob", &[]).await;
-    let eve = mint(&arca, "auditor:eve", &[]).await;
-    let uri = cli(&arca, &bob, None, &["totp", "enroll"]).await["totp_uri"]
+    let bob = mint_token(&arca, "oncall:bob", &[]).await;
+    let eve = mint_token(&arca, "auditor:eve", &[]).await;
+    let uri = arca.cli(&bob).json(&["totp", "enroll"]).await["totp_uri"]
         .as_str()
         .unwrap()
         .to_string();
-    let mut totp = Totp {
-        secret: base32_decode(
-            uri.split("secret=")
-                .nth(1)
-                .and_then(|s| s.split('&').next())
-                .unwrap(),
-        ),
-        last: None,
-    };
-    let bg = cli(
-        &arca,
-        &bob,
-        Some(totp.code().await),
-        &["break-glass", "--reason", "EHR down", "--duration", "10m"],
-    )
-    .await;
+    let totp = Totp::from_uri(&uri);
+    let bg = arca
+        .cli(&bob)
+        .env("ARCA_TOTP", totp.next().await)
+        .json(&["break-glass", "--reason", "EHR down", "--duration", "10m"])
+        .await;
     assert_eq!(bg["role"], "break-glass");
     let id = bg["review"]["id"].as_str().unwrap().to_string();
-    let open = cli(&arca, &eve, None, &["review", "list"]).await;
+    let open = arca.cli(&eve).json(&["review", "list"]).await;
     assert_eq!(open["reviews"][0]["id"], id.as_str());
     assert_eq!(open["reviews"][0]["principal"], "oncall:bob");
-    let closed = cli(&arca, &eve, None, &["review", "close", &id, "--note", "ok"]).await;
+    let closed = arca
+        .cli(&eve)
+        .json(&["review", "close", &id, "--note", "ok"])
+        .await;
     assert_eq!(closed["closed_by"], "auditor:eve");
-    let open = cli(&arca, &eve, None, &["review", "list"]).await;
+    let open = arca.cli(&eve).json(&["review", "list"]).await;
     assert_eq!(open["reviews"].as_array().unwrap().len(), 0);
-    let all = cli(&arca, &eve, None, &["review", "list", "--all"]).await;
+    let all = arca.cli(&eve).json(&["review", "list", "--all"]).await;
     assert_eq!(all["reviews"].as_array().unwrap().len(), 1);
 
     // A policy update from a file (dev mode: at once).
     let pol = tempfile::tempdir().unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let text = format!(
-        "{}\n{}\n[roles.creator]\n[[roles.creator.allow]]\noperations = [\"CreateKey\"]\nkeys = [\"x/*\"]\n[[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"creator\"]\n",
-        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
-        std::fs::read_to_string(shipped.join("bindings.toml"))
-            .unwrap()
-            .replace("version = 1\n", "")
+        "{}\n[roles.creator]\n[[roles.creator.allow]]\noperations = [\"CreateKey\"]\nkeys = [\"x/*\"]\n[[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"creator\"]\n",
+        shipped_policy()
     );
     let file = pol.path().join("p.toml");
     std::fs::write(&file, text).unwrap();
-    let r = cli(
-        &arca,
-        arca.token(),
-        None,
-        &["policy", "update", file.to_str().unwrap()],
-    )
-    .await;
+    let r = arca
+        .cli(arca.token())
+        .json(&["policy", "update", file.to_str().unwrap()])
+        .await;
     assert!(r["outcome"].as_str().unwrap().contains("in force"), "{r}");
-    let x = mint(&arca, "svc:x", &[]).await;
-    call(&mut keys(&arca, &x, None).await, "CreateKey", "x/1")
+    let x = mint_token(&arca, "svc:x", &[]).await;
+    call(&mut arca.keys(&x).await, "CreateKey", "x/1")
         .await
         .unwrap();
 }

@@ -10,16 +10,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use tokio::task::JoinSet;
 
-use crate::support::{create_key, ctx, generate, random_bytes, unwrap, Db, TestArca};
+use crate::support::{contains, create_key, ctx, generate, random_bytes, unwrap, Db, TestArca};
 use arca::grpc::pb;
 
 /// Finds any of `needles` (all `len` bytes long) in `hay`.
 fn find_any(hay: &[u8], needles: &HashSet<Vec<u8>>, len: usize) -> Option<usize> {
     hay.windows(len).position(|w| needles.contains(w))
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The SQLite files of the data dir: arca.db, and its WAL and shared-memory files when

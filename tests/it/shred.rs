@@ -4,45 +4,17 @@
 //! usage limit, two processes sharing the jobs, kill -9 inside a destruction, and
 //! retention dates.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arca::grpc::pb;
 use tonic::Code;
 
-use crate::approvals::{key, request_rotation, three_of_five, unsealed};
-use crate::hsm_objects::{secret_key_ids, so_set_user_pin};
+use crate::support::hsm::{secret_key_ids, so_set_user_pin};
 use crate::support::{
-    arca_bin, assert_code, create_key, ctx, generate, sqlite3, unwrap, Builder, KeyClient, TestArca,
+    assert_code, create_key, ctx, generate, get_key, lifecycle_policy, request_rotation,
+    sqlite_query, three_of_five, unsealed, unwrap, version_state, CliOutput, Db, KeyClient,
+    TestArca,
 };
-
-/// A lifecycle policy for tests: waiting periods from 1 s, rotation periods from 1 s.
-fn policy(root: &Path, default_wait: &str, usage_limit: u64) -> PathBuf {
-    let path = root.join(format!("lifecycle-{default_wait}-{usage_limit}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "version = 1\n\
-             default_waiting_period = \"{default_wait}\"\n\
-             min_waiting_period = \"1s\"\n\
-             max_waiting_period = \"90d\"\n\
-             min_rotation_period = \"1s\"\n\
-             usage_limit = {usage_limit}\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// Builder options: the test policy and fast job passes.
-fn with_jobs(b: Builder, policy: &Path) -> Builder {
-    b.arg("--lifecycle-policy")
-        .arg(policy)
-        .arg("--job-interval")
-        .arg("200ms")
-        .arg("--job-lease")
-        .arg("2s")
-}
 
 fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -51,29 +23,12 @@ fn tmp() -> tempfile::TempDir {
         .unwrap()
 }
 
-fn state(k: &pb::Key, v: u32) -> pb::KeyVersionState {
-    k.versions
-        .iter()
-        .find(|x| x.version == v)
-        .map(|x| x.state())
-        .unwrap_or_else(|| panic!("no v{v} in {k:?}"))
-}
-
-async fn get(c: &mut KeyClient, name: &str) -> pb::Key {
-    c.get_key(pb::GetKeyRequest {
-        name: name.to_string(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 /// Polls until version `v` of `name` is DESTROYED (at most `limit`).
 async fn wait_destroyed(arca: &TestArca, name: &str, v: u32, limit: Duration) -> pb::Key {
     let started = Instant::now();
     loop {
-        let k = get(&mut arca.client().await, name).await;
-        if state(&k, v) == pb::KeyVersionState::Destroyed {
+        let k = arca.key(name).await;
+        if version_state(&k, v) == pb::KeyVersionState::Destroyed {
             return k;
         }
         assert!(
@@ -107,8 +62,8 @@ async fn retire_version(
 #[tokio::test]
 async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let (mut arca, cs) = unsealed(with_jobs(three_of_five(crate::support::Db::Sqlite), &p)).await;
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let (mut arca, cs) = unsealed(three_of_five(Db::Sqlite).fast_jobs(&p, "2s")).await;
     let mut c = arca.client().await;
 
     // 100 data keys under v1, each with its own context.
@@ -119,7 +74,7 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
         assert_eq!(dk.key_version, 1);
         v1_blobs.push((dk.wrapped_key, cx, dk.plaintext));
     }
-    let v1_id = get(&mut c, "phi").await.id;
+    let v1_id = get_key(&mut c, "phi").await.id;
 
     // Rotate under quorum; 10 data keys under v2.
     let req = request_rotation(&arca).await;
@@ -151,7 +106,7 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
         Some("1000")
     );
     assert_eq!(
-        state(&key(&arca, "phi").await, 1),
+        version_state(&arca.key("phi").await, 1),
         pb::KeyVersionState::Enabled
     );
     for n in [4, 5] {
@@ -192,31 +147,33 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
     assert_eq!(count(&arca.log_text(), "key version destroyed"), 1);
     // The tombstone row, as the database holds it.
     let db = arca.sqlite_file();
-    let t = sqlite3(
+    let t = sqlite_query(
         &db,
         &format!("SELECT version, retire_request FROM key_tombstones WHERE key_id = '{v1_id}'"),
-    );
+    )
+    .unwrap();
     assert_eq!(t.trim(), format!("1|{}", req.id));
 
     // A copy of the SQLite file and the token directory taken now, opened by a fresh
     // server: v1 stays unrecoverable even after the copy's database is forced to call
     // v1 ENABLED (as an attacker with the files could), because the HSM object is gone.
     arca.stop().await;
-    let copy_opts = with_jobs(three_of_five(crate::support::Db::Sqlite), &p);
+    let copy_opts = three_of_five(Db::Sqlite).fast_jobs(&p, "2s");
     let mut copy = arca.start_on_copy(copy_opts.clone()).await;
     copy.stop().await;
-    sqlite3(
+    sqlite_query(
         &copy.sqlite_file(),
         "DROP TRIGGER key_versions_state_transition; \
          UPDATE key_versions SET state = 'ENABLED', destroyed_at = NULL WHERE version = 1;",
-    );
+    )
+    .unwrap();
     copy.start_with(copy_opts).await;
     // The same custodians (their kits were copied too); `cs` remembers which TOTP steps
     // each has spent, and the copy's database remembers them as well.
     cs.unseal(&copy, &[2, 3, 4]).await;
     let mut cc = copy.client().await;
     assert_eq!(
-        state(&get(&mut cc, "phi").await, 1),
+        version_state(&get_key(&mut cc, "phi").await, 1),
         pb::KeyVersionState::Enabled
     );
     for (blob, cx, _) in v1_blobs.iter().take(20) {
@@ -233,14 +190,20 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
 
     // Through PKCS#11 directly (pkcs11-tool, with the user PIN reset by the SO on the
     // copy's token): no object with v1's CKA_ID; v2's is there.
-    let v1_hsm = hex_id(&sqlite3(
-        &copy.sqlite_file(),
-        "SELECT hsm_id FROM key_versions WHERE version = 1",
-    ));
-    let v2_hsm = hex_id(&sqlite3(
-        &copy.sqlite_file(),
-        "SELECT hsm_id FROM key_versions WHERE version = 2",
-    ));
+    let v1_hsm = hex_id(
+        &sqlite_query(
+            &copy.sqlite_file(),
+            "SELECT hsm_id FROM key_versions WHERE version = 1",
+        )
+        .unwrap(),
+    );
+    let v2_hsm = hex_id(
+        &sqlite_query(
+            &copy.sqlite_file(),
+            "SELECT hsm_id FROM key_versions WHERE version = 2",
+        )
+        .unwrap(),
+    );
     so_set_user_pin(copy.data_dir().to_path_buf(), "0000-test".into()).await;
     let ids = secret_key_ids(copy.data_dir().to_path_buf(), "0000-test".into()).await;
     assert!(ids.contains(&v2_hsm), "v2 object missing: {ids:?}");
@@ -257,8 +220,8 @@ fn hex_id(s: &str) -> String {
 #[tokio::test]
 async fn unwrap_refuses_while_waiting_and_cancel_then_enable_restores_it() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let arca = with_jobs(TestArca::builder(), &p).start().await;
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let arca = TestArca::builder().fast_jobs(&p, "2s").start().await;
     let mut c = arca.client().await;
     create_key(&mut c, "k").await;
     let cx = ctx(&[("tenant", "t1")]);
@@ -270,7 +233,10 @@ async fn unwrap_refuses_while_waiting_and_cancel_then_enable_restores_it() {
     // Dev mode runs the retirement at once; an hour's wait.
     let r = retire_version(&mut c, "k", 1, 3600).await.unwrap();
     let k = r.key.expect("done at once in dev mode");
-    assert_eq!(state(&k, 1), pb::KeyVersionState::ScheduledForDestruction);
+    assert_eq!(
+        version_state(&k, 1),
+        pb::KeyVersionState::ScheduledForDestruction
+    );
     assert!(!k.versions[0].destroy_at.is_empty());
     let s = assert_code(
         unwrap(&mut c, &dk.wrapped_key, &cx).await,
@@ -289,7 +255,7 @@ async fn unwrap_refuses_while_waiting_and_cancel_then_enable_restores_it() {
         .unwrap()
         .into_inner();
     let k = r.key.unwrap();
-    assert_eq!(state(&k, 1), pb::KeyVersionState::Disabled);
+    assert_eq!(version_state(&k, 1), pb::KeyVersionState::Disabled);
     assert!(k.versions[0].destroy_at.is_empty());
     assert_code(
         unwrap(&mut c, &dk.wrapped_key, &cx).await,
@@ -312,8 +278,8 @@ async fn unwrap_refuses_while_waiting_and_cancel_then_enable_restores_it() {
 #[tokio::test]
 async fn illegal_transitions_are_refused_and_change_nothing() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let arca = with_jobs(TestArca::builder(), &p).start().await;
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let arca = TestArca::builder().fast_jobs(&p, "2s").start().await;
     let mut c = arca.client().await;
     create_key(&mut c, "k").await;
     c.rotate_key(pb::RotateKeyRequest { name: "k".into() })
@@ -321,7 +287,7 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         .unwrap();
     retire_version(&mut c, "k", 1, 1).await.unwrap();
     // Retire twice.
-    let before = get(&mut c, "k").await;
+    let before = get_key(&mut c, "k").await;
     let s = assert_code(
         retire_version(&mut c, "k", 1, 1).await,
         Code::FailedPrecondition,
@@ -383,12 +349,12 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         Code::NotFound,
         "retire an unknown version",
     );
-    let after = get(&mut c, "k").await;
+    let after = get_key(&mut c, "k").await;
     assert_eq!(
         after.versions[0], destroyed,
         "the destroyed version changed"
     );
-    assert_eq!(state(&after, 2), pb::KeyVersionState::Enabled);
+    assert_eq!(version_state(&after, 2), pb::KeyVersionState::Enabled);
     // The name is never reusable, even with every version destroyed.
     c.retire_key(pb::RetireKeyRequest {
         name: "k".into(),
@@ -419,14 +385,14 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         "rotate a retired key",
     );
     assert!(s.message().contains("retired"), "{s:?}");
-    assert_eq!(get(&mut c, "k").await.versions.len(), 2);
+    assert_eq!(get_key(&mut c, "k").await.versions.len(), 2);
 }
 
 #[tokio::test]
 async fn the_usage_limit_rotates_after_exactly_100_wraps() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 100);
-    let arca = with_jobs(TestArca::builder(), &p).start().await;
+    let p = lifecycle_policy(dir.path(), "7d", 100);
+    let arca = TestArca::builder().fast_jobs(&p, "2s").start().await;
     let mut c = arca.client().await;
     create_key(&mut c, "k").await;
     for i in 0..100 {
@@ -435,7 +401,7 @@ async fn the_usage_limit_rotates_after_exactly_100_wraps() {
     }
     let dk = generate(&mut c, "k", &ctx(&[])).await;
     assert_eq!(dk.key_version, 2, "the 101st wrap");
-    let k = get(&mut c, "k").await;
+    let k = get_key(&mut c, "k").await;
     assert_eq!(k.primary_version, 2);
     assert_eq!(k.versions[0].wrap_count, 100, "{k:?}");
     assert_eq!(count(&arca.log_text(), "reason=\"usage limit\""), 1);
@@ -449,7 +415,7 @@ async fn the_usage_limit_rotates_after_exactly_100_wraps() {
         .await
         .unwrap();
     }
-    assert_eq!(get(&mut c, "k").await.primary_version, 2);
+    assert_eq!(get_key(&mut c, "k").await.primary_version, 2);
     let w = c
         .wrap_key(pb::WrapKeyRequest {
             key_name: "k".into(),
@@ -465,8 +431,8 @@ async fn the_usage_limit_rotates_after_exactly_100_wraps() {
 #[tokio::test]
 async fn two_processes_rotate_on_schedule_and_destroy_exactly_once() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let a = with_jobs(TestArca::builder(), &p).start().await;
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let a = TestArca::builder().fast_jobs(&p, "2s").start().await;
     let b = a.second_node().await;
     let mut c = a.client().await;
     let started = Instant::now();
@@ -477,15 +443,15 @@ async fn two_processes_rotate_on_schedule_and_destroy_exactly_once() {
     })
     .await
     .unwrap();
-    let k = get(&mut c, "sched").await;
+    let k = get_key(&mut c, "sched").await;
     assert_eq!(k.rotation_period_seconds, 2);
     // Rotations at ~2 s and ~4 s, by whichever node holds the lease: looked at as soon as
     // the second one is there (a loaded machine may run the job pass late), so a third
     // one, ~2 s later, is not yet due.
-    let mut k = get(&mut c, "sched").await;
+    let mut k = get_key(&mut c, "sched").await;
     while k.versions.len() < 3 && started.elapsed() < Duration::from_secs(9) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        k = get(&mut c, "sched").await;
+        k = get_key(&mut c, "sched").await;
     }
     let versions: Vec<u32> = k.versions.iter().map(|v| v.version).collect();
     assert_eq!(versions, [1, 2, 3], "{k:?}");
@@ -515,7 +481,7 @@ async fn two_processes_rotate_on_schedule_and_destroy_exactly_once() {
     // The other node refuses v1 too.
     let mut cb = b.client().await;
     assert_eq!(
-        state(&get(&mut cb, "sched").await, 1),
+        version_state(&get_key(&mut cb, "sched").await, 1),
         pb::KeyVersionState::Destroyed
     );
 }
@@ -523,8 +489,8 @@ async fn two_processes_rotate_on_schedule_and_destroy_exactly_once() {
 #[tokio::test]
 async fn kill_9_inside_a_destruction_finishes_it_after_the_restart() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let opts = with_jobs(TestArca::builder(), &p);
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let opts = TestArca::builder().fast_jobs(&p, "2s");
     let mut arca = opts
         .clone()
         .env("ARCA_FAULT_ABORT_AT", "after-hsm-destroy")
@@ -574,8 +540,8 @@ async fn kill_9_inside_a_destruction_finishes_it_after_the_restart() {
 #[tokio::test]
 async fn a_past_retention_date_destroys_the_key_without_anyone_asking() {
     let dir = tmp();
-    let p = policy(dir.path(), "1s", 1 << 30);
-    let arca = with_jobs(TestArca::builder(), &p).start().await;
+    let p = lifecycle_policy(dir.path(), "1s", 1 << 30);
+    let arca = TestArca::builder().fast_jobs(&p, "2s").start().await;
     let mut c = arca.client().await;
     // Far in the future: nothing happens; listing shows it.
     c.create_key(pb::CreateKeyRequest {
@@ -635,89 +601,86 @@ async fn a_past_retention_date_destroys_the_key_without_anyone_asking() {
         .into_inner();
     let kept = list.keys.iter().find(|k| k.name == "kept").unwrap();
     assert_eq!(kept.retain_until, "2090-01-01T00:00:00.000Z");
-    assert_eq!(state(kept, 1), pb::KeyVersionState::Enabled);
+    assert_eq!(version_state(kept, 1), pb::KeyVersionState::Enabled);
     assert!(arca.log_text().contains("retention date reached"));
 }
 
 #[tokio::test]
 async fn the_cli_shows_versions_and_retires_and_cancels() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let arca = with_jobs(TestArca::builder(), &p).start().await;
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(arca_bin())
-            .args(args)
-            .env("ARCA_ADDR", arca.url())
-            .env("ARCA_TOKEN", arca.token())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (ok, out, err) = cli(&[
-        "key",
-        "create",
-        "cli",
-        "--rotate-every",
-        "90d",
-        "--retain-until",
-        "2090-01-01",
-    ]);
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let arca = TestArca::builder().fast_jobs(&p, "2s").start().await;
+    let cli = arca.cli(arca.token());
+    let CliOutput { ok, out, err } = cli
+        .run(&[
+            "key",
+            "create",
+            "cli",
+            "--rotate-every",
+            "90d",
+            "--retain-until",
+            "2090-01-01",
+        ])
+        .await;
     assert!(ok, "{err}");
     assert!(out.contains("rotate every:    7776000s"), "{out}");
     assert!(
         out.contains("retain until:    2090-01-01T00:00:00.000Z"),
         "{out}"
     );
-    let (ok, _, err) = cli(&["key", "rotate", "cli"]);
+    let CliOutput { ok, err, .. } = cli.run(&["key", "rotate", "cli"]).await;
     assert!(ok, "{err}");
-    let (ok, out, err) = cli(&[
-        "key",
-        "retire",
-        "cli",
-        "--version",
-        "1",
-        "--waiting-period",
-        "2d",
-    ]);
+    let CliOutput { ok, out, err } = cli
+        .run(&[
+            "key",
+            "retire",
+            "cli",
+            "--version",
+            "1",
+            "--waiting-period",
+            "2d",
+        ])
+        .await;
     assert!(ok, "{err}");
     assert!(out.contains("SCHEDULED_FOR_DESTRUCTION"), "{out}");
-    let (ok, out, err) = cli(&["key", "versions", "cli"]);
+    let CliOutput { ok, out, err } = cli.run(&["key", "versions", "cli"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("destroy at "), "{out}");
     assert!(out.contains("v2*"), "{out}");
-    let (ok, _, err) = cli(&[
-        "key",
-        "retire",
-        "cli",
-        "--version",
-        "1",
-        "--waiting-period",
-        "1s",
-    ]);
+    let CliOutput { ok, err, .. } = cli
+        .run(&[
+            "key",
+            "retire",
+            "cli",
+            "--version",
+            "1",
+            "--waiting-period",
+            "1s",
+        ])
+        .await;
     assert!(!ok && err.contains("already scheduled"), "{err}");
-    let (ok, _, err) = cli(&["key", "cancel-retirement", "cli"]);
+    let CliOutput { ok, err, .. } = cli.run(&["key", "cancel-retirement", "cli"]).await;
     assert!(ok, "{err}");
-    let (ok, out, _) = cli(&["key", "versions", "cli", "--output", "json"]);
+    let CliOutput { ok, out, .. } = cli
+        .run(&["key", "versions", "cli", "--output", "json"])
+        .await;
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["versions"][0]["state"], "DISABLED");
     assert_eq!(v["retain_until"], "2090-01-01T00:00:00.000Z");
-    let (ok, _, err) = cli(&["key", "set-retention", "cli", "--clear"]);
+    let CliOutput { ok, err, .. } = cli.run(&["key", "set-retention", "cli", "--clear"]).await;
     assert!(ok, "{err}");
-    let (ok, _, err) = cli(&["key", "create", "bad", "--rotate-every", "1x"]);
+    let CliOutput { ok, err, .. } = cli
+        .run(&["key", "create", "bad", "--rotate-every", "1x"])
+        .await;
     assert!(!ok && err.contains("invalid duration"), "{err}");
 }
 
 #[tokio::test]
 async fn a_destruction_due_while_the_server_was_down_happens_after_the_restart() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let opts = with_jobs(TestArca::builder(), &p);
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let opts = TestArca::builder().fast_jobs(&p, "2s");
     let mut arca = opts.clone().start().await;
     let mut c = arca.client().await;
     create_key(&mut c, "k").await;
@@ -736,8 +699,8 @@ async fn a_destruction_due_while_the_server_was_down_happens_after_the_restart()
 #[tokio::test]
 async fn a_rotation_due_while_sealed_happens_once_after_the_unseal() {
     let dir = tmp();
-    let p = policy(dir.path(), "7d", 1 << 30);
-    let (arca, cs) = unsealed(with_jobs(three_of_five(crate::support::Db::Sqlite), &p)).await;
+    let p = lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let (arca, cs) = unsealed(three_of_five(Db::Sqlite).fast_jobs(&p, "2s")).await;
     let mut c = arca.client().await;
     c.create_key(pb::CreateKeyRequest {
         name: "sealed-away".into(),
@@ -750,11 +713,12 @@ async fn a_rotation_due_while_sealed_happens_once_after_the_unseal() {
     // Three periods pass while sealed: the jobs do nothing (no HSM to rotate with).
     tokio::time::sleep(Duration::from_millis(3200)).await;
     let versions = |arca: &TestArca| {
-        sqlite3(
+        sqlite_query(
             &arca.sqlite_file(),
             "SELECT COUNT(*) FROM key_versions v JOIN keys k ON k.id = v.key_id \
              WHERE k.name = 'sealed-away'",
         )
+        .unwrap()
         .trim()
         .to_string()
     };
@@ -766,9 +730,9 @@ async fn a_rotation_due_while_sealed_happens_once_after_the_unseal() {
         assert!(started.elapsed() < Duration::from_secs(5), "no catch-up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let k = get(&mut c, "sealed-away").await;
+    let k = get_key(&mut c, "sealed-away").await;
     assert_eq!(k.versions.len(), 2, "{k:?}");
     // ...and the next one a period after it.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(get(&mut c, "sealed-away").await.versions.len(), 2);
+    assert_eq!(get_key(&mut c, "sealed-away").await.versions.len(), 2);
 }

@@ -6,30 +6,15 @@ use std::time::Duration;
 
 use arca::grpc::pb;
 
-use crate::support::{ctx, TestArca};
+use crate::support::{create_key, ctx, generate_wrapped, TestArca};
 
 #[tokio::test]
 async fn sigterm_under_load_exits_cleanly() {
     for round in 0..3 {
         let mut arca = TestArca::start().await;
         let mut c = arca.client().await;
-        c.create_key(pb::CreateKeyRequest {
-            name: "k".into(),
-            description: String::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let blob = c
-            .generate_data_key(pb::GenerateDataKeyRequest {
-                key_name: "k".into(),
-                context: ctx(&[]),
-                without_plaintext: true,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .wrapped_key;
+        create_key(&mut c, "k").await;
+        let blob = generate_wrapped(&mut c, "k", &ctx(&[])).await;
         let mut load = Vec::new();
         for _ in 0..16 {
             let mut c = arca.client().await;

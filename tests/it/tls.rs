@@ -2,38 +2,24 @@
 //! `openssl s_client`), client-certificate verification (none, expired, another CA,
 //! revoked by CRL) and SIGHUP reload. The PKI comes from `scripts/make-test-ca`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arca::grpc::pb;
+use arca::grpc::pb::access_service_client::AccessServiceClient;
 use arca::grpc::pb::key_service_client::KeyServiceClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+use crate::support::pki::make_test_ca;
+use crate::support::{arca_command, signal, Auth, ServerProcess};
+
+/// A dev server over mutual TLS, with the PKI it trusts.
 struct TlsArca {
-    _dir: tempfile::TempDir,
+    server: ServerProcess,
     pki: PathBuf,
-    data: PathBuf,
-    child: Child,
-    port: u16,
     token: String,
-}
-
-impl Drop for TlsArca {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn make_pki(dir: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-test-ca");
-    let out = Command::new(script).arg(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "make-test-ca: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    _dir: tempfile::TempDir,
 }
 
 async fn start() -> TlsArca {
@@ -44,14 +30,11 @@ async fn start() -> TlsArca {
 async fn start_with(extra: &[std::ffi::OsString]) -> TlsArca {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    make_pki(&pki);
+    make_test_ca(&pki);
     let data = dir.path().join("data");
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    let out_path = dir.path().join("server.out");
-    let out = std::fs::File::create(&out_path).unwrap();
     let p = |f: &str| pki.join(f);
-    let child = Command::new(crate::support::arca_bin())
-        .args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+    let mut cmd = arca_command();
+    cmd.args(["server", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
         .arg("--tls-cert")
         .arg(p("server.pem"))
@@ -61,32 +44,17 @@ async fn start_with(extra: &[std::ffi::OsString]) -> TlsArca {
         .arg(p("ca.pem"))
         .arg("--tls-crl")
         .arg(p("crl.pem"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let port = loop {
-        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-        if let Some(rest) = text.split("listening on https://127.0.0.1:").nth(1) {
-            break rest.lines().next().unwrap().trim().parse::<u16>().unwrap();
-        }
-        assert!(Instant::now() < deadline, "TLS server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        .args(extra);
+    let server = ServerProcess::spawn(cmd, &dir.path().join("server.log")).await;
     let token = std::fs::read_to_string(data.join("dev-token"))
         .unwrap()
         .trim()
         .to_string();
     TlsArca {
-        _dir: dir,
+        server,
         pki,
-        data,
-        child,
-        port,
         token,
+        _dir: dir,
     }
 }
 
@@ -99,11 +67,8 @@ impl TlsArca {
     /// The same with another bearer token.
     async fn list_keys_as(&self, client: Option<&str>, token: &str) -> Result<(), String> {
         let ch = self.channel(client).await?;
-        let mut c = KeyServiceClient::new(ch);
-        let mut req = tonic::Request::new(pb::ListKeysRequest::default());
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        c.list_keys(req)
+        let mut c = KeyServiceClient::with_interceptor(ch, Auth::bearer(token));
+        c.list_keys(pb::ListKeysRequest::default())
             .await
             .map(|_| ())
             .map_err(|e| format!("{e:?}"))
@@ -121,7 +86,7 @@ impl TlsArca {
                 std::fs::read(self.pki.join(format!("{name}.key"))).unwrap(),
             ));
         }
-        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+        Endpoint::from_shared(format!("https://{}", self.server.addr()))
             .unwrap()
             .tls_config(tls)
             .unwrap()
@@ -138,7 +103,7 @@ impl TlsArca {
         let out = Command::new("openssl")
             .arg("s_client")
             .arg("-connect")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(self.server.addr().to_string())
             .args(args)
             .arg("-cert")
             .arg(self.pki.join("client.pem"))
@@ -217,7 +182,7 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     };
     ca(&["-revoke", "client.pem"]);
     ca(&["-gencrl", "-out", "crl.pem"]);
-    crate::support::signal(arca.child.id(), "HUP");
+    signal(arca.server.pid(), "HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     while arca.list_keys(Some("client")).await.is_ok() {
         assert!(
@@ -229,27 +194,22 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     arca.list_keys(Some("client2")).await.unwrap();
     // A broken certificate file is refused on reload; the server keeps serving.
     std::fs::write(pki.join("server.pem"), b"not a certificate").unwrap();
-    crate::support::signal(arca.child.id(), "HUP");
+    signal(arca.server.pid(), "HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
     arca.list_keys(Some("client2")).await.unwrap();
-    assert!(
-        arca.child.try_wait().unwrap().is_none(),
-        "server died on a bad reload"
-    );
-    let _ = &arca.data;
+    assert!(arca.server.is_running(), "server died on a bad reload");
 }
 
 #[test]
 fn outside_dev_mode_mutual_tls_is_required() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    make_pki(&pki);
+    make_test_ca(&pki);
     let run = |extra: &[&str]| {
-        Command::new(crate::support::arca_bin())
+        arca_command()
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(extra)
-            .stdin(Stdio::null())
             .output()
             .unwrap()
     };
@@ -272,7 +232,7 @@ fn outside_dev_mode_mutual_tls_is_required() {
 fn certificate_principals() {
     use rustls::pki_types::pem::PemObject;
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path());
+    make_test_ca(dir.path());
     let principal = |name: &str| {
         let der = rustls::pki_types::CertificateDer::from_pem_file(dir.path().join(name)).unwrap();
         arca::authz::cert::principal_from_der(der.as_ref())
@@ -294,17 +254,17 @@ fn certificate_principals() {
 async fn a_bound_token_works_only_with_its_certificate() {
     let arca = start().await;
     let ch = arca.channel(Some("client")).await.unwrap();
-    let mut access = arca::grpc::pb::access_service_client::AccessServiceClient::new(ch);
-    let mut req = tonic::Request::new(pb::CreateTokenRequest {
-        principal: "svc:billing".into(),
-        bound_principal: "spiffe://arca.test/svc/billing".into(),
-        ..Default::default()
-    });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", arca.token).parse().unwrap(),
-    );
-    let bound = access.create_token(req).await.unwrap().into_inner().token;
+    let mut access = AccessServiceClient::with_interceptor(ch, Auth::bearer(&arca.token));
+    let bound = access
+        .create_token(pb::CreateTokenRequest {
+            principal: "svc:billing".into(),
+            bound_principal: "spiffe://arca.test/svc/billing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
     arca.list_keys_as(Some("client"), &bound).await.unwrap();
     let e = arca
         .list_keys_as(Some("client2"), &bound)

@@ -5,27 +5,14 @@
 use std::time::Duration;
 
 use arca::grpc::pb;
-use arca::grpc::pb::access_service_client::AccessServiceClient;
-use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::support::{ctx, TestArca};
-
-async fn access(arca: &TestArca) -> AccessServiceClient<Channel> {
-    AccessServiceClient::new(arca.channel().await)
-}
-
-fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
+use crate::support::{contains, ctx, generate_wrapped, TestArca};
 
 async fn create(arca: &TestArca, req: pb::CreateTokenRequest) -> pb::CreateTokenResponse {
-    access(arca)
+    arca.access(arca.token())
         .await
-        .create_token(authed(arca.token(), req))
+        .create_token(req)
         .await
         .unwrap()
         .into_inner()
@@ -33,7 +20,7 @@ async fn create(arca: &TestArca, req: pb::CreateTokenRequest) -> pb::CreateToken
 
 /// A call any service token may make: list the keys it may see.
 async fn use_token(arca: &TestArca, token: &str) -> Result<(), tonic::Status> {
-    arca.client_with_header(Some(&format!("Bearer {token}")))
+    arca.keys(token)
         .await
         .list_keys(pb::ListKeysRequest::default())
         .await
@@ -41,7 +28,7 @@ async fn use_token(arca: &TestArca, token: &str) -> Result<(), tonic::Status> {
 }
 
 async fn create_key(arca: &TestArca, token: &str, name: &str) -> Result<(), tonic::Status> {
-    arca.client_with_header(Some(&format!("Bearer {token}")))
+    arca.keys(token)
         .await
         .create_key(pb::CreateKeyRequest {
             name: name.into(),
@@ -59,16 +46,7 @@ async fn key_globs_scope_a_token_and_hide_existence() {
         .await
         .unwrap();
     let mut admin = arca.client().await;
-    let patients_blob = admin
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_name: "patients/records".into(),
-            context: ctx(&[]),
-            without_plaintext: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .wrapped_key;
+    let patients_blob = generate_wrapped(&mut admin, "patients/records", &ctx(&[])).await;
 
     let t = create(
         &arca,
@@ -85,9 +63,7 @@ async fn key_globs_scope_a_token_and_hide_existence() {
     create_key(&arca, arca.token(), "billing/ssn")
         .await
         .unwrap();
-    let mut c = arca
-        .client_with_header(Some(&format!("Bearer {}", t.token)))
-        .await;
+    let mut c = arca.keys(&t.token).await;
     c.generate_data_key(pb::GenerateDataKeyRequest {
         key_name: "billing/ssn".into(),
         context: ctx(&[]),
@@ -141,31 +117,27 @@ async fn key_globs_scope_a_token_and_hide_existence() {
     assert_eq!(names, ["billing/ssn"]);
 
     // Only an admin administers tokens.
-    let e = access(&arca)
+    let e = arca
+        .access(&t.token)
         .await
-        .create_token(authed(
-            &t.token,
-            pb::CreateTokenRequest {
-                principal: "x".into(),
-                ..Default::default()
-            },
-        ))
+        .create_token(pb::CreateTokenRequest {
+            principal: "x".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // Nobody mints a custodian identity outside the init ceremony.
     for (principal, role) in [("custodian:alice", "service"), ("svc:x", "custodian")] {
-        let e = access(&arca)
+        let e = arca
+            .access(arca.token())
             .await
-            .create_token(authed(
-                arca.token(),
-                pb::CreateTokenRequest {
-                    principal: principal.into(),
-                    roles: vec![role.into()],
-                    ..Default::default()
-                },
-            ))
+            .create_token(pb::CreateTokenRequest {
+                principal: principal.into(),
+                roles: vec![role.into()],
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{principal} {role}");
@@ -173,12 +145,7 @@ async fn key_globs_scope_a_token_and_hide_existence() {
 
     // The database holds hashes, never tokens.
     for (f, bytes) in arca.stored_bytes() {
-        assert!(
-            !bytes
-                .windows(t.token.len())
-                .any(|w| w == t.token.as_bytes()),
-            "token in {f}"
-        );
+        assert!(!contains(&bytes, t.token.as_bytes()), "token in {f}");
     }
 }
 
@@ -211,12 +178,9 @@ async fn expiry_revocation_and_source_networks() {
     )
     .await;
     use_token(&arca, &t.token).await.unwrap();
-    access(&arca)
+    arca.access(arca.token())
         .await
-        .revoke_token(authed(
-            arca.token(),
-            pb::RevokeTokenRequest { id: t.id.clone() },
-        ))
+        .revoke_token(pb::RevokeTokenRequest { id: t.id.clone() })
         .await
         .unwrap();
     // At once, not after a cache expiry.
@@ -224,12 +188,10 @@ async fn expiry_revocation_and_source_networks() {
         use_token(&arca, &t.token).await.unwrap_err().code(),
         Code::Unauthenticated
     );
-    let e = access(&arca)
+    let e = arca
+        .access(arca.token())
         .await
-        .revoke_token(authed(
-            arca.token(),
-            pb::RevokeTokenRequest { id: t.id.clone() },
-        ))
+        .revoke_token(pb::RevokeTokenRequest { id: t.id.clone() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -258,23 +220,22 @@ async fn expiry_revocation_and_source_networks() {
     .await;
     use_token(&arca, &near.token).await.unwrap();
 
-    let e = access(&arca)
+    let e = arca
+        .access(arca.token())
         .await
-        .create_token(authed(
-            arca.token(),
-            pb::CreateTokenRequest {
-                principal: "svc:e".into(),
-                cidrs: vec!["not-a-cidr".into()],
-                ..Default::default()
-            },
-        ))
+        .create_token(pb::CreateTokenRequest {
+            principal: "svc:e".into(),
+            cidrs: vec!["not-a-cidr".into()],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
-    let listed = access(&arca)
+    let listed = arca
+        .access(arca.token())
         .await
-        .list_tokens(authed(arca.token(), pb::ListTokensRequest {}))
+        .list_tokens(pb::ListTokensRequest {})
         .await
         .unwrap()
         .into_inner()
