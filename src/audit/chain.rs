@@ -6,7 +6,8 @@
 //! - `h_n = SHA-256(h_{n-1} || canonical(row_n))`, with `h_0` = 32 zero bytes.
 //! - Seal input: `h_last || seq_last (u64 BE)`; the HSM computes the HMAC.
 //! - Details: JSON, encrypted with AES-256-GCM under a data key (32 bytes from the HSM's
-//!   RNG, stored only sealed under `arca:meta`). The body is `IV (12 random bytes) ||
+//!   RNG, stored only sealed under `arca:meta`; where the HSM cannot seal, a key derived
+//!   from `arca:audit-mac` instead, stored as a mark). The body is `IV (12 random bytes) ||
 //!   ciphertext || tag`. The IV is random, not derived from the seq: a batch whose commit
 //!   failed is built again at the same seqs with other contents (its calls now refused),
 //!   and the failed attempt's bytes may survive in the database's files (dead rows, WAL),

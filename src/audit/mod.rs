@@ -7,8 +7,10 @@
 //! - [`chain`]: the canonical encoding of a stored row, the chain
 //!   `h_n = SHA-256(h_{n-1} || canonical(row_n))`, the seal input `h_last || seq_last`, and
 //!   the encryption of details (AES-256-GCM under a data key sealed by `arca:meta`).
-//! - [`writer`]: [`AuditLog`], the group-commit writer (one transaction and one HSM seal
-//!   per batch), the per-request [`AuditSlot`], and the checkpoint sink.
+//! - [`writer`]: [`AuditLog`], the group-commit writer (one transaction per batch, and at
+//!   most one HSM seal per batch, computed beside the commits), and the keyed digest of
+//!   encryption contexts for records.
+//! - [`checkpoint`]: the second sink, sealed heads appended to a JSON-lines file.
 //! - [`verify`]: walks the chain, the seals, the head and the checkpoint file, and names
 //!   the first bad sequence number.
 //! - [`alerts`]: rules from `policies/alerts.toml`, evaluated on committed records.
@@ -30,7 +32,7 @@ pub mod verify;
 pub mod writer;
 
 pub use record::{code_name, code_of_name, Details, Kind, PendingRecord, Record};
-pub use writer::{AuditConfig, AuditLog, AuditSlot};
+pub use writer::{AuditConfig, AuditLog};
 
 use crate::store::StoreError;
 

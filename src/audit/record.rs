@@ -3,7 +3,8 @@
 //! Clear columns (`seq`, `time`, `kind`, `operation`, `result`) are what the store can
 //! filter on; everything else ([`Details`]) is encrypted. No field may ever carry key
 //! material, plaintext, a token, a share, a PIN or a context value; the context appears
-//! only as `context_digest`, an HMAC under a key that never leaves this process unsealed.
+//! only as `context_digest`, an HMAC under a key derived in the HSM at unseal and held
+//! only in this process's memory.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +14,8 @@ use serde::{Deserialize, Serialize};
 pub enum Kind {
     /// One gRPC call.
     Rpc,
-    /// A background or start-up action (auto-unseal, approved request run, destroyer).
+    /// A background or start-up action (start-up, auto-unseal, approved request run,
+    /// rotation, retention, destruction, the writer's own notes).
     Job,
     /// An alert raised by a rule.
     Alert,
@@ -49,7 +51,8 @@ pub struct Details {
     pub request_id: String,
     /// Authenticated principal; empty when authentication failed.
     pub principal: String,
-    /// `token`, `bearer` (presented, not accepted), `none`, or `system` for jobs.
+    /// `token:<token id>`, `certificate` (a client certificate alone), `bearer` (a token
+    /// presented, not accepted), `none`, or `system` for jobs.
     pub auth_method: String,
     /// Key name, when the call named or revealed one the caller may use.
     #[serde(skip_serializing_if = "Option::is_none", default)]

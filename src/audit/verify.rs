@@ -4,11 +4,13 @@
 //! every seal (from the database and from the checkpoint file) against the chain and,
 //! with the HSM open, its HMAC; and compares the end of the log with the head row, the
 //! last seal and the last checkpoint. It names the first bad seq and what is wrong:
-//! - `missing`: a seq is absent while later ones exist;
+//! - `missing`: a seq is absent while later ones exist, or a record was removed and the
+//!   later rows renumbered to close the gap;
 //! - `reordered`: the row at n holds content that chains at another position;
 //! - `modified`: a row's content does not match its hash, or a seal does not match the
 //!   chain (the chain was rewritten from the first row after the previous good seal);
-//! - `inserted`: rows beyond the head that no seal covers;
+//! - `inserted`: a row put in and the later rows renumbered, or rows beyond the head that
+//!   no seal covers;
 //! - `truncated`: the log ends before a seal, a checkpoint or the head says it reaches.
 
 use std::collections::{BTreeMap, HashMap};

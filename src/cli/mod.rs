@@ -7,7 +7,7 @@
 //!
 //! This file holds only the top of the command tree and the entry point: the client
 //! commands, their arguments and their one call path live in `client`, the server's in
-//! `server`. Neither imports this file's items but `DEFAULT_DEV_ADDR`.
+//! `server`. Neither imports this file's items.
 
 mod client;
 mod server;
@@ -16,8 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Default address of a dev server.
-pub const DEFAULT_DEV_ADDR: &str = "127.0.0.1:7420";
+pub use server::DEFAULT_DEV_ADDR;
 
 #[derive(Parser)]
 #[command(

@@ -4,7 +4,8 @@
 //! - An entry is trusted for at most [`KEY_CACHE_TTL`](super::KEY_CACHE_TTL); a state
 //!   change made elsewhere (another node) takes effect within that time.
 //! - A change made here replaces the entry at once ([`KeyCache::put`]).
-//! - A miss reads the store through a [`Db`], which only a permit holder has: the cache
+//! - A miss reads the store handed in by the caller, which only a permit holder has
+//!   (`Context::db`): the cache
 //!   never reads on a caller's behalf before the caller was authorized.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
@@ -13,11 +14,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use super::context::Db;
 use super::error::{Result, ServiceError};
 use super::KEY_CACHE_TTL;
 use crate::keys::{KeyId, KeyName};
-use crate::store::KeyRecord;
+use crate::store::{KeyRecord, Store};
 
 /// Key records by id, and ids by name.
 #[derive(Default)]
@@ -46,7 +46,7 @@ impl KeyCache {
     }
 
     /// The key with id `id`, from the cache if fresh.
-    pub(super) async fn by_id(&self, db: Db<'_>, id: &KeyId) -> Result<Arc<KeyRecord>> {
+    pub(super) async fn by_id(&self, db: &dyn Store, id: &KeyId) -> Result<Arc<KeyRecord>> {
         if let Some(k) = self.fresh(id) {
             return Ok(k);
         }
@@ -56,7 +56,7 @@ impl KeyCache {
     }
 
     /// The key named `name`, from the cache if fresh.
-    pub(super) async fn by_name(&self, db: Db<'_>, name: &KeyName) -> Result<Arc<KeyRecord>> {
+    pub(super) async fn by_name(&self, db: &dyn Store, name: &KeyName) -> Result<Arc<KeyRecord>> {
         let id = self.names.read().ok().and_then(|n| n.get(name).copied());
         if let Some(k) = id.and_then(|id| self.fresh(&id)) {
             return Ok(k);

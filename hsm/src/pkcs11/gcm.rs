@@ -16,8 +16,8 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::types::Ulong;
 use zeroize::Zeroizing;
 
+use super::device::Pkcs11Hsm;
 use super::handles::Usage;
-use super::Pkcs11Hsm;
 use crate::{HsmError, ObjectId, Result, GCM_IV_LEN, GCM_TAG_LEN};
 
 /// [`crate::Hsm::encrypt_aes_gcm`].

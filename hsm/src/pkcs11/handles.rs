@@ -23,9 +23,9 @@ use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
+use super::device::Pkcs11Hsm;
 use super::error::is_stale_handle;
 use super::session::{CachedKey, PooledSession};
-use super::Pkcs11Hsm;
 use crate::{HsmError, ObjectId, Result};
 
 /// What a key handle is wanted for (decides whether a session copy is used).

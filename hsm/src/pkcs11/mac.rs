@@ -13,8 +13,8 @@
 use cryptoki::mechanism::Mechanism;
 use zeroize::Zeroizing;
 
+use super::device::Pkcs11Hsm;
 use super::handles::Usage;
-use super::Pkcs11Hsm;
 use crate::{HsmError, ObjectId, Result};
 
 /// [`crate::Hsm::hmac_sha256`].

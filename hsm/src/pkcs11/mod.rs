@@ -32,6 +32,7 @@
 //! Must not import anything from the rest of Arca (this crate has no dependency on it).
 
 mod connect;
+mod device;
 mod error;
 mod gcm;
 mod handles;
@@ -51,6 +52,7 @@ use zeroize::Zeroizing;
 pub use crate::AuthPin;
 use crate::{Hsm, HsmError, KeyAttributes, KeyKind, ObjectId, Result, GCM_IV_LEN};
 pub(crate) use connect::{find_slot, initialize, login};
+pub use device::Pkcs11Hsm;
 pub(crate) use error::plain_error;
 use pool::SessionPool;
 pub use pool::{DRAIN_WAIT, SESSION_WAIT};
@@ -99,30 +101,6 @@ impl fmt::Debug for Pkcs11Config {
             .field("session_key_copies", &self.session_key_copies)
             .field("reconnect_interval", &self.reconnect_interval)
             .finish()
-    }
-}
-
-/// An [`Hsm`] on a PKCS#11 token, with a session pool and automatic reconnection.
-///
-/// Only one `Pkcs11Hsm` per module may be live in a process at a time (see the module
-/// docs). For SoftHSM, `SOFTHSM2_CONF` must be set in the environment before
-/// [`Pkcs11Hsm::open`] (SoftHSM reads it in `C_Initialize`).
-pub struct Pkcs11Hsm {
-    /// The sessions, the module context and the reconnect machinery; dropping it
-    /// finalizes the module.
-    pool: SessionPool,
-    /// `session_key_copies` of the configuration.
-    copies: bool,
-}
-
-impl fmt::Debug for Pkcs11Hsm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pkcs11Hsm")
-            .field("module", &self.pool.module())
-            .field("token_label", &self.pool.label())
-            .field("sessions", &self.pool.sessions())
-            .field("session_key_copies", &self.copies)
-            .finish_non_exhaustive()
     }
 }
 

@@ -22,11 +22,11 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki::types::Ulong;
 
+use super::device::Pkcs11Hsm;
 use super::error::is_stale_handle;
 use super::handles::Usage;
 use super::pool::down_error;
 use super::session::{CachedKey, PooledSession};
-use super::Pkcs11Hsm;
 use crate::{HsmError, KeyAttributes, KeyKind, ObjectId, Result};
 
 /// [`crate::Hsm::generate_key`].

@@ -6,7 +6,7 @@
 //!
 //! Must not import anything from the rest of Arca.
 
-use super::Pkcs11Hsm;
+use super::device::Pkcs11Hsm;
 use crate::Result;
 
 /// [`crate::Hsm::generate_random`].

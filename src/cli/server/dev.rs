@@ -9,10 +9,12 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
-use super::BoxError;
 use crate::config::{DevQuorum, ServerConfig};
 use crate::secret::BearerToken;
 use crate::service::Services;
+
+/// Errors of the server's start-up (reported to the operator, never to callers).
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Principal of the dev admin token.
 const DEV_PRINCIPAL: &str = "dev-admin";

@@ -30,7 +30,10 @@ use dev::{make_private_dir, read_or_make_pin};
 /// Label of the dev-mode token.
 const DEV_TOKEN_LABEL: &str = "arca-dev";
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Default address of a dev server.
+pub const DEFAULT_DEV_ADDR: &str = "127.0.0.1:7420";
+
+use dev::BoxError;
 
 #[derive(Args)]
 pub(super) struct ServerArgs {
@@ -51,7 +54,7 @@ pub(super) struct ServerArgs {
     )]
     database: Option<String>,
     /// Listen address (dev mode: loopback only).
-    #[arg(long, default_value = super::DEFAULT_DEV_ADDR)]
+    #[arg(long, default_value = DEFAULT_DEV_ADDR)]
     listen: SocketAddr,
     /// PKCS#11 module (default: the platform's SoftHSM2).
     #[arg(long, env = "ARCA_HSM_MODULE")]

@@ -11,8 +11,7 @@ use std::time::Duration;
 use arca_hsm::pkcs11::{AuthPin, Pkcs11Config, Pkcs11Hsm};
 use arca_hsm::Hsm;
 
-use super::dev::{dev_unseal, ensure_dev_token, precreate_private};
-use super::BoxError;
+use super::dev::{dev_unseal, ensure_dev_token, precreate_private, BoxError};
 use crate::clock::SystemClock;
 use crate::config::{Database, DevQuorum, ServerConfig};
 use crate::grpc::serve;
