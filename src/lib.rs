@@ -4,33 +4,36 @@
 //! encryption. Key-encryption keys live in a PKCS#11 HSM and never leave it.
 //!
 //! ## Module map and dependency rules
-//! Arrows point one way:
-//! `grpc → service → {authz, keys} → {secret, clock}`; `keys → arca_hsm::Hsm` (the trait);
-//! `service → store::Store` (the trait; the back end is chosen at start-up in `cli::server`).
+//! Layers, lowest first (`scripts/check-layering` holds this list and refuses an import
+//! from a higher layer and any import cycle between modules or files):
+//! `{secret, clock, fault, metrics}` → `{keys, quorum}` → `store` → `{authz, audit}` →
+//! `service` → `grpc` → `config` → `cli`. `keys` alone names the HSM crate's types
+//! (`arca_hsm::Hsm` behind the [`keys::KeyEngine`] and [`keys::HsmAccess`]); the store is
+//! chosen at start-up in `cli::server`.
 //!
-//! - [`secret`]: secret types (data keys, plaintext, bearer tokens, PINs): zeroized on drop,
-//!   no `Debug`/`Clone`/`Serialize`.
+//! - [`secret`]: secret types (data keys, plaintext, bearer tokens, shares, the quorum
+//!   secret): zeroized on drop, no `Debug`/`Clone`/`Serialize`; the one OS RNG.
 //! - [`clock`]: the one place that reads the wall clock.
+//! - [`fault`]: crash points for the kill -9 tests (debug builds only).
+//! - [`metrics`]: Prometheus counters and histograms, and the admin HTTP endpoint.
 //! - [`keys`]: names, versions and states, the wrapped-key format v1, the canonical
-//!   encryption context, and the [`keys::KeyEngine`] that runs HSM calls off the async
-//!   runtime. Knows nothing of gRPC or SQL.
-//! - [`store`]: the [`store::Store`] trait and its SQLite back end. The only module that
-//!   uses sqlx.
-//! - [`authz`]: principals, bearer-token authentication, and the access policy (roles ×
-//!   operations × key globs × context conditions, bindings) with its one decision
-//!   `authz::policy::Policy::authorize`.
+//!   encryption context, HSM object ids, and the [`keys::KeyEngine`] that runs HSM calls
+//!   off the async runtime. Knows nothing of gRPC or SQL.
+//! - [`quorum`]: Shamir, commitments, the verifier and sealed PIN, TOTP, approval rules
+//!   and digests, and the `QuorumApproved` proof.
+//! - [`store`]: one trait and file per table family, [`store::Store`] over them all, and
+//!   [`store::SqlStore`] on SQLite and PostgreSQL. The only module that uses sqlx.
+//! - [`authz`]: principals, bearer-token and certificate authentication, the access
+//!   policy with its one decision `authz::policy::Policy::authorize`, rate limits.
 //! - [`audit`]: the audit trail: records, hash chain, group-commit writer, verifier,
 //!   alerts. Knows nothing of gRPC or SQL (it speaks `store::AuditStore`).
-//! - [`metrics`]: Prometheus counters and histograms, and the admin HTTP endpoint.
-//! - [`service`]: the use cases (authenticate → authorize → act → persist), and the
-//!   background jobs of the key lifecycle (rotation, retention, destruction). No tonic
-//!   types.
-//! - [`grpc`]: generated code, proto ↔ domain conversion, the one error → `Status` mapping,
-//!   request ids. The only module (with `cli`) that uses tonic/prost.
+//! - [`service`]: the use cases, one service each over one `service::Context`; a decision
+//!   is a proof value (`service::Authorized`) that store access requires. No tonic types.
+//! - [`grpc`]: generated code, proto ↔ domain conversion, the one error → `Status`
+//!   mapping, and the request-id, audit and authentication layers applied once.
+//! - [`config`]: server configuration.
 //! - [`cli`]: the `arca` subcommands; `server` wires everything together, the others are
 //!   gRPC clients.
-//! - [`config`]: server configuration.
-//! - [`fault`]: crash points for the kill -9 tests (debug builds only).
 //!
 //! Vendor crates stay in their rooms: cryptoki only in `arca-hsm`, sqlx only in `store`,
 //! tonic/prost only in `grpc` and `cli` (checked by `scripts/check-layering`).

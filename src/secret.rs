@@ -123,9 +123,6 @@ impl std::fmt::Debug for TokenHash {
     }
 }
 
-/// An HSM PIN. Re-exported from the HSM crate so there is one PIN type.
-pub type Pin = arca_hsm::AuthPin;
-
 /// The 256-bit quorum secret S. Exists only while it is being split or used, then is
 /// zeroized.
 pub struct QuorumSecret(Zeroizing<[u8; 32]>);

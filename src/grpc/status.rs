@@ -22,7 +22,9 @@ pub fn to_status(err: ServiceError, request_id: &str) -> Status {
         ServiceError::NotFound(_) => Code::NotFound,
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,
         ServiceError::Conflict(_) | ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
-        ServiceError::Unavailable(_) | ServiceError::AuditUnavailable => Code::Unavailable,
+        ServiceError::Sealed | ServiceError::Unavailable(_) | ServiceError::AuditUnavailable => {
+            Code::Unavailable
+        }
         ServiceError::Aborted(_) => Code::Aborted,
         ServiceError::RateLimited(_) => Code::ResourceExhausted,
         ServiceError::Internal(_) => Code::Internal,

@@ -8,7 +8,7 @@
 //!   [`System`] permit of background work and start-up. Nothing reads the database on a
 //!   caller's behalf before deciding.
 //! - While sealed the engine slot is empty and [`Context::engine`] answers
-//!   `Unavailable("sealed")`.
+//!   `Sealed`.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki; nor any service (this is their base).
 
@@ -89,13 +89,13 @@ pub type Db<'a> = &'a dyn Store;
 pub struct EngineSlot(RwLock<Option<Arc<KeyEngine>>>);
 
 impl EngineSlot {
-    /// The engine, or `Unavailable("sealed")`.
+    /// The engine, or `Sealed`.
     pub fn get(&self) -> Result<Arc<KeyEngine>> {
         self.0
             .read()
             .ok()
             .and_then(|e| e.clone())
-            .ok_or(ServiceError::Unavailable("sealed"))
+            .ok_or(ServiceError::Sealed)
     }
 
     /// Whether the service is unsealed.
@@ -154,7 +154,7 @@ impl Context {
         System { _private: () }
     }
 
-    /// The engine, or `Unavailable("sealed")`.
+    /// The engine, or `Sealed`.
     pub fn engine(&self) -> Result<Arc<KeyEngine>> {
         self.engine.get()
     }

@@ -48,7 +48,10 @@ pub enum ServiceError {
     /// A precondition of the policy in force is not met.
     #[error("{0}")]
     FailedPrecondition(&'static str),
-    /// A dependency (HSM, database) is unreachable, or the service is sealed.
+    /// The service is sealed: custodians must unseal it.
+    #[error("sealed")]
+    Sealed,
+    /// A dependency (HSM, database) is unreachable.
     #[error("{0}")]
     Unavailable(&'static str),
     /// The audit record of the call could not be made durable: the call fails closed.
@@ -87,6 +90,7 @@ impl ServiceError {
             ServiceError::Conflict(c) => Some(c.reason()),
             ServiceError::Rejected(r) => Some(r.reason()),
             ServiceError::Mfa(m) => Some(m.reason()),
+            ServiceError::Sealed => Some("SEALED"),
             _ => None,
         }
     }
@@ -447,6 +451,7 @@ mod tests {
             MfaRefusal::Rejected,
             MfaRefusal::LockedOut,
         ];
+        seen.insert("SEALED");
         let reasons = conflicts
             .iter()
             .map(|c| c.reason())

@@ -79,6 +79,7 @@ impl Jobs {
         loop {
             if let Err(e) = self.pass(&cfg, &mut forgotten).await {
                 match e {
+                    ServiceError::Sealed => {}
                     ServiceError::Unavailable(what) => {
                         tracing::debug!(what, "lifecycle jobs waiting for a dependency")
                     }

@@ -15,8 +15,8 @@ use arca::grpc::pb;
 use tonic::Code;
 
 use crate::support::{
-    arca_command, assert_absent, assert_code, ctx, generate, note, output_of, request_rotation,
-    three_of_five, unsealed, unwrap, CliOutput, Custodians, Db, TestArca,
+    arca_command, assert_absent, assert_code, ctx, generate, note, output_of, reason,
+    request_rotation, three_of_five, unsealed, unwrap, CliOutput, Custodians, Db, TestArca,
 };
 
 async fn get_request(arca: &TestArca, id: &str) -> pb::ApprovalRequest {
@@ -97,13 +97,13 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
         .approve_with(&arca, 4, &req.id, &"ab".repeat(32), "000000")
         .await;
     let s = assert_code(e, Code::InvalidArgument, "wrong digest");
-    assert!(s.message().contains("digest"), "{s:?}");
+    assert_eq!(reason(&s), None, "{s:?}");
     // A bad TOTP code: refused (and counted towards lock-out).
     let e = cs
         .approve_with(&arca, 4, &req.id, &req.digest, &cs.kit(4).totp.wrong())
         .await;
     let s = assert_code(e, Code::PermissionDenied, "bad TOTP");
-    assert!(s.message().contains("TOTP"), "{s:?}");
+    assert_eq!(reason(&s), Some("TOTP_REJECTED"), "{s:?}");
     // An unknown request.
     let e = cs
         .approve_with(&arca, 4, "req_00", &req.digest, "000000")
@@ -124,7 +124,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
         .approve_with(&arca, 4, &req.id, &req.digest, &first_code)
         .await;
     let s = assert_code(e, Code::PermissionDenied, "replayed approval");
-    assert!(s.message().contains("already approved"), "{s:?}");
+    assert_eq!(reason(&s), Some("ALREADY_APPROVED"), "{s:?}");
     let r = cs.approve(&arca, 5, &req).await.unwrap();
     assert_eq!(r.state, "PENDING");
     assert_eq!(arca.key("phi").await.versions.len(), 1);
@@ -142,7 +142,7 @@ async fn rotation_waits_for_three_custodians_and_runs_once(db: Db) {
     // A fourth approval after execution is refused, and nothing runs again.
     let e = cs.approve(&arca, 2, &req).await;
     let s = assert_code(e, Code::FailedPrecondition, "approval after execution");
-    assert!(s.message().contains("executed"), "{s:?}");
+    assert_eq!(reason(&s), Some("REQUEST_EXECUTED"), "{s:?}");
     assert_eq!(arca.key("phi").await.versions.len(), 2);
 
     let got = get_request(&arca, &req.id).await;
@@ -226,7 +226,7 @@ async fn disable_through_quorum_and_reject() {
         Code::FailedPrecondition,
         "approval of a rejected request",
     );
-    assert!(s.message().contains("rejected"), "{s:?}");
+    assert_eq!(reason(&s), Some("REQUEST_REJECTED"), "{s:?}");
     assert_eq!(arca.key("phi").await.versions.len(), 1);
 }
 
@@ -250,7 +250,7 @@ async fn an_expired_request_takes_no_approvals() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let e = cs.approve(&arca, 5, &req).await;
     let s = assert_code(e, Code::FailedPrecondition, "approval after expiry");
-    assert!(s.message().contains("expired"), "{s:?}");
+    assert_eq!(reason(&s), Some("REQUEST_EXPIRED"), "{s:?}");
     assert_eq!(get_request(&arca, &req.id).await.state, "EXPIRED");
     assert_eq!(arca.key("phi").await.versions.len(), 1);
     // DisableKeyVersion is not in this policy: it runs at once.

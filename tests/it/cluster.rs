@@ -9,7 +9,7 @@ use tonic::Code;
 
 use crate::support::database::{psql_query, PrivatePg};
 use crate::support::{
-    create_key, ctx, generate, get_key, lifecycle_policy, mint_token, postgres_url,
+    create_key, ctx, generate, get_key, lifecycle_policy, mint_token, postgres_url, reason,
     request_rotation, three_of_five, unsealed, unwrap, version_state, Builder, Db, KeyClient,
     TestArca,
 };
@@ -257,7 +257,7 @@ async fn retire_and_destroy_on_a_and_revoke_on_b_reach_the_other_node_within_a_s
         let (blob, context) = (dk.wrapped_key.clone(), context.clone());
         async move {
             matches!(unwrap(&mut cb, &blob, &context).await,
-                Err(s) if s.message() == "key version destroyed")
+                Err(s) if reason(&s) == Some("VERSION_DESTROYED"))
         }
     })
     .await;

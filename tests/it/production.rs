@@ -97,7 +97,7 @@ async fn the_production_ceremony_through_the_cli() {
         (Some(false), Some(true))
     );
     let CliOutput { ok, err, .. } = prod.cli(&boot).run(&["key", "list"]).await;
-    assert!(!ok && err.contains("sealed"), "{err}");
+    assert!(!ok && err.contains("[SEALED]"), "{err}");
 
     // The ceremony: 3 of 4, kits written per custodian.
     let so = prod.p("hsm/so-pin");
@@ -147,7 +147,7 @@ async fn the_production_ceremony_through_the_cli() {
     prod.stop().await;
     prod.start().await;
     let CliOutput { ok, err, .. } = prod.cli(&boot).run(&["key", "list"]).await;
-    assert!(!ok && err.contains("sealed"), "{err}");
+    assert!(!ok && err.contains("[SEALED]"), "{err}");
     for (i, who) in ["alice", "carol", "dan"].iter().enumerate() {
         let kit = Kit::read(&kits.join(who));
         let st = prod

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::support::hsm::{secret_key_ids, so_set_user_pin};
 use crate::support::{
-    assert_code, create_key, ctx, generate, get_key, lifecycle_policy, request_rotation,
+    assert_code, create_key, ctx, generate, get_key, lifecycle_policy, reason, request_rotation,
     sqlite_query, three_of_five, unsealed, unwrap, version_state, CliOutput, Db, KeyClient,
     TestArca,
 };
@@ -92,7 +92,7 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
     // Retiring the primary while v1 is enabled is refused, saying why.
     let e = retire_version(&mut c, "phi", 2, 1).await;
     let s = assert_code(e, Code::FailedPrecondition, "retire the primary");
-    assert!(s.message().contains("rotate the key first"), "{s:?}");
+    assert_eq!(reason(&s), Some("PRIMARY_IN_USE"), "{s:?}");
     // A waiting period outside the policy is refused.
     let e = retire_version(&mut c, "phi", 1, 91 * 86_400).await;
     assert_code(e, Code::InvalidArgument, "waiting period over the maximum");
@@ -138,7 +138,7 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
             Code::FailedPrecondition,
             "v1",
         );
-        assert_eq!(s.message(), "key version destroyed");
+        assert_eq!(reason(&s), Some("VERSION_DESTROYED"), "{s:?}");
     }
     for (blob, cx, plain) in &v2_blobs {
         let u = unwrap(&mut c, blob, cx).await.unwrap();
@@ -182,7 +182,7 @@ async fn retired_versions_are_crypto_shredded_and_stay_unrecoverable() {
             Code::FailedPrecondition,
             "v1 on the copy",
         );
-        assert_eq!(s.message(), "key version destroyed");
+        assert_eq!(reason(&s), Some("VERSION_DESTROYED"), "{s:?}");
     }
     let (blob, cx, plain) = &v2_blobs[0];
     assert_eq!(&unwrap(&mut cc, blob, cx).await.unwrap().plaintext, plain);
@@ -243,7 +243,11 @@ async fn unwrap_refuses_while_waiting_and_cancel_then_enable_restores_it() {
         Code::FailedPrecondition,
         "unwrap while waiting",
     );
-    assert!(s.message().contains("scheduled for destruction"), "{s:?}");
+    assert_eq!(
+        reason(&s),
+        Some("VERSION_SCHEDULED_FOR_DESTRUCTION"),
+        "{s:?}"
+    );
 
     // Cancel: DISABLED (still refusing), then enable: unwraps again.
     let r = c
@@ -293,7 +297,11 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         Code::FailedPrecondition,
         "retire twice",
     );
-    assert!(s.message().contains("already scheduled"), "{s:?}");
+    assert_eq!(
+        reason(&s),
+        Some("VERSION_SCHEDULED_FOR_DESTRUCTION"),
+        "{s:?}"
+    );
     let k = wait_destroyed(&arca, "k", 1, Duration::from_secs(10)).await;
     assert_eq!(before.versions[1], k.versions[1]);
     let destroyed = k.versions[0].clone();
@@ -331,7 +339,7 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         ),
     ] {
         let s = assert_code(r, Code::FailedPrecondition, what);
-        assert_eq!(s.message(), "key version destroyed", "{what}");
+        assert_eq!(reason(&s), Some("VERSION_DESTROYED"), "{what}");
     }
     // Cancelling a version that is not scheduled; an unknown version.
     let s = assert_code(
@@ -343,7 +351,7 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         Code::FailedPrecondition,
         "cancel an enabled version",
     );
-    assert!(s.message().contains("not scheduled"), "{s:?}");
+    assert_eq!(reason(&s), Some("VERSION_NOT_SCHEDULED"), "{s:?}");
     assert_code(
         retire_version(&mut c, "k", 9, 1).await,
         Code::NotFound,
@@ -384,7 +392,7 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
         Code::FailedPrecondition,
         "rotate a retired key",
     );
-    assert!(s.message().contains("retired"), "{s:?}");
+    assert_eq!(reason(&s), Some("KEY_RETIRED"), "{s:?}");
     assert_eq!(get_key(&mut c, "k").await.versions.len(), 2);
 }
 
@@ -532,7 +540,7 @@ async fn kill_9_inside_a_destruction_finishes_it_after_the_restart() {
         Code::FailedPrecondition,
         "unwrap after the restart",
     );
-    assert_eq!(s.message(), "key version destroyed");
+    assert_eq!(reason(&s), Some("VERSION_DESTROYED"), "{s:?}");
     let t = arca.sql("SELECT COUNT(*) FROM key_tombstones").unwrap();
     assert_eq!(t, "1");
 }
@@ -592,7 +600,7 @@ async fn a_past_retention_date_destroys_the_key_without_anyone_asking() {
             Code::FailedPrecondition,
             "unwrap after retention",
         );
-        assert_eq!(s.message(), "key version destroyed");
+        assert_eq!(reason(&s), Some("VERSION_DESTROYED"), "{s:?}");
     }
     let list = c
         .list_keys(pb::ListKeysRequest::default())
@@ -658,7 +666,10 @@ async fn the_cli_shows_versions_and_retires_and_cancels() {
             "1s",
         ])
         .await;
-    assert!(!ok && err.contains("already scheduled"), "{err}");
+    assert!(
+        !ok && err.contains("[VERSION_SCHEDULED_FOR_DESTRUCTION]"),
+        "{err}"
+    );
     let CliOutput { ok, err, .. } = cli.run(&["key", "cancel-retirement", "cli"]).await;
     assert!(ok, "{err}");
     let CliOutput { ok, out, .. } = cli

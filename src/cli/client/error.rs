@@ -1,18 +1,24 @@
 //! The one error type of the client commands. `main` prints it as `error: {it}` and exits
 //! with status 1; every variant's text is part of what scripts and tests read.
 //!
-//! Invariant: a refused call shows the gRPC code, the server's message and, unless the
-//! message already names it, the request id the server answered with. Imports nothing
+//! Invariant: a refused call shows the gRPC code, the server's message, its stable reason
+//! (`x-arca-reason`) when it has one and, unless the message already names it, the
+//! request id the server answered with. Imports nothing
 //! of the client.
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
 pub(in crate::cli) enum CliError {
     /// The server answered the call with an error status.
-    #[error("{code:?}: {message}{}", request_id_note(.message, .request_id.as_deref()))]
+    #[error(
+        "{code:?}: {message}{}{}",
+        reason_note(.reason.as_deref()),
+        request_id_note(.message, .request_id.as_deref())
+    )]
     Refused {
         code: tonic::Code,
         message: String,
+        reason: Option<String>,
         request_id: Option<String>,
     },
     /// No connection to the server.
@@ -55,6 +61,11 @@ impl From<tonic::Status> for CliError {
         CliError::Refused {
             code: s.code(),
             message: s.message().to_string(),
+            reason: s
+                .metadata()
+                .get("x-arca-reason")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
             request_id: s
                 .metadata()
                 .get("x-request-id")
@@ -62,6 +73,11 @@ impl From<tonic::Status> for CliError {
                 .map(str::to_string),
         }
     }
+}
+
+/// ` [REASON]`, the stable reason of a typed refusal, if the server gave one.
+fn reason_note(reason: Option<&str>) -> String {
+    reason.map(|r| format!(" [{r}]")).unwrap_or_default()
 }
 
 /// ` (request id …)`, unless the message already names it (internal errors do).
@@ -96,9 +112,14 @@ mod tests {
             CliError::from(s).to_string(),
             "Internal: internal error (request id r-2)"
         );
+        let mut s = tonic::Status::unavailable("sealed");
+        s.metadata_mut().insert(
+            "x-arca-reason",
+            tonic::metadata::MetadataValue::from_static("SEALED"),
+        );
         assert_eq!(
-            CliError::from(tonic::Status::unavailable("sealed")).to_string(),
-            "Unavailable: sealed"
+            CliError::from(s).to_string(),
+            "Unavailable: sealed [SEALED]"
         );
     }
 }

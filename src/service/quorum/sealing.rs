@@ -1,7 +1,7 @@
 //! Sealing and unsealing (DESIGN §2).
 //!
 //! The service starts sealed: no HSM session exists and every key operation answers
-//! `UNAVAILABLE "sealed"`. K distinct custodians each submit their share with a TOTP
+//! `UNAVAILABLE "sealed"` (reason `SEALED`). K distinct custodians each submit their share with a TOTP
 //! code; each share is checked against its custodian's commitment on arrival. At K the
 //! quorum secret is rebuilt, checked against the verifier, used to open the sealed HSM
 //! PIN, and zeroized; the PIN opens the HSM and is then held only by the HSM layer. After

@@ -448,11 +448,11 @@ async fn approvals_need_the_service_unsealed() {
     q.next_step();
     assert!(matches!(
         q.approve(4, &req).await,
-        Err(ServiceError::Unavailable("sealed"))
+        Err(ServiceError::Sealed)
     ));
     assert!(matches!(
         q.w.svc.approvals.get_request(&admin(), &req.id).await,
-        Err(ServiceError::Unavailable("sealed"))
+        Err(ServiceError::Sealed)
     ));
 }
 

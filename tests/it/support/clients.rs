@@ -158,6 +158,13 @@ pub fn assert_code<T>(r: Result<T, Status>, code: Code, what: &str) -> Status {
     }
 }
 
+/// The stable reason of a typed refusal (`x-arca-reason`), if the status carries one.
+pub fn reason(s: &Status) -> Option<&str> {
+    s.metadata()
+        .get("x-arca-reason")
+        .and_then(|v| v.to_str().ok())
+}
+
 /// A token for `principal` (narrowed to `roles` when any), minted by the dev admin.
 pub async fn mint_token(arca: &TestArca, principal: &str, roles: &[&str]) -> String {
     arca.access(arca.token())

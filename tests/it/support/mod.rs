@@ -38,7 +38,7 @@ pub mod server;
 pub use cli::CliOutput;
 pub use clients::{
     assert_code, create_key, generate, generate_wrapped, get_key, health_status, mint_token,
-    rotate, unwrap, version_state, wait_health, Auth, KeyClient,
+    reason, rotate, unwrap, version_state, wait_health, Auth, KeyClient,
 };
 pub use database::{postgres_url, sqlite_query, Db};
 pub use quorum::{
