@@ -77,6 +77,22 @@ impl Gate {
         self.ctx.cfg.quorum_gates && self.ctx.cfg.quorum_policy.requires(op)
     }
 
+    /// Where `op` waits for quorum, opens its approval request (with `parameters`);
+    /// otherwise runs it now (`run`, a future that does nothing until awaited).
+    pub async fn open_or_run<A: Act>(
+        &self,
+        proof: &Authorized<A>,
+        op: Operation,
+        parameters: Parameters,
+        run: impl std::future::Future<Output = Result<KeyRecord>>,
+    ) -> Result<AdminOutcome> {
+        if self.needs_quorum(op) {
+            let req = self.open(proof, op, parameters).await?;
+            return Ok(AdminOutcome::Pending(Box::new(req)));
+        }
+        Ok(AdminOutcome::Done(run.await?))
+    }
+
     /// Creates the approval request for `op` with `parameters`, asked by the holder of
     /// `proof`.
     pub async fn open<A: Act>(

@@ -61,9 +61,32 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// A token id: `tok_` + 16 hex digits.
-pub(crate) fn token_id() -> Result<String> {
+fn token_id() -> Result<String> {
     let id = crate::secret::random::<8>().map_err(ServiceError::internal)?;
     Ok(format!("tok_{}", hex::encode(id.as_ref())))
+}
+
+/// The stored form of an unscoped, unexpiring token for `principal` with `roles` (the
+/// start-up admin token, custodian tokens), made at `now`.
+pub(crate) fn unscoped_record(
+    token: &BearerToken,
+    principal: String,
+    roles: Vec<String>,
+    now: i64,
+) -> Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: token_id()?,
+        hash: token.hash(),
+        principal,
+        roles,
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+        key_globs: Vec::new(),
+        cidrs: Vec::new(),
+        bound_principal: None,
+        description: String::new(),
+    })
 }
 
 /// The token service.
@@ -208,20 +231,10 @@ impl Tokens {
         match db.token_by_hash(&token.hash()).await {
             Ok(_) => Ok(()),
             Err(StoreError::NotFound) => {
-                db.insert_token(&TokenRecord {
-                    id: token_id()?,
-                    hash: token.hash(),
-                    principal: principal.to_string(),
-                    roles: roles.iter().map(|r| r.to_string()).collect(),
-                    created_at: self.ctx.clock.now_ms(),
-                    expires_at: None,
-                    revoked_at: None,
-                    key_globs: Vec::new(),
-                    cidrs: Vec::new(),
-                    bound_principal: None,
-                    description: String::new(),
-                })
-                .await?;
+                let roles = roles.iter().map(|r| r.to_string()).collect();
+                let now = self.ctx.clock.now_ms();
+                db.insert_token(&unscoped_record(token, principal.to_string(), roles, now)?)
+                    .await?;
                 Ok(())
             }
             Err(e) => Err(e.into()),

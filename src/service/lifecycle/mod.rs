@@ -225,16 +225,10 @@ impl Lifecycle {
             Some(_) => Operation::RetireKeyVersion,
             None => Operation::RetireKey,
         };
-        if self.gate.needs_quorum(op) {
-            let mut params = key_params(&name, version);
-            params.insert(PARAM_WAITING_MS.to_string(), waiting.to_string());
-            let req = self.gate.open(&proof, op, params).await?;
-            return Ok(AdminOutcome::Pending(Box::new(req)));
-        }
-        let rec = self
-            .run_retire(&proof, &name, version, waiting, Commit::Direct)
-            .await?;
-        Ok(AdminOutcome::Done(rec))
+        let mut params = key_params(&name, version);
+        params.insert(PARAM_WAITING_MS.to_string(), waiting.to_string());
+        let run = self.run_retire(&proof, &name, version, waiting, Commit::Direct);
+        self.gate.open_or_run(&proof, op, params, run).await
     }
 
     /// The waiting period a retirement asks for, checked against the policy.
@@ -289,18 +283,11 @@ impl Lifecycle {
                 .await?;
             let key = self.ctx.db(&proof).key_by_name(&name).await?;
             plan_cancel(&key, version)?;
-            if self.gate.needs_quorum(Operation::CancelRetirement) {
-                let params = key_params(&name, version);
-                let req = self
-                    .gate
-                    .open(&proof, Operation::CancelRetirement, params)
-                    .await?;
-                return Ok(AdminOutcome::Pending(Box::new(req)));
-            }
-            let rec = self
-                .run_cancel(&proof, &name, version, Commit::Direct)
-                .await?;
-            Ok(AdminOutcome::Done(rec))
+            let op = Operation::CancelRetirement;
+            let run = self.run_cancel(&proof, &name, version, Commit::Direct);
+            self.gate
+                .open_or_run(&proof, op, key_params(&name, version), run)
+                .await
         }
         .await;
         Outcome::new(result, Facts::key(name, version))
@@ -334,22 +321,14 @@ impl Lifecycle {
         let result = async {
             let (name, proof) = self.authorize::<act::SetRetention>(caller, name).await?;
             self.ctx.db(&proof).key_by_name(&name).await?;
-            if self.gate.needs_quorum(Operation::SetRetention) {
-                let mut params = key_params(&name, None);
-                params.insert(
-                    PARAM_RETAIN_UNTIL.to_string(),
-                    retain_until.map(|t| t.to_string()).unwrap_or_default(),
-                );
-                let req = self
-                    .gate
-                    .open(&proof, Operation::SetRetention, params)
-                    .await?;
-                return Ok(AdminOutcome::Pending(Box::new(req)));
-            }
-            let rec = self
-                .run_set_retention(&proof, &name, retain_until, Commit::Direct)
-                .await?;
-            Ok(AdminOutcome::Done(rec))
+            let mut params = key_params(&name, None);
+            params.insert(
+                PARAM_RETAIN_UNTIL.to_string(),
+                retain_until.map(|t| t.to_string()).unwrap_or_default(),
+            );
+            let op = Operation::SetRetention;
+            let run = self.run_set_retention(&proof, &name, retain_until, Commit::Direct);
+            self.gate.open_or_run(&proof, op, params, run).await
         }
         .await;
         Outcome::new(result, Facts::key(name, None))

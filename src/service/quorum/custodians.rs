@@ -23,7 +23,7 @@ use crate::authz::CUSTODIAN_PREFIX;
 use crate::quorum::{age, crypto, shamir, totp, QuorumError};
 use crate::secret::{BearerToken, Share};
 use crate::service::access::{FAILURE_LIMIT, FAILURE_WINDOW_MS, LOCKOUT_MS};
-use crate::service::admin::token_id;
+use crate::service::admin::unscoped_record;
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Rejection, Result, ServiceError};
 use crate::service::Caller;
@@ -289,19 +289,13 @@ impl Custodians {
             });
             let token_bytes = crate::secret::random::<32>().map_err(ServiceError::internal)?;
             let token = BearerToken::from_random(&token_bytes);
-            tokens.push(TokenRecord {
-                id: token_id()?,
-                hash: token.hash(),
-                principal: format!("{CUSTODIAN_PREFIX}{name}"),
-                roles: vec!["custodian".into()],
-                created_at: now,
-                expires_at: None,
-                revoked_at: None,
-                key_globs: Vec::new(),
-                cidrs: Vec::new(),
-                bound_principal: None,
-                description: String::new(),
-            });
+            let principal = format!("{CUSTODIAN_PREFIX}{name}");
+            tokens.push(unscoped_record(
+                &token,
+                principal,
+                vec!["custodian".into()],
+                now,
+            )?);
             kits.push(CustodianKit {
                 name: name.clone(),
                 share: shamir::encode(&share),
