@@ -16,8 +16,8 @@ use tonic::server::NamedService;
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// A boxed response future.
-pub type BoxResponse = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+/// A boxed response future (never an error: failures are gRPC statuses in the response).
+pub type BoxResponse = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
 /// The inner service a hook wraps.
 pub trait Inner:
@@ -71,7 +71,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = BoxResponse;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -81,8 +81,7 @@ where
         // The clone/swap keeps the instance that was polled ready for this call.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let fut = self.hook.call(inner, req);
-        Box::pin(async move { Ok(fut.await) })
+        self.hook.call(inner, req)
     }
 }
 

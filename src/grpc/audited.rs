@@ -120,17 +120,17 @@ impl Audited {
 impl Hook for Audited {
     fn call<S: Inner>(&self, inner: S, req: Request<Body>) -> BoxResponse {
         if is_public(req.uri().path()) {
-            return Box::pin(call_inner(inner, req));
+            return Box::pin(async move { Ok(call_inner(inner, req).await) });
         }
         let log = self.log.clone();
         // On a task of its own, so that dropping the call (a reset, a passed deadline)
         // cannot skip the record; the outer future only waits for it.
         let task = tokio::spawn(record(log, inner, req));
         Box::pin(async move {
-            task.await.unwrap_or_else(|_| {
+            Ok(task.await.unwrap_or_else(|_| {
                 // The task panicked: nothing of the handler's answer leaves.
                 to_status(ServiceError::AuditUnavailable, "").into_http()
-            })
+            }))
         })
     }
 }

@@ -45,7 +45,7 @@ impl Hook for Authn {
         let guard = Arc::clone(&self.guard);
         Box::pin(async move {
             if is_public(req.uri().path()) {
-                return call_inner(inner, req).await;
+                return Ok(call_inner(inner, req).await);
             }
             let request_id = request_id(&req);
             let peer = peer_of(&req);
@@ -64,7 +64,7 @@ impl Hook for Authn {
                     });
                     let mut resp = call_inner(inner, req).await;
                     resp.extensions_mut().insert(who);
-                    resp
+                    Ok(resp)
                 }
                 Err(e) => {
                     tracing::info!(
@@ -72,7 +72,7 @@ impl Hook for Authn {
                         path = req.uri().path(),
                         "unauthenticated request refused"
                     );
-                    to_status(e, &request_id).into_http()
+                    Ok(to_status(e, &request_id).into_http())
                 }
             }
         })

@@ -202,7 +202,7 @@ impl Guard {
     /// else is read.
     pub async fn authorize<A: Act>(&self, caller: &Caller, scope: Scope) -> Result<Authorized<A>> {
         self.refresh(false).await;
-        let snapshot = Arc::new(self.snapshot(caller));
+        let snapshot = self.snapshot(caller);
         self.finish(caller, snapshot, scope, true).await
     }
 
@@ -212,7 +212,7 @@ impl Guard {
         caller: &Caller,
     ) -> Result<Authorized<A>> {
         self.refresh(false).await;
-        let snapshot = Arc::new(self.snapshot(caller));
+        let snapshot = self.snapshot(caller);
         self.finish(caller, snapshot, Scope::none(), false).await
     }
 
@@ -225,27 +225,32 @@ impl Guard {
             return Err(Self::denied::<A>(caller));
         }
         Ok(Attempt {
-            caller: caller.clone(),
-            snapshot: Arc::new(snapshot),
+            principal: Arc::clone(&caller.principal),
+            snapshot,
             _act: PhantomData,
         })
     }
 
-    /// The second half: `A` on the resolved key (with its context), with the snapshot the
-    /// attempt took.
+    /// The second half: `A` on the resolved key (with its context), for the caller the
+    /// attempt was made for, with the snapshot it took.
     pub async fn confirm<A: Act>(
         &self,
+        caller: &Caller,
         attempt: Attempt<A>,
         scope: Scope,
     ) -> Result<Authorized<A>> {
-        self.finish(&attempt.caller, attempt.snapshot, scope, true)
-            .await
+        if !Arc::ptr_eq(&attempt.principal, &caller.principal) {
+            return Err(ServiceError::internal(
+                "an attempt confirmed for another caller",
+            ));
+        }
+        self.finish(caller, attempt.snapshot, scope, true).await
     }
 
     async fn finish<A: Act>(
         &self,
         caller: &Caller,
-        snapshot: Arc<Snapshot>,
+        snapshot: Snapshot,
         scope: Scope,
         mfa: bool,
     ) -> Result<Authorized<A>> {
@@ -262,7 +267,6 @@ impl Guard {
         }
         Ok(Authorized {
             principal: Arc::clone(&caller.principal),
-            request_id: caller.request_id.clone(),
             key: scope.key,
             context: scope.context,
             snapshot,

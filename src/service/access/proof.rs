@@ -119,10 +119,9 @@ pub(super) struct Snapshot {
 /// allowed it, the role's rate limit passed, and MFA passed where the role needs it.
 pub struct Authorized<A: Act> {
     pub(super) principal: Arc<Principal>,
-    pub(super) request_id: String,
     pub(super) key: Option<KeyName>,
     pub(super) context: Option<CanonicalContext>,
-    pub(super) snapshot: Arc<Snapshot>,
+    pub(super) snapshot: Snapshot,
     pub(super) _act: PhantomData<A>,
 }
 
@@ -130,11 +129,6 @@ impl<A: Act> Authorized<A> {
     /// Who was authorized.
     pub fn principal(&self) -> &Arc<Principal> {
         &self.principal
-    }
-
-    /// The request id of the call.
-    pub fn request_id(&self) -> &str {
-        &self.request_id
     }
 
     /// The key decided on (key-scoped actions).
@@ -167,11 +161,11 @@ impl<A: Act> std::fmt::Debug for Authorized<A> {
 }
 
 /// Proof that the caller may do `A` on some key: enough to resolve a wrapped key's key id
-/// to its name, which [`Guard::confirm`](super::Guard::confirm) then decides on with the
-/// same policy snapshot (one decision per call).
+/// to its name, which [`Guard::confirm`](super::Guard::confirm) then decides on, for the
+/// same caller, with the same policy snapshot (one decision per call).
 pub struct Attempt<A: Act> {
-    pub(super) caller: crate::service::Caller,
-    pub(super) snapshot: Arc<Snapshot>,
+    pub(super) principal: Arc<Principal>,
+    pub(super) snapshot: Snapshot,
     pub(super) _act: PhantomData<A>,
 }
 

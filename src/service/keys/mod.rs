@@ -337,7 +337,7 @@ impl Keys {
         let engine = self.ctx.engine()?;
         let ctx = self.canonical(context, facts)?;
         let attempt = self.guard.attempt::<act::UnwrapKey>(caller).await?;
-        let (proof, key, blob) = self.resolve(attempt, wrapped, ctx, facts).await?;
+        let (proof, key, blob) = self.resolve(caller, attempt, wrapped, ctx, facts).await?;
         let object = enabled_version(&key, blob.version)?;
         let version = blob.version;
         let plaintext = engine.unwrap(blob, object, proof.context_bytes()).await?;
@@ -372,7 +372,7 @@ impl Keys {
         let engine = self.ctx.engine()?;
         let ctx = self.canonical(context, facts)?;
         let attempt = self.guard.attempt::<act::RewrapKey>(caller).await?;
-        let (proof, key, blob) = self.resolve(attempt, wrapped, ctx, facts).await?;
+        let (proof, key, blob) = self.resolve(caller, attempt, wrapped, ctx, facts).await?;
         let from_object = enabled_version(&key, blob.version)?;
         let (_, to_version, to_object) = self.reserve_primary(&proof).await?;
         let rewrapped = engine
@@ -396,6 +396,7 @@ impl Keys {
     /// decision on that key with the context.
     async fn resolve<A: Act>(
         &self,
+        caller: &Caller,
         attempt: Attempt<A>,
         wrapped: &[u8],
         ctx: CanonicalContext,
@@ -416,7 +417,7 @@ impl Keys {
         // of keys it may not use.
         let proof = self
             .guard
-            .confirm(attempt, Scope::key_with(key.name.clone(), ctx))
+            .confirm(caller, attempt, Scope::key_with(key.name.clone(), ctx))
             .await?;
         facts.key = Some(key.name.to_string());
         Ok((proof, key, blob))
