@@ -265,11 +265,20 @@ pub fn check_reject(s: &Standing<'_>, now: i64) -> Result<(), Refusal> {
     }
 }
 
-/// The AAD binding a custodian's share, sealed under `arca:meta`, to one request and
-/// one custodian: a sealed share copied to another row does not open.
-pub fn share_aad(request_id: &str, custodian: &str) -> Vec<u8> {
-    let mut out = b"arca:approval-share:v1".to_vec();
-    for f in [request_id, custodian] {
+/// Whether a stored request's digest is the digest of its stored operation and
+/// parameters: a request whose parameters were changed in the database after it was
+/// made (and shown to custodians) does not match.
+pub fn binds(op: Operation, params: &Parameters, stored_digest: &str) -> bool {
+    crate::secret::ct_eq(digest(op, params).as_bytes(), stored_digest.as_bytes())
+}
+
+/// The AAD binding a custodian's share, sealed under `arca:meta`, to one request, its
+/// digest (what the custodian approved) and one custodian: a sealed share copied to
+/// another row, or kept for a request whose operation or parameters changed, does not
+/// open.
+pub fn share_aad(request_id: &str, digest: &str, custodian: &str) -> Vec<u8> {
+    let mut out = b"arca:approval-share:v2".to_vec();
+    for f in [request_id, digest, custodian] {
         out.extend_from_slice(&(f.len() as u32).to_be_bytes());
         out.extend_from_slice(f.as_bytes());
     }
@@ -480,10 +489,25 @@ mod tests {
     }
 
     #[test]
-    fn share_aad_binds_request_and_custodian() {
-        assert_ne!(share_aad("req_1", "a"), share_aad("req_1", "b"));
-        assert_ne!(share_aad("req_1", "a"), share_aad("req_2", "a"));
-        assert_ne!(share_aad("req_1a", ""), share_aad("req_1", "a"));
+    fn share_aad_binds_request_digest_and_custodian() {
+        assert_ne!(share_aad("req_1", "d", "a"), share_aad("req_1", "d", "b"));
+        assert_ne!(share_aad("req_1", "d", "a"), share_aad("req_2", "d", "a"));
+        assert_ne!(share_aad("req_1", "d", "a"), share_aad("req_1", "e", "a"));
+        assert_ne!(share_aad("req_1a", "d", ""), share_aad("req_1", "d", "a"));
+    }
+
+    #[test]
+    fn a_digest_binds_operation_and_parameters() {
+        let p = params(&[("key", "phi")]);
+        let d = digest(Operation::RotateKey, &p);
+        assert!(binds(Operation::RotateKey, &p, &d));
+        assert!(!binds(Operation::DisableKeyVersion, &p, &d));
+        assert!(!binds(
+            Operation::RotateKey,
+            &params(&[("key", "other")]),
+            &d
+        ));
+        assert!(!binds(Operation::RotateKey, &p, &"0".repeat(64)));
     }
 
     #[test]

@@ -127,6 +127,9 @@ pub enum Conflict {
     Request(RequestState),
     /// The custodians changed (a rekey) since the request was made.
     QuorumChanged,
+    /// The stored request's operation or parameters no longer match its digest (what the
+    /// custodians were shown): it was changed in the database, and is failed.
+    RequestAltered,
     /// Dual control was not initialised.
     NotInitialised,
     /// Dual control was initialised already.
@@ -179,6 +182,7 @@ impl Conflict {
             Conflict::Request(RequestState::Expired) => "REQUEST_EXPIRED",
             Conflict::Request(RequestState::Failed) => "REQUEST_FAILED",
             Conflict::QuorumChanged => "QUORUM_CHANGED",
+            Conflict::RequestAltered => "REQUEST_ALTERED",
             Conflict::NotInitialised => "NOT_INITIALISED",
             Conflict::AlreadyInitialised => "ALREADY_INITIALISED",
             Conflict::HsmOpen => "HSM_OPEN",
@@ -218,6 +222,9 @@ impl Conflict {
             Conflict::Request(RequestState::Expired) => "the request has expired",
             Conflict::Request(RequestState::Failed) => "the request failed",
             Conflict::QuorumChanged => "the custodians changed since this request was made",
+            Conflict::RequestAltered => {
+                "the stored request does not match its digest; it was altered and is failed"
+            }
             Conflict::NotInitialised => "dual control is not initialised",
             Conflict::AlreadyInitialised => "already initialised",
             Conflict::HsmOpen => "the HSM is open; seal the service before initialising",
@@ -424,6 +431,7 @@ mod tests {
             Conflict::Request(RequestState::Expired),
             Conflict::Request(RequestState::Failed),
             Conflict::QuorumChanged,
+            Conflict::RequestAltered,
             Conflict::NotInitialised,
             Conflict::AlreadyInitialised,
             Conflict::HsmOpen,

@@ -568,3 +568,50 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
         .await;
     assert!(!ok && err.contains("Unauthenticated"), "{err}");
 }
+
+on_both_backends!(
+    #[tokio::test]
+    parameters_changed_in_the_database_after_two_approvals_are_refused_at_the_third
+);
+
+/// An attacker with write access to the database (a DBA, a stolen database URL) drops the
+/// trigger that keeps a request's content immutable and points a pending rotation at
+/// another key, after two of three approvals. The third custodian approves the digest
+/// they were shown: the server recomputes it, refuses, and fails the request; nothing
+/// rotates.
+async fn parameters_changed_in_the_database_after_two_approvals_are_refused_at_the_third(db: Db) {
+    let (arca, cs) = unsealed(three_of_five(db)).await;
+    crate::support::create_key(&mut arca.client().await, "other").await;
+    let req = request_rotation(&arca).await;
+    cs.approve(&arca, 1, &req).await.unwrap();
+    cs.approve(&arca, 2, &req).await.unwrap();
+    let drop_trigger = match db {
+        Db::Sqlite => "DROP TRIGGER approval_requests_immutable_content;".to_string(),
+        Db::Postgres => {
+            "DROP TRIGGER approval_requests_immutable_content ON approval_requests;".to_string()
+        }
+    };
+    arca.sql(&format!(
+        "{drop_trigger} UPDATE approval_requests SET parameters = '{{\"key\":\"other\"}}' \
+         WHERE id = '{}';",
+        req.id
+    ))
+    .unwrap();
+    let e = cs.approve(&arca, 3, &req).await;
+    let s = assert_code(
+        e,
+        Code::FailedPrecondition,
+        "approval of an altered request",
+    );
+    assert_eq!(reason(&s), Some("REQUEST_ALTERED"), "{s:?}");
+    assert_eq!(
+        arca.key("other").await.versions.len(),
+        1,
+        "the other key rotated"
+    );
+    assert_eq!(arca.key("phi").await.versions.len(), 1);
+    assert_eq!(get_request(&arca, &req.id).await.state, "FAILED");
+    assert!(arca
+        .log_text()
+        .contains("a stored approval request does not match its digest"));
+}

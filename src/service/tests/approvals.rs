@@ -351,7 +351,7 @@ async fn stored_approval(q: &Quorum, n: usize, req: &ApprovalRecord, share: &[u8
     let name = format!("c{n}");
     let sealed = engine
         .seal_meta(
-            approvals::share_aad(&req.id, &name),
+            approvals::share_aad(&req.id, &req.digest, &name),
             Zeroizing::new(share.to_vec()),
         )
         .await
@@ -679,4 +679,85 @@ async fn an_approved_retirement_rechecks_its_waiting_period_against_the_policy_i
     let key = q.key("phi").await;
     assert_eq!(key.versions[0].state, VersionState::ScheduledForDestruction);
     assert_eq!(key.versions[0].destroy_at, Some(q.w.now() + week));
+}
+
+/// What an attacker with write access to the database does: drops the trigger that keeps
+/// a request's content immutable, and rewrites it.
+fn tamper(w: &World, sql: &str) {
+    let conn = rusqlite::Connection::open(w._dir.path().join("a.db")).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+#[tokio::test]
+async fn parameters_changed_after_k_minus_one_approvals_are_refused_and_nothing_runs() {
+    let q = quorum(true).await;
+    q.create("phi").await;
+    q.create("other").await;
+    let req = q.rotate("phi").await;
+    q.next_step();
+    q.approve(1, &req).await.unwrap();
+    q.approve(2, &req).await.unwrap();
+    // The request now points at another key, under the digest custodians were shown.
+    tamper(
+        &q.w,
+        &format!(
+            "DROP TRIGGER approval_requests_immutable_content; \
+             UPDATE approval_requests SET parameters = '{{\"key\":\"other\"}}' \
+             WHERE id = '{}';",
+            req.id
+        ),
+    );
+    assert!(matches!(
+        q.approve(3, &req).await,
+        Err(ServiceError::Conflict(Conflict::RequestAltered))
+    ));
+    assert_eq!(q.key("phi").await.versions.len(), 1);
+    assert_eq!(q.key("other").await.versions.len(), 1);
+    let r =
+        q.w.svc
+            .approvals
+            .get_request(&admin(), &req.id)
+            .await
+            .unwrap();
+    assert_eq!(r.state, RequestState::Failed);
+    assert!(q.w.store.sealed_shares(&req.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_request_altered_after_k_approvals_does_not_run_at_the_next_unseal() {
+    let q = quorum(true).await;
+    q.create("phi").await;
+    q.create("other").await;
+    let req = q.rotate("phi").await;
+    for n in [1, 2, 5] {
+        let share = shamir::decode(&q.kits[n - 1].share).unwrap();
+        stored_approval(&q, n, &req, share.expose()).await;
+    }
+    // The digest rewritten to match the new parameters: the shares, sealed for the
+    // digest the custodians approved, no longer open.
+    let params = std::collections::BTreeMap::from([("key".to_string(), "other".to_string())]);
+    let forged = approvals::digest(Operation::RotateKey, &params);
+    tamper(
+        &q.w,
+        &format!(
+            "DROP TRIGGER approval_requests_immutable_content; \
+             UPDATE approval_requests SET parameters = '{{\"key\":\"other\"}}', \
+             digest = '{forged}' WHERE id = '{}';",
+            req.id
+        ),
+    );
+    q.seal().await;
+    q.next_step();
+    q.unseal_all(&[1, 2, 3]).await;
+    let r =
+        q.w.svc
+            .approvals
+            .get_request(&admin(), &req.id)
+            .await
+            .unwrap();
+    assert_eq!(r.state, RequestState::Failed);
+    assert_eq!(q.key("other").await.versions.len(), 1);
+    assert_eq!(q.key("phi").await.versions.len(), 1);
 }

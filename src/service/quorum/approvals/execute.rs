@@ -69,6 +69,8 @@ impl Approvals {
         if req.state != RequestState::Pending || req.approvals.len() < usize::from(req.threshold) {
             return Ok(ApproveOutcome::plain(effective(req, now)));
         }
+        // What runs is what the custodians approved: the digest is recomputed here too.
+        self.check_bound(permit, &req).await?;
         let outcome = match self.rebuild_quorum(permit, &req).await {
             Ok((approved, cfg, pin)) => {
                 self.run(&req, &approved, &cfg, pin.as_deref().map(|p| &p[..]))
@@ -127,7 +129,10 @@ impl Approvals {
         let mut shares: Vec<Share> = Vec::with_capacity(usize::from(req.threshold));
         for s in sealed.into_iter().take(usize::from(req.threshold)) {
             match engine
-                .open_meta(approvals::share_aad(&req.id, &s.custodian), s.sealed)
+                .open_meta(
+                    approvals::share_aad(&req.id, &req.digest, &s.custodian),
+                    s.sealed,
+                )
                 .await
             {
                 Ok(bytes) => shares.push(Share::new(bytes)),

@@ -146,6 +146,41 @@ impl Approvals {
         }
     }
 
+    /// Refuses a request whose stored operation and parameters are not what its digest
+    /// says (changed in the database after custodians were shown it): it is failed, an
+    /// ERROR is logged and the audit trail records it.
+    async fn check_bound(&self, permit: &impl Permit, req: &ApprovalRecord) -> Result<()> {
+        if approvals::binds(req.operation, &req.parameters, &req.digest) {
+            return Ok(());
+        }
+        tracing::error!(
+            alert = "approval-request-altered",
+            request = %req.id,
+            operation = %req.operation,
+            "ALERT: a stored approval request does not match its digest; it is failed"
+        );
+        self.ctx.record_job(
+            "approval.request_altered",
+            false,
+            None,
+            &format!("request={}", req.id),
+        );
+        let reason = Conflict::RequestAltered.to_string();
+        let now = self.ctx.clock.now_ms();
+        match self
+            .ctx
+            .db(permit)
+            .fail_request(&req.id, &reason, now)
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict(_)) => {}
+            Err(e) => {
+                tracing::warn!(request = %req.id, error = %e, "could not fail an altered request")
+            }
+        }
+        Err(ServiceError::Conflict(Conflict::RequestAltered))
+    }
+
     async fn load(&self, permit: &impl Permit, id: &str) -> Result<ApprovalRecord> {
         self.ctx
             .db(permit)
@@ -242,6 +277,7 @@ impl Approvals {
             .ok_or(ServiceError::Rejected(Rejection::NotCustodian))?
             .to_string();
         let req = self.load(&proof, id).await?;
+        self.check_bound(&proof, &req).await?;
         let already = req.approvals.iter().any(|a| a.custodian == name);
         let now = self.ctx.clock.now_ms();
         let checked = approvals::check_approval(
@@ -281,7 +317,7 @@ impl Approvals {
         engine.ensure_meta_key().await?;
         let sealed = engine
             .seal_meta(
-                approvals::share_aad(id, &name),
+                approvals::share_aad(id, &req.digest, &name),
                 Zeroizing::new(share.expose().to_vec()),
             )
             .await?;
