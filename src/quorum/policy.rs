@@ -78,13 +78,15 @@ pub struct QuorumPolicy {
 }
 
 impl Default for QuorumPolicy {
-    /// The shipped policy: every key-lifecycle, rekey, policy and elevation operation
-    /// except re-enabling a version; requests live 24 hours.
+    /// The shipped policy: every key-lifecycle, rekey, policy and elevation operation,
+    /// re-enabling a version included (one admin must not undo a quorum-approved
+    /// disable); requests live 24 hours.
     fn default() -> Self {
         QuorumPolicy {
             operations: [
                 Operation::RotateKey,
                 Operation::DisableKeyVersion,
+                Operation::EnableKeyVersion,
                 Operation::RetireKeyVersion,
                 Operation::RetireKey,
                 Operation::CancelRetirement,
@@ -192,7 +194,7 @@ mod tests {
         assert_eq!(shipped, QuorumPolicy::default());
         assert!(shipped.requires(Operation::RotateKey));
         assert!(shipped.requires(Operation::DisableKeyVersion));
-        assert!(!shipped.requires(Operation::EnableKeyVersion));
+        assert!(shipped.requires(Operation::EnableKeyVersion));
         assert_eq!(shipped.request_ttl_ms(), DAY_MS);
     }
 

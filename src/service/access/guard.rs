@@ -26,6 +26,7 @@ use crate::authz::{Peer, Principal};
 use crate::secret::BearerToken;
 use crate::service::context::Context;
 use crate::service::error::{Result, ServiceError};
+use crate::service::serial::KeyedLock;
 use crate::service::Caller;
 use crate::store::GrantRecord;
 
@@ -42,6 +43,8 @@ pub struct Guard {
     refreshing: tokio::sync::Mutex<()>,
     limiter: RateLimiter,
     role_limiter: RoleLimiter,
+    /// MFA checks, one at a time per principal (`mfa.rs`).
+    pub(super) mfa_checks: KeyedLock,
 }
 
 impl Guard {
@@ -54,6 +57,7 @@ impl Guard {
             refreshing: tokio::sync::Mutex::new(()),
             limiter: RateLimiter::new(ctx.cfg.rate_limit),
             role_limiter: RoleLimiter::default(),
+            mfa_checks: KeyedLock::default(),
             ctx,
         }
     }
@@ -144,7 +148,9 @@ impl Guard {
     }
 
     /// The policy in force and the roles `caller` holds now: bound by the policy (narrowed
-    /// by its token), plus its unexpired grants of roles the policy still defines.
+    /// by its token), plus its unexpired grants of roles the policy still defines — also
+    /// narrowed by the token: a token limited to some roles never carries a grant of
+    /// another (an elevation does not reach a service's narrowed token).
     fn snapshot(&self, caller: &Caller) -> Snapshot {
         let policy = self.policy();
         let p = &caller.principal;
@@ -153,6 +159,7 @@ impl Guard {
         if let Ok(g) = self.grants.read() {
             for grant in g.1.iter() {
                 if grant.principal == p.name
+                    && (p.roles.is_empty() || p.roles.contains(&grant.role))
                     && grant.expires_at > now
                     && policy.role(&grant.role).is_some()
                     && !roles.contains(&grant.role)

@@ -34,6 +34,9 @@ impl Guard {
     /// counting every failure towards lock-out.
     pub(crate) async fn check_mfa(&self, caller: &Caller) -> Result<()> {
         let name = &caller.principal.name;
+        // One check at a time per principal on this node: the lock-out is read, the code
+        // checked and the failure counted before the next attempt is looked at.
+        let _one = self.mfa_checks.lock(name).await;
         let now = self.ctx.clock.now_ms();
         // Reading the enrolment is part of the decision the caller is waiting for.
         let system = self.ctx.system();

@@ -419,7 +419,11 @@ impl Keys {
             .guard
             .confirm(caller, attempt, Scope::key_with(key.name.clone(), ctx))
             .await?;
+        // The caller may use this key: its record names the key and the version the blob
+        // names, whatever happens next (a refusal of a retired or destroyed version is
+        // then found by key in the audit trail).
         facts.key = Some(key.name.to_string());
+        facts.version = Some(blob.version);
         Ok((proof, key, blob))
     }
 

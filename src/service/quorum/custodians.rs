@@ -26,6 +26,7 @@ use crate::service::access::{FAILURE_LIMIT, FAILURE_WINDOW_MS, LOCKOUT_MS};
 use crate::service::admin::unscoped_record;
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Rejection, Result, ServiceError};
+use crate::service::serial::KeyedLock;
 use crate::service::Caller;
 use crate::store::{CustodianRecord, Failure, QuorumConfig, StoreError, TokenRecord};
 
@@ -133,12 +134,18 @@ pub(super) fn encrypt_kits(
 /// Custodian checks and new quorums.
 pub struct Custodians {
     ctx: Arc<Context>,
+    /// One check at a time per custodian on this node: the lock-out is read, the code
+    /// checked and the failure counted before the next attempt is looked at.
+    checking: KeyedLock,
 }
 
 impl Custodians {
     /// Over `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
-        Custodians { ctx }
+        Custodians {
+            ctx,
+            checking: KeyedLock::default(),
+        }
     }
 
     /// The stored quorum configuration, or `NotInitialised`.
@@ -176,6 +183,7 @@ impl Custodians {
         share_text: &str,
         totp_code: &str,
     ) -> Result<Share> {
+        let _one = self.checking.lock(name).await;
         let db = self.ctx.db(permit);
         let now = self.ctx.clock.now_ms();
         let record = match db.custodian(name, cfg.generation).await {

@@ -174,3 +174,29 @@ async fn an_approved_policy_wins_over_the_files() {
     ));
     let _ = ok::<()>;
 }
+
+#[tokio::test]
+async fn a_grant_does_not_reach_a_token_narrowed_to_other_roles() {
+    let w = world().await;
+    let (guard, grants) = (&w.svc.guard, &w.svc.grants);
+    let narrowed = caller("p", &["elevator"]);
+    let whole = caller("p", &[]);
+    let AccessOutcome::Done(_) = grants
+        .elevate(&whole, "reader", 60_000, "ticket 2")
+        .await
+        .unwrap()
+    else {
+        panic!("no quorum here");
+    };
+    assert!(guard.authorize::<act::GetKey>(&whole, k()).await.is_ok());
+    assert!(matches!(
+        guard.authorize::<act::GetKey>(&narrowed, k()).await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    // A token narrowed to the granted role carries it.
+    let to_reader = caller("p", &["reader"]);
+    assert!(guard
+        .authorize::<act::GetKey>(&to_reader, k())
+        .await
+        .is_ok());
+}

@@ -314,7 +314,8 @@ async fn disable_through_quorum_and_at_once_without_gates() {
     q.create("phi").await;
     let req = pending(ok(lifecycle.disable_version(&admin(), "phi", 1).await));
     assert_eq!(req.parameters.get("version").map(String::as_str), Some("1"));
-    // Enabling is not in the default policy; an enabled version needs nothing.
+    // An enabled version needs nothing (no request is made for a change that cannot
+    // happen).
     assert!(matches!(
         ok(lifecycle.enable_version(&admin(), "phi", 1).await),
         AdminOutcome::Done(_)
@@ -331,6 +332,10 @@ async fn disable_through_quorum_and_at_once_without_gates() {
     assert_eq!(key.versions[0].state, VersionState::Disabled);
     let r = q.w.svc.approvals.get_request(&admin(), &req.id).await;
     assert_eq!(r.unwrap().state, RequestState::Executed);
+    // One admin cannot undo the quorum's disable: re-enabling is a quorum operation too.
+    let undo = pending(ok(lifecycle.enable_version(&admin(), "phi", 1).await));
+    assert_eq!(undo.operation, Operation::EnableKeyVersion);
+    assert_eq!(q.key("phi").await.versions[0].state, VersionState::Disabled);
 
     let q = quorum(false).await;
     q.create("phi").await;

@@ -69,13 +69,33 @@ async fn a_call_returns_the_facts_of_its_audit_record() {
     assert_eq!(out.facts.key.as_deref(), Some("phi"));
     assert_eq!(out.facts.version, Some(1));
     assert!(out.result.is_ok());
-    // A failure keeps what was known: the key the blob named, not its version.
+    // A failure keeps what was known: the key and version the blob named, for a caller
+    // allowed to use that key.
     let out = keys
         .unwrap_key(&admin(), &dk.wrapped, ctx(&[("t", "2")]))
         .await;
     assert!(matches!(out.result, Err(ServiceError::InvalidWrappedKey)));
     assert_eq!(out.facts.key.as_deref(), Some("phi"));
-    assert_eq!(out.facts.version, None);
+    assert_eq!(out.facts.version, Some(1));
+    // A refusal of a disabled version names it too.
+    ok(w.svc.lifecycle.disable_version(&admin(), "phi", 1).await);
+    let out = keys
+        .unwrap_key(&admin(), &dk.wrapped, ctx(&[("t", "1")]))
+        .await;
+    assert!(matches!(out.result, Err(ServiceError::Conflict(_))));
+    assert_eq!(
+        out.facts,
+        Facts {
+            context_digest: out.facts.context_digest.clone(),
+            ..Facts::key("phi", Some(1))
+        }
+    );
+    // A caller who may not use the key learns nothing and its record names nothing.
+    let out = keys
+        .unwrap_key(&caller("nobody", &[]), &dk.wrapped, ctx(&[("t", "1")]))
+        .await;
+    assert!(matches!(out.result, Err(ServiceError::PermissionDenied)));
+    assert_eq!((out.facts.key, out.facts.version), (None, None));
     // A refusal before any lookup names only what the caller asked for.
     let out = keys.get_key(&caller("nobody", &[]), "phi").await;
     assert_eq!(out.facts, Facts::key("phi", None));

@@ -206,3 +206,48 @@ async fn init_refuses_bad_parameters_and_reinit() {
         Err(ServiceError::PermissionDenied)
     ));
 }
+
+/// What a count of failure rows says: failures recorded for `custodian`.
+fn failures(w: &World, custodian: &str) -> i64 {
+    let conn = rusqlite::Connection::open(w._dir.path().join("a.db")).unwrap();
+    conn.query_row(
+        "SELECT COUNT(*) FROM custodian_failures WHERE custodian = ?1",
+        [custodian],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_wrong_codes_are_judged_five_at_most_before_the_lockout() {
+    let w = Arc::new(world_with(ServiceConfig::default(), fake_hsm()).await);
+    let kits = init(&w, 2, &["a", "b"]).await;
+    let good = kit_code(&w.store, &kits[0], 1, w.now()).await;
+    let wrong = if good == "000000" { "111111" } else { "000000" };
+    let share = Arc::new(kits[0].share.to_string());
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (w, share) = (Arc::clone(&w), Arc::clone(&share));
+        tasks.push(tokio::spawn(async move {
+            w.svc
+                .sealing
+                .unseal(&custodian("a"), &share, wrong)
+                .await
+                .err()
+        }));
+    }
+    let mut rejected = 0;
+    let mut locked = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(ServiceError::Rejected(Rejection::TotpRejected)) => rejected += 1,
+            Some(ServiceError::Rejected(Rejection::LockedOut)) => locked += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        (rejected, locked),
+        (crate::service::FAILURE_LIMIT as usize, 45)
+    );
+    assert_eq!(failures(&w, "a"), i64::from(crate::service::FAILURE_LIMIT));
+}
