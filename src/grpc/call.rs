@@ -71,7 +71,9 @@ pub fn accept<T>(req: tonic::Request<T>) -> Result<(Caller, T), Status> {
             .get::<RequestId>()
             .map(|r| r.0.clone())
             .unwrap_or_default();
-        return Err(to_status(ServiceError::Unauthenticated, &id));
+        let mut s = to_status(ServiceError::Unauthenticated, &id);
+        s.set_source(Arc::new(FailedCallFacts(Facts::default())));
+        return Err(s);
     };
     Ok((caller, req.into_inner()))
 }

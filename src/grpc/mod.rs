@@ -2,7 +2,8 @@
 //! service implementations ([`keys`], [`quorum`], [`access`], [`audit`]), the one error →
 //! `Status` mapping ([`status::to_status`]), and the layers applied once to the whole API:
 //! request ids ([`request_id`]), the audit record ([`audited`]) and authentication
-//! ([`authn`]), written on one piece of tower plumbing ([`around`]). Health, reflection
+//! ([`authn`]), and the transport's own refusals in Arca's words ([`sanitize`]), written on
+//! one piece of tower plumbing ([`around`]). Health, reflection
 //! and the TLS listener ([`tls`]) complete it.
 //!
 //! Invariants:
@@ -15,7 +16,7 @@
 //! - Messages that carry key material have a `Debug` that prints no bytes of it.
 //!
 //! Files import downwards only: `pb`, `request_id`, `around`, `status` ← `call` ←
-//! `convert`, `authn`, `audited`, `health` ← `keys`, `quorum`, `access`, `audit` ← this.
+//! `convert`, `authn`, `audited`, `sanitize`, `health` ← `keys`, `quorum`, `access`, `audit` ← this.
 //!
 //! Must not import: sqlx, cryptoki, arca_hsm.
 
@@ -31,6 +32,7 @@ pub mod keys;
 pub mod pb;
 pub mod quorum;
 pub mod request_id;
+pub mod sanitize;
 pub mod status;
 pub mod tls;
 
@@ -133,6 +135,9 @@ where
         .layer(request_id::RequestIdLayer::new(request_id_prefix))
         .layer(HookLayer(audited::Audited::new(svc.ctx.audit().cloned())))
         .layer(HookLayer(authn::Authn::new(Arc::clone(&svc.guard))))
+        // Innermost: the transport's own refusals (undecodable or oversized messages) in
+        // Arca's words.
+        .layer(HookLayer(sanitize::Sanitize))
         .add_service(health_svc)
         .add_service(keys)
         .add_service(quorum)

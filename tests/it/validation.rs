@@ -461,3 +461,50 @@ async fn oversized_or_malformed_inputs_are_refused_and_change_nothing(db: Db) {
     assert_eq!(k.versions.len(), 1);
     assert_eq!(k.primary_version, 1);
 }
+
+/// `CreateKeyRequest` as the wire sees it, with a name of raw bytes (a client can send any).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawCreateKey {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_invalid_argument_in_arcas_words() {
+    let arca = TestArca::start().await;
+    let mut grpc = tonic::client::Grpc::new(arca.channel().await);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(RawCreateKey {
+        name: vec![b'k', 0xff, 0xfe],
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", arca.token()).parse().unwrap(),
+    );
+    let path = http::uri::PathAndQuery::from_static("/arca.v1.KeyService/CreateKey");
+    let codec = tonic_prost::ProstCodec::<RawCreateKey, pb::Key>::default();
+    let e = grpc.unary(req, path, codec).await.unwrap_err();
+    // Not tonic's INTERNAL "failed to decode Protobuf message: CreateKeyRequest.name: …".
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "invalid request message"),
+        "{e:?}"
+    );
+    // The audit trail records what the caller saw.
+    let auditor = crate::support::mint_token(&arca, "auditor:it", &[]).await;
+    let recs = arca
+        .audit(&auditor)
+        .await
+        .query_audit(pb::QueryAuditRequest {
+            operation: "CreateKey".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(
+        recs.iter().map(|r| r.result.as_str()).collect::<Vec<_>>(),
+        ["INVALID_ARGUMENT"]
+    );
+}
