@@ -56,6 +56,10 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// How often the HSM and database are probed for health.
     pub health_interval: Duration,
+    /// How long a connection lives before the server closes it (gracefully): a client
+    /// certificate revoked (a new CRL) or expired stops working within this time, since
+    /// certificates are checked at each handshake.
+    pub max_connection_age: Duration,
 }
 
 impl Default for ServeOptions {
@@ -65,6 +69,7 @@ impl Default for ServeOptions {
             max_concurrent_streams: 256,
             request_timeout: Duration::from_secs(30),
             health_interval: Duration::from_millis(500),
+            max_connection_age: Duration::from_secs(600),
         }
     }
 }
@@ -130,6 +135,8 @@ where
         .timeout(opts.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_connection_age(opts.max_connection_age)
+        .max_connection_age_grace(Duration::from_secs(30))
         // Outermost first: every response gets its request id; every call but health is
         // recorded (refusals included), then authenticated.
         .layer(request_id::RequestIdLayer::new(request_id_prefix))

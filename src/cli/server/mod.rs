@@ -128,6 +128,10 @@ pub(super) struct ServerArgs {
     /// shipped files.
     #[arg(long, value_name = "DIR")]
     policy_dir: Option<PathBuf>,
+    /// How long a client connection may live before the server closes it (gracefully):
+    /// a revoked or expired client certificate stops working within this time. E.g. "10m".
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    max_connection_age: Duration,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -369,7 +373,10 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
             op_timeout: Duration::from_millis(args.hsm_timeout_ms.max(1)),
         },
         wrap_reservation: args.wrap_reservation.max(1),
-        serve: ServeOptions::default(),
+        serve: ServeOptions {
+            max_connection_age: args.max_connection_age,
+            ..ServeOptions::default()
+        },
         rate_limit: rate_limit(args),
         quorum_policy: quorum_policy(args)?,
         lifecycle: lifecycle_policy(args)?,
@@ -471,7 +478,10 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
         },
         data_dir,
         wrap_reservation: args.wrap_reservation.max(1),
-        serve: ServeOptions::default(),
+        serve: ServeOptions {
+            max_connection_age: args.max_connection_age,
+            ..ServeOptions::default()
+        },
         rate_limit: rate_limit(args),
         quorum_policy: quorum_policy(args)?,
         lifecycle: lifecycle_policy(args)?,
