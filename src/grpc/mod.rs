@@ -135,8 +135,11 @@ where
         .timeout(opts.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // No `max_connection_age_grace`: tonic 0.14 then waits age + grace and closes
+        // forcefully, skipping the graceful close at `age`. Without it the connection is
+        // told to go away at `age` and ends when its calls (bounded by the request
+        // timeout) finish.
         .max_connection_age(opts.max_connection_age)
-        .max_connection_age_grace(Duration::from_secs(30))
         // Outermost first: every response gets its request id; every call but health is
         // recorded (refusals included), then authenticated.
         .layer(request_id::RequestIdLayer::new(request_id_prefix))

@@ -158,30 +158,59 @@ async fn client_certificates_are_verified() {
     }
 }
 
+/// Runs `openssl ca` in the test PKI dir with `args`.
+fn openssl_ca(pki: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .arg("ca")
+        .args([
+            "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key",
+        ])
+        .args(args)
+        .current_dir(pki)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_revoked_while_its_connection_is_open_stops_within_the_connection_age() {
+    let arca = start_with(&["--max-connection-age".into(), "2s".into()]).await;
+    // One channel, kept open and used throughout.
+    let ch = arca.channel(Some("client")).await.unwrap();
+    let mut c = KeyServiceClient::with_interceptor(ch, Auth::bearer(&arca.token));
+    c.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    openssl_ca(&arca.pki, &["-revoke", "client.pem"]);
+    openssl_ca(&arca.pki, &["-gencrl", "-out", "crl.pem"]);
+    signal(arca.server.pid(), "HUP");
+    // Within the connection age (plus its grace), the same channel is refused: its
+    // connection is closed and the new handshake fails on the CRL.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match c.list_keys(pb::ListKeysRequest::default()).await {
+            Err(_) => break,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "a revoked certificate kept working on its open connection"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Another client is unaffected.
+    arca.list_keys(Some("client2")).await.unwrap();
+}
+
 #[tokio::test]
 async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     let mut arca = start().await;
     arca.list_keys(Some("client")).await.unwrap();
     // Revoke `client` in a new CRL, then reload: new handshakes refuse it.
     let pki = arca.pki.clone();
-    let ca = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .arg("ca")
-            .args([
-                "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key",
-            ])
-            .args(args)
-            .current_dir(&pki)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ca(&["-revoke", "client.pem"]);
-    ca(&["-gencrl", "-out", "crl.pem"]);
+    openssl_ca(&pki, &["-revoke", "client.pem"]);
+    openssl_ca(&pki, &["-gencrl", "-out", "crl.pem"]);
     signal(arca.server.pid(), "HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     while arca.list_keys(Some("client")).await.is_ok() {
