@@ -72,6 +72,8 @@ pub struct Metrics {
     pub hsm_latency: Histogram,
     /// HSM calls that failed (any error but a failed GCM authentication).
     pub hsm_errors: AtomicU64,
+    /// Times the HSM refused the login and the node sealed itself.
+    pub hsm_logins_refused: AtomicU64,
     /// HSM sessions in use now: workers running a call (each worker owns one session).
     pub hsm_sessions_in_use: AtomicI64,
     /// Audit batch commit latency.
@@ -172,12 +174,18 @@ impl Metrics {
         out.push_str("# TYPE arca_hsm_operation_duration_seconds histogram\n");
         self.hsm_latency
             .render(&mut out, "arca_hsm_operation_duration_seconds", "");
-        let simple: [(&str, &str, &str, u64); 7] = [
+        let simple: [(&str, &str, &str, u64); 8] = [
             (
                 "arca_hsm_errors_total",
                 "counter",
                 "HSM calls that failed.",
                 self.hsm_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "arca_hsm_logins_refused_total",
+                "counter",
+                "Times the HSM refused the login and the node sealed itself.",
+                self.hsm_logins_refused.load(Ordering::Relaxed),
             ),
             (
                 "arca_audit_records_total",

@@ -63,6 +63,9 @@ pub struct KeyEngine {
     tx: Option<mpsc::Sender<Job>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     available: Arc<AtomicBool>,
+    /// Set once the HSM refused the login (on a reconnect): the engine is then useless
+    /// and the service seals itself (`service::Context::engine`).
+    refused: Arc<AtomicBool>,
     op_timeout: Duration,
 }
 
@@ -109,8 +112,14 @@ impl KeyEngine {
             tx: Some(tx),
             workers,
             available: Arc::new(AtomicBool::new(true)),
+            refused: Arc::new(AtomicBool::new(false)),
             op_timeout: cfg.op_timeout,
         })
+    }
+
+    /// Whether the HSM refused the login (the PIN was wiped; no call will succeed).
+    pub fn login_refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Whether the last HSM call found the HSM reachable.
@@ -138,13 +147,20 @@ impl KeyEngine {
     {
         let (reply_tx, reply_rx) = oneshot::channel::<Result<R, KeysError>>();
         let available = Arc::clone(&self.available);
+        let refused = Arc::clone(&self.refused);
         let job: Job = Box::new(move |hsm| {
             if reply_tx.is_closed() {
                 return;
             }
             let result = f(hsm);
-            let down = matches!(result, Err(KeysError::HsmUnavailable(_)));
+            let down = matches!(
+                result,
+                Err(KeysError::HsmUnavailable(_) | KeysError::LoginRefused)
+            );
             available.store(!down, Ordering::Relaxed);
+            if matches!(result, Err(KeysError::LoginRefused)) {
+                refused.store(true, Ordering::Relaxed);
+            }
             // A result nobody waits for is undone; any plaintext in it is zeroized on drop.
             if let Err(Ok(orphan)) = reply_tx.send(result) {
                 undo(hsm, orphan);
@@ -395,6 +411,7 @@ fn hsm_err(e: HsmError) -> KeysError {
     match e {
         HsmError::Unavailable { .. } => KeysError::HsmUnavailable(Some(e)),
         HsmError::ObjectNotFound => KeysError::HsmObjectMissing,
+        HsmError::LoginRefused { .. } => KeysError::LoginRefused,
         other => KeysError::Hsm(other),
     }
 }

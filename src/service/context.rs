@@ -112,6 +112,15 @@ impl EngineSlot {
     pub(super) fn take(&self) -> Option<Arc<KeyEngine>> {
         self.0.write().ok().and_then(|mut e| e.take())
     }
+
+    /// Takes the engine out if it is still `engine` (not one a new unseal put in since).
+    fn take_if(&self, engine: &Arc<KeyEngine>) -> Option<Arc<KeyEngine>> {
+        let mut slot = self.0.write().ok()?;
+        match slot.as_ref() {
+            Some(e) if Arc::ptr_eq(e, engine) => slot.take(),
+            _ => None,
+        }
+    }
 }
 
 /// What every service shares.
@@ -154,9 +163,35 @@ impl Context {
         System { _private: () }
     }
 
-    /// The engine, or `Sealed`.
+    /// The engine, or `Sealed`. An engine whose HSM refused the login (on a reconnect:
+    /// the PIN changed behind Arca's back, or the token locked it) is useless and never
+    /// retried: the node seals itself here, once, with an alert and an audit record, and
+    /// custodians must unseal it again.
     pub fn engine(&self) -> Result<Arc<KeyEngine>> {
-        self.engine.get()
+        let engine = self.engine.get()?;
+        if !engine.login_refused() {
+            return Ok(engine);
+        }
+        if let Some(gone) = self.engine.take_if(&engine) {
+            tracing::error!(
+                alert = "hsm-login-refused",
+                "ALERT: the HSM refused the login; the node sealed itself (custodians unseal \
+                 it once the HSM's PIN is sorted out)"
+            );
+            crate::metrics::global()
+                .hsm_logins_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.record_job("hsm.login_refused", false, None, "the node sealed itself");
+            // Joining the HSM workers blocks: off the async threads when there are some.
+            drop(engine);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || drop(gone));
+                }
+                Err(_) => drop(gone),
+            }
+        }
+        Err(ServiceError::Sealed)
     }
 
     /// A cheap round trip to the database, for health checks.

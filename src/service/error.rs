@@ -352,6 +352,9 @@ impl From<KeysError> for ServiceError {
             }
             KeysError::HsmUnavailable(_) => ServiceError::Unavailable("HSM unavailable"),
             KeysError::HsmObjectMissing => ServiceError::Conflict(Conflict::VersionDestroyed),
+            KeysError::LoginRefused => {
+                ServiceError::Unavailable("the HSM refused the login; the node stays sealed")
+            }
             e => ServiceError::Internal(Box::new(e)),
         }
     }

@@ -617,3 +617,81 @@ async fn a_hung_hsm_times_out_with_unavailable_and_recovers() {
     let status = arca.stop().await;
     assert!(status.success(), "exit after the hang: {status}");
 }
+
+/// The HSM's user PIN is changed with the SO PIN behind Arca's back (or a real HSM locks
+/// it) while the HSM is away. When it comes back, Arca's reconnect is refused once: the
+/// node wipes the PIN, never logs in again (a real HSM would lock or zeroize the
+/// partition after a few refused logins), seals itself with an alert, and answers every
+/// key call `UNAVAILABLE` (reason `SEALED`) until custodians unseal it again.
+#[tokio::test]
+async fn a_refused_login_seals_the_node_after_one_attempt() {
+    let mut arca = TestArca::start().await;
+    create_key(&mut arca.client().await, "k").await;
+    let status = arca.stop().await;
+    assert!(status.success(), "first run exit: {status}");
+    let data_dir: PathBuf = arca.data_dir().to_path_buf();
+    let socket = arca.root().join("p11.sock");
+    let mut p11 = P11KitServer::start(&data_dir, &socket);
+    arca.start_with(
+        TestArca::builder()
+            .arg("--hsm-module")
+            .arg(client_module())
+            .arg("--hsm-pin-file")
+            .arg(data_dir.join("hsm-pin"))
+            .env(
+                "P11_KIT_SERVER_ADDRESS",
+                format!("unix:path={}", socket.display()),
+            ),
+    )
+    .await;
+    let mut h = arca.health().await;
+    assert!(
+        wait_health(&mut h, ServingStatus::Serving, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "not SERVING through p11-kit"
+    );
+    // The HSM goes away; meanwhile its user PIN is changed with the SO PIN.
+    p11.kill();
+    crate::support::hsm::so_set_user_pin(data_dir.clone(), "changed-behind-arcas-back".into())
+        .await;
+    let mut p11 = P11KitServer::start(&data_dir, &socket);
+    // Within a few reconnect intervals the node has tried once and sealed itself.
+    let mut c = arca.client().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = c
+            .create_key(pb::CreateKeyRequest {
+                name: "after".into(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Err(s) if crate::support::reason(&s) == Some("SEALED") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the node did not seal itself: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Several reconnect intervals later, still one refused login, and still sealed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = arca.log_text();
+    assert_eq!(
+        log.matches("the HSM refused the login on reconnect")
+            .count(),
+        1,
+        "the login was retried"
+    );
+    assert!(log.contains("the node sealed itself"), "no seal alert");
+    let st = arca
+        .quorum(arca.token())
+        .await
+        .seal_status(pb::SealStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.sealed, "{st:?}");
+    p11.kill();
+}

@@ -114,7 +114,9 @@ struct ReconnectGate {
 pub(super) struct SessionPool {
     module: PathBuf,
     label: String,
-    pin: AuthPin,
+    /// The user PIN, kept for reconnects; wiped (`None`) after the token refused it once,
+    /// so a node never retries a refused login (a real HSM locks or zeroizes after a few).
+    pin: Mutex<Option<AuthPin>>,
     sessions: usize,
     reconnect_interval: Duration,
     state: Mutex<PoolState>,
@@ -164,7 +166,7 @@ impl SessionPool {
         Ok(SessionPool {
             module,
             label,
-            pin,
+            pin: Mutex::new(Some(pin)),
             sessions,
             reconnect_interval,
             state: Mutex::new(PoolState {
@@ -363,7 +365,18 @@ impl SessionPool {
                 tracing::debug!(error = %describe(&e), "C_Finalize of the lost PKCS#11 context failed");
             }
         }
-        match connect(&self.module, &self.label, &self.pin, self.sessions, true) {
+        let connected = {
+            let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
+            match pin.as_ref() {
+                Some(pin) => connect(&self.module, &self.label, pin, self.sessions, true),
+                None => {
+                    return Err(HsmError::LoginRefused {
+                        detail: "refused before; the PIN was wiped and no login is retried".into(),
+                    })
+                }
+            }
+        };
+        match connected {
             Ok((ctx, sessions)) => {
                 let mut pool = self.lock();
                 pool.generation += 1;
@@ -374,6 +387,18 @@ impl SessionPool {
                 self.idle_cv.notify_all();
                 tracing::info!(token = %self.label, generation, "HSM reconnected");
                 Ok(())
+            }
+            Err(e @ HsmError::LoginRefused { .. }) => {
+                // Wiped at once: never another try with it.
+                self.pin.lock().unwrap_or_else(|p| p.into_inner()).take();
+                tracing::error!(
+                    alert = "hsm-login-refused",
+                    token = %self.label,
+                    error = %e,
+                    "ALERT: the HSM refused the login on reconnect; the PIN is wiped and no \
+                     login is retried"
+                );
+                Err(e)
             }
             Err(e) => {
                 tracing::warn!(token = %self.label, error = %e, "HSM reconnect failed");
