@@ -287,3 +287,49 @@ async fn init_encrypts_a_share_to_the_custodians_age_key() {
         assert_eq!(st["sealed"].as_bool(), Some(i < 1), "{st}");
     }
 }
+
+/// The bootstrap admin token exists once in the life of a database and expires: deleting
+/// its file and restarting mints no new one, and a token of one's choosing written into
+/// the file is not registered (whoever can write the data dir gets no admin token).
+#[tokio::test]
+async fn the_bootstrap_token_is_minted_once_expires_and_cannot_be_planted() {
+    let mut prod = fresh_prod();
+    prod.start().await;
+    let boot = read(&prod.p("data/bootstrap-token"));
+    // (Listing tokens needs an unsealed server; the database says it as well.)
+    let expiry = crate::support::sqlite_query(
+        &prod.p("data/arca.db"),
+        "SELECT expires_at - created_at FROM tokens WHERE description LIKE 'bootstrap%'",
+    )
+    .unwrap();
+    assert_eq!(
+        expiry, "86400000",
+        "the bootstrap token does not expire in 24 h"
+    );
+    prod.stop().await;
+
+    // The file deleted: no new token is minted.
+    std::fs::remove_file(prod.p("data/bootstrap-token")).unwrap();
+    prod.start().await;
+    assert!(
+        !prod.p("data/bootstrap-token").exists(),
+        "a second bootstrap token was minted"
+    );
+    assert!(
+        read(&prod.p("server.log"))
+            .contains("no bootstrap token: the bootstrap token was issued once already"),
+        "the refusal is not said"
+    );
+    prod.stop().await;
+
+    // A token of the attacker's choosing planted in the file is not registered.
+    let planted = format!("arca_{}", "7".repeat(43));
+    std::fs::write(prod.p("data/bootstrap-token"), &planted).unwrap();
+    prod.start().await;
+    let CliOutput { ok, err, .. } = prod.cli(&planted).run(&["operator", "status"]).await;
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    // The real one still works.
+    let CliOutput { ok, err, .. } = prod.cli(&boot).run(&["operator", "status"]).await;
+    assert!(ok, "{err}");
+    prod.stop().await;
+}

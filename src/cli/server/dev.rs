@@ -108,19 +108,45 @@ pub(super) async fn dev_unseal(svc: &Services, cfg: &ServerConfig) -> Result<(),
     Ok(())
 }
 
-/// Reads the dev token from `path`, or mints one and writes it there (0600).
-pub(super) async fn ensure_dev_token(svc: &Services, path: &Path) -> Result<(), BoxError> {
+/// Dev mode: reads the dev admin token from `path` (registering it if the database does
+/// not know it), or mints one and writes it there (0600).
+///
+/// Outside dev mode: when `path` is missing, mints the bootstrap admin token for the init
+/// ceremony, once in the life of the database, valid 24 hours, and writes it there. A
+/// token file that exists is never registered (whoever can write the data dir must not
+/// be able to choose an admin token); a bootstrap token issued before is never minted
+/// again.
+pub(super) async fn ensure_dev_token(
+    svc: &Services,
+    path: &Path,
+    dev: bool,
+) -> Result<(), BoxError> {
     let system = svc.ctx.system();
+    let tokens = &svc.tokens;
     match std::fs::read_to_string(path) {
-        Ok(text) => {
+        Ok(text) if dev => {
             let token = BearerToken::new(text.trim().to_string());
-            svc.tokens
+            tokens
                 .ensure(&system, &token, DEV_PRINCIPAL, &["admin"])
                 .await?;
         }
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = svc.tokens.issue(&system, DEV_PRINCIPAL, &["admin"]).await?;
-            write_private(path, token.expose().as_bytes())?;
+            if dev {
+                let token = tokens.issue(&system, DEV_PRINCIPAL, &["admin"]).await?;
+                write_private(path, token.expose().as_bytes())?;
+            } else {
+                match tokens
+                    .issue_bootstrap(&system, DEV_PRINCIPAL, &["admin"])
+                    .await
+                {
+                    Ok((_, token)) => write_private(path, token.expose().as_bytes())?,
+                    Err(crate::service::ServiceError::FailedPrecondition(why)) => {
+                        eprintln!("no bootstrap token: {why}")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Err(e) => return Err(e.into()),
     }

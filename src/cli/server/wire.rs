@@ -106,7 +106,7 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     } else {
         "bootstrap-token"
     });
-    ensure_dev_token(&svc, &token_path).await?;
+    ensure_dev_token(&svc, &token_path, cfg.dev).await?;
     dev_unseal(&svc, &cfg).await?;
     if ctx.engine.is_open() {
         ctx.record_job("unseal", true, None, "start-up");
@@ -124,6 +124,7 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         Some(files) => Some(Arc::new(TlsReloader::load(files.clone())?)),
         None => None,
     };
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     let prefix = hex::encode(crate::secret::random::<6>()?.as_ref());
@@ -150,13 +151,13 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
             tracing::info!(%addr, mutual = tls.mutual(), "listening (TLS 1.2/1.3)");
             tokio::spawn(reload_on_sighup(Arc::clone(&tls)));
             let incoming = crate::grpc::tls::incoming(listener, tls);
-            serve(incoming, &svc, cfg.serve.clone(), prefix, shutdown_signal()).await
+            serve(incoming, &svc, cfg.serve.clone(), prefix, shutdown).await
         }
         None => {
             tracing::info!(%addr, "listening (dev mode, plaintext, loopback only)");
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            serve(incoming, &svc, cfg.serve.clone(), prefix, shutdown_signal()).await
+            serve(incoming, &svc, cfg.serve.clone(), prefix, shutdown).await
         }
     };
     // The jobs hold the services (and through them the HSM): stop them before they go.
@@ -337,18 +338,23 @@ async fn reload_policy_on_sighup(
     }
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C, registered at once (before the listening line is printed, so that a
+/// SIGTERM sent right after it stops the server cleanly rather than killing it).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
+    let term = signal(SignalKind::terminate());
+    async move {
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        tracing::info!("shutdown requested");
     }
-    tracing::info!("shutdown requested");
 }

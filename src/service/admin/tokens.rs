@@ -20,6 +20,11 @@ use crate::service::error::{Conflict, Result, ServiceError};
 use crate::service::Caller;
 use crate::store::{StoreError, TokenRecord};
 
+/// Lifetime of the bootstrap admin token (24 hours): long enough for the init ceremony.
+pub const BOOTSTRAP_TTL_MS: i64 = 24 * 3600 * 1000;
+/// The description that marks the bootstrap admin token.
+const BOOTSTRAP_DESCRIPTION: &str = "bootstrap admin token (init ceremony)";
+
 /// Longest token lifetime (one year).
 pub const MAX_TTL_MS: i64 = 365 * 24 * 3600 * 1000;
 
@@ -216,6 +221,54 @@ impl Tokens {
         let token = BearerToken::from_random(&secret);
         self.ensure(permit, &token, principal, roles).await?;
         Ok(token)
+    }
+
+    /// Start-up wiring outside dev mode: mints the bootstrap admin token (for the init
+    /// ceremony), once in the life of the database, valid for [`BOOTSTRAP_TTL_MS`].
+    /// Refused (`FailedPrecondition`) when one was issued already: it is never minted
+    /// again, so a deleted token file and a restart give nobody a new admin token.
+    /// Recorded in the audit trail.
+    pub async fn issue_bootstrap(
+        &self,
+        permit: &impl Permit,
+        principal: &str,
+        roles: &[&str],
+    ) -> Result<(TokenRecord, BearerToken)> {
+        let db = self.ctx.db(permit);
+        if let Some(earlier) = db
+            .list_tokens()
+            .await?
+            .into_iter()
+            .find(|t| t.description == BOOTSTRAP_DESCRIPTION)
+        {
+            return Err(ServiceError::FailedPrecondition(
+                if earlier.revoked_at.is_some() {
+                    "the bootstrap token was issued once and revoked; it is not minted again"
+                } else {
+                    "the bootstrap token was issued once already; it is not minted again"
+                },
+            ));
+        }
+        let secret = crate::secret::random::<32>().map_err(ServiceError::internal)?;
+        let token = BearerToken::from_random(&secret);
+        let roles = roles.iter().map(|r| r.to_string()).collect();
+        let now = self.ctx.clock.now_ms();
+        let mut record = unscoped_record(&token, principal.to_string(), roles, now)?;
+        record.expires_at = Some(now + BOOTSTRAP_TTL_MS);
+        record.description = BOOTSTRAP_DESCRIPTION.to_string();
+        db.insert_token(&record).await?;
+        self.ctx.record_job(
+            "token.bootstrap_issued",
+            true,
+            None,
+            &format!(
+                "token_id={} expires_at_ms={}",
+                record.id,
+                now + BOOTSTRAP_TTL_MS
+            ),
+        );
+        tracing::warn!(token_id = %record.id, "bootstrap admin token issued (once; it expires in 24 h)");
+        Ok((record, token))
     }
 
     /// Start-up wiring: registers an existing token (e.g. the dev token kept in the data
