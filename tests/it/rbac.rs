@@ -904,3 +904,58 @@ async fn the_cli_enrols_breaks_glass_and_closes_the_review() {
         .await
         .unwrap();
 }
+
+/// A token admin whose role needs MFA and may create tokens but not list them: creating a
+/// token spends the code once, answers the token, and leaves no orphan and no counted
+/// failure (it used to re-authorize for ListTokens after the insert: a replayed code,
+/// UNAUTHENTICATED, a live token nobody received, and a failure towards lock-out).
+#[tokio::test]
+async fn creating_a_token_with_mfa_spends_one_code_and_answers_the_token() {
+    let pol = tempfile::tempdir().unwrap();
+    let dir = policy_dir(
+        pol.path(),
+        r#"
+version = 1
+[roles.minter]
+mfa = true
+[[roles.minter.allow]]
+operations = ["CreateToken", "EnrollTotp"]
+[[bindings]]
+principals = ["ops:mia"]
+roles = ["minter"]
+"#,
+    );
+    let arca = TestArca::builder()
+        .arg("--policy-dir")
+        .arg(&dir)
+        .start()
+        .await;
+    let mia = mint_token(&arca, "ops:mia", &[]).await;
+    let totp = enroll(&arca, &mia).await;
+    let code = totp.next().await;
+    let made = arca
+        .access(Auth::bearer(&mia).totp(&code))
+        .await
+        .create_token(pb::CreateTokenRequest {
+            principal: "svc:new".into(),
+            roles: vec!["service".into()],
+            ttl_seconds: 3600,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateToken with one code")
+        .into_inner();
+    assert!(made.token.starts_with("arca_"), "{made:?}");
+    assert!(!made.expires_at.is_empty(), "{made:?}");
+    // Exactly one token for svc:new, and no MFA failure counted.
+    assert_eq!(
+        arca.sql("SELECT COUNT(*) FROM tokens WHERE principal = 'svc:new'")
+            .unwrap(),
+        "1"
+    );
+    assert_eq!(
+        arca.sql("SELECT COUNT(*) FROM principal_failures WHERE principal = 'ops:mia'")
+            .unwrap(),
+        "0"
+    );
+}
