@@ -69,8 +69,6 @@ impl<A: super::Act> sealed::Sealed for super::Attempt<A> {}
 impl<A: super::Act> Permit for super::Attempt<A> {}
 impl sealed::Sealed for QuorumApproved {}
 impl Permit for QuorumApproved {}
-impl sealed::Sealed for super::Authenticated {}
-impl Permit for super::Authenticated {}
 impl sealed::Sealed for System {}
 impl Permit for System {}
 

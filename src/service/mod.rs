@@ -54,8 +54,8 @@ mod services;
 mod tests;
 
 pub use access::{
-    act, Act, Attempt, Authenticated, Authorized, Guard, Scope, FAILURE_LIMIT, FAILURE_WINDOW_MS,
-    LOCKOUT_MS, REFRESH as ACCESS_REFRESH,
+    act, Act, Attempt, Authorized, Guard, Scope, FAILURE_LIMIT, FAILURE_WINDOW_MS, LOCKOUT_MS,
+    REFRESH as ACCESS_REFRESH,
 };
 pub use admin::{
     AccessOutcome, Grants, NewToken, Policies, ReloadError, TokenInfo, Tokens, Totp, TotpEnrolled,

@@ -959,3 +959,65 @@ roles = ["minter"]
         "0"
     );
 }
+
+/// Requests and the seal status follow the policy's scope: a role whose request rules
+/// name `billing/*` sees only billing requests (its token unrestricted), and a service
+/// token does not see the seal.
+#[tokio::test]
+async fn requests_and_the_seal_status_follow_the_policys_scope() {
+    let pol = tempfile::tempdir().unwrap();
+    let dir = policy_dir(
+        pol.path(),
+        r#"
+version = 1
+[roles.billing-admin]
+[[roles.billing-admin.allow]]
+operations = ["ListRequests", "GetRequest"]
+keys = ["billing/*"]
+[[bindings]]
+principals = ["ops:bill"]
+roles = ["billing-admin"]
+"#,
+    );
+    let (arca, _cs) = crate::support::unsealed(
+        crate::support::three_of_five(Db::default())
+            .arg("--policy-dir")
+            .arg(&dir),
+    )
+    .await;
+    let mut admin = arca.client().await;
+    create_key(&mut admin, "billing/a").await;
+    let mut ids = Vec::new();
+    for k in ["billing/a", "phi"] {
+        let r = admin
+            .rotate_key(pb::RotateKeyRequest { name: k.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.approval_request.expect("a request").id);
+    }
+    let bill = mint_token(&arca, "ops:bill", &[]).await;
+    let mut q = arca.quorum(&bill).await;
+    let seen = q
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(
+        seen.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [ids[0].as_str()]
+    );
+    let e = q
+        .get_request(pb::GetRequestRequest { id: ids[1].clone() })
+        .await;
+    assert_code(e, Code::PermissionDenied, "a request about phi");
+
+    let svc = mint_token(&arca, "svc:billing", &[]).await;
+    let e = arca
+        .quorum(&svc)
+        .await
+        .seal_status(pb::SealStatusRequest {})
+        .await;
+    assert_code(e, Code::PermissionDenied, "seal status for a service");
+}

@@ -83,6 +83,9 @@ actions! {
     Unseal: false, false;
     /// `QuorumService.Seal`.
     Seal: false, false;
+    /// `QuorumService.SealStatus` (also allowed by any rule that allows `Unseal`, `Seal`
+    /// or `Init`: whoever acts on the seal may see it).
+    SealStatus: false, false;
     /// `QuorumService.Rekey`.
     Rekey: false, false;
     /// `QuorumService.ListRequests`.
@@ -121,6 +124,13 @@ impl Action {
     /// Parses a policy name (exact, case-sensitive).
     pub fn parse(s: &str) -> Option<Action> {
         Action::ALL.iter().copied().find(|a| a.as_str() == s)
+    }
+
+    /// Whether a rule's key globs, when it names any, limit the approval requests the
+    /// action shows to those about matching keys (`ListRequests`, `GetRequest`; a rule
+    /// without keys shows every request).
+    pub fn scopes_requests(self) -> bool {
+        matches!(self, Action::ListRequests | Action::GetRequest)
     }
 
     /// Whether the action hands key material to the caller (separation of duties).

@@ -135,10 +135,15 @@ impl Policy {
 }
 
 fn rule_allows(rule: &Rule, principal: &str, req: &Request<'_>) -> bool {
-    if !rule.actions.contains(&req.action) {
+    let implied = req.action == Action::SealStatus
+        && rule
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Unseal | Action::Seal | Action::Init));
+    if !rule.actions.contains(&req.action) && !implied {
         return false;
     }
-    if req.action.is_key_scoped() {
+    if req.action.is_key_scoped() || (req.action.scopes_requests() && !rule.keys.is_empty()) {
         if let Some(key) = req.key {
             if !rule.keys.iter().any(|g| glob_match(g, key)) {
                 return false;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use super::proof::{Act, Attempt, Authenticated, Authorized, Scope, Snapshot};
+use super::proof::{Act, Attempt, Authorized, Scope, Snapshot};
 use crate::authz::policy::{Allowed, Decision, Policy, Request, Subject};
 use crate::authz::ratelimit::{RateLimiter, RoleLimiter};
 use crate::authz::{Peer, Principal};
@@ -213,8 +213,9 @@ impl Guard {
         self.finish(caller, snapshot, scope, true).await
     }
 
-    /// As [`Guard::authorize`] without the MFA step: for enrolling in MFA itself.
-    pub(crate) async fn authorize_enrolment<A: Act>(
+    /// As [`Guard::authorize`] without the MFA step: for enrolling in MFA itself, and
+    /// for the seal status (read while sealed, when no TOTP secret can be opened).
+    pub(crate) async fn authorize_without_mfa<A: Act>(
         &self,
         caller: &Caller,
     ) -> Result<Authorized<A>> {
@@ -281,15 +282,17 @@ impl Guard {
         })
     }
 
-    /// Whether the holder of a `ListKeys` decision may see `key` (the list shows only
-    /// those), judged with the same snapshot.
-    pub fn may_list(proof: &Authorized<super::act::ListKeys>, key: &crate::keys::KeyName) -> bool {
-        let scope = Scope::key(key.clone());
-        Self::decide::<super::act::ListKeys>(&proof.snapshot, &proof.principal, &scope).is_some()
-    }
-
-    /// Every authenticated caller may read the seal status.
-    pub fn authenticated(&self, _caller: &Caller) -> Authenticated {
-        Authenticated { _private: () }
+    /// Whether the holder of a decision for `A` (`ListKeys`, `ListRequests`,
+    /// `GetRequest`) may see what concerns `key` (lists show only those), judged with the
+    /// same snapshot and the credential's key globs.
+    pub fn may_see<A: Act>(proof: &Authorized<A>, key: &str) -> bool {
+        let Ok(name) = crate::keys::KeyName::parse(key) else {
+            return false;
+        };
+        if !proof.principal.may_use_key(name.as_str()) {
+            return false;
+        }
+        let scope = Scope::key(name);
+        Self::decide::<A>(&proof.snapshot, &proof.principal, &scope).is_some()
     }
 }

@@ -15,4 +15,4 @@ mod proof;
 pub use guard::{Guard, REFRESH};
 pub(crate) use mfa::totp_aad;
 pub use mfa::{FAILURE_LIMIT, FAILURE_WINDOW_MS, LOCKOUT_MS};
-pub use proof::{act, Act, Attempt, Authenticated, Authorized, Scope};
+pub use proof::{act, Act, Attempt, Authorized, Scope};

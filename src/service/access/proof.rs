@@ -59,6 +59,7 @@ acts!(
     Init,
     Unseal,
     Seal,
+    SealStatus,
     Rekey,
     ListRequests,
     GetRequest,
@@ -167,10 +168,4 @@ pub struct Attempt<A: Act> {
     pub(super) principal: Arc<Principal>,
     pub(super) snapshot: Snapshot,
     pub(super) _act: PhantomData<A>,
-}
-
-/// Proof that a caller authenticated, for the reads the API gives every authenticated
-/// principal (`SealStatus`).
-pub struct Authenticated {
-    pub(super) _private: (),
 }

@@ -40,7 +40,7 @@ impl Totp {
         let engine = self.ctx.engine()?;
         let proof = self
             .guard
-            .authorize_enrolment::<act::EnrollTotp>(caller)
+            .authorize_without_mfa::<act::EnrollTotp>(caller)
             .await?;
         let name = &caller.principal.name;
         let db = self.ctx.db(&proof);

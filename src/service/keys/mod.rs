@@ -217,7 +217,7 @@ impl Keys {
             .await?;
         let full = keys.len() == size as usize;
         let last = keys.last().map(|k| k.name.to_string());
-        keys.retain(|k| Guard::may_list(&proof, &k.name));
+        keys.retain(|k| Guard::may_see(&proof, k.name.as_str()));
         let next = match last {
             Some(last) if full => encode_page_token(&last),
             _ => String::new(),

@@ -29,14 +29,15 @@ fn c(n: usize) -> crate::service::Caller {
 }
 
 async fn quorum(gates: bool) -> Quorum {
-    let w = world_with(
-        ServiceConfig {
-            quorum_gates: gates,
-            ..ServiceConfig::default()
-        },
-        fake_hsm(),
-    )
-    .await;
+    quorum_with(ServiceConfig {
+        quorum_gates: gates,
+        ..ServiceConfig::default()
+    })
+    .await
+}
+
+async fn quorum_with(cfg: ServiceConfig) -> Quorum {
+    let w = world_with(cfg, fake_hsm()).await;
     let names: Vec<String> = (1..=5).map(|i| format!("c{i}")).collect();
     let kits = w
         .svc
@@ -765,4 +766,76 @@ async fn a_request_altered_after_k_approvals_does_not_run_at_the_next_unseal() {
     assert_eq!(r.state, RequestState::Failed);
     assert_eq!(q.key("other").await.versions.len(), 1);
     assert_eq!(q.key("phi").await.versions.len(), 1);
+}
+
+/// The shipped policy plus `extra` (one more policy file).
+fn shipped_plus(extra: &str) -> crate::authz::policy::Policy {
+    crate::authz::policy::Policy::from_files(&[
+        ("roles.toml", include_str!("../../../policies/roles.toml")),
+        (
+            "bindings.toml",
+            include_str!("../../../policies/bindings.toml"),
+        ),
+        ("extra.toml", extra),
+    ])
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_role_limited_to_some_keys_sees_only_their_requests() {
+    let q = quorum_with(ServiceConfig {
+        quorum_gates: true,
+        access_policy: shipped_plus(
+            r#"
+version = 1
+[roles.billing-admin]
+[[roles.billing-admin.allow]]
+operations = ["RotateKey", "GetKey"]
+keys = ["billing/*"]
+[[roles.billing-admin.allow]]
+operations = ["ListRequests", "GetRequest"]
+keys = ["billing/*"]
+[[bindings]]
+principals = ["ops:bill"]
+roles = ["billing-admin"]
+"#,
+        ),
+        ..ServiceConfig::default()
+    })
+    .await;
+    q.create("billing/a").await;
+    q.create("patients/b").await;
+    let billing = q.rotate("billing/a").await;
+    let patients = q.rotate("patients/b").await;
+    // An unrestricted token: only the policy limits what it sees.
+    let bill = caller("ops:bill", &[]);
+    let approvals = &q.w.svc.approvals;
+    let (seen, _) = approvals.list_requests(&bill, "", 0, "").await.unwrap();
+    let ids: Vec<&str> = seen.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, [billing.id.as_str()]);
+    assert!(approvals.get_request(&bill, &billing.id).await.is_ok());
+    assert!(matches!(
+        approvals.get_request(&bill, &patients.id).await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    // The shipped roles (no keys on these rules) still see every request.
+    let (all, _) = approvals.list_requests(&admin(), "", 0, "").await.unwrap();
+    assert_eq!(all.len(), 2);
+}
+
+#[tokio::test]
+async fn the_seal_status_is_for_who_acts_on_the_seal_not_for_services() {
+    let q = quorum(true).await;
+    let sealing = &q.w.svc.sealing;
+    assert!(matches!(
+        sealing.status(&caller("svc:billing", &[])).await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    for who in [c(1), admin(), caller("auditor:eve", &[])] {
+        assert!(
+            sealing.status(&who).await.is_ok(),
+            "{:?}",
+            who.principal.name
+        );
+    }
 }

@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 use super::ceremony::Ceremony;
 use super::custodians::{custodian_name, CustodianKit, Custodians};
 use crate::quorum::approvals::{self, Refusal, RequestState, PARAM_KEY};
-use crate::service::access::{act, Guard, Scope};
+use crate::service::access::{act, Act, Authorized, Guard, Scope};
 use crate::service::admin::{Grants, Policies};
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Conflict, Rejection, Result, ServiceError};
@@ -68,11 +68,13 @@ fn refusal(r: Refusal) -> ServiceError {
     }
 }
 
-/// Whether the caller's credential covers the key a request is about.
-fn visible(caller: &Caller, rec: &ApprovalRecord) -> bool {
+/// Whether the holder of `proof` may see a request: one about a key only if its
+/// credential covers the key and its policy allows `A` on it (a rule with key globs for
+/// `ListRequests`/`GetRequest` limits what it shows).
+fn visible<A: Act>(proof: &Authorized<A>, rec: &ApprovalRecord) -> bool {
     rec.parameters
         .get(PARAM_KEY)
-        .is_none_or(|k| caller.principal.may_use_key(k))
+        .is_none_or(|k| Guard::may_see(proof, k))
 }
 
 /// The record with its state as of `now` (a pending request past its expiry without K
@@ -236,7 +238,7 @@ impl Approvals {
         };
         Ok((
             recs.into_iter()
-                .filter(|r| visible(caller, r))
+                .filter(|r| visible(&proof, r))
                 .map(|r| effective(r, now))
                 .collect(),
             next,
@@ -251,7 +253,7 @@ impl Approvals {
             .authorize::<act::GetRequest>(caller, Scope::none())
             .await?;
         let rec = self.load(&proof, id).await?;
-        if !visible(caller, &rec) {
+        if !visible(&proof, &rec) {
             return Err(ServiceError::PermissionDenied);
         }
         Ok(effective(rec, self.ctx.clock.now_ms()))
@@ -366,7 +368,11 @@ impl Approvals {
             ));
         }
         let req = self.load(&proof, id).await?;
-        if !visible(caller, &req) {
+        if !req
+            .parameters
+            .get(PARAM_KEY)
+            .is_none_or(|k| caller.principal.may_use_key(k))
+        {
             return Err(ServiceError::PermissionDenied);
         }
         let allowed = match custodian_name(caller) {
