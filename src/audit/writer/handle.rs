@@ -71,8 +71,29 @@ impl AuditLog {
             store,
             cfg,
         });
-        writer.spawn();
+        writer.spawn(&log.shared.thread);
         log
+    }
+
+    /// Stops the writer: it takes no new record, writes those queued, and its thread
+    /// ends; waits for that up to `wait`. The server calls it as it shuts down, so the
+    /// writer's last HSM call (a seal) never runs while the process exits (when the
+    /// PKCS#11 module is torn down under it).
+    pub fn stop(&self, wait: std::time::Duration) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let handle = self.shared.thread.lock().ok().and_then(|mut t| t.take());
+        let Some(handle) = handle else { return };
+        let start = std::time::Instant::now();
+        while !handle.is_finished() && start.elapsed() < wait {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if handle.is_finished() {
+            if handle.join().is_err() {
+                tracing::error!("the audit writer thread panicked");
+            }
+        } else {
+            tracing::warn!(?wait, "the audit writer did not stop in time");
+        }
     }
 
     /// Whether the writer holds its HSM-derived keys (digest key and data key) for the

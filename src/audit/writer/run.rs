@@ -75,6 +75,10 @@ pub(super) struct Shared {
     /// Whether the writer holds its HSM-derived keys for the open HSM.
     pub(super) ready: Arc<AtomicBool>,
     pub(super) digest: SharedDigest,
+    /// Asks the writer to stop: it closes its queue, writes what was queued and ends.
+    pub(super) stop: Arc<AtomicBool>,
+    /// The writer's thread, joined by [`AuditLog::stop`](super::AuditLog::stop).
+    pub(super) thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// The writer task.
@@ -91,6 +95,7 @@ pub(super) struct Writer {
     outage_noted: bool,
     alerts: AlertEngine,
     webhook: Option<Webhook>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -118,6 +123,8 @@ impl Writer {
             lost: Arc::clone(&lost),
             ready: key_state.shared_ready(),
             digest: key_state.shared_digest(),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: Default::default(),
         };
         let writer = Writer {
             rx,
@@ -132,6 +139,7 @@ impl Writer {
             outage_noted: false,
             alerts,
             webhook,
+            stop: Arc::clone(&shared.stop),
         };
         (writer, shared)
     }
@@ -139,8 +147,8 @@ impl Writer {
     /// Runs the writer on a thread of its own, so its commits are not queued behind the
     /// requests on the server's runtime (the whole service waits on them). If the thread
     /// or its runtime cannot start, the queue closes: every record fails, so every call
-    /// fails closed.
-    pub(super) fn spawn(self) {
+    /// fails closed. The thread's handle goes into `thread`, for a stop to join.
+    pub(super) fn spawn(self, thread: &std::sync::Mutex<Option<std::thread::JoinHandle<()>>>) {
         let spawned = std::thread::Builder::new()
             .name("arca-audit".into())
             .spawn(move || {
@@ -152,13 +160,23 @@ impl Writer {
                     Err(e) => tracing::error!(error = %e, "cannot start the audit writer runtime"),
                 }
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the audit writer thread");
+        match spawned {
+            Ok(handle) => {
+                if let Ok(mut slot) = thread.lock() {
+                    *slot = Some(handle);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the audit writer thread"),
         }
     }
 
     async fn run(mut self) {
         loop {
+            if self.stop.load(Ordering::Relaxed) {
+                // No new records; what is queued is still written, then `recv` answers
+                // `None` and the loop ends.
+                self.rx.close();
+            }
             let first = tokio::select! {
                 s = self.rx.recv() => match s {
                     Some(s) => Some(s),

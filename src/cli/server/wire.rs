@@ -163,6 +163,13 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     // The jobs hold the services (and through them the HSM): stop them before they go.
     jobs.abort();
     let _ = jobs.await;
+    // The audit writer's thread holds the HSM while it writes: let it finish and join it,
+    // so the engine is dropped (its workers joined, the module finalized) on this side
+    // before the process exits, never under a running PKCS#11 call.
+    if let Some(log) = ctx.audit() {
+        let log = Arc::clone(log);
+        let _ = tokio::task::spawn_blocking(move || log.stop(Duration::from_secs(5))).await;
+    }
     served?;
     tracing::info!("shut down");
     Ok(())
