@@ -9,17 +9,22 @@
 #                               rustfmt and clippy are there (they cannot be downloaded here).
 #   start_throwaway_postgres DIR
 #                               a private PostgreSQL cluster in DIR (made here; it must not
-#                               exist): trust auth, TCP on 127.0.0.1 only, a free port, the
-#                               unix socket in DIR; run as the `postgres` user when root
-#                               (PostgreSQL refuses root). Creates the database `arca` and
-#                               exports ARCA_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/arca.
+#                               exist): trust auth, TCP on 127.0.0.1 only and over TLS only
+#                               (a test CA made in DIR/tls signs the server certificate for
+#                               127.0.0.1 and localhost; plaintext TCP is refused), a free
+#                               port, the unix socket in DIR; run as the `postgres` user when
+#                               root (PostgreSQL refuses root). Creates the database `arca` and
+#                               exports ARCA_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/arca
+#                               ?sslmode=verify-full&sslrootcert=DIR/tls/ca.pem, and
+#                               ARCA_TEST_POSTGRES_OTHER_CA (a CA that did not sign it).
 #   stop_throwaway_postgres     stops that cluster (fast shutdown) and removes its DIR.
 
 # softhsm2: the dev/test HSM; opensc: pkcs11-tool (reads HSM attributes back in tests);
 # p11-kit + p11-kit-modules: `p11-kit server` and p11-kit-client.so (HSM outage tests);
 # protobuf-compiler + libprotobuf-dev: protoc and the well-known types for build.rs;
 # postgresql: the second store back end (a throwaway cluster in scripts/test); pkg-config, build-essential: native
-# builds (bundled SQLite); ca-certificates: TLS to the package registries; age: tests that
+# builds (bundled SQLite); ca-certificates: TLS to the package registries; openssl: test
+# certificates (the throwaway PostgreSQL's TLS, scripts/make-test-ca); age: tests that
 # decrypt custodian shares encrypted with `operator init --age-recipient`; sqlite3: tests
 # that tamper with a copy of the database by hand (as an attacker with file access would);
 # python3: scripts/check-layering (parses the Rust sources' imports).
@@ -34,6 +39,7 @@ ARCA_PACKAGES=(
     pkg-config
     build-essential
     ca-certificates
+    openssl
     age
     sqlite3
     python3
@@ -152,6 +158,13 @@ start_throwaway_postgres() {
         fi
     fi
     cp "$dir/data/postgresql.conf" "$dir/postgresql.conf.orig"
+    _arca_pg_tls "$dir" || return 1
+    # TCP only over TLS: a plaintext connection finds no pg_hba entry and is refused.
+    {
+        echo "local all all trust"
+        echo "hostssl all all 127.0.0.1/32 trust"
+    } >"$dir/pg_hba.conf.new"
+    "${_ARCA_PG_RUNAS[@]}" cp "$dir/pg_hba.conf.new" "$dir/data/pg_hba.conf" || return 1
     for attempt in 1 2 3 4 5; do
         port="$(_arca_free_port)" || return 1
         # Settings in the config file, not through pg_ctl -o (no quoting). fsync off: a
@@ -166,6 +179,10 @@ start_throwaway_postgres() {
             echo "fsync = off"
             echo "synchronous_commit = off"
             echo "full_page_writes = off"
+            echo "ssl = on"
+            echo "ssl_cert_file = '$dir/tls/server.pem'"
+            echo "ssl_key_file = '$dir/tls/server.key'"
+            echo "ssl_min_protocol_version = 'TLSv1.2'"
         } >"$dir/postgresql.conf.new"
         "${_ARCA_PG_RUNAS[@]}" cp "$dir/postgresql.conf.new" "$dir/data/postgresql.conf" || return 1
         if "${_ARCA_PG_RUNAS[@]}" "$bin/pg_ctl" start -D "$dir/data" -l "$dir/server.log" -w -t 60 \
@@ -184,8 +201,41 @@ start_throwaway_postgres() {
     fi
     "$bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres \
         -c 'CREATE DATABASE arca' </dev/null || return 1
-    export ARCA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/arca"
-    echo "throwaway PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port, data in $dir"
+    export ARCA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/arca?sslmode=verify-full&sslrootcert=$dir/tls/ca.pem"
+    export ARCA_TEST_POSTGRES_OTHER_CA="$dir/tls/other-ca.pem"
+    echo "throwaway PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (TLS only), data in $dir"
+}
+
+# The throwaway cluster's TLS material in DIR/tls: a test CA (ECDSA P-256), the server's
+# certificate for 127.0.0.1 and localhost signed by it, and another CA that signed
+# nothing the server presents. Readable by the user the server runs as.
+_arca_pg_tls() {
+    local dir="$1" tls="$1/tls"
+    mkdir -m 0700 "$tls" || return 1
+    (
+        set -e
+        cd "$tls"
+        umask 077
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+            -subj "/CN=arca throwaway PostgreSQL CA" -keyout ca.key -out ca.pem
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+            -subj "/CN=another CA" -keyout other-ca.key -out other-ca.pem
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -subj "/CN=127.0.0.1" -keyout server.key -out server.csr
+        printf '%s\n' "subjectAltName = IP:127.0.0.1, DNS:localhost" \
+            "extendedKeyUsage = serverAuth" "basicConstraints = CA:FALSE" >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 \
+            -extfile server.ext -out server.pem
+        rm -f server.csr server.ext ca.srl ca.key other-ca.key
+        chmod 0644 ca.pem other-ca.pem server.pem
+    ) >"$dir/tls.log" 2>&1 || {
+        echo "error: could not make the throwaway PostgreSQL's TLS certificates:" >&2
+        cat "$dir/tls.log" >&2
+        return 1
+    }
+    if [ "${#_ARCA_PG_RUNAS[@]}" -gt 0 ]; then
+        chown -R postgres: "$tls" || return 1
+    fi
 }
 
 stop_throwaway_postgres() {

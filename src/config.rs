@@ -136,6 +136,12 @@ pub enum DatabaseError {
     /// `sqlite::memory:` and friends: state must survive a restart.
     #[error("an in-memory SQLite database is not supported")]
     SqliteInMemory,
+    /// A PostgreSQL host off this machine without `sslmode=verify-full`.
+    #[error(
+        "PostgreSQL on another host needs sslmode=verify-full (with sslrootcert=CA-FILE) in \
+         the database URL; sslmode={0} would not check the server's certificate"
+    )]
+    UnverifiedTls(String),
 }
 
 impl Database {
@@ -231,6 +237,52 @@ impl DatabaseUrl {
             return v6.split(']').next().unwrap_or("");
         }
         authority.split(':').next().unwrap_or("")
+    }
+
+    /// Whether the URL names a host on this machine: no host (a unix socket), `localhost`
+    /// or a loopback address.
+    pub fn is_local(&self) -> bool {
+        // A `host=` (or `hostaddr=`) parameter overrides the URL's host for the driver.
+        let host = self
+            .param("hostaddr")
+            .or_else(|| self.param("host"))
+            .unwrap_or_else(|| self.host());
+        host.is_empty()
+            || host.starts_with('/')
+            || host.starts_with("%2F")
+            || host.starts_with("%2f")
+            || host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The value of the query parameter `name` (the last one, as the driver reads it;
+    /// compared without case), undecoded.
+    fn param(&self, name: &str) -> Option<&str> {
+        let query = self.0.split_once('?')?.1;
+        let query = query.split('#').next().unwrap_or(query);
+        query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .next_back()
+    }
+
+    /// Refuses a URL that would carry Arca's state in the clear, or over TLS without
+    /// checking who answers, to a host off this machine: such a URL must say
+    /// `sslmode=verify-full` (the server's certificate chains to a trusted CA, by default
+    /// the file in `sslrootcert`, and names the host). A local URL may say anything.
+    pub fn check_transport(&self) -> Result<(), DatabaseError> {
+        if self.is_local() {
+            return Ok(());
+        }
+        match self.param("sslmode") {
+            Some(mode) if mode.eq_ignore_ascii_case("verify-full") => Ok(()),
+            Some(mode) => Err(DatabaseError::UnverifiedTls(mode.to_string())),
+            None => Err(DatabaseError::UnverifiedTls("prefer".to_string())),
+        }
     }
 }
 
@@ -338,6 +390,37 @@ mod tests {
             Database::parse("sqlite::memory:").unwrap_err(),
             DatabaseError::SqliteInMemory
         );
+    }
+
+    #[test]
+    fn a_remote_database_needs_verified_tls() {
+        for url in [
+            "postgres://arca@db.example/arca?sslmode=verify-full&sslrootcert=/etc/arca/db-ca.pem",
+            "postgres://arca@10.0.0.5:5432/arca?SSLMODE=verify-full",
+            "postgres://arca@127.0.0.1/arca",
+            "postgres://arca@localhost/arca?sslmode=disable",
+            "postgres://arca@[::1]:5432/arca",
+            "postgresql:///arca?host=/run/postgresql",
+        ] {
+            assert_eq!(pg(url).check_transport(), Ok(()), "{url}");
+        }
+        for (url, mode) in [
+            ("postgres://arca@db.example/arca", "prefer"),
+            ("postgres://arca@db.example/arca?sslmode=require", "require"),
+            ("postgres://arca@db.example/arca?sslmode=verify-ca", "verify-ca"),
+            (
+                "postgres://arca@db.example/arca?sslmode=verify-full&sslmode=disable",
+                "disable",
+            ),
+            ("postgres://arca@127.0.0.1/arca?host=db.example", "prefer"),
+            ("postgresql:///arca?hostaddr=10.1.2.3", "prefer"),
+        ] {
+            assert_eq!(
+                pg(url).check_transport(),
+                Err(DatabaseError::UnverifiedTls(mode.to_string())),
+                "{url}"
+            );
+        }
     }
 
     #[test]

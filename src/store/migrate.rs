@@ -50,7 +50,23 @@ pub(super) fn migrations(backend: Backend) -> &'static [(i64, &'static str)] {
 
 /// Applies the migrations of `backend` not applied yet, each in one transaction (opened
 /// on `writer` with `begin`) with its row in `schema_migrations`.
+///
+/// A database that already has every migration is only read: a runtime role without
+/// the right to change the schema (see docs/deployment.md) then starts a node, and the
+/// migration role runs first (`arca server` with it, once per upgrade).
 pub(super) async fn migrate(writer: &AnyPool, begin: &'static str, backend: Backend) -> Result<()> {
+    // No table yet (or no right to read it) is an error here: the loop below finds out.
+    if let Ok(applied) = sqlx::query_scalar::<_, i64>("SELECT version FROM schema_migrations")
+        .fetch_all(writer)
+        .await
+    {
+        if migrations(backend)
+            .iter()
+            .all(|(version, _)| applied.contains(version))
+        {
+            return Ok(());
+        }
+    }
     for (version, sql) in migrations(backend) {
         let mut tx = writer.begin_with(begin).await.map_err(classify)?;
         if backend == Backend::Postgres {

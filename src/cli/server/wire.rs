@@ -277,19 +277,8 @@ async fn open_store(database: &Database) -> Result<SqlStore, BoxError> {
             SqlStore::open_sqlite(path).await
         }
         Database::Postgres(url) => {
-            let host = url.host();
-            if !(host.is_empty()
-                || host == "localhost"
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback()))
-            {
-                tracing::warn!(
-                    database = %url,
-                    "this build has no TLS to PostgreSQL: traffic to a non-loopback host \
-                     (token hashes and key metadata, never key material) is not encrypted"
-                );
-            }
+            url.check_transport()
+                .map_err(|e| format!("database {url}: {e}"))?;
             SqlStore::open_postgres(url.expose()).await
         }
     };
