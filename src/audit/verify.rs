@@ -38,6 +38,9 @@ pub enum Problem {
     Inserted,
     /// The end was cut off.
     Truncated,
+    /// The checkpoint file holds two different heads for one seq (a line is never
+    /// superseded: the later one is a rewrite).
+    CheckpointRewritten,
 }
 
 impl Problem {
@@ -49,6 +52,7 @@ impl Problem {
             Problem::Reordered => "reordered",
             Problem::Inserted => "inserted",
             Problem::Truncated => "truncated",
+            Problem::CheckpointRewritten => "checkpoint rewritten",
         }
     }
 }
@@ -134,7 +138,20 @@ pub async fn verify(
         );
     }
     if let Some(path) = checkpoints {
-        for c in checkpoint::read(path)? {
+        let lines = checkpoint::read(path)?;
+        if let Some((seq, a, b)) = conflicting_checkpoint(&lines) {
+            return Ok(bad_report(
+                0,
+                0,
+                0,
+                seq,
+                Problem::CheckpointRewritten,
+                &format!(
+                    "checkpoint lines {a} and {b} give two different heads for seq {seq}: a checkpoint line is never superseded, so the file (or the database it was written from) was rewritten"
+                ),
+            ));
+        }
+        for c in lines {
             if c.seq < from {
                 continue;
             }
@@ -360,6 +377,31 @@ fn diagnose(
     }
 }
 
+/// The first seq (lowest) for which two checkpoint lines disagree on the head or the
+/// seal, with the two line numbers (1-based, among the checkpoint lines). Deterministic:
+/// the same file gives the same answer.
+fn conflicting_checkpoint(lines: &[checkpoint::Checkpoint]) -> Option<(u64, usize, usize)> {
+    let mut first: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut found: Option<(u64, usize, usize)> = None;
+    for (i, c) in lines.iter().enumerate() {
+        match first.get(&c.seq) {
+            None => {
+                first.insert(c.seq, i);
+            }
+            Some(&j) => {
+                let e = &lines[j];
+                if e.head != c.head || e.seal != c.seal {
+                    let hit = (c.seq, j + 1, i + 1);
+                    if found.is_none_or(|f| hit.0 < f.0) {
+                        found = Some(hit);
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
 fn bad_report(records: u64, last: u64, seals: u64, seq: u64, p: Problem, d: &str) -> Report {
     Report {
         ok: false,
@@ -551,5 +593,24 @@ mod tests {
                 "consistent: {consistent}"
             );
         }
+    }
+
+    #[test]
+    fn a_checkpoint_line_is_never_superseded() {
+        use super::super::checkpoint::Checkpoint;
+        let line = |seq: u64, h: &str| Checkpoint {
+            seq,
+            head: h.repeat(64),
+            seal: "0".repeat(64),
+            time: String::new(),
+        };
+        // The same line twice (a retried write) is not a conflict.
+        assert_eq!(
+            super::conflicting_checkpoint(&[line(3, "a"), line(3, "a"), line(5, "b")]),
+            None
+        );
+        // Two heads for one seq name both lines, at the lowest such seq.
+        let lines = [line(9, "a"), line(4, "a"), line(9, "c"), line(4, "d")];
+        assert_eq!(super::conflicting_checkpoint(&lines), Some((4, 2, 4)));
     }
 }

@@ -861,6 +861,28 @@ async fn tampering_is_found_at_the_first_bad_seq() {
         }
         arca.stop().await;
     }
+    // A checkpoint line rewritten: a second line for a seq already in the file, with
+    // another head. A line is never superseded: both are named.
+    let _ = std::fs::remove_file(arca.data_dir().join("arca.db-wal"));
+    let _ = std::fs::remove_file(arca.data_dir().join("arca.db-shm"));
+    std::fs::copy(&pristine, &dbf).unwrap();
+    let text = String::from_utf8(pristine_cp.clone()).unwrap();
+    let first = text.lines().next().expect("a checkpoint line");
+    let mut line: serde_json::Value = serde_json::from_str(first).unwrap();
+    let seq = line["seq"].as_u64().unwrap();
+    line["head"] = serde_json::Value::String("ab".repeat(32));
+    let forged = format!("{text}{line}\n");
+    std::fs::write(checkpoints(&arca), forged).unwrap();
+    arca.start_with(TestArca::builder()).await;
+    let v = verify_as(&arca, &eve).await;
+    assert!(!v.ok, "checkpoint rewritten: {v:?}");
+    assert_eq!(
+        (v.first_bad_seq, v.problem.as_str()),
+        (seq, "checkpoint rewritten"),
+        "{v:?}"
+    );
+    assert!(v.detail.contains("lines 1 and"), "{v:?}");
+    arca.stop().await;
 }
 
 on_both_backends!(
