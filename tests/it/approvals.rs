@@ -551,7 +551,11 @@ async fn a_rekey_through_the_cli_writes_the_new_kits_for_the_executing_custodian
         }
     }
     use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out_dir), 0o700, "{}", out_dir.display());
     for n in 1..=3 {
+        let d = out_dir.join(format!("new-{n}"));
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
         for f in ["share", "token", "totp-uri"] {
             let p = out_dir.join(format!("new-{n}")).join(f);
             let meta = std::fs::metadata(&p).unwrap();

@@ -191,10 +191,17 @@ pub(super) fn print_created(output: Output, r: &pb::ApprovalRequest) {
     }
 }
 
-/// Writes a custodian's kit to `dir`/NAME/{share,token,totp-uri}, each 0600 and new.
+/// Writes a custodian's kit to `dir`/NAME/{share,token,totp-uri}, each 0600 and new, in
+/// folders created 0700 (a folder that already existed is narrowed to 0700), so no other
+/// local user can list or open a kit.
 pub(super) fn write_kit(dir: &std::path::Path, k: &pb::CustodianKit) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let d = dir.join(&k.custodian);
-    std::fs::create_dir_all(&d)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)?;
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
     write_private(&d.join("share"), k.share.as_bytes())?;
     write_private(&d.join("token"), k.token.as_bytes())?;
     write_private(&d.join("totp-uri"), k.totp_uri.as_bytes())
