@@ -351,12 +351,9 @@ impl Policy {
 
     /// The principal patterns a binding applies to: its own and its groups' members.
     fn patterns_of<'a>(&'a self, b: &'a Binding) -> impl Iterator<Item = &'a String> + 'a {
-        b.principals.iter().chain(
-            b.groups
-                .iter()
-                .filter_map(|g| self.groups.get(g))
-                .flatten(),
-        )
+        b.principals
+            .iter()
+            .chain(b.groups.iter().filter_map(|g| self.groups.get(g)).flatten())
     }
 
     fn role_retrieves(&self, role: &str) -> bool {

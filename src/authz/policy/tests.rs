@@ -387,14 +387,23 @@ fn people_name_the_person_behind_each_principal() {
     assert_eq!(p.person_of("custodian:bob"), "custodian:bob");
     assert_eq!(p.person_of("dev-admin"), "dev-admin");
     // Without [people], every principal is its own person.
-    assert_eq!(Policy::default().person_of("custodian:alice"), "custodian:alice");
+    assert_eq!(
+        Policy::default().person_of("custodian:alice"),
+        "custodian:alice"
+    );
 }
 
 #[test]
 fn a_principal_claimed_by_two_people_refuses_to_load_naming_file_and_principal() {
     let e = Policy::from_files(&[
-        ("a.toml", "version = 1\n[people]\nalice = [\"custodian:x\"]\n"),
-        ("b.toml", "version = 1\n[people]\nbob = [\"svc:b\", \"custodian:x\"]\n"),
+        (
+            "a.toml",
+            "version = 1\n[people]\nalice = [\"custodian:x\"]\n",
+        ),
+        (
+            "b.toml",
+            "version = 1\n[people]\nbob = [\"svc:b\", \"custodian:x\"]\n",
+        ),
     ])
     .unwrap_err();
     assert!(
@@ -403,7 +412,10 @@ fn a_principal_claimed_by_two_people_refuses_to_load_naming_file_and_principal()
         "{e}"
     );
     let text = e.to_string();
-    assert!(text.contains("b.toml") && text.contains("\"custodian:x\""), "{text}");
+    assert!(
+        text.contains("b.toml") && text.contains("\"custodian:x\""),
+        "{text}"
+    );
 }
 
 #[test]
@@ -413,7 +425,10 @@ fn people_claim_exact_principals_once_each() {
         ("[people]\nalice = [\"\"]\n", "an empty name"),
         ("[people]\nalice = []\n", "no principals"),
         ("[people]\n\"Alice Smith\" = [\"x\"]\n", "a bad person name"),
-        ("[people]\nalice = [\"bob\"]\nbob = [\"custodian:bob\"]\n", "a person that is another's principal"),
+        (
+            "[people]\nalice = [\"bob\"]\nbob = [\"custodian:bob\"]\n",
+            "a person that is another's principal",
+        ),
     ] {
         assert!(shipped_with(bad).is_err(), "{what}");
     }
