@@ -140,6 +140,30 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// Whether some name matches both globs `a` and `b` (`*` as in [`glob_match`]): the two
+/// patterns are walked together, a `*` on either side taking any run of the other's
+/// characters (and stars).
+pub fn globs_overlap(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let (la, lb) = (a.len(), b.len());
+    // ok[i][j]: a[i..] and b[j..] have a common match. Filled from the ends backwards.
+    let mut ok = vec![vec![false; lb + 1]; la + 1];
+    for i in (0..=la).rev() {
+        for j in (0..=lb).rev() {
+            ok[i][j] = if i == la && j == lb {
+                true
+            } else if i < la && a[i] == b'*' {
+                ok[i + 1][j] || (j < lb && ok[i][j + 1])
+            } else if j < lb && b[j] == b'*' {
+                ok[i][j + 1] || (i < la && ok[i + 1][j])
+            } else {
+                i < la && j < lb && a[i] == b[j] && ok[i + 1][j + 1]
+            };
+        }
+    }
+    ok[0][0]
+}
+
 /// A network in CIDR notation (`10.0.0.0/8`, `::1/128`, or a bare address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
@@ -385,6 +409,28 @@ mod tests {
             ("exact", "exactly", false),
         ] {
             assert_eq!(glob_match(p, n), ok, "{p} ~ {n}");
+        }
+    }
+
+    #[test]
+    fn glob_overlaps() {
+        for (a, b, ok) in [
+            ("custodian:*", "svc:*", false),
+            ("custodian:*", "*", true),
+            ("custodian:*", "custodian:alice", true),
+            ("custodian:alice", "custodian:bob", false),
+            ("*:alice", "custodian:*", true),
+            ("a*b", "*c", false),
+            ("a*c", "*c", true),
+            ("dev-admin", "custodian:*", false),
+            ("*x*", "*y*", true),
+            ("x", "x*", true),
+            ("x", "xy*", false),
+            ("", "*", true),
+            ("", "a", false),
+        ] {
+            assert_eq!(globs_overlap(a, b), ok, "{a} ∩ {b}");
+            assert_eq!(globs_overlap(b, a), ok, "{b} ∩ {a}");
         }
     }
 

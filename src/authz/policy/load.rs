@@ -4,8 +4,15 @@
 //! breaks one is refused whole (the service keeps the one in force).
 //!
 //! Invariants:
-//! - **Separation of duties**: no role both retrieves key material
-//!   ([`Action::retrieves_material`]) and approves quorum requests ([`Action::Approve`]).
+//! - **Separation of duties**, by role, by principal and by person: no role both
+//!   retrieves key material ([`Action::retrieves_material`]) and approves quorum requests
+//!   ([`Action::Approve`]); no principal name can match both a binding that gives a role
+//!   retrieving material and one that gives a role approving (globs are compared for a
+//!   common match); no person (`[people]`) holds both through their principals.
+//! - **People**: `[people]` names, per person, the exact principals (no globs) that
+//!   person authenticates as; a principal belongs to at most one person (claimed twice:
+//!   refused, naming the file and the principal). A principal nobody claims is a person
+//!   of its own.
 //! - Names are unique across files: a role, group or `[break_glass]` defined twice is
 //!   refused; bindings name only roles and groups that exist.
 //! - Durations lie within 1 s and [`MAX_GRANT_MS`]; rate limits have a rate above 0 and a
@@ -21,6 +28,7 @@ use sha2::{Digest, Sha256};
 use super::action::Action;
 use super::model::{Binding, BreakGlass, Policy, Role, Rule};
 use super::schema::{RawBreakGlass, RawFile, RawRole, VERSION};
+use crate::authz::globs_overlap;
 use crate::authz::ratelimit::Limit;
 
 /// Files of the policy directory that other loaders own.
@@ -78,6 +86,58 @@ pub enum PolicyError {
          approves quorum requests (Approve); separation of duties forbids it"
     )]
     SeparationOfDuties(String),
+    /// A principal is claimed by two people.
+    #[error(
+        "access policy {file}: principal {principal:?} is claimed by two people ({first:?} and \
+         {second:?}); a principal belongs to one person"
+    )]
+    PrincipalClaimedTwice {
+        /// The file of the second claim.
+        file: String,
+        /// The principal.
+        principal: String,
+        /// The person who claimed it first.
+        first: String,
+        /// The person who claimed it again.
+        second: String,
+    },
+    /// Principal names that one binding gives a role retrieving key material and another
+    /// (or the same) gives a role that approves.
+    #[error(
+        "access policy: a principal matching both {material_principals:?} (role \
+         {material_role:?}, which retrieves key material) and {approve_principals:?} (role \
+         {approve_role:?}, which approves quorum requests) would hold both; separation of \
+         duties forbids it"
+    )]
+    PrincipalSeparationOfDuties {
+        /// The pattern of the binding to the material role.
+        material_principals: String,
+        /// That role.
+        material_role: String,
+        /// The pattern of the binding to the approving role.
+        approve_principals: String,
+        /// That role.
+        approve_role: String,
+    },
+    /// A person holds, through their principals, a role retrieving key material and a
+    /// role that approves.
+    #[error(
+        "access policy: person {person:?} both retrieves key material (role {material_role:?} \
+         as {material_principal:?}) and approves quorum requests (role {approve_role:?} as \
+         {approve_principal:?}); separation of duties forbids it"
+    )]
+    PersonSeparationOfDuties {
+        /// The person.
+        person: String,
+        /// Their principal holding the material role.
+        material_principal: String,
+        /// That role.
+        material_role: String,
+        /// Their principal holding the approving role.
+        approve_principal: String,
+        /// That role.
+        approve_role: String,
+    },
 }
 
 impl Default for Policy {
@@ -91,6 +151,7 @@ impl Default for Policy {
                 groups: BTreeMap::new(),
                 bindings: Vec::new(),
                 break_glass: None,
+                people: BTreeMap::new(),
                 digest: String::new(),
             },
         }
@@ -132,6 +193,9 @@ impl Policy {
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut bindings = Vec::new();
         let mut break_glass: Option<RawBreakGlass> = None;
+        // Principal → person, and the people defined so far.
+        let mut people: BTreeMap<String, String> = BTreeMap::new();
+        let mut persons: BTreeSet<String> = BTreeSet::new();
         let mut hasher = Sha256::new();
         for (file, text) in files {
             let (file, text) = (file.as_ref(), text.as_ref());
@@ -182,6 +246,16 @@ impl Policy {
                 }
                 break_glass = Some(bg);
             }
+            for (person, principals) in raw.people {
+                Self::claim(file, &person, principals, &mut persons, &mut people)?;
+            }
+        }
+        for person in &persons {
+            if let Some(other) = people.get(person).filter(|o| *o != person) {
+                return Err(invalid(format!(
+                    "person {person:?} is also a principal that person {other:?} claims"
+                )));
+            }
         }
         for b in &bindings {
             for r in &b.roles {
@@ -216,13 +290,146 @@ impl Policy {
                 })
             }
         };
-        Ok(Policy {
+        let policy = Policy {
             roles,
             groups,
             bindings,
             break_glass,
+            people,
             digest: hex::encode(hasher.finalize()),
+        };
+        policy.check_principal_duties()?;
+        policy.check_people_duties()?;
+        Ok(policy)
+    }
+
+    /// Adds `person`'s claims (from `file`) to `people`.
+    fn claim(
+        file: &str,
+        person: &str,
+        principals: Vec<String>,
+        persons: &mut BTreeSet<String>,
+        people: &mut BTreeMap<String, String>,
+    ) -> Result<(), PolicyError> {
+        if !valid_name(person) {
+            return Err(invalid(format!(
+                "{file}: invalid person name {person:?} (1-64 of [a-z0-9._-])"
+            )));
+        }
+        if !persons.insert(person.to_string()) {
+            return Err(invalid(format!("person {person:?} is defined twice")));
+        }
+        if principals.is_empty() {
+            return Err(invalid(format!(
+                "{file}: person {person:?} names no principals"
+            )));
+        }
+        for p in principals {
+            if p.is_empty() || p.len() > 256 || p.contains('*') {
+                return Err(invalid(format!(
+                    "{file}: person {person:?}: {p:?} is not an exact principal name (a person \
+                     claims exact names, never globs)"
+                )));
+            }
+            match people.get(&p) {
+                Some(first) if first == person => {}
+                Some(first) => {
+                    return Err(PolicyError::PrincipalClaimedTwice {
+                        file: file.to_string(),
+                        principal: p,
+                        first: first.clone(),
+                        second: person.to_string(),
+                    })
+                }
+                None => {
+                    people.insert(p, person.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The principal patterns a binding applies to: its own and its groups' members.
+    fn patterns_of<'a>(&'a self, b: &'a Binding) -> impl Iterator<Item = &'a String> + 'a {
+        b.principals
+            .iter()
+            .chain(b.groups.iter().filter_map(|g| self.groups.get(g)).flatten())
+    }
+
+    fn role_retrieves(&self, role: &str) -> bool {
+        self.roles.get(role).is_some_and(|r| {
+            r.rules
+                .iter()
+                .any(|rule| rule.actions.iter().any(|a| a.retrieves_material()))
         })
+    }
+
+    fn role_approves(&self, role: &str) -> bool {
+        self.roles.get(role).is_some_and(|r| {
+            r.rules
+                .iter()
+                .any(|rule| rule.actions.contains(&Action::Approve))
+        })
+    }
+
+    /// Separation of duties per principal: no name may match both a binding to a role
+    /// that retrieves key material and a binding to one that approves.
+    fn check_principal_duties(&self) -> Result<(), PolicyError> {
+        for m in &self.bindings {
+            let Some(material_role) = m.roles.iter().find(|r| self.role_retrieves(r)) else {
+                continue;
+            };
+            for a in &self.bindings {
+                let Some(approve_role) = a.roles.iter().find(|r| self.role_approves(r)) else {
+                    continue;
+                };
+                for pm in self.patterns_of(m) {
+                    if let Some(pa) = self.patterns_of(a).find(|pa| globs_overlap(pm, pa)) {
+                        return Err(PolicyError::PrincipalSeparationOfDuties {
+                            material_principals: pm.clone(),
+                            material_role: material_role.clone(),
+                            approve_principals: pa.clone(),
+                            approve_role: approve_role.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Separation of duties per person: no person may hold, through any of their
+    /// principals, a role that retrieves key material and (through the same or another)
+    /// a role that approves.
+    fn check_people_duties(&self) -> Result<(), PolicyError> {
+        let mut by_person: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (principal, person) in &self.people {
+            by_person.entry(person).or_default().push(principal);
+        }
+        for (person, principals) in by_person {
+            let mut material = None;
+            let mut approve = None;
+            for p in principals {
+                for role in self.roles_of(p, &[]) {
+                    if material.is_none() && self.role_retrieves(&role) {
+                        material = Some((p, role.clone()));
+                    }
+                    if approve.is_none() && self.role_approves(&role) {
+                        approve = Some((p, role));
+                    }
+                }
+            }
+            if let (Some((mp, mr)), Some((ap, ar))) = (material, approve) {
+                return Err(PolicyError::PersonSeparationOfDuties {
+                    person: person.to_string(),
+                    material_principal: mp.to_string(),
+                    material_role: mr,
+                    approve_principal: ap.to_string(),
+                    approve_role: ar,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn parse_role(name: &str, r: RawRole) -> Result<Role, PolicyError> {

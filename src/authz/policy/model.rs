@@ -76,6 +76,8 @@ pub struct Policy {
     pub(super) groups: BTreeMap<String, Vec<String>>,
     pub(super) bindings: Vec<Binding>,
     pub(super) break_glass: Option<BreakGlass>,
+    /// Exact principal name → the person it belongs to (`[people]`).
+    pub(super) people: BTreeMap<String, String>,
     pub(super) digest: String,
 }
 
@@ -89,6 +91,16 @@ impl Policy {
     /// A role by name.
     pub fn role(&self, name: &str) -> Option<&Role> {
         self.roles.get(name)
+    }
+
+    /// The person behind `principal`: the one whose `[people]` entry names it, else the
+    /// principal itself (a principal no person claims is a person of its own). Requester
+    /// and approvers, and the actor and reviewer of a break-glass, are compared by this.
+    pub fn person_of(&self, principal: &str) -> String {
+        self.people
+            .get(principal)
+            .cloned()
+            .unwrap_or_else(|| principal.to_string())
     }
 
     /// The break-glass settings, if any.

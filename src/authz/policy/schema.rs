@@ -22,6 +22,9 @@ pub(super) struct RawFile {
     #[serde(default)]
     pub(super) bindings: Vec<RawBinding>,
     pub(super) break_glass: Option<RawBreakGlass>,
+    /// Person → the exact principal names that person authenticates as.
+    #[serde(default)]
+    pub(super) people: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize)]

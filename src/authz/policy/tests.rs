@@ -365,3 +365,117 @@ fn load_dir_skips_other_loaders_files() {
         Err(PolicyError::Read { .. })
     ));
 }
+
+/// The shipped roles and bindings, then `extra` (one document).
+fn shipped_with(extra: &str) -> Result<Policy, PolicyError> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let roles = std::fs::read_to_string(dir.join("roles.toml")).unwrap();
+    let bindings = std::fs::read_to_string(dir.join("bindings.toml")).unwrap();
+    Policy::from_files(&[
+        ("bindings.toml", bindings.as_str()),
+        ("roles.toml", roles.as_str()),
+        ("people.toml", &format!("version = 1\n{extra}")),
+    ])
+}
+
+#[test]
+fn people_name_the_person_behind_each_principal() {
+    let p = shipped_with("[people]\nalice = [\"key-admin:alice\", \"custodian:alice\"]\n").unwrap();
+    assert_eq!(p.person_of("key-admin:alice"), "alice");
+    assert_eq!(p.person_of("custodian:alice"), "alice");
+    // A principal nobody claims is a person of its own.
+    assert_eq!(p.person_of("custodian:bob"), "custodian:bob");
+    assert_eq!(p.person_of("dev-admin"), "dev-admin");
+    // Without [people], every principal is its own person.
+    assert_eq!(
+        Policy::default().person_of("custodian:alice"),
+        "custodian:alice"
+    );
+}
+
+#[test]
+fn a_principal_claimed_by_two_people_refuses_to_load_naming_file_and_principal() {
+    let e = Policy::from_files(&[
+        (
+            "a.toml",
+            "version = 1\n[people]\nalice = [\"custodian:x\"]\n",
+        ),
+        (
+            "b.toml",
+            "version = 1\n[people]\nbob = [\"svc:b\", \"custodian:x\"]\n",
+        ),
+    ])
+    .unwrap_err();
+    assert!(
+        matches!(e, PolicyError::PrincipalClaimedTwice { ref file, ref principal, .. }
+            if file == "b.toml" && principal == "custodian:x"),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("b.toml") && text.contains("\"custodian:x\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn people_claim_exact_principals_once_each() {
+    for (bad, what) in [
+        ("[people]\nalice = [\"custodian:*\"]\n", "a glob"),
+        ("[people]\nalice = [\"\"]\n", "an empty name"),
+        ("[people]\nalice = []\n", "no principals"),
+        ("[people]\n\"Alice Smith\" = [\"x\"]\n", "a bad person name"),
+        (
+            "[people]\nalice = [\"bob\"]\nbob = [\"custodian:bob\"]\n",
+            "a person that is another's principal",
+        ),
+    ] {
+        assert!(shipped_with(bad).is_err(), "{what}");
+    }
+    // One person defined in two files.
+    let e = Policy::from_files(&[
+        ("a.toml", "version = 1\n[people]\nalice = [\"x\"]\n"),
+        ("b.toml", "version = 1\n[people]\nalice = [\"y\"]\n"),
+    ]);
+    assert!(e.is_err());
+    // The same principal twice for the same person is harmless.
+    shipped_with("[people]\nalice = [\"x\", \"x\"]\n").unwrap();
+}
+
+#[test]
+fn separation_of_duties_is_checked_per_person() {
+    // Alice as a service and as a custodian: she would unwrap and approve.
+    let e = shipped_with("[people]\nalice = [\"svc:alice\", \"custodian:alice\"]\n").unwrap_err();
+    assert!(
+        matches!(e, PolicyError::PersonSeparationOfDuties { ref person, ref material_role, ref approve_role, .. }
+            if person == "alice" && material_role == "service" && approve_role == "custodian"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("separation of duties"), "{e}");
+    // As a key admin and a custodian she neither retrieves material: allowed.
+    shipped_with("[people]\nalice = [\"key-admin:alice\", \"custodian:alice\"]\n").unwrap();
+    // The admin role retrieves material: the bootstrap admin cannot be a custodian.
+    assert!(matches!(
+        shipped_with("[people]\nroot = [\"dev-admin\", \"custodian:root\"]\n"),
+        Err(PolicyError::PersonSeparationOfDuties { .. })
+    ));
+}
+
+#[test]
+fn separation_of_duties_is_checked_per_principal_across_bindings() {
+    // One principal bound to service and custodian by two bindings.
+    for extra in [
+        "[[bindings]]\nprincipals = [\"custodian:alice\"]\nroles = [\"service\"]\n",
+        "[[bindings]]\nprincipals = [\"*\"]\nroles = [\"service\"]\n",
+        "[[bindings]]\nprincipals = [\"svc:x\"]\nroles = [\"custodian\"]\n",
+        "[groups]\nops = [\"*:ops\"]\n[[bindings]]\ngroups = [\"ops\"]\nroles = [\"service\"]\n",
+    ] {
+        let e = shipped_with(extra).unwrap_err();
+        assert!(
+            matches!(e, PolicyError::PrincipalSeparationOfDuties { .. }),
+            "{extra}: {e}"
+        );
+    }
+    // Disjoint patterns: fine.
+    shipped_with("[[bindings]]\nprincipals = [\"app:*\"]\nroles = [\"service\"]\n").unwrap();
+}
