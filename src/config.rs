@@ -407,7 +407,10 @@ mod tests {
         for (url, mode) in [
             ("postgres://arca@db.example/arca", "prefer"),
             ("postgres://arca@db.example/arca?sslmode=require", "require"),
-            ("postgres://arca@db.example/arca?sslmode=verify-ca", "verify-ca"),
+            (
+                "postgres://arca@db.example/arca?sslmode=verify-ca",
+                "verify-ca",
+            ),
             (
                 "postgres://arca@db.example/arca?sslmode=verify-full&sslmode=disable",
                 "disable",

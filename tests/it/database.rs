@@ -97,7 +97,9 @@ fn as_user(url: &str, user: &str) -> String {
 
 /// `url` with the value of its `sslrootcert` parameter replaced by `ca`.
 fn with_root_cert(url: &str, ca: &str) -> String {
-    let (base, query) = url.split_once('?').expect("the test URL has TLS parameters");
+    let (base, query) = url
+        .split_once('?')
+        .expect("the test URL has TLS parameters");
     let params: Vec<String> = query
         .split('&')
         .map(|p| match p.split_once('=') {
@@ -133,7 +135,10 @@ async fn postgres_over_tls_is_verified_and_another_ca_is_refused() {
     )
     .expect("read pg_stat_ssl");
     let (tls, plain) = sessions.split_once('|').expect("two counts");
-    assert!(tls.parse::<u32>().unwrap_or(0) > 0, "no TLS session: {sessions}");
+    assert!(
+        tls.parse::<u32>().unwrap_or(0) > 0,
+        "no TLS session: {sessions}"
+    );
     assert_eq!(plain, "0", "plaintext sessions: {sessions}");
 
     let other_ca = std::env::var("ARCA_TEST_POSTGRES_OTHER_CA")
@@ -145,7 +150,10 @@ async fn postgres_over_tls_is_verified_and_another_ca_is_refused() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!out.status.success(), "started against an unknown CA: {all}");
+    assert!(
+        !out.status.success(),
+        "started against an unknown CA: {all}"
+    );
     assert!(!all.contains("listening"), "it listened anyway: {all}");
     assert!(
         all.contains("certificate"),
@@ -172,7 +180,10 @@ async fn a_remote_database_without_verified_tls_is_refused_before_connecting() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(!out.status.success(), "started: {all}");
-        assert!(all.contains("sslmode=verify-full"), "no reason given: {all}");
+        assert!(
+            all.contains("sslmode=verify-full"),
+            "no reason given: {all}"
+        );
         assert!(!all.contains(PASSWORD), "the password was printed: {all}");
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
@@ -201,8 +212,7 @@ async fn a_runtime_role_without_ddl_rights_serves_and_cannot_drop_triggers() {
     let pg_url = arca.postgres().expect("PostgreSQL").url().to_string();
     let role = format!("arca_rt_{}", hex::encode(crate::support::random_bytes(6)));
     let owner = |sql: &str| {
-        crate::support::database::psql_query(&pg_url, sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        crate::support::database::psql_query(&pg_url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
     };
     let _ = crate::support::database::psql_query(&admin, &format!("CREATE ROLE {role} LOGIN"))
         .expect("create the runtime role");
@@ -231,13 +241,17 @@ async fn a_runtime_role_without_ddl_rights_serves_and_cannot_drop_triggers() {
     ] {
         let refused = crate::support::database::psql_query(&runtime_url, &sql);
         assert!(
-            refused.as_ref().is_err_and(|e| e.contains("must be owner")
-                || e.contains("permission denied")),
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("must be owner") || e.contains("permission denied")),
             "the runtime role could run {sql}: {refused:?}"
         );
     }
     let deleted = crate::support::database::psql_query(&runtime_url, "DELETE FROM key_versions");
-    assert!(deleted.is_err(), "the runtime role deleted versions: {deleted:?}");
+    assert!(
+        deleted.is_err(),
+        "the runtime role deleted versions: {deleted:?}"
+    );
 
     let status = arca.stop().await;
     assert!(status.success(), "{status}");
