@@ -74,6 +74,8 @@ pub struct Metrics {
     pub hsm_errors: AtomicU64,
     /// Times the HSM refused the login and the node sealed itself.
     pub hsm_logins_refused: AtomicU64,
+    /// Stored rows refused because their state MAC did not verify (ADR 12).
+    pub state_forged: AtomicU64,
     /// HSM sessions in use now: workers running a call (each worker owns one session).
     pub hsm_sessions_in_use: AtomicI64,
     /// Audit batch commit latency.
@@ -174,7 +176,7 @@ impl Metrics {
         out.push_str("# TYPE arca_hsm_operation_duration_seconds histogram\n");
         self.hsm_latency
             .render(&mut out, "arca_hsm_operation_duration_seconds", "");
-        let simple: [(&str, &str, &str, u64); 8] = [
+        let simple: [(&str, &str, &str, u64); 9] = [
             (
                 "arca_hsm_errors_total",
                 "counter",
@@ -186,6 +188,12 @@ impl Metrics {
                 "counter",
                 "Times the HSM refused the login and the node sealed itself.",
                 self.hsm_logins_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "arca_state_forged_total",
+                "counter",
+                "Stored rows refused: not authenticated by the HSM.",
+                self.state_forged.load(Ordering::Relaxed),
             ),
             (
                 "arca_audit_records_total",

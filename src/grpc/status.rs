@@ -15,7 +15,9 @@ pub const REASON_HEADER: &str = "x-arca-reason";
 pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     let code = match &err {
         ServiceError::Unauthenticated | ServiceError::Mfa(_) => Code::Unauthenticated,
-        ServiceError::PermissionDenied | ServiceError::Rejected(_) => Code::PermissionDenied,
+        ServiceError::PermissionDenied
+        | ServiceError::Rejected(_)
+        | ServiceError::StateForged(_) => Code::PermissionDenied,
         ServiceError::InvalidArgument(_)
         | ServiceError::InvalidWrappedKey
         | ServiceError::InvalidPolicy(_) => Code::InvalidArgument,
@@ -93,6 +95,17 @@ mod tests {
                 .get(REASON_HEADER)
                 .and_then(|v| v.to_str().ok()),
             Some("DESTRUCTION_STARTED")
+        );
+        let s = to_status(
+            ServiceError::StateForged(crate::keys::state::Unverified::Forged),
+            "r",
+        );
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(
+            s.metadata()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("STATE_FORGED")
         );
     }
 }

@@ -23,9 +23,11 @@ use zeroize::Zeroizing;
 
 mod audit_mac;
 mod meta;
+mod state_mac;
 
 pub use audit_mac::{AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL};
 pub use meta::{META_KEY_ID, META_KEY_LABEL};
+pub use state_mac::{STATE_MAC_KEY_ID, STATE_MAC_KEY_LABEL};
 
 use super::wrapped::check_plaintext_len;
 use super::{version_label, KeyId, KeysError, ObjectId, WrappedKey};

@@ -17,12 +17,14 @@ mod context;
 mod engine;
 mod object_id;
 pub mod policy;
+pub mod state;
 mod wrapped;
 
 pub use access::{HsmAccess, HsmOpener, PinSetter};
 pub use context::{canonical_context, CanonicalContext, EncryptionContext, MAX_CONTEXT_ENTRIES};
 pub use engine::{
     EngineConfig, KeyEngine, AUDIT_MAC_KEY_ID, AUDIT_MAC_KEY_LABEL, META_KEY_ID, META_KEY_LABEL,
+    STATE_MAC_KEY_ID, STATE_MAC_KEY_LABEL,
 };
 pub use object_id::ObjectId;
 pub use wrapped::{WrappedKey, WRAPPED_HEADER_LEN, WRAPPED_V1};

@@ -12,6 +12,7 @@
 
 use crate::audit::AuditError;
 use crate::authz::AuthError;
+use crate::keys::state::Unverified;
 use crate::keys::{KeysError, VersionState};
 use crate::quorum::approvals::RequestState;
 use crate::quorum::QuorumError;
@@ -72,6 +73,10 @@ pub enum ServiceError {
     /// A policy that does not load; the message names the file, role or value at fault.
     #[error("{0}")]
     InvalidPolicy(#[source] crate::authz::policy::PolicyError),
+    /// A stored row the decision depends on is not authenticated by the HSM (forged, or
+    /// not re-stamped yet): refused, alerted and audited (ADR 12).
+    #[error("{0}")]
+    StateForged(Unverified),
     /// A bug or misconfiguration; details go to the log only.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -91,6 +96,7 @@ impl ServiceError {
             ServiceError::Rejected(r) => Some(r.reason()),
             ServiceError::Mfa(m) => Some(m.reason()),
             ServiceError::Sealed => Some("SEALED"),
+            ServiceError::StateForged(u) => Some(u.reason()),
             _ => None,
         }
     }
