@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Dev mode: plaintext on loopback, local SoftHSM token, auto-setup.
     pub dev: bool,
+    /// Stamp rows without a state MAC at unseal (`--restamp-unstamped`; dev mode).
+    pub restamp_unstamped: bool,
     /// Data directory (default SQLite file, dev token, SoftHSM token in dev mode).
     pub data_dir: PathBuf,
     /// Where the state lives.

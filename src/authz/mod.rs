@@ -25,20 +25,26 @@
 //! - A revocation takes effect within [`TOKEN_CACHE_TTL`] on every node (at once on the
 //!   node that revoked, [`Authenticator::forget_token`]).
 //! - Token text never reaches a log, an error or a record.
+//! - Unsealed, a token row counts only if its state MAC verifies under the HSM
+//!   ([`stamp`], ADR 12): a row inserted or changed by a database writer is refused.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
 pub mod cert;
 pub mod policy;
 pub mod ratelimit;
+pub mod stamp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
+use crate::keys::state::Unverified;
+use crate::keys::KeyEngine;
 use crate::secret::{BearerToken, TokenHash};
 use crate::store::{Store, StoreError};
+use stamp::{Checked, Stamps};
 
 /// How long a verified token is trusted without asking the store again.
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_millis(500);
@@ -216,6 +222,20 @@ pub enum AuthError {
     /// The token store could not be consulted.
     #[error("token store unavailable")]
     Store(#[source] StoreError),
+    /// The token's row is not authenticated by the HSM (ADR 12): refused. `first`: the
+    /// first time this row was refused on this node (alert once).
+    #[error("token row refused: {why}")]
+    Forged {
+        /// Why.
+        why: Unverified,
+        /// First refusal of this row here.
+        first: bool,
+        /// The row's token id (public).
+        token_id: String,
+    },
+    /// The HSM could not check the row.
+    #[error("state check failed")]
+    Check(#[source] crate::keys::KeysError),
 }
 
 /// A verified token, as cached.
@@ -226,6 +246,9 @@ struct Verified {
     bound_principal: Option<String>,
     principal: Arc<Principal>,
     checked: Instant,
+    /// Whether the row's state MAC was verified (false only while sealed, when no HSM
+    /// can check it; such an entry is never used once unsealed).
+    stamped: bool,
 }
 
 impl Verified {
@@ -252,6 +275,7 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     cache: Mutex<HashMap<[u8; 32], Verified>>,
+    stamps: Arc<Stamps>,
 }
 
 impl Authenticator {
@@ -279,22 +303,26 @@ impl Authenticator {
         }))
     }
 
-    /// A new authenticator over `store`.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+    /// A new authenticator over `store`, remembering verified rows in `stamps`.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, stamps: Arc<Stamps>) -> Self {
         Authenticator {
             store,
             clock,
             cache: Mutex::new(HashMap::new()),
+            stamps,
         }
     }
 
     /// Authenticates a presented bearer token (`None` when the request had none), from
     /// `peer`. A token limited to networks or bound to a certificate principal works only
-    /// from there.
+    /// from there. With `engine` (unsealed), the token's row must carry a valid state MAC
+    /// (ADR 12); without (sealed), the row is taken as stored, for the calls a sealed
+    /// node serves (seal status, unseal, init), and that answer is never reused unsealed.
     pub async fn authenticate(
         &self,
         token: Option<BearerToken>,
         peer: &Peer,
+        engine: Option<&KeyEngine>,
     ) -> Result<Arc<Principal>, AuthError> {
         let Some(token) = token else {
             return Self::certificate_principal(peer);
@@ -304,7 +332,7 @@ impl Authenticator {
         }
         let hash = token.hash();
         let now = self.clock.now_ms();
-        if let Some(v) = self.cached(&hash, now, peer) {
+        if let Some(v) = self.cached(&hash, now, peer, engine.is_some()) {
             return v;
         }
         let record = match self.store.token_by_hash(&hash).await {
@@ -318,6 +346,24 @@ impl Authenticator {
         }
         if record.expires_at.is_some_and(|exp| exp <= now) {
             return Err(AuthError::Unauthenticated);
+        }
+        if let Some(engine) = engine {
+            let row = stamp::token_row(&record);
+            match self
+                .stamps
+                .check(engine, row, record.mac.as_deref())
+                .await
+                .map_err(AuthError::Check)?
+            {
+                Checked::Good => {}
+                Checked::Refused { why, first } => {
+                    return Err(AuthError::Forged {
+                        why,
+                        first,
+                        token_id: record.id,
+                    })
+                }
+            }
         }
         let verified = Verified {
             hash,
@@ -343,6 +389,7 @@ impl Authenticator {
                 key_globs: record.key_globs,
             }),
             checked: Instant::now(),
+            stamped: engine.is_some(),
         };
         let result = if verified.allows(peer) {
             Ok(Arc::clone(&verified.principal))
@@ -374,10 +421,12 @@ impl Authenticator {
         hash: &TokenHash,
         now: i64,
         peer: &Peer,
+        unsealed: bool,
     ) -> Option<Result<Arc<Principal>, AuthError>> {
         let c = self.cache.lock().ok()?;
         let v = c.get(&hash.0)?;
         let fresh = v.checked.elapsed() < TOKEN_CACHE_TTL
+            && (v.stamped || !unsealed)
             && v.hash == *hash
             && v.expires_at.is_none_or(|exp| exp > now);
         if !fresh {

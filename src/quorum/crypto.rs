@@ -5,11 +5,15 @@
 //! - PIN key `= HKDF(S, info "arca pin v1")`; sealed PIN `= nonce ‖ AES-GCM(key, PIN)`
 //!   with AAD `"arca:pin:v1"`;
 //! - commitment `= SHA-256("arca share commitment v1" ‖ len(name) ‖ name ‖ share)`;
-//! - TOTP key of a custodian `= HKDF(share, salt name, info "arca totp v1")`.
+//! - TOTP key of a custodian `= HKDF(share, salt name, info "arca totp v1")`;
+//! - state key `= HKDF(S, info "arca state v1")`: the init ceremony's MAC over the rows
+//!   it writes while the HSM is locked (custodian tokens, the caller's token), checked
+//!   and replaced by HSM MACs at unseal (ADR 12).
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
+use hmac::{Hmac, KeyInit as MacKeyInit, Mac};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -50,6 +54,27 @@ pub fn check_verifier(s: &QuorumSecret, stored: &[u8]) -> Result<(), QuorumError
     } else {
         Err(QuorumError::VerifierMismatch)
     }
+}
+
+/// HMAC-SHA256 of `data` under the state key of S (hex), for rows written while the HSM
+/// is locked.
+pub fn state_mac(s: &QuorumSecret, data: &[u8]) -> String {
+    let key = derive(s.expose(), SALT, b"arca state v1");
+    match <Hmac<Sha256> as MacKeyInit>::new_from_slice(key.as_ref()) {
+        Ok(mut m) => {
+            m.update(data);
+            hex::encode(m.finalize().into_bytes())
+        }
+        // HMAC takes keys of any length; this arm is unreachable, and an empty MAC
+        // verifies nothing.
+        Err(_) => String::new(),
+    }
+}
+
+/// Whether `mac` (hex) is [`state_mac`] of `data` (constant-time compare).
+pub fn check_state_mac(s: &QuorumSecret, data: &[u8], mac: &str) -> bool {
+    let want = state_mac(s, data);
+    !want.is_empty() && ct_eq(want.as_bytes(), mac.as_bytes())
 }
 
 /// The commitment binding a share to its custodian.

@@ -17,8 +17,10 @@ use std::sync::{Arc, OnceLock, RwLock};
 use super::cache::KeyCache;
 use super::error::{Result, ServiceError};
 use crate::audit::AuditLog;
+use crate::authz::stamp::Stamps;
 use crate::authz::Authenticator;
 use crate::clock::Clock;
+use crate::keys::state::{RowEncoding, Unverified};
 use crate::keys::KeyEngine;
 use crate::quorum::approvals::QuorumApproved;
 use crate::store::Store;
@@ -40,6 +42,8 @@ pub struct ServiceConfig {
     pub lifecycle: crate::keys::policy::LifecyclePolicy,
     /// The access policy read at start (an approved one in the database replaces it).
     pub access_policy: crate::authz::policy::Policy,
+    /// At unseal, stamp live rows that carry no state MAC (the upgrade step; dev mode).
+    pub restamp_unstamped: bool,
 }
 
 impl Default for ServiceConfig {
@@ -51,6 +55,7 @@ impl Default for ServiceConfig {
             quorum_policy: crate::quorum::policy::QuorumPolicy::default(),
             lifecycle: crate::keys::policy::LifecyclePolicy::default(),
             access_policy: crate::authz::policy::Policy::default(),
+            restamp_unstamped: false,
         }
     }
 }
@@ -132,6 +137,8 @@ pub struct Context {
     pub(super) cache: KeyCache,
     /// Bearer-token verification, with its cache (revocations drop entries here).
     pub auth: Authenticator,
+    /// State MACs verified (and refused) on this node (ADR 12).
+    pub stamps: Arc<Stamps>,
     audit: OnceLock<Arc<AuditLog>>,
     /// Tuning and policies.
     pub cfg: ServiceConfig,
@@ -140,8 +147,10 @@ pub struct Context {
 impl Context {
     /// A context over the stores, sealed.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ServiceConfig) -> Self {
+        let stamps = Arc::new(Stamps::default());
         Context {
-            auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock)),
+            auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&stamps)),
+            stamps,
             store,
             engine: EngineSlot::default(),
             clock,
@@ -227,6 +236,37 @@ impl Context {
             let code = if ok { 0 } else { 13 };
             log.job(operation, code, key, detail);
         }
+    }
+
+    /// The state MAC of `row` (ADR 12), to store with it; `Sealed` without the HSM.
+    pub(crate) async fn stamp(&self, row: RowEncoding) -> Result<String> {
+        let engine = self.engine()?;
+        Ok(crate::authz::stamp::stamp(&engine, row).await?)
+    }
+
+    /// A stored row failed its state-MAC check: it is refused (by the caller). The
+    /// first time on this node: an ERROR line with `alert = "state-forged"`, the metric,
+    /// and a `state.forged` audit record (which the `state_forged` alert rule raises).
+    pub(crate) fn refuse_state(&self, table: &str, id: &str, why: Unverified, first: bool) {
+        if !first {
+            return;
+        }
+        tracing::error!(
+            alert = "state-forged",
+            table,
+            row = id,
+            reason = why.reason(),
+            "ALERT: a stored row is not authenticated by the HSM; it is refused"
+        );
+        crate::metrics::global()
+            .state_forged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.record_job(
+            "state.forged",
+            false,
+            None,
+            &format!("table={table} row={id} reason={}", why.reason()),
+        );
     }
 
     /// A fresh random id `prefix` + 32 hex digits.

@@ -383,6 +383,8 @@ impl From<AuthError> for ServiceError {
         match e {
             AuthError::Unauthenticated => ServiceError::Unauthenticated,
             AuthError::Store(e) => e.into(),
+            AuthError::Forged { why, .. } => ServiceError::StateForged(why),
+            AuthError::Check(e) => e.into(),
         }
     }
 }

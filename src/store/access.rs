@@ -35,6 +35,8 @@ pub struct PolicyVersion {
     pub request_id: Option<String>,
     /// Unix ms.
     pub created_at: i64,
+    /// The row's state MAC (hex, `arca:state-mac`; ADR 12), `None` if not stamped.
+    pub mac: Option<String>,
 }
 
 /// A time-bound role grant.
@@ -56,6 +58,10 @@ pub struct GrantRecord {
     pub created_at: i64,
     /// Unix ms; the grant is void from then on.
     pub expires_at: i64,
+    /// The row's state sequence (1; ADR 12).
+    pub state_seq: i64,
+    /// The row's state MAC (hex, `arca:state-mac`), `None` if not stamped.
+    pub mac: Option<String>,
 }
 
 /// A break-glass review.
@@ -114,14 +120,19 @@ pub struct MfaFailure<'a> {
 pub trait AccessStore: Send + Sync + 'static {
     /// The newest approved policy, if any.
     async fn latest_policy(&self) -> Result<Option<PolicyVersion>>;
-    /// Stores a policy applied without approval (dev mode's 1-of-1); returns its seq.
-    async fn insert_policy(&self, text: &str, now: i64) -> Result<i64>;
+    /// Stores a policy applied without approval (dev mode's 1-of-1) as version
+    /// `policy.seq`, which must follow the newest (`Conflict::PolicySeq` otherwise).
+    async fn insert_policy(&self, policy: &PolicyVersion) -> Result<()>;
     /// Stores a grant made without approval (dev mode's 1-of-1 elevation).
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<()>;
     /// Stores a break-glass grant and its open review in one transaction.
     async fn break_glass(&self, grant: &GrantRecord, review_id: &str) -> Result<ReviewRecord>;
     /// Grants not yet expired at `now`.
     async fn active_grants(&self, now: i64) -> Result<Vec<GrantRecord>>;
+    /// Sets the MAC of grant `id` whose MAC is still `was`; false if it changed.
+    async fn stamp_grant(&self, id: &str, was: Option<&str>, mac: &str) -> Result<bool>;
+    /// Sets the MAC of policy version `seq` whose MAC is still `was`; false if it changed.
+    async fn stamp_policy(&self, seq: i64, was: Option<&str>, mac: &str) -> Result<bool>;
     /// Reviews, newest first; only open ones if `open_only`.
     async fn list_reviews(&self, open_only: bool) -> Result<Vec<ReviewRecord>>;
     /// Closes an open review; `NotFound`, or `Conflict::ReviewClosed` if closed already.
@@ -136,7 +147,8 @@ pub trait AccessStore: Send + Sync + 'static {
     async fn record_mfa_failure(&self, failure: &MfaFailure<'_>) -> Result<u32>;
 }
 
-const GRANT_COLUMNS: &str = "id, principal, role, kind, reason, request_id, created_at, expires_at";
+const GRANT_COLUMNS: &str =
+    "id, principal, role, kind, reason, request_id, created_at, expires_at, state_seq, mac";
 const REVIEW_COLUMNS: &str =
     "id, grant_id, principal, reason, opened_at, closed_at, closed_by, note";
 
@@ -150,6 +162,8 @@ fn grant_from_row(row: &AnyRow) -> Result<GrantRecord> {
         request_id: get(row, "request_id")?,
         created_at: get(row, "created_at")?,
         expires_at: get(row, "expires_at")?,
+        state_seq: get(row, "state_seq")?,
+        mac: get(row, "mac")?,
     })
 }
 
@@ -170,7 +184,7 @@ fn review_from_row(row: &AnyRow) -> Result<ReviewRecord> {
 pub(super) async fn insert_grant_in(tx: &mut Tx<'_>, g: &GrantRecord) -> Result<()> {
     sqlx::query(
         "INSERT INTO role_grants (id, principal, role, kind, reason, request_id, created_at, \
-         expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         expires_at, state_seq, mac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(g.id.clone())
     .bind(g.principal.clone())
@@ -180,46 +194,48 @@ pub(super) async fn insert_grant_in(tx: &mut Tx<'_>, g: &GrantRecord) -> Result<
     .bind(g.request_id.clone())
     .bind(g.created_at)
     .bind(g.expires_at)
+    .bind(g.state_seq)
+    .bind(g.mac.clone())
     .execute(&mut **tx)
     .await
     .map_err(classify)?;
     Ok(())
 }
 
-/// Inside a transaction: stores a policy as the next version (ordered by approval
-/// request `request_id`, if any); returns its seq.
-pub(super) async fn insert_policy_in(
-    tx: &mut Tx<'_>,
-    text: &str,
-    request_id: Option<&str>,
-    now: i64,
-) -> Result<i64> {
+/// Inside a transaction: stores `p` as the next version (`p.seq` must be the newest
+/// plus one: `Conflict::PolicySeq` otherwise, so a version's MAC, which covers its seq,
+/// is never computed for a number another writer took).
+pub(super) async fn insert_policy_in(tx: &mut Tx<'_>, p: &PolicyVersion) -> Result<()> {
     let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM access_policies")
         .fetch_one(&mut **tx)
         .await
         .map_err(classify)?;
-    let seq = row
+    let newest = row
         .try_get::<i64, _>("n")
-        .map_err(|_| StoreError::Corrupt("policy seq"))?
-        + 1;
+        .map_err(|_| StoreError::Corrupt("policy seq"))?;
+    if p.seq != newest + 1 {
+        return Err(StoreError::Conflict(Conflict::PolicySeq));
+    }
     sqlx::query(
-        "INSERT INTO access_policies (seq, text, request_id, created_at) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO access_policies (seq, text, request_id, created_at, mac) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
-    .bind(seq)
-    .bind(text.to_string())
-    .bind(request_id.map(str::to_string))
-    .bind(now)
+    .bind(p.seq)
+    .bind(p.text.clone())
+    .bind(p.request_id.clone())
+    .bind(p.created_at)
+    .bind(p.mac.clone())
     .execute(&mut **tx)
     .await
     .map_err(classify)?;
-    Ok(seq)
+    Ok(())
 }
 
 #[async_trait::async_trait]
 impl AccessStore for SqlStore {
     async fn latest_policy(&self) -> Result<Option<PolicyVersion>> {
         let row = sqlx::query(
-            "SELECT seq, text, request_id, created_at FROM access_policies \
+            "SELECT seq, text, request_id, created_at, mac FROM access_policies \
              ORDER BY seq DESC LIMIT 1",
         )
         .fetch_optional(&self.reader)
@@ -231,16 +247,41 @@ impl AccessStore for SqlStore {
                 text: get(&r, "text")?,
                 request_id: get(&r, "request_id")?,
                 created_at: get(&r, "created_at")?,
+                mac: get(&r, "mac")?,
             })
         })
         .transpose()
     }
 
-    async fn insert_policy(&self, text: &str, now: i64) -> Result<i64> {
+    async fn insert_policy(&self, policy: &PolicyVersion) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        let seq = insert_policy_in(&mut tx, text, None, now).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(seq)
+        insert_policy_in(&mut tx, policy).await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn stamp_grant(&self, id: &str, was: Option<&str>, mac: &str) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE role_grants SET mac = $1 WHERE id = $2 AND COALESCE(mac, '') = $3")
+                .bind(mac.to_string())
+                .bind(id.to_string())
+                .bind(was.unwrap_or("").to_string())
+                .execute(&self.writer)
+                .await
+                .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn stamp_policy(&self, seq: i64, was: Option<&str>, mac: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE access_policies SET mac = $1 WHERE seq = $2 AND COALESCE(mac, '') = $3",
+        )
+        .bind(mac.to_string())
+        .bind(seq)
+        .bind(was.unwrap_or("").to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<()> {

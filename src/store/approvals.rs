@@ -16,7 +16,7 @@
 //! Must not import: tonic, prost, cryptoki. It is the top table family: no other file of
 //! `store/` may import it.
 
-use super::access::{insert_grant_in, insert_policy_in, GrantRecord};
+use super::access::{insert_grant_in, insert_policy_in, GrantRecord, PolicyVersion};
 use super::classify::classify;
 use super::error::{Conflict, Result, StoreError};
 use super::keys::{change_version_state, insert_next_version, KeyRecord};
@@ -144,14 +144,15 @@ pub trait ApprovalStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<Vec<String>>;
 
-    /// In one transaction: stores the policy of approved request `id` as the next
-    /// version and marks the request `EXECUTED`; returns the new seq.
-    /// `Conflict::RequestState` as for the other completions.
+    /// In one transaction: stores the policy of approved request `id` as version
+    /// `policy.seq` (the newest plus one, else `Conflict::PolicySeq`) and marks the
+    /// request `EXECUTED`; returns the new seq. `Conflict::RequestState` as for the
+    /// other completions.
     async fn complete_update_policy(
         &self,
         id: &str,
         approved: &QuorumApproved,
-        text: &str,
+        policy: &PolicyVersion,
         now: i64,
     ) -> Result<i64>;
 
@@ -459,12 +460,13 @@ impl ApprovalStore for SqlStore {
         &self,
         id: &str,
         _approved: &QuorumApproved,
-        text: &str,
+        policy: &PolicyVersion,
         now: i64,
     ) -> Result<i64> {
         let mut tx = self.begin_write().await?;
         claim_for_completion(&mut tx, id, now).await?;
-        let seq = insert_policy_in(&mut tx, text, Some(id), now).await?;
+        insert_policy_in(&mut tx, policy).await?;
+        let seq = policy.seq;
         executed_with_note(tx, id, format!("access policy version {seq} in force"), now).await?;
         Ok(seq)
     }

@@ -71,6 +71,8 @@ pub enum Conflict {
     Generation,
     /// The token was revoked already (`revoke_token`).
     Revoked,
+    /// Another policy version was stored first (`insert_policy`, `complete_update_policy`).
+    PolicySeq,
     /// That TOTP step, or a later one, was used already: a replay (`use_totp_step`,
     /// `use_principal_totp_step`).
     StepUsed,
@@ -92,6 +94,7 @@ impl fmt::Display for Conflict {
             Conflict::RequestState(s) => write!(f, "approval request is {}", s.as_str()),
             Conflict::Generation => f.write_str("quorum generation moved"),
             Conflict::Revoked => f.write_str("token revoked already"),
+            Conflict::PolicySeq => f.write_str("another policy version was stored first"),
             Conflict::StepUsed => f.write_str("TOTP step used already"),
             Conflict::ReviewClosed => f.write_str("review closed already"),
             Conflict::AuditHead => f.write_str("audit head moved"),

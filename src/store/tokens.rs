@@ -7,7 +7,9 @@
 //! - Only the SHA-256 of a token is stored, never the token.
 //! - A token id and a token hash are each unique (the database refuses a second one).
 //! - Revocation is final: a revoked token is never un-revoked, and revoking it again is
-//!   `Conflict::Revoked`.
+//!   `Conflict::Revoked`. Revoking drops the row's state MAC and advances its
+//!   `state_seq` (ADR 12); a revoked row grants nothing, whatever it carries.
+//! - The MAC is a column value computed above the store; this file never judges it.
 //!
 //! Must not import: the other table-family files of `store/`; tonic, prost, cryptoki.
 
@@ -44,6 +46,12 @@ pub struct TokenRecord {
     pub description: String,
     /// Unix ms when revoked.
     pub revoked_at: Option<i64>,
+    /// The row's state sequence: 1 when issued, +1 at revocation (ADR 12).
+    pub state_seq: i64,
+    /// The row's state MAC (hex, `arca:state-mac`), `q:`-prefixed while it is stamped
+    /// only by the quorum at init (restamped by the HSM at unseal), or `None`: not
+    /// stamped (written before state MACs, or revoked).
+    pub mac: Option<String>,
 }
 
 /// Storage of bearer tokens.
@@ -55,14 +63,17 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn token_by_hash(&self, hash: &TokenHash) -> Result<TokenRecord>;
     /// Every token, newest first (hashes only, never a token).
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
-    /// Marks a token revoked at `now`; `NotFound` if no such id; `Conflict::Revoked` if
-    /// it was revoked already.
+    /// Marks a token revoked at `now` (its MAC is dropped: a revoked row grants nothing);
+    /// `NotFound` if no such id; `Conflict::Revoked` if it was revoked already.
     async fn revoke_token(&self, id: &str, now: i64) -> Result<()>;
+    /// Replaces the MAC of the live token `id` at sequence `seq` whose MAC is still
+    /// `was`; false if the row changed (or was revoked) meanwhile.
+    async fn stamp_token(&self, id: &str, seq: i64, was: Option<&str>, mac: &str) -> Result<bool>;
 }
 
 /// Every column of a token row, in the order [`insert_token_in`] binds them.
 const TOKEN_COLUMNS: &str = "id, token_hash, principal, roles, created_at, \
-     expires_at, revoked_at, key_globs, cidrs, bound_principal, description";
+     expires_at, revoked_at, key_globs, cidrs, bound_principal, description, state_seq, mac";
 
 fn list(v: &[String]) -> String {
     v.join(",")
@@ -82,8 +93,8 @@ where
 {
     sqlx::query(
         "INSERT INTO tokens (id, token_hash, principal, roles, created_at, expires_at, revoked_at, \
-         key_globs, cidrs, bound_principal, description) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         key_globs, cidrs, bound_principal, description, state_seq, mac) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(t.id.clone())
     .bind(t.hash.to_hex())
@@ -96,6 +107,8 @@ where
     .bind(list(&t.cidrs))
     .bind(t.bound_principal.clone())
     .bind(t.description.clone())
+    .bind(t.state_seq)
+    .bind(t.mac.clone())
     .execute(exec)
     .await
     .map_err(classify)?;
@@ -115,7 +128,7 @@ pub(super) async fn revoke_custodian_tokens_in(
     .await
     .map_err(classify)?;
     sqlx::query(
-        "UPDATE tokens SET revoked_at = $1 \
+        "UPDATE tokens SET revoked_at = $1, state_seq = state_seq + 1, mac = NULL \
          WHERE principal LIKE 'custodian:%' AND revoked_at IS NULL",
     )
     .bind(now)
@@ -142,6 +155,8 @@ fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
         cidrs: unlist(&get::<String>(row, "cidrs")?),
         bound_principal: get(row, "bound_principal")?,
         description: get(row, "description")?,
+        state_seq: get(row, "state_seq")?,
+        mac: get(row, "mac")?,
     })
 }
 
@@ -172,13 +187,15 @@ impl TokenStore for SqlStore {
     }
 
     async fn revoke_token(&self, id: &str, now: i64) -> Result<()> {
-        let done =
-            sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(now)
-                .bind(id.to_string())
-                .execute(&self.writer)
-                .await
-                .map_err(classify)?;
+        let done = sqlx::query(
+            "UPDATE tokens SET revoked_at = $1, state_seq = state_seq + 1, mac = NULL \
+                 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
@@ -191,5 +208,20 @@ impl TokenStore for SqlStore {
             Some(_) => Err(StoreError::Conflict(Conflict::Revoked)),
             None => Err(StoreError::NotFound),
         }
+    }
+
+    async fn stamp_token(&self, id: &str, seq: i64, was: Option<&str>, mac: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tokens SET mac = $1 WHERE id = $2 AND state_seq = $3 \
+             AND revoked_at IS NULL AND COALESCE(mac, '') = $4",
+        )
+        .bind(mac.to_string())
+        .bind(id.to_string())
+        .bind(seq)
+        .bind(was.unwrap_or("").to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -169,6 +169,12 @@ pub(super) struct ServerArgs {
     /// never in production.
     #[arg(long)]
     no_audit: bool,
+    /// UPGRADE STEP (ADR 12): at the next unseal, stamp with the HSM every live token,
+    /// role grant and the newest access policy that carry no state MAC (rows written
+    /// before state MACs). Run once after upgrading, then restart without it. Dev mode
+    /// always does this.
+    #[arg(long)]
+    restamp_unstamped: bool,
 }
 
 /// The audit settings from the arguments.
@@ -362,6 +368,7 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
     Ok(Prepared::Config(Box::new(ServerConfig {
         listen: args.listen,
         dev: true,
+        restamp_unstamped: true,
         database,
         data_dir,
         hsm: HsmSettings {
@@ -467,6 +474,7 @@ fn prepare_production(args: &ServerArgs, tls: Option<TlsFiles>) -> Result<Prepar
     Ok(Prepared::Config(Box::new(ServerConfig {
         listen: args.listen,
         dev: false,
+        restamp_unstamped: args.restamp_unstamped,
         database,
         hsm: HsmSettings {
             module,

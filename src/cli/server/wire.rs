@@ -75,6 +75,7 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
             quorum_policy: cfg.quorum_policy.clone(),
             lifecycle: cfg.lifecycle.clone(),
             access_policy: cfg.access_policy.0.clone(),
+            restamp_unstamped: cfg.restamp_unstamped,
         },
     ));
     let svc = Services::new(Arc::clone(&ctx), hsm_access(&cfg));

@@ -11,6 +11,9 @@
 //!   files at start or SIGHUP. A bad stored policy is refused and the policy in force stays.
 //! - A grant counts only until its `expires_at`, judged on every request with the clock.
 //! - A refusal is the same `PermissionDenied` whatever the reason.
+//! - A stored policy or grant counts only if its state MAC verifies under the HSM (ADR
+//!   12); one that does not is refused (alerted once) and everything else keeps serving.
+//!   Sealed, no stored policy or grant counts.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
@@ -22,7 +25,8 @@ use std::time::{Duration, Instant};
 use super::proof::{Act, Attempt, Authorized, Scope, Snapshot};
 use crate::authz::policy::{Allowed, Decision, Policy, Request, Subject};
 use crate::authz::ratelimit::{RateLimiter, RoleLimiter};
-use crate::authz::{Peer, Principal};
+use crate::authz::stamp::{grant_row, policy_row, Checked};
+use crate::authz::{AuthError, Peer, Principal};
 use crate::secret::BearerToken;
 use crate::service::context::Context;
 use crate::service::error::{Result, ServiceError};
@@ -69,7 +73,24 @@ impl Guard {
         token: Option<BearerToken>,
         peer: &Peer,
     ) -> Result<Arc<Principal>> {
-        let principal = self.ctx.auth.authenticate(token, peer).await?;
+        let engine = self.ctx.engine.get().ok();
+        let principal = match self
+            .ctx
+            .auth
+            .authenticate(token, peer, engine.as_deref())
+            .await
+        {
+            Ok(p) => p,
+            Err(AuthError::Forged {
+                why,
+                first,
+                token_id,
+            }) => {
+                self.ctx.refuse_state("tokens", &token_id, why, first);
+                return Err(ServiceError::StateForged(why));
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.limiter
             .check(&principal.name, Instant::now())
             .map_err(ServiceError::RateLimited)?;
@@ -121,20 +142,60 @@ impl Guard {
         };
         let system = self.ctx.system();
         let db = self.ctx.db(&system);
+        // Stored policies and grants count only with a state MAC the HSM verifies (ADR
+        // 12). Sealed, nothing can be verified: the files' policy and no grants, and the
+        // next call looks again (so the stored policy applies from the unseal on).
+        let Ok(engine) = self.ctx.engine.get() else {
+            if let Ok(mut slot) = self.grants.write() {
+                *slot = (None, Arc::new(Vec::new()));
+            }
+            return;
+        };
         match db.latest_policy().await {
-            Ok(Some(v)) if v.seq > self.policy_seq() => match Policy::parse(&v.text) {
-                Ok(p) => self.set_policy(p, v.seq),
-                Err(e) => {
-                    tracing::error!(seq = v.seq, error = %e, "stored access policy refused; the policy in force stays")
+            Ok(Some(v)) if v.seq > self.policy_seq() => {
+                match self
+                    .ctx
+                    .stamps
+                    .check(&engine, policy_row(&v), v.mac.as_deref())
+                    .await
+                {
+                    Ok(Checked::Good) => match Policy::parse(&v.text) {
+                        Ok(p) => self.set_policy(p, v.seq),
+                        Err(e) => {
+                            tracing::error!(seq = v.seq, error = %e, "stored access policy refused; the policy in force stays")
+                        }
+                    },
+                    Ok(Checked::Refused { why, first }) => {
+                        self.ctx
+                            .refuse_state("access_policies", &v.seq.to_string(), why, first)
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot check the stored access policy"),
                 }
-            },
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot read the stored access policy"),
         }
         match db.active_grants(self.ctx.clock.now_ms()).await {
-            Ok(g) => {
+            Ok(all) => {
+                let mut good = Vec::with_capacity(all.len());
+                for g in all {
+                    match self
+                        .ctx
+                        .stamps
+                        .check(&engine, grant_row(&g), g.mac.as_deref())
+                        .await
+                    {
+                        Ok(Checked::Good) => good.push(g),
+                        Ok(Checked::Refused { why, first }) => {
+                            self.ctx.refuse_state("role_grants", &g.id, why, first)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, grant = %g.id, "cannot check a role grant; it does not count")
+                        }
+                    }
+                }
                 if let Ok(mut slot) = self.grants.write() {
-                    *slot = (Some(Instant::now()), Arc::new(g));
+                    *slot = (Some(Instant::now()), Arc::new(good));
                 }
             }
             Err(e) => {

@@ -11,6 +11,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+use crate::authz::stamp::grant_row;
 use std::sync::Arc;
 
 use crate::authz::policy::DEFAULT_ELEVATION_MS;
@@ -116,7 +117,7 @@ impl Grants {
             let req = self.gate.open(&proof, Operation::Elevate, params).await?;
             return Ok(AccessOutcome::Pending(Box::new(req)));
         }
-        let grant = self.elevation_grant(&params, None)?;
+        let grant = self.stamped(self.elevation_grant(&params, None)?).await?;
         self.ctx.db(&proof).insert_grant(&grant).await?;
         self.guard.refresh(true).await;
         tracing::warn!(principal = %grant.principal, role = %grant.role, grant = %grant.id, "role elevated (no quorum in this mode)");
@@ -125,6 +126,13 @@ impl Grants {
 
     /// The grant an elevation with `params` makes now (checked against the policy in
     /// force: it may have changed since the request).
+    /// `grant` with its state MAC (ADR 12).
+    async fn stamped(&self, mut grant: GrantRecord) -> Result<GrantRecord> {
+        grant.mac = None;
+        grant.mac = Some(self.ctx.stamp(grant_row(&grant)).await?);
+        Ok(grant)
+    }
+
     fn elevation_grant(&self, params: &Parameters, request: Option<&str>) -> Result<GrantRecord> {
         const BAD: ServiceError = ServiceError::InvalidArgument("invalid request parameters");
         let principal = params.get(PARAM_PRINCIPAL).ok_or(BAD)?;
@@ -158,12 +166,16 @@ impl Grants {
             request_id: request.map(str::to_string),
             created_at: now,
             expires_at: now + duration,
+            state_seq: 1,
+            mac: None,
         })
     }
 
     /// Runs an approved `Elevate`: the grant starts now.
     pub async fn run_elevation(&self, req: &ApprovalRecord, ok: &QuorumApproved) -> Result<String> {
-        let grant = self.elevation_grant(&req.parameters, Some(&req.id))?;
+        let grant = self
+            .stamped(self.elevation_grant(&req.parameters, Some(&req.id))?)
+            .await?;
         self.ctx
             .db(ok)
             .complete_elevation(&req.id, ok, &grant, self.ctx.clock.now_ms())
@@ -217,7 +229,10 @@ impl Grants {
             request_id: None,
             created_at: now,
             expires_at: now + duration,
+            state_seq: 1,
+            mac: None,
         };
+        let grant = self.stamped(grant).await?;
         let review = self
             .ctx
             .db(&proof)

@@ -9,6 +9,9 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+use crate::authz::stamp::policy_row;
+use crate::service::context::Db;
+use crate::store::PolicyVersion;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -67,15 +70,34 @@ impl Policies {
                 .await?;
             return Ok(AccessOutcome::Pending(Box::new(req)));
         }
-        let seq = self
-            .ctx
-            .db(&proof)
-            .insert_policy(text, self.ctx.clock.now_ms())
-            .await?;
+        let db = self.ctx.db(&proof);
+        let version = self.next_version(db, text, None).await?;
+        db.insert_policy(&version).await?;
+        let seq = version.seq;
         self.guard.set_policy(policy, seq);
         Ok(AccessOutcome::Done(format!(
             "access policy version {seq} in force"
         )))
+    }
+
+    /// The next policy version after the newest stored, with its state MAC (ADR 12),
+    /// which covers its number: storing it fails (`PolicySeq`) if another took it.
+    async fn next_version(
+        &self,
+        db: Db<'_>,
+        text: &str,
+        request_id: Option<&str>,
+    ) -> Result<PolicyVersion> {
+        let seq = db.latest_policy().await?.map_or(0, |v| v.seq) + 1;
+        let mut version = PolicyVersion {
+            seq,
+            text: text.to_string(),
+            request_id: request_id.map(str::to_string),
+            created_at: self.ctx.clock.now_ms(),
+            mac: None,
+        };
+        version.mac = Some(self.ctx.stamp(policy_row(&version)).await?);
+        Ok(version)
     }
 
     /// Runs an approved `UpdatePolicy`.
@@ -89,10 +111,10 @@ impl Policies {
             .get(PARAM_POLICY)
             .ok_or(ServiceError::InvalidArgument("invalid request parameters"))?;
         let policy = Policy::parse(text).map_err(ServiceError::InvalidPolicy)?;
-        let seq = self
-            .ctx
-            .db(ok)
-            .complete_update_policy(&req.id, ok, text, self.ctx.clock.now_ms())
+        let db = self.ctx.db(ok);
+        let version = self.next_version(db, text, Some(&req.id)).await?;
+        let seq = db
+            .complete_update_policy(&req.id, ok, &version, self.ctx.clock.now_ms())
             .await
             .map_err(request_conflict)?;
         self.guard.set_policy(policy, seq);

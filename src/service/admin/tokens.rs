@@ -10,6 +10,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+use crate::authz::stamp::token_row;
 use std::sync::Arc;
 
 use crate::authz::{Cidr, CUSTODIAN_PREFIX};
@@ -91,6 +92,8 @@ pub(crate) fn unscoped_record(
         cidrs: Vec::new(),
         bound_principal: None,
         description: String::new(),
+        state_seq: 1,
+        mac: None,
     })
 }
 
@@ -165,10 +168,23 @@ impl Tokens {
             cidrs: t.cidrs,
             bound_principal: t.bound_principal,
             description: t.description,
+            state_seq: 1,
+            mac: None,
         };
+        let record = self.stamped(record).await?;
         self.ctx.db(&proof).insert_token(&record).await?;
         tracing::info!(token_id = %record.id, by = %caller.principal.name, "token created");
         Ok((record, token))
+    }
+
+    /// `record` with its state MAC (ADR 12) while unsealed; as it is while sealed (the
+    /// bootstrap token, made before init: the init ceremony vouches for it).
+    async fn stamped(&self, mut record: TokenRecord) -> Result<TokenRecord> {
+        record.mac = None;
+        if self.ctx.engine.is_open() {
+            record.mac = Some(self.ctx.stamp(token_row(&record)).await?);
+        }
+        Ok(record)
     }
 
     /// `RevokeToken`: revoked at once here, within the authentication cache's lifetime on
@@ -256,6 +272,7 @@ impl Tokens {
         let mut record = unscoped_record(&token, principal.to_string(), roles, now)?;
         record.expires_at = Some(now + BOOTSTRAP_TTL_MS);
         record.description = BOOTSTRAP_DESCRIPTION.to_string();
+        let record = self.stamped(record).await?;
         db.insert_token(&record).await?;
         self.ctx.record_job(
             "token.bootstrap_issued",
@@ -286,8 +303,8 @@ impl Tokens {
             Err(StoreError::NotFound) => {
                 let roles = roles.iter().map(|r| r.to_string()).collect();
                 let now = self.ctx.clock.now_ms();
-                db.insert_token(&unscoped_record(token, principal.to_string(), roles, now)?)
-                    .await?;
+                let record = unscoped_record(token, principal.to_string(), roles, now)?;
+                db.insert_token(&self.stamped(record).await?).await?;
                 Ok(())
             }
             Err(e) => Err(e.into()),

@@ -12,6 +12,8 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+use crate::authz::stamp::token_row;
+use crate::authz::AuthMethod;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -29,7 +31,7 @@ use crate::service::context::{Context, Permit};
 use crate::service::error::{Conflict, Rejection, Result, ServiceError};
 use crate::service::gate::{request_conflict, Gate};
 use crate::service::Caller;
-use crate::store::{ApprovalRecord, NewQuorum, QuorumConfig, StoreError};
+use crate::store::{ApprovalRecord, NewQuorum, QuorumConfig, StoreError, TokenRecord};
 
 /// Request-parameter prefix of a rekey's age recipients (`age.NAME = age1…`).
 pub const AGE_PARAM_PREFIX: &str = "age.";
@@ -77,13 +79,20 @@ impl Ceremony {
             .guard
             .authorize::<act::Init>(caller, Scope::none())
             .await?;
-        self.init_with(
+        // The caller's token (the bootstrap token) was written while no HSM could stamp
+        // it: the ceremony vouches for it under the new quorum (ADR 12).
+        let vouch = match &caller.principal.method {
+            AuthMethod::Token { token_id } => Some(token_id.as_str()),
+            AuthMethod::Certificate => None,
+        };
+        self.init_vouching(
             &proof,
             threshold,
             custodians,
             so_pin,
             recipients,
             MIN_THRESHOLD,
+            vouch,
         )
         .await
     }
@@ -98,6 +107,29 @@ impl Ceremony {
         so_pin: Zeroizing<String>,
         recipients: &BTreeMap<String, String>,
         min_threshold: u8,
+    ) -> Result<Vec<CustodianKit>> {
+        self.init_vouching(
+            permit,
+            threshold,
+            custodians,
+            so_pin,
+            recipients,
+            min_threshold,
+            None,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn init_vouching(
+        &self,
+        permit: &impl Permit,
+        threshold: u32,
+        custodians: &[String],
+        so_pin: Zeroizing<String>,
+        recipients: &BTreeMap<String, String>,
+        min_threshold: u8,
+        vouch: Option<&str>,
     ) -> Result<Vec<CustodianKit>> {
         let threshold = u8::try_from(threshold)
             .map_err(|_| ServiceError::InvalidArgument("threshold too large"))?;
@@ -122,7 +154,7 @@ impl Ceremony {
                 e => e.into(),
             })?;
         let mut kits = self
-            .store_new_quorum(permit, threshold, custodians, &pin, 1)
+            .store_new_quorum(permit, threshold, custodians, &pin, 1, vouch)
             .await?;
         encrypt_kits(&mut kits, &recipients)?;
         tracing::info!(
@@ -138,7 +170,7 @@ impl Ceremony {
     /// dir for auto-unseal).
     pub async fn dev_init(&self, permit: &impl Permit, pin: &[u8]) -> Result<CustodianKit> {
         let mut kits = self
-            .store_new_quorum(permit, 1, &["dev".to_string()], pin, 1)
+            .store_new_quorum(permit, 1, &["dev".to_string()], pin, 1, None)
             .await?;
         kits.pop().ok_or(ServiceError::internal("no kit"))
     }
@@ -152,17 +184,31 @@ impl Ceremony {
         custodians: &[String],
         pin: &[u8],
         generation: i64,
+        vouch: Option<&str>,
     ) -> Result<Vec<CustodianKit>> {
+        let db = self.ctx.db(permit);
+        let vouched: Vec<TokenRecord> = match vouch {
+            Some(id) => db
+                .list_tokens()
+                .await?
+                .into_iter()
+                .filter(|t| t.id == id && t.revoked_at.is_none())
+                .collect(),
+            None => Vec::new(),
+        };
         let q = self
             .custodians
-            .new_quorum(threshold, custodians, pin, generation)?;
-        match self
-            .ctx
-            .db(permit)
-            .init_quorum(&q.config, &q.custodians, &q.tokens)
-            .await
-        {
-            Ok(()) => Ok(q.kits),
+            .new_quorum(threshold, custodians, pin, generation, &vouched)?;
+        match db.init_quorum(&q.config, &q.custodians, &q.tokens).await {
+            Ok(()) => {
+                for (was, t) in vouched.iter().zip(&q.vouched) {
+                    if let Some(mac) = &t.mac {
+                        db.stamp_token(&t.id, t.state_seq, was.mac.as_deref(), mac)
+                            .await?;
+                    }
+                }
+                Ok(q.kits)
+            }
             Err(StoreError::AlreadyExists) => {
                 Err(ServiceError::Conflict(Conflict::AlreadyInitialised))
             }
@@ -251,7 +297,13 @@ impl Ceremony {
         let recipients = age_recipients(&recipients, &custodians).map_err(|_| BAD)?;
         let q = self
             .custodians
-            .new_quorum(threshold, &custodians, pin, cfg.generation + 1)?;
+            .new_quorum(threshold, &custodians, pin, cfg.generation + 1, &[])?;
+        // Unsealed: the new custodian tokens get HSM MACs at once (ADR 12).
+        let mut q = q;
+        for t in &mut q.tokens {
+            t.mac = None;
+            t.mac = Some(self.ctx.stamp(token_row(t)).await?);
+        }
         let revoked = self
             .ctx
             .db(ok)

@@ -14,6 +14,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+use crate::authz::stamp::{token_row, QUORUM_MAC_PREFIX};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -54,6 +55,8 @@ pub(super) struct NewQuorumParts {
     pub(super) custodians: Vec<CustodianRecord>,
     pub(super) tokens: Vec<TokenRecord>,
     pub(super) kits: Vec<CustodianKit>,
+    /// The vouched tokens, with the quorum's MAC (ADR 12).
+    pub(super) vouched: Vec<TokenRecord>,
 }
 
 /// The custodian name of a caller, if it is a custodian identity.
@@ -258,14 +261,17 @@ impl Custodians {
     }
 
     /// Makes a new quorum secret, splits it K-of-N among `custodians`, seals `pin` under
-    /// it, and returns what to store and the kits. The secret is wiped before this
-    /// returns; nothing is stored.
+    /// it, and returns what to store and the kits. The custodian tokens, and the
+    /// `vouch`ed ones (the init caller's), carry a MAC under the secret's state key
+    /// (`q:…`), which the first unseal checks and replaces with an HSM MAC (ADR 12). The
+    /// secret is wiped before this returns; nothing is stored.
     pub(super) fn new_quorum(
         &self,
         threshold: u8,
         custodians: &[String],
         pin: &[u8],
         generation: i64,
+        vouch: &[TokenRecord],
     ) -> Result<NewQuorumParts> {
         let n = u8::try_from(custodians.len())
             .map_err(|_| ServiceError::InvalidArgument("at most 16 custodians"))?;
@@ -280,7 +286,13 @@ impl Custodians {
             verifier: crypto::verifier(&secret).to_vec(),
             created_at: now,
         };
-        drop(secret);
+        let quorum_mac = |t: &TokenRecord| {
+            let row = token_row(t).into_bytes();
+            Some(format!(
+                "{QUORUM_MAC_PREFIX}{}",
+                crypto::state_mac(&secret, &row)
+            ))
+        };
         let mut records = Vec::new();
         let mut tokens = Vec::new();
         let mut kits = Vec::new();
@@ -298,12 +310,9 @@ impl Custodians {
             let token_bytes = crate::secret::random::<32>().map_err(ServiceError::internal)?;
             let token = BearerToken::from_random(&token_bytes);
             let principal = format!("{CUSTODIAN_PREFIX}{name}");
-            tokens.push(unscoped_record(
-                &token,
-                principal,
-                vec!["custodian".into()],
-                now,
-            )?);
+            let mut record = unscoped_record(&token, principal, vec!["custodian".into()], now)?;
+            record.mac = quorum_mac(&record);
+            tokens.push(record);
             kits.push(CustodianKit {
                 name: name.clone(),
                 share: shamir::encode(&share),
@@ -311,11 +320,21 @@ impl Custodians {
                 totp_uri: Zeroizing::new(totp::otpauth_uri(name, totp_secret.as_ref())),
             });
         }
+        let vouched = vouch
+            .iter()
+            .map(|t| {
+                let mut t = t.clone();
+                t.mac = quorum_mac(&t);
+                t
+            })
+            .collect();
+        drop(secret);
         Ok(NewQuorumParts {
             config,
             custodians: records,
             tokens,
             kits,
+            vouched,
         })
     }
 }

@@ -20,6 +20,8 @@ use zeroize::Zeroizing;
 
 use super::approvals::Approvals;
 use super::custodians::{custodian_name, Custodians};
+use crate::authz::stamp::{grant_row, policy_row, token_row, QUORUM_MAC_PREFIX};
+use crate::keys::state::Unverified;
 use crate::keys::HsmAccess;
 use crate::quorum::{crypto, shamir};
 use crate::secret::Share;
@@ -27,7 +29,7 @@ use crate::service::access::{act, Guard, Scope};
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Conflict, Rejection, Result, ServiceError};
 use crate::service::Caller;
-use crate::store::QuorumConfig;
+use crate::store::{QuorumConfig, TokenRecord};
 
 /// Partial unseal progress expires this long after its first share.
 pub const UNSEAL_PROGRESS_TTL_MS: i64 = 10 * 60 * 1000;
@@ -177,9 +179,46 @@ impl Sealing {
         let secret = shamir::combine(&refs, cfg.threshold)?;
         crypto::check_verifier(&secret, &cfg.verifier)?;
         let pin = crypto::open_pin(&secret, &cfg.sealed_pin)?;
+        // Rows the init ceremony wrote while the HSM was locked carry the quorum's MAC:
+        // checked now, while the rebuilt secret is here, and stamped by the HSM below.
+        let system = self.ctx.system();
+        let quorum_stamped: Vec<(TokenRecord, bool)> = self
+            .ctx
+            .db(&system)
+            .list_tokens()
+            .await?
+            .into_iter()
+            .filter(|t| t.revoked_at.is_none())
+            .filter_map(|t| {
+                let mac = t.mac.as_deref()?.strip_prefix(QUORUM_MAC_PREFIX)?;
+                let ok = crypto::check_state_mac(&secret, &token_row(&t).into_bytes(), mac);
+                Some((t, ok))
+            })
+            .collect();
         drop(secret);
         self.open_with_pin(pin).await?;
+        for (t, ok) in quorum_stamped {
+            if !ok {
+                self.ctx
+                    .refuse_state("tokens", &t.id, Unverified::Forged, true);
+                continue;
+            }
+            if let Err(e) = self.stamp_token(&t).await {
+                tracing::warn!(token_id = %t.id, error = %e, "cannot stamp a token the quorum vouched for");
+            }
+        }
         tracing::info!("unsealed");
+        Ok(())
+    }
+
+    /// Replaces the MAC of `t` (as read) with the HSM's.
+    async fn stamp_token(&self, t: &TokenRecord) -> Result<()> {
+        let mac = self.ctx.stamp(token_row(t)).await?;
+        let system = self.ctx.system();
+        self.ctx
+            .db(&system)
+            .stamp_token(&t.id, t.state_seq, t.mac.as_deref(), &mac)
+            .await?;
         Ok(())
     }
 
@@ -188,7 +227,53 @@ impl Sealing {
     pub async fn open_with_pin(&self, pin: Zeroizing<Vec<u8>>) -> Result<()> {
         let engine = self.hsm.open(pin).await?;
         self.ctx.engine.put(Arc::new(engine));
+        if self.ctx.cfg.restamp_unstamped {
+            if let Err(e) = self.restamp_unstamped().await {
+                tracing::warn!(error = %e, "re-stamping unstamped rows failed");
+            }
+        }
         self.approvals.recover().await;
+        Ok(())
+    }
+
+    /// The upgrade step (`--restamp-unstamped`, and dev mode at every unseal): every
+    /// live token, unexpired grant and the newest policy without a state MAC gets one.
+    /// It trusts those rows as they are now, so it runs only at an unseal (K custodians)
+    /// and is recorded with the rows it stamped.
+    async fn restamp_unstamped(&self) -> Result<()> {
+        let system = self.ctx.system();
+        let db = self.ctx.db(&system);
+        let mut stamped = Vec::new();
+        for t in db.list_tokens().await? {
+            if t.revoked_at.is_none() && t.mac.is_none() {
+                self.stamp_token(&t).await?;
+                stamped.push(format!("tokens/{}", t.id));
+            }
+        }
+        for g in db.active_grants(self.ctx.clock.now_ms()).await? {
+            if g.mac.is_none() {
+                let mac = self.ctx.stamp(grant_row(&g)).await?;
+                if db.stamp_grant(&g.id, None, &mac).await? {
+                    stamped.push(format!("role_grants/{}", g.id));
+                }
+            }
+        }
+        if let Some(p) = db.latest_policy().await? {
+            if p.mac.is_none() {
+                let mac = self.ctx.stamp(policy_row(&p)).await?;
+                if db.stamp_policy(p.seq, None, &mac).await? {
+                    stamped.push(format!("access_policies/{}", p.seq));
+                }
+            }
+        }
+        if !stamped.is_empty() {
+            tracing::warn!(
+                rows = stamped.len(),
+                "rows without a state MAC stamped (upgrade step)"
+            );
+            self.ctx
+                .record_job("state.restamped", true, None, &stamped.join(" "));
+        }
         Ok(())
     }
 

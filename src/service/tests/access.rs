@@ -139,10 +139,7 @@ async fn an_approved_policy_wins_over_the_files() {
         .await
         .is_ok());
     // Another node approved a policy in which p holds nothing.
-    w.store
-        .insert_policy("version = 1\n[roles.none]\n", w.now())
-        .await
-        .unwrap();
+    w.store_policy("version = 1\n[roles.none]\n").await;
     guard.refresh(true).await;
     assert!(matches!(
         guard.authorize::<act::Elevate>(&p, Scope::none()).await,
@@ -160,10 +157,7 @@ async fn an_approved_policy_wins_over_the_files() {
         .await
         .is_err());
     // A bad stored policy is refused; the one in force stays.
-    w.store
-        .insert_policy("version = 1\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n", w.now())
-        .await
-        .unwrap();
+    w.store_policy("version = 1\n[roles.r]\n[[roles.r.allow]]\noperations = [\"UnwrapKey\", \"Approve\"]\nkeys = [\"*\"]\n").await;
     guard.refresh(true).await;
     assert!(guard.policy().role("none").is_some());
     // Key use still works for whoever the policy allows: nobody, here.
@@ -199,4 +193,81 @@ async fn a_grant_does_not_reach_a_token_narrowed_to_other_roles() {
         .authorize::<act::GetKey>(&to_reader, k())
         .await
         .is_ok());
+}
+
+/// Binds p to a role that may read every key.
+const FORGED_POLICY: &str = r#"
+version = 1
+[roles.all]
+[[roles.all.allow]]
+operations = ["GetKey"]
+keys = ["*"]
+[[bindings]]
+principals = ["p"]
+roles = ["all"]
+"#;
+
+#[tokio::test]
+async fn policies_and_grants_a_database_writer_made_are_refused() {
+    use crate::store::{GrantRecord, PolicyVersion};
+    let w = world().await;
+    let guard = &w.svc.guard;
+    let p = caller("p", &[]);
+    let forged_before = crate::metrics::global()
+        .state_forged
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // A grant of `reader` to p inserted with no MAC, then one with another row's MAC.
+    let AccessOutcome::Done(_) = w
+        .svc
+        .grants
+        .elevate(&caller("m", &[]), "reader", 60_000, "ticket 3")
+        .await
+        .unwrap()
+    else {
+        panic!("no quorum here");
+    };
+    let real = w.store.active_grants(w.now()).await.unwrap().pop().unwrap();
+    for (id, mac) in [("grant_a", None), ("grant_b", real.mac.clone())] {
+        w.store
+            .insert_grant(&GrantRecord {
+                id: id.into(),
+                principal: "p".into(),
+                mac,
+                ..real.clone()
+            })
+            .await
+            .unwrap();
+    }
+    guard.refresh(true).await;
+    assert!(matches!(
+        guard.authorize::<act::GetKey>(&p, k()).await,
+        Err(ServiceError::PermissionDenied)
+    ));
+    // A newer policy that binds everyone to admin, with another version's MAC.
+    w.store_policy(POLICY).await;
+    guard.refresh(true).await;
+    let v1 = w.store.latest_policy().await.unwrap().unwrap();
+    w.store
+        .insert_policy(&PolicyVersion {
+            seq: v1.seq + 1,
+            text: FORGED_POLICY.into(),
+            ..v1.clone()
+        })
+        .await
+        .unwrap();
+    guard.refresh(true).await;
+    assert!(Policy::parse(FORGED_POLICY).is_ok());
+    assert_eq!(
+        guard.policy_seq(),
+        v1.seq,
+        "the forged version is not in force"
+    );
+    assert!(guard.authorize::<act::GetKey>(&p, k()).await.is_err());
+    let forged_after = crate::metrics::global()
+        .state_forged
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        forged_after >= forged_before + 3,
+        "{forged_before} -> {forged_after}"
+    );
 }

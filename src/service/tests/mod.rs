@@ -7,6 +7,7 @@ mod access;
 mod approvals;
 mod authorization;
 mod sealing;
+mod state;
 
 use std::sync::Arc;
 
@@ -128,6 +129,30 @@ pub(super) async fn kit_code(
 
 impl World {
     /// The current time.
+    /// Stores `text` as the next access-policy version, stamped by the HSM as another
+    /// node's approval would be.
+    pub(super) async fn store_policy(&self, text: &str) {
+        use crate::store::AccessStore;
+        let seq = self
+            .store
+            .latest_policy()
+            .await
+            .unwrap()
+            .map_or(0, |v| v.seq)
+            + 1;
+        let mut v = crate::store::PolicyVersion {
+            seq,
+            text: text.into(),
+            request_id: None,
+            created_at: self.now(),
+            mac: None,
+        };
+        let engine = self.svc.ctx.engine().unwrap();
+        let row = crate::authz::stamp::policy_row(&v);
+        v.mac = Some(crate::authz::stamp::stamp(&engine, row).await.unwrap());
+        self.store.insert_policy(&v).await.unwrap();
+    }
+
     pub(super) fn now(&self) -> i64 {
         self.clock.now_ms()
     }

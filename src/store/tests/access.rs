@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::TestDb;
-use crate::store::{AccessStore, Conflict, GrantRecord, MfaFailure, StoreError};
+use crate::store::{AccessStore, Conflict, GrantRecord, MfaFailure, PolicyVersion, StoreError};
 
 on_both_backends!(
     grants_expire_and_reviews_close_once,
@@ -22,6 +22,18 @@ fn grant(id: &str, kind: &str, created: i64, expires: i64) -> GrantRecord {
         request_id: None,
         created_at: created,
         expires_at: expires,
+        state_seq: 1,
+        mac: Some("m".into()),
+    }
+}
+
+fn version(seq: i64, text: &str) -> PolicyVersion {
+    PolicyVersion {
+        seq,
+        text: text.into(),
+        request_id: None,
+        created_at: seq,
+        mac: Some(format!("mac{seq}")),
     }
 }
 
@@ -63,9 +75,27 @@ async fn grants_expire_and_reviews_close_once(db: Arc<TestDb>) {
 async fn policies_are_sequenced_and_totp_steps_used_once(db: Arc<TestDb>) {
     let s = db.open().await;
     assert!(s.latest_policy().await.unwrap().is_none());
-    assert_eq!(s.insert_policy("a", 1).await.unwrap(), 1);
-    assert_eq!(s.insert_policy("b", 2).await.unwrap(), 2);
-    assert_eq!(s.latest_policy().await.unwrap().unwrap().text, "b");
+    s.insert_policy(&version(1, "a")).await.unwrap();
+    // A version number that does not follow the newest is refused (its MAC covers it).
+    for seq in [1, 3] {
+        assert!(matches!(
+            s.insert_policy(&version(seq, "x")).await,
+            Err(StoreError::Conflict(Conflict::PolicySeq))
+        ));
+    }
+    s.insert_policy(&version(2, "b")).await.unwrap();
+    let latest = s.latest_policy().await.unwrap().unwrap();
+    assert_eq!(
+        (latest.text.as_str(), latest.mac.as_deref()),
+        ("b", Some("mac2"))
+    );
+    // Stamping replaces only the MAC it was read with.
+    assert!(!s.stamp_policy(2, None, "new").await.unwrap());
+    assert!(s.stamp_policy(2, Some("mac2"), "new").await.unwrap());
+    assert_eq!(
+        s.latest_policy().await.unwrap().unwrap().mac.as_deref(),
+        Some("new")
+    );
     s.enroll_totp("p", &[1, 2, 3], 1).await.unwrap();
     s.use_principal_totp_step("p", 10).await.unwrap();
     for replay in [10, 9] {

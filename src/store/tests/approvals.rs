@@ -424,6 +424,8 @@ fn custodian_token(id: &str, name: &str, n: u8) -> TokenRecord {
         bound_principal: None,
         description: String::new(),
         revoked_at: None,
+        state_seq: 1,
+        mac: None,
     }
 }
 
@@ -523,6 +525,16 @@ async fn a_rekey_commits_only_on_the_generation_it_replaces(db: Arc<TestDb>) {
     ));
 }
 
+fn version(seq: i64, text: &str) -> crate::store::PolicyVersion {
+    crate::store::PolicyVersion {
+        seq,
+        text: text.into(),
+        request_id: Some("req_p".into()),
+        created_at: T0,
+        mac: Some("m".into()),
+    }
+}
+
 async fn policy_and_elevation_complete_once_with_their_effect(db: Arc<TestDb>) {
     let s = db.open().await;
     let policy: Parameters = [("policy".to_string(), "text".to_string())]
@@ -530,13 +542,13 @@ async fn policy_and_elevation_complete_once_with_their_effect(db: Arc<TestDb>) {
         .collect();
     approved(&s, "req_p", Operation::UpdatePolicy, &policy).await;
     assert_eq!(
-        s.complete_update_policy("req_p", &proof(), "v1", T0 + 3)
+        s.complete_update_policy("req_p", &proof(), &version(1, "v1"), T0 + 3)
             .await
             .unwrap(),
         1
     );
     assert!(matches!(
-        s.complete_update_policy("req_p", &proof(), "v2", T0 + 4)
+        s.complete_update_policy("req_p", &proof(), &version(2, "v2"), T0 + 4)
             .await,
         Err(StoreError::Conflict(Conflict::RequestState(
             RequestState::Executed
@@ -566,6 +578,8 @@ async fn policy_and_elevation_complete_once_with_their_effect(db: Arc<TestDb>) {
         request_id: Some("req_e".into()),
         created_at: T0,
         expires_at: T0 + TTL,
+        state_seq: 1,
+        mac: Some("m".into()),
     };
     let elevate: Parameters = [("principal".to_string(), "ops:ann".to_string())]
         .into_iter()

@@ -52,6 +52,8 @@ async fn the_quorum_is_initialised_once(db: Arc<TestDb>) {
         bound_principal: None,
         description: String::new(),
         revoked_at: None,
+        state_seq: 1,
+        mac: None,
     };
     let custodians = [custodian("c1", 1), custodian("c2", 2), custodian("c3", 3)];
     s.init_quorum(&config(), &custodians, std::slice::from_ref(&token))

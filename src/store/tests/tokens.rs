@@ -23,6 +23,8 @@ async fn tokens_by_hash_only(db: Arc<TestDb>) {
         cidrs: Vec::new(),
         bound_principal: None,
         description: String::new(),
+        state_seq: 1,
+        mac: None,
     };
     s.insert_token(&rec).await.unwrap();
     let got = s.token_by_hash(&t.hash()).await.unwrap();
@@ -59,6 +61,8 @@ async fn revocation_is_final(db: Arc<TestDb>) {
         cidrs: vec!["10.0.0.0/8".into()],
         bound_principal: Some("spiffe://x".into()),
         description: "d".into(),
+        state_seq: 1,
+        mac: None,
     };
     s.insert_token(&token("tok_1", 1)).await.unwrap();
     s.insert_token(&token("tok_2", 2)).await.unwrap();
