@@ -38,6 +38,7 @@ mod rbac;
 mod secrets_at_rest;
 mod shred;
 mod shutdown;
+mod state;
 mod tamper;
 mod tls;
 mod tokens;

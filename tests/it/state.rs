@@ -1,0 +1,283 @@
+//! State the database cannot forge (issue 17, ADR 12), as an attacker with write access to
+//! the database would try it on a running node, with the database's own shell: an
+//! inserted role grant, an inserted access-policy version, a token row with a hash the
+//! attacker chose, a revoked token un-revoked, a MAC copied from another row, a token row
+//! moved to another principal and a field changed under a valid MAC. Each is refused with
+//! `PERMISSION_DENIED` and a `STATE_FORGED`/`STATE_UNSTAMPED` reason, raises the
+//! `state_forged` alert (log line and audit record), grants nothing, and the node keeps
+//! serving everyone else.
+
+use std::time::Duration;
+
+use arca::grpc::pb;
+use tonic::Code;
+
+use crate::support::{assert_code, create_key, mint_token, reason, Auth, Db, TestArca};
+
+/// Longer than every cache that could let a forged row in (tokens, grants, policies:
+/// 500 ms each).
+const SETTLE: Duration = Duration::from_millis(1200);
+
+/// A call that needs a role: read key `phi`.
+async fn get_phi(arca: &TestArca, token: &str) -> Result<(), tonic::Status> {
+    arca.keys(token)
+        .await
+        .get_key(pb::GetKeyRequest { name: "phi".into() })
+        .await
+        .map(|_| ())
+}
+
+/// The one row `SELECT` gives, as text.
+fn one(arca: &TestArca, stmt: &str) -> String {
+    arca.sql(stmt).unwrap_or_else(|e| panic!("{stmt}: {e}"))
+}
+
+fn token_id(arca: &TestArca, principal: &str) -> String {
+    one(
+        arca,
+        &format!("SELECT id FROM tokens WHERE principal = '{principal}'"),
+    )
+}
+
+/// Asserts a refusal because of a row the HSM did not stamp.
+#[track_caller]
+fn assert_forged(r: Result<(), tonic::Status>, what: &str) {
+    let s = assert_code(r, Code::PermissionDenied, what);
+    assert!(
+        matches!(reason(&s), Some("STATE_FORGED" | "STATE_UNSTAMPED")),
+        "{what}: {s:?}"
+    );
+}
+
+/// The node keeps serving the dev admin.
+async fn still_serving(arca: &TestArca, what: &str) {
+    get_phi(arca, arca.token())
+        .await
+        .unwrap_or_else(|s| panic!("after {what} the admin is refused: {s:?}"));
+}
+
+/// Every audit record's (kind, operation, detail), read with an auditor's token.
+async fn audit_records(arca: &TestArca) -> Vec<(String, String, String)> {
+    let auditor = mint_token(arca, "auditor:state", &[]).await;
+    let mut c = arca.audit(Auth::from(auditor.as_str())).await;
+    let mut out = Vec::new();
+    let mut page = String::new();
+    loop {
+        let r = c
+            .query_audit(pb::QueryAuditRequest {
+                page_size: 1000,
+                page_token: page.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(
+            r.records
+                .into_iter()
+                .map(|r| (r.kind, r.operation, r.detail)),
+        );
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        page = r.next_page_token;
+    }
+}
+
+on_both_backends!(
+    #[tokio::test]
+    authority_rows_written_by_a_database_writer_are_refused
+);
+
+async fn authority_rows_written_by_a_database_writer_are_refused(db: Db) {
+    let arca = TestArca::start_on(db).await;
+    create_key(&mut arca.client().await, "phi").await;
+    // ext:x is bound to nothing: its token proves who it is and grants nothing.
+    let ext = mint_token(&arca, "ext:x", &[]).await;
+    assert_code(get_phi(&arca, &ext).await, Code::PermissionDenied, "ext:x");
+
+    // 1. A role grant inserted for ext:x (the issue's statement, with the new columns
+    //    left to their defaults).
+    one(
+        &arca,
+        "INSERT INTO role_grants (id, principal, role, kind, reason, request_id, created_at, \
+         expires_at) VALUES ('g1','ext:x','admin','elevation','x',NULL,0,9999999999999)",
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_code(
+        get_phi(&arca, &ext).await,
+        Code::PermissionDenied,
+        "an inserted grant",
+    );
+    still_serving(&arca, "an inserted grant").await;
+
+    // 2. A newer access-policy version binding ext:x to a role that reads every key,
+    //    with no MAC, then with the MAC of a version the node stamped.
+    let policy = "version = 1\n[roles.all]\n[[roles.all.allow]]\noperations = [\"GetKey\"]\n\
+                  keys = [\"*\"]\n[[bindings]]\nprincipals = [\"ext:x\", \"dev-admin\"]\n\
+                  roles = [\"all\"]\n";
+    one(
+        &arca,
+        &format!(
+            "INSERT INTO access_policies (seq, text, request_id, created_at) \
+             VALUES (1, '{policy}', NULL, 0)"
+        ),
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_code(
+        get_phi(&arca, &ext).await,
+        Code::PermissionDenied,
+        "an inserted policy",
+    );
+    still_serving(&arca, "an inserted policy").await;
+
+    // 3. A token row carrying a hash the attacker chose, unstamped, and with the dev
+    //    admin token's MAC copied onto it.
+    let admin_mac = one(
+        &arca,
+        "SELECT mac FROM tokens WHERE principal = 'dev-admin' AND revoked_at IS NULL",
+    );
+    assert_eq!(
+        admin_mac.len(),
+        64,
+        "the admin token is stamped: {admin_mac}"
+    );
+    for (n, mac) in [(1, "NULL".to_string()), (2, format!("'{admin_mac}'"))] {
+        let chosen = format!("arca_chosen_by_the_attacker_{n}");
+        let hash = arca::secret::BearerToken::new(chosen.clone())
+            .hash()
+            .to_hex();
+        one(
+            &arca,
+            &format!(
+                "INSERT INTO tokens (id, token_hash, principal, roles, created_at, expires_at, \
+                 revoked_at, key_globs, cidrs, bound_principal, description, state_seq, mac) \
+                 VALUES ('tok_forged{n}', '{hash}', 'dev-admin', '', 0, NULL, NULL, '', '', \
+                 NULL, '', 1, {mac})"
+            ),
+        );
+        assert_forged(get_phi(&arca, &chosen).await, "a planted token");
+    }
+
+    // 4. A revoked token un-revoked.
+    let svc = mint_token(&arca, "svc:y", &[]).await;
+    let svc_id = token_id(&arca, "svc:y");
+    arca.access(arca.token())
+        .await
+        .revoke_token(pb::RevokeTokenRequest { id: svc_id.clone() })
+        .await
+        .unwrap();
+    one(
+        &arca,
+        &format!("UPDATE tokens SET revoked_at = NULL WHERE id = '{svc_id}'"),
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_forged(
+        arca.keys(svc.as_str())
+            .await
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .map(|_| ()),
+        "an un-revoked token",
+    );
+
+    // 5. ext:x's own row moved to the admin's principal, then a field changed under its
+    //    valid MAC (its key globs widened back after narrowing).
+    let ext_id = token_id(&arca, "ext:x");
+    one(
+        &arca,
+        &format!("UPDATE tokens SET principal = 'dev-admin' WHERE id = '{ext_id}'"),
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_forged(get_phi(&arca, &ext).await, "a token moved to the admin");
+    one(
+        &arca,
+        &format!("UPDATE tokens SET principal = 'ext:x', roles = 'admin' WHERE id = '{ext_id}'"),
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_forged(
+        get_phi(&arca, &ext).await,
+        "a field changed under a valid MAC",
+    );
+    // Put back as stamped, the row works again (for what it grants: nothing).
+    one(
+        &arca,
+        &format!("UPDATE tokens SET roles = '' WHERE id = '{ext_id}'"),
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_code(
+        get_phi(&arca, &ext).await,
+        Code::PermissionDenied,
+        "ext:x again",
+    );
+    let s = get_phi(&arca, &ext).await.unwrap_err();
+    assert_eq!(reason(&s), None, "the restored row verifies: {s:?}");
+
+    still_serving(&arca, "every forgery").await;
+    let log = arca.log_text();
+    for table in ["role_grants", "access_policies", "tokens"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("state-forged") && l.contains(table)),
+            "no alert line for {table}"
+        );
+    }
+    let records = audit_records(&arca).await;
+    for table in ["role_grants", "access_policies", "tokens"] {
+        assert!(
+            records
+                .iter()
+                .any(|(_, op, d)| op == "state.forged" && d.contains(&format!("table={table}"))),
+            "no state.forged record for {table}"
+        );
+    }
+    assert!(
+        records
+            .iter()
+            .any(|(kind, _, d)| kind == "alert" && d.contains("rule=state_forged")),
+        "no state_forged alert record"
+    );
+}
+
+on_both_backends!(
+    #[tokio::test]
+    rows_stamped_by_the_node_survive_a_restart_and_an_approved_policy_stays_in_force
+);
+
+/// The honest path: what the node wrote verifies after a restart (the HSM key is found
+/// again by its id): a token, and a policy stored without approval (dev mode's 1-of-1),
+/// which stays in force.
+async fn rows_stamped_by_the_node_survive_a_restart_and_an_approved_policy_stays_in_force(db: Db) {
+    let mut arca = TestArca::start_on(db).await;
+    create_key(&mut arca.client().await, "phi").await;
+    let svc = mint_token(&arca, "svc:z", &[]).await;
+    let ext = mint_token(&arca, "ext:w", &[]).await;
+    assert_code(get_phi(&arca, &ext).await, Code::PermissionDenied, "before");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let policy = format!(
+        "{}\n{}\n[roles.reader]\n[[roles.reader.allow]]\noperations = [\"GetKey\"]\n\
+         keys = [\"*\"]\n[[bindings]]\nprincipals = [\"ext:w\"]\nroles = [\"reader\"]\n",
+        std::fs::read_to_string(shipped.join("roles.toml")).unwrap(),
+        std::fs::read_to_string(shipped.join("bindings.toml"))
+            .unwrap()
+            .replace("version = 1\n", "")
+    );
+    arca.access(arca.token())
+        .await
+        .update_policy(pb::UpdatePolicyRequest { policy })
+        .await
+        .unwrap();
+    get_phi(&arca, &ext).await.unwrap();
+    let mac = one(&arca, "SELECT mac FROM access_policies WHERE seq = 1");
+    assert_eq!(mac.len(), 64, "the stored policy is stamped: {mac}");
+    arca.restart().await;
+    get_phi(&arca, arca.token()).await.unwrap();
+    get_phi(&arca, &ext).await.unwrap();
+    // svc:z is a service: it may list keys.
+    arca.keys(svc.as_str())
+        .await
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .unwrap();
+    assert!(!arca.all_logs().contains("state-forged"));
+}
