@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::state::{RowEncoding, Unverified};
 use crate::keys::{KeyEngine, KeysError};
-use crate::store::{GrantRecord, PolicyVersion, TokenRecord};
+use crate::store::{GrantRecord, PolicyVersion, Roster, TokenRecord};
 
 /// Prefix of a MAC made at init under the quorum secret (re-stamped at unseal).
 pub const QUORUM_MAC_PREFIX: &str = "q:";
@@ -71,6 +71,16 @@ pub fn policy_row(p: &PolicyVersion) -> RowEncoding {
         .text("text", &p.text)
         .opt_text("request_id", p.request_id.as_deref())
         .int("created_at", p.created_at)
+}
+
+/// The roster of TOTP enrolments (`state_rosters`, row `totp`).
+pub const TOTP_ROSTER: &str = "totp";
+
+/// A roster's canonical form.
+pub fn roster_row(r: &Roster) -> RowEncoding {
+    RowEncoding::new("state_rosters", r.state_seq)
+        .text("name", &r.name)
+        .list("members", &r.members)
 }
 
 /// The MAC of `row`, hex, to store with it.
@@ -121,6 +131,12 @@ fn remember(set: &Mutex<HashSet<[u8; 32]>>, k: [u8; 32]) -> bool {
 }
 
 impl Stamps {
+    /// Whether `what` (a refusal that has no row to memoise, e.g. a deleted one) is
+    /// refused here for the first time.
+    pub fn first_refusal(&self, what: &str) -> bool {
+        remember(&self.bad, memo_key(what.as_bytes(), "absent"))
+    }
+
     /// Checks `row` against its stored `mac`, asking the HSM only for a row not seen
     /// verified before.
     pub async fn check(

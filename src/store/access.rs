@@ -98,6 +98,20 @@ pub struct TotpEnrolment {
     pub locked_until: Option<i64>,
 }
 
+/// An authenticated set (`state_rosters`, ADR 12): `totp` lists every principal ever
+/// enrolled in TOTP, so a deleted enrolment is told apart from none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Roster {
+    /// The set's name (`totp`).
+    pub name: String,
+    /// Its members, sorted.
+    pub members: Vec<String>,
+    /// +1 with every change.
+    pub state_seq: i64,
+    /// The state MAC (hex; `q:…` when the init ceremony stamped it), `None` if not stamped.
+    pub mac: Option<String>,
+}
+
 /// A principal's failed MFA attempt and the lock-out rule to apply.
 #[derive(Clone, Debug)]
 pub struct MfaFailure<'a> {
@@ -139,12 +153,48 @@ pub trait AccessStore: Send + Sync + 'static {
     async fn close_review(&self, id: &str, by: &str, note: &str, now: i64) -> Result<ReviewRecord>;
     /// A principal's enrolment.
     async fn totp_enrolment(&self, principal: &str) -> Result<Option<TotpEnrolment>>;
-    /// Enrols (or re-enrols) a principal; clears its last step and lock.
-    async fn enroll_totp(&self, principal: &str, sealed: &[u8], now: i64) -> Result<()>;
+    /// Enrols (or re-enrols) a principal; clears its last step and lock. With `roster`,
+    /// in the same transaction, replaces the roster of that name if its sequence is
+    /// still `was_seq` (`Conflict::ChangedConcurrently` otherwise, and nothing changes).
+    async fn enroll_totp(
+        &self,
+        principal: &str,
+        sealed: &[u8],
+        now: i64,
+        roster: Option<(&Roster, i64)>,
+    ) -> Result<()>;
+    /// The roster `name`, if its row exists.
+    async fn roster(&self, name: &str) -> Result<Option<Roster>>;
+    /// Sets the MAC of roster `name` at sequence `seq` whose MAC is still `was`; false if
+    /// it changed.
+    async fn stamp_roster(
+        &self,
+        name: &str,
+        seq: i64,
+        was: Option<&str>,
+        mac: &str,
+    ) -> Result<bool>;
     /// Records that `step` was used; `Conflict::StepUsed` on a replay.
     async fn use_principal_totp_step(&self, principal: &str, step: i64) -> Result<()>;
     /// Appends a failure; returns the count within the window, locking at the limit.
     async fn record_mfa_failure(&self, failure: &MfaFailure<'_>) -> Result<u32>;
+}
+
+/// A roster's members as stored: each name hex-encoded, comma-separated.
+fn encode_members(m: &[String]) -> String {
+    m.iter().map(hex::encode).collect::<Vec<_>>().join(",")
+}
+
+fn decode_members(s: &str) -> Result<Vec<String>> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            hex::decode(x)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or(StoreError::Corrupt("roster member"))
+        })
+        .collect()
 }
 
 const GRANT_COLUMNS: &str =
@@ -395,8 +445,31 @@ impl AccessStore for SqlStore {
         .transpose()
     }
 
-    async fn enroll_totp(&self, principal: &str, sealed: &[u8], now: i64) -> Result<()> {
+    async fn enroll_totp(
+        &self,
+        principal: &str,
+        sealed: &[u8],
+        now: i64,
+        roster: Option<(&Roster, i64)>,
+    ) -> Result<()> {
         let mut tx = self.begin_write().await?;
+        if let Some((r, was_seq)) = roster {
+            let done = sqlx::query(
+                "UPDATE state_rosters SET members = $1, state_seq = $2, mac = $3 \
+                 WHERE name = $4 AND state_seq = $5",
+            )
+            .bind(encode_members(&r.members))
+            .bind(r.state_seq)
+            .bind(r.mac.clone())
+            .bind(r.name.clone())
+            .bind(was_seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::Conflict(Conflict::ChangedConcurrently));
+            }
+        }
         sqlx::query("DELETE FROM principal_totp WHERE principal = $1")
             .bind(principal.to_string())
             .execute(&mut *tx)
@@ -412,6 +485,45 @@ impl AccessStore for SqlStore {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)
+    }
+
+    async fn roster(&self, name: &str) -> Result<Option<Roster>> {
+        let row =
+            sqlx::query("SELECT name, members, state_seq, mac FROM state_rosters WHERE name = $1")
+                .bind(name.to_string())
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(classify)?;
+        row.map(|r| {
+            Ok(Roster {
+                name: get(&r, "name")?,
+                members: decode_members(&get::<String>(&r, "members")?)?,
+                state_seq: get(&r, "state_seq")?,
+                mac: get(&r, "mac")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn stamp_roster(
+        &self,
+        name: &str,
+        seq: i64,
+        was: Option<&str>,
+        mac: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE state_rosters SET mac = $1 \
+             WHERE name = $2 AND state_seq = $3 AND COALESCE(mac, '') = $4",
+        )
+        .bind(mac.to_string())
+        .bind(name.to_string())
+        .bind(seq)
+        .bind(was.unwrap_or("").to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn use_principal_totp_step(&self, principal: &str, step: i64) -> Result<()> {

@@ -60,7 +60,7 @@ mod tx;
 mod tests;
 
 pub use access::{
-    AccessStore, GrantRecord, MfaFailure, PolicyVersion, ReviewRecord, TotpEnrolment,
+    AccessStore, GrantRecord, MfaFailure, PolicyVersion, ReviewRecord, Roster, TotpEnrolment,
 };
 pub use approvals::ApprovalStore;
 pub use audit::{AppendBuilder, AuditAppend, AuditRow, AuditSeal, AuditStore, BoxFuture};

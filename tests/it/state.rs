@@ -281,3 +281,76 @@ async fn rows_stamped_by_the_node_survive_a_restart_and_an_approved_policy_stays
         .unwrap();
     assert!(!arca.all_logs().contains("state-forged"));
 }
+
+on_both_backends!(
+    #[tokio::test]
+    a_deleted_totp_enrolment_is_not_a_fresh_start
+);
+
+/// `DELETE FROM principal_totp` would make a key admin "never enrolled", and the first
+/// enrolment needs no code: MFA gone. The HSM-stamped roster of enrolled principals says
+/// otherwise: the MFA check and the new enrolment are refused, alerted, and other
+/// principals keep working. Emptying the roster too is refused as well.
+async fn a_deleted_totp_enrolment_is_not_a_fresh_start(db: Db) {
+    let arca = TestArca::start_on(db).await;
+    let ann = mint_token(&arca, "key-admin:ann", &[]).await;
+    let bob = mint_token(&arca, "key-admin:bob", &[]).await;
+    let enroll = |token: String| {
+        let arca = &arca;
+        async move {
+            arca.access(token.as_str())
+                .await
+                .enroll_totp(pb::EnrollTotpRequest {})
+                .await
+                .map(|r| r.into_inner().totp_uri)
+        }
+    };
+    let create = |token: String, name: &'static str| {
+        let arca = &arca;
+        async move {
+            arca.keys(token.as_str())
+                .await
+                .create_key(pb::CreateKeyRequest {
+                    name: name.into(),
+                    description: String::new(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+        }
+    };
+    enroll(ann.clone()).await.unwrap();
+    one(
+        &arca,
+        "DELETE FROM principal_totp WHERE principal = 'key-admin:ann'",
+    );
+    assert_forged(create(ann.clone(), "k1").await, "MFA after the deletion");
+    assert_forged(
+        enroll(ann.clone()).await.map(|_| ()),
+        "enrolling again without a code",
+    );
+    // Someone never enrolled is told to enrol, and may.
+    let s = assert_code(
+        create(bob.clone(), "k2").await,
+        Code::Unauthenticated,
+        "bob",
+    );
+    assert_eq!(reason(&s), Some("MFA_NOT_ENROLLED"), "{s:?}");
+    enroll(bob.clone()).await.unwrap();
+    // The roster emptied and its MAC dropped: nothing that depends on it is trusted.
+    one(&arca, "UPDATE state_rosters SET members = '', mac = NULL");
+    assert_forged(
+        enroll(ann.clone()).await.map(|_| ()),
+        "enrolling with the roster emptied",
+    );
+    still_serving_keys(&arca).await;
+    assert!(arca
+        .log_text()
+        .lines()
+        .any(|l| l.contains("state-forged") && l.contains("principal_totp")));
+}
+
+/// The dev admin still creates keys.
+async fn still_serving_keys(arca: &TestArca) {
+    create_key(&mut arca.client().await, "still-serving").await;
+}

@@ -4,15 +4,22 @@
 //! Invariants:
 //! - A TOTP secret exists in clear only while a code is checked (or shown once at
 //!   enrolment); it rests sealed under `arca:meta` with AAD binding the principal.
+//! - An enrolment is authentic by construction (its secret is sealed by the HSM with
+//!   the principal as AAD); its absence counts only if the HSM-stamped roster of
+//!   enrolled principals agrees (ADR 12): a deleted enrolment is refused, not "never
+//!   enrolled".
 //! - Every failed attempt (missing, wrong or replayed code) is counted; [`FAILURE_LIMIT`]
 //!   in [`FAILURE_WINDOW_MS`] lock the principal out for [`LOCKOUT_MS`] and log an ERROR.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
 use super::guard::Guard;
+use crate::authz::stamp::{roster_row, Checked, TOTP_ROSTER};
+use crate::keys::state::Unverified;
 use crate::quorum::totp;
 use crate::service::error::{MfaRefusal, Result, ServiceError};
 use crate::service::Caller;
+use crate::store::Roster;
 use crate::store::{MfaFailure, StoreError};
 
 /// Failures counted within this window (ms)...
@@ -42,6 +49,11 @@ impl Guard {
         let system = self.ctx.system();
         let db = self.ctx.db(&system);
         let Some(enrolment) = db.totp_enrolment(name).await? else {
+            // Never enrolled, or enrolled and the row deleted: the roster tells.
+            let roster = self.totp_roster().await?;
+            if roster.members.iter().any(|m| m == name) {
+                return Err(self.enrolment_deleted(name));
+            }
             return Err(ServiceError::Mfa(MfaRefusal::NotEnrolled));
         };
         if enrolment.locked_until.is_some_and(|t| t > now) {
@@ -70,6 +82,44 @@ impl Guard {
                 Err(ServiceError::Mfa(MfaRefusal::Rejected))
             }
         }
+    }
+
+    /// The roster of principals ever enrolled in TOTP, verified by the HSM (ADR 12). A
+    /// missing or unauthenticated roster refuses (closed).
+    pub(crate) async fn totp_roster(&self) -> Result<Roster> {
+        let engine = self.ctx.engine()?;
+        let system = self.ctx.system();
+        let Some(r) = self.ctx.db(&system).roster(TOTP_ROSTER).await? else {
+            let first = self.ctx.stamps.first_refusal("state_rosters/totp");
+            self.ctx
+                .refuse_state("state_rosters", TOTP_ROSTER, Unverified::Forged, first);
+            return Err(ServiceError::StateForged(Unverified::Forged));
+        };
+        match self
+            .ctx
+            .stamps
+            .check(&engine, roster_row(&r), r.mac.as_deref())
+            .await?
+        {
+            Checked::Good => Ok(r),
+            Checked::Refused { why, first } => {
+                self.ctx
+                    .refuse_state("state_rosters", TOTP_ROSTER, why, first);
+                Err(ServiceError::StateForged(why))
+            }
+        }
+    }
+
+    /// `principal` is on the roster and its enrolment row is gone: a database writer
+    /// deleted it (to enrol again without a code). Refused and alerted.
+    pub(crate) fn enrolment_deleted(&self, principal: &str) -> ServiceError {
+        let first = self
+            .ctx
+            .stamps
+            .first_refusal(&format!("principal_totp/{principal}"));
+        self.ctx
+            .refuse_state("principal_totp", principal, Unverified::Forged, first);
+        ServiceError::StateForged(Unverified::Forged)
     }
 
     async fn count_mfa_failure(&self, principal: &str, reason: &str) -> Result<()> {

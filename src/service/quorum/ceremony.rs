@@ -12,7 +12,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
-use crate::authz::stamp::token_row;
+use crate::authz::stamp::{token_row, TOTP_ROSTER};
 use crate::authz::AuthMethod;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -196,15 +196,28 @@ impl Ceremony {
                 .collect(),
             None => Vec::new(),
         };
-        let q = self
-            .custodians
-            .new_quorum(threshold, custodians, pin, generation, &vouched)?;
+        // The roster of TOTP enrolments starts unstamped (migration 0008); the ceremony
+        // vouches for it as it is, like the tokens.
+        let roster = db.roster(TOTP_ROSTER).await?.filter(|r| r.mac.is_none());
+        let q = self.custodians.new_quorum(
+            threshold,
+            custodians,
+            pin,
+            generation,
+            &vouched,
+            roster.as_ref(),
+        )?;
         match db.init_quorum(&q.config, &q.custodians, &q.tokens).await {
             Ok(()) => {
                 for (was, t) in vouched.iter().zip(&q.vouched) {
                     if let Some(mac) = &t.mac {
                         db.stamp_token(&t.id, t.state_seq, was.mac.as_deref(), mac)
                             .await?;
+                    }
+                }
+                if let Some(r) = &q.roster {
+                    if let Some(mac) = &r.mac {
+                        db.stamp_roster(&r.name, r.state_seq, None, mac).await?;
                     }
                 }
                 Ok(q.kits)
@@ -295,9 +308,14 @@ impl Ceremony {
             .filter_map(|(k, v)| Some((k.strip_prefix(AGE_PARAM_PREFIX)?.to_string(), v.clone())))
             .collect();
         let recipients = age_recipients(&recipients, &custodians).map_err(|_| BAD)?;
-        let q = self
-            .custodians
-            .new_quorum(threshold, &custodians, pin, cfg.generation + 1, &[])?;
+        let q = self.custodians.new_quorum(
+            threshold,
+            &custodians,
+            pin,
+            cfg.generation + 1,
+            &[],
+            None,
+        )?;
         // Unsealed: the new custodian tokens get HSM MACs at once (ADR 12).
         let mut q = q;
         for t in &mut q.tokens {

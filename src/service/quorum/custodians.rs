@@ -14,7 +14,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
-use crate::authz::stamp::{token_row, QUORUM_MAC_PREFIX};
+use crate::authz::stamp::{roster_row, token_row, QUORUM_MAC_PREFIX};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ use crate::service::context::{Context, Permit};
 use crate::service::error::{Rejection, Result, ServiceError};
 use crate::service::serial::KeyedLock;
 use crate::service::Caller;
-use crate::store::{CustodianRecord, Failure, QuorumConfig, StoreError, TokenRecord};
+use crate::store::{CustodianRecord, Failure, QuorumConfig, Roster, StoreError, TokenRecord};
 
 /// Smallest K outside dev mode (DESIGN §2: 2 ≤ K).
 pub const MIN_THRESHOLD: u8 = 2;
@@ -57,6 +57,8 @@ pub(super) struct NewQuorumParts {
     pub(super) kits: Vec<CustodianKit>,
     /// The vouched tokens, with the quorum's MAC (ADR 12).
     pub(super) vouched: Vec<TokenRecord>,
+    /// The vouched roster, with the quorum's MAC.
+    pub(super) roster: Option<Roster>,
 }
 
 /// The custodian name of a caller, if it is a custodian identity.
@@ -272,6 +274,7 @@ impl Custodians {
         pin: &[u8],
         generation: i64,
         vouch: &[TokenRecord],
+        roster: Option<&Roster>,
     ) -> Result<NewQuorumParts> {
         let n = u8::try_from(custodians.len())
             .map_err(|_| ServiceError::InvalidArgument("at most 16 custodians"))?;
@@ -328,6 +331,15 @@ impl Custodians {
                 t
             })
             .collect();
+        let roster = roster.map(|r| {
+            let mut r = r.clone();
+            let row = roster_row(&r).into_bytes();
+            r.mac = Some(format!(
+                "{QUORUM_MAC_PREFIX}{}",
+                crypto::state_mac(&secret, &row)
+            ));
+            r
+        });
         drop(secret);
         Ok(NewQuorumParts {
             config,
@@ -335,6 +347,7 @@ impl Custodians {
             tokens,
             kits,
             vouched,
+            roster,
         })
     }
 }

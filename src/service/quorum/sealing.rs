@@ -20,7 +20,9 @@ use zeroize::Zeroizing;
 
 use super::approvals::Approvals;
 use super::custodians::{custodian_name, Custodians};
-use crate::authz::stamp::{grant_row, policy_row, token_row, QUORUM_MAC_PREFIX};
+use crate::authz::stamp::{
+    grant_row, policy_row, roster_row, token_row, QUORUM_MAC_PREFIX, TOTP_ROSTER,
+};
 use crate::keys::state::Unverified;
 use crate::keys::HsmAccess;
 use crate::quorum::{crypto, shamir};
@@ -29,7 +31,7 @@ use crate::service::access::{act, Guard, Scope};
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Conflict, Rejection, Result, ServiceError};
 use crate::service::Caller;
-use crate::store::{QuorumConfig, TokenRecord};
+use crate::store::{QuorumConfig, Roster, TokenRecord};
 
 /// Partial unseal progress expires this long after its first share.
 pub const UNSEAL_PROGRESS_TTL_MS: i64 = 10 * 60 * 1000;
@@ -195,8 +197,28 @@ impl Sealing {
                 Some((t, ok))
             })
             .collect();
+        let roster = self
+            .ctx
+            .db(&system)
+            .roster(TOTP_ROSTER)
+            .await?
+            .and_then(|r| {
+                let mac = r.mac.as_deref()?.strip_prefix(QUORUM_MAC_PREFIX)?;
+                let ok = crypto::check_state_mac(&secret, &roster_row(&r).into_bytes(), mac);
+                Some((r, ok))
+            });
         drop(secret);
         self.open_with_pin(pin).await?;
+        if let Some((r, ok)) = roster {
+            if ok {
+                if let Err(e) = self.stamp_roster(&r).await {
+                    tracing::warn!(error = %e, "cannot stamp the roster the quorum vouched for");
+                }
+            } else {
+                self.ctx
+                    .refuse_state("state_rosters", &r.name, Unverified::Forged, true);
+            }
+        }
         for (t, ok) in quorum_stamped {
             if !ok {
                 self.ctx
@@ -220,6 +242,17 @@ impl Sealing {
             .stamp_token(&t.id, t.state_seq, t.mac.as_deref(), &mac)
             .await?;
         Ok(())
+    }
+
+    /// Replaces the MAC of roster `r` (as read) with the HSM's.
+    async fn stamp_roster(&self, r: &Roster) -> Result<bool> {
+        let mac = self.ctx.stamp(roster_row(r)).await?;
+        let system = self.ctx.system();
+        Ok(self
+            .ctx
+            .db(&system)
+            .stamp_roster(&r.name, r.state_seq, r.mac.as_deref(), &mac)
+            .await?)
     }
 
     /// Opens the HSM with `pin` and starts the engine (unsealed); then runs what a crash
@@ -256,6 +289,11 @@ impl Sealing {
                 if db.stamp_grant(&g.id, None, &mac).await? {
                     stamped.push(format!("role_grants/{}", g.id));
                 }
+            }
+        }
+        if let Some(r) = db.roster(TOTP_ROSTER).await? {
+            if r.mac.is_none() && self.stamp_roster(&r).await? {
+                stamped.push(format!("state_rosters/{}", r.name));
             }
         }
         if let Some(p) = db.latest_policy().await? {

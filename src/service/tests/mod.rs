@@ -63,8 +63,10 @@ pub(super) async fn world_with(cfg: ServiceConfig, hsm: HsmAccess) -> World {
     }
 }
 
-/// An unsealed world with `cfg` (opened with a PIN, no quorum).
-pub(super) async fn open_world(cfg: ServiceConfig) -> World {
+/// An unsealed world with `cfg` (opened with a PIN, as dev mode is: rows without a state
+/// MAC, here the genesis TOTP roster, are stamped at the unseal).
+pub(super) async fn open_world(mut cfg: ServiceConfig) -> World {
+    cfg.restamp_unstamped = true;
     let w = world_with(cfg, fake_hsm()).await;
     w.svc
         .sealing

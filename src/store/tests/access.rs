@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use super::TestDb;
-use crate::store::{AccessStore, Conflict, GrantRecord, MfaFailure, PolicyVersion, StoreError};
+use crate::store::{
+    AccessStore, Conflict, GrantRecord, MfaFailure, PolicyVersion, Roster, StoreError,
+};
 
 on_both_backends!(
     grants_expire_and_reviews_close_once,
@@ -96,7 +98,26 @@ async fn policies_are_sequenced_and_totp_steps_used_once(db: Arc<TestDb>) {
         s.latest_policy().await.unwrap().unwrap().mac.as_deref(),
         Some("new")
     );
-    s.enroll_totp("p", &[1, 2, 3], 1).await.unwrap();
+    // The roster gains p with the enrolment, only from the sequence it was read at.
+    let genesis = s.roster("totp").await.unwrap().unwrap();
+    assert_eq!((genesis.members.len(), genesis.state_seq), (0, 1));
+    let next = Roster {
+        members: vec!["p".into(), "ünï,code".into()],
+        state_seq: 2,
+        mac: Some("m2".into()),
+        ..genesis.clone()
+    };
+    assert!(matches!(
+        s.enroll_totp("p", &[1, 2, 3], 1, Some((&next, 7))).await,
+        Err(StoreError::Conflict(Conflict::ChangedConcurrently))
+    ));
+    assert!(s.totp_enrolment("p").await.unwrap().is_none());
+    s.enroll_totp("p", &[1, 2, 3], 1, Some((&next, 1)))
+        .await
+        .unwrap();
+    assert_eq!(s.roster("totp").await.unwrap().unwrap(), next);
+    assert!(!s.stamp_roster("totp", 2, None, "m3").await.unwrap());
+    assert!(s.stamp_roster("totp", 2, Some("m2"), "m3").await.unwrap());
     s.use_principal_totp_step("p", 10).await.unwrap();
     for replay in [10, 9] {
         assert!(matches!(
@@ -123,7 +144,7 @@ async fn policies_are_sequenced_and_totp_steps_used_once(db: Arc<TestDb>) {
     assert_eq!(e.locked_until, Some(999));
     assert_eq!(e.sealed, vec![1, 2, 3]);
     // Re-enrolment clears the step and the lock.
-    s.enroll_totp("p", &[4], 2).await.unwrap();
+    s.enroll_totp("p", &[4], 2, None).await.unwrap();
     let e = s.totp_enrolment("p").await.unwrap().unwrap();
     assert_eq!((e.last_step, e.locked_until), (None, None));
 }

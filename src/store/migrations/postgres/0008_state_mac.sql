@@ -10,11 +10,12 @@ ALTER TABLE tokens ADD COLUMN mac TEXT;
 ALTER TABLE role_grants ADD COLUMN state_seq BIGINT NOT NULL DEFAULT 1;
 ALTER TABLE role_grants ADD COLUMN mac TEXT;
 ALTER TABLE access_policies ADD COLUMN mac TEXT;
-ALTER TABLE principal_totp ADD COLUMN state_seq BIGINT NOT NULL DEFAULT 1;
-ALTER TABLE principal_totp ADD COLUMN mac TEXT;
 ALTER TABLE key_versions ADD COLUMN state_seq BIGINT NOT NULL DEFAULT 1;
 ALTER TABLE key_versions ADD COLUMN mac TEXT;
 
+-- principal_totp needs no MAC: its secret is sealed under the HSM key arca:meta with the
+-- principal as AAD, so only the HSM makes a valid row. Its deletion is caught through
+-- the roster below.
 -- Authenticated sets, so that a deleted row is told apart from one that never existed:
 -- 'totp' lists every principal ever enrolled in TOTP (sorted, comma-separated). The row
 -- is made here, unstamped; a missing row fails every check that needs it (closed).
