@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::keys::state::{RowEncoding, Unverified};
-use crate::keys::{KeyEngine, KeysError};
+use crate::keys::{KeyEngine, KeyId, KeysError, ObjectId};
 use crate::store::{GrantRecord, PolicyVersion, Roster, TokenRecord};
 
 /// Prefix of a MAC made at init under the quorum secret (re-stamped at unseal).
@@ -71,6 +71,17 @@ pub fn policy_row(p: &PolicyVersion) -> RowEncoding {
         .text("text", &p.text)
         .opt_text("request_id", p.request_id.as_deref())
         .int("created_at", p.created_at)
+}
+
+/// The canonical form of "version `version` of key `key`, HSM object `hsm_id`, is
+/// ENABLED at state sequence `seq`". Only ENABLED versions carry a MAC: every other state
+/// grants nothing, so a version made usable by a database writer does not verify.
+pub fn enabled_row(key: &KeyId, version: u32, hsm_id: &ObjectId, seq: i64) -> RowEncoding {
+    RowEncoding::new("key_versions", seq)
+        .text("key_id", &key.to_string())
+        .int("version", i64::from(version))
+        .text("hsm_id", &hsm_id.to_string())
+        .text("state", "ENABLED")
 }
 
 /// The roster of TOTP enrolments (`state_rosters`, row `totp`).

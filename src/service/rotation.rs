@@ -14,6 +14,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+use crate::authz::stamp::enabled_row;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,10 +163,14 @@ impl Rotation {
                 .create_version_object(key.id, next)
                 .await?;
             let now = self.ctx.clock.now_ms();
+            let mac = self
+                .ctx
+                .stamp(enabled_row(&key.id, next, &object, 1))
+                .await?;
             let stored = match commit {
-                Commit::Direct => db.add_version(&key.id, next, &object, now).await,
+                Commit::Direct => db.add_version(&key.id, next, &object, &mac, now).await,
                 Commit::Approved(id, approved) => {
-                    db.complete_add_version(id, approved, &key.id, next, &object, now)
+                    db.complete_add_version(id, approved, &key.id, next, &object, &mac, now)
                         .await
                 }
             };

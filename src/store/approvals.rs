@@ -19,7 +19,7 @@
 use super::access::{insert_grant_in, insert_policy_in, GrantRecord, PolicyVersion};
 use super::classify::classify;
 use super::error::{Conflict, Result, StoreError};
-use super::keys::{change_version_state, insert_next_version, KeyRecord};
+use super::keys::{change_version_state, insert_next_version, EnabledStamp, KeyRecord};
 use super::lifecycle::{apply_in, LifecycleChange};
 use super::pool::SqlStore;
 use super::quorum::{insert_custodian_in, replace_config_in};
@@ -99,6 +99,7 @@ pub trait ApprovalStore: Send + Sync + 'static {
         key: &KeyId,
         version: u32,
         hsm_id: &ObjectId,
+        mac: &str,
         now: i64,
     ) -> Result<KeyRecord>;
 
@@ -115,6 +116,7 @@ pub trait ApprovalStore: Send + Sync + 'static {
         version: u32,
         from: &[VersionState],
         to: VersionState,
+        enabled: Option<&EnabledStamp>,
         now: i64,
     ) -> Result<KeyRecord>;
 
@@ -373,12 +375,13 @@ impl ApprovalStore for SqlStore {
         key: &KeyId,
         version: u32,
         hsm_id: &ObjectId,
+        mac: &str,
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.begin_write().await?;
         claim_for_completion(&mut tx, id, now).await?;
         // As `KeyStore::add_version`: the next number only, then primary.
-        insert_next_version(&mut tx, key, version, hsm_id, now).await?;
+        insert_next_version(&mut tx, key, version, hsm_id, mac, now).await?;
         executed_with_key(tx, id, key, now).await
     }
 
@@ -391,13 +394,14 @@ impl ApprovalStore for SqlStore {
         version: u32,
         from: &[VersionState],
         to: VersionState,
+        enabled: Option<&EnabledStamp>,
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.begin_write().await?;
         claim_for_completion(&mut tx, id, now).await?;
         // Another node may have changed the version meanwhile (PostgreSQL): then the
         // caller decides again from the new state.
-        change_version_state(&mut tx, key, version, from, to, now, true).await?;
+        change_version_state(&mut tx, key, version, from, to, enabled, now, true).await?;
         executed_with_key(tx, id, key, now).await
     }
 

@@ -81,6 +81,11 @@ pub struct VersionRecord {
     pub retire_request: Option<String>,
     /// When the destroyer started on it (Unix ms): no cancelling from then on.
     pub destroying_at: Option<i64>,
+    /// +1 with every state change (ADR 12).
+    pub state_seq: i64,
+    /// The HSM's MAC that this version is ENABLED at `state_seq` (hex; ADR 12); `None`
+    /// in every other state, which grants nothing.
+    pub mac: Option<String>,
 }
 
 /// A new key with its first version.
@@ -94,6 +99,8 @@ pub struct NewKey {
     pub description: String,
     /// HSM object id of version 1.
     pub first_hsm_id: ObjectId,
+    /// The state MAC of version 1 (ENABLED at sequence 1).
+    pub first_mac: String,
     /// Scheduled rotation period (ms).
     pub rotation_period_ms: Option<i64>,
     /// Retention date (Unix ms).
@@ -126,19 +133,34 @@ pub trait KeyStore: Send + Sync + 'static {
         key: &KeyId,
         version: u32,
         hsm_id: &ObjectId,
+        mac: &str,
         now: i64,
     ) -> Result<KeyRecord>;
 
     /// Moves a version to `to` if it is in one of `from`; `Conflict::VersionState` naming
     /// the state found otherwise (`Conflict::ChangedConcurrently` if it kept changing).
+    /// Its `state_seq` grows by one; `to` = ENABLED needs `enabled`, the MAC for the new
+    /// sequence, and the sequence must still be the one it was computed from.
     async fn set_version_state(
         &self,
         key: &KeyId,
         version: u32,
         from: &[VersionState],
         to: VersionState,
+        enabled: Option<&EnabledStamp>,
         now: i64,
     ) -> Result<KeyRecord>;
+
+    /// Sets the MAC of ENABLED version `version` at sequence `seq` whose MAC is still
+    /// `was` (the upgrade step); false if the row changed.
+    async fn stamp_version(
+        &self,
+        key: &KeyId,
+        version: u32,
+        seq: i64,
+        was: Option<&str>,
+        mac: &str,
+    ) -> Result<bool>;
 
     /// Reserves `n` wraps under a version: adds `n` to its `wrap_count` and returns the
     /// new count. The caller may make `n` wraps.
@@ -155,6 +177,16 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<u64>;
 }
 
+/// The HSM's MAC that a version is ENABLED at sequence `seq` (ADR 12), for a change to
+/// ENABLED.
+#[derive(Clone, Debug)]
+pub struct EnabledStamp {
+    /// The version's new `state_seq` (its current one plus one).
+    pub seq: i64,
+    /// The MAC (hex).
+    pub mac: String,
+}
+
 /// How to find a key.
 pub(super) enum KeyLookup<'a> {
     Name(&'a KeyName),
@@ -168,7 +200,8 @@ macro_rules! key_select {
             "SELECT k.id, k.name, k.description, k.primary_version, k.created_at, ",
             "k.rotation_period_ms, k.retain_until, k.retention_applied_at, ",
             "v.version, v.state, v.hsm_id, v.wrap_count, v.created_at AS v_created_at, ",
-            "v.updated_at, v.destroy_at, v.destroyed_at, v.retire_request, v.destroying_at ",
+            "v.updated_at, v.destroy_at, v.destroyed_at, v.retire_request, v.destroying_at, ",
+            "v.state_seq, v.mac ",
             "FROM keys k JOIN key_versions v ON v.key_id = k.id ",
             $tail
         )
@@ -201,6 +234,8 @@ fn keys_from_rows(rows: &[AnyRow]) -> Result<Vec<KeyRecord>> {
             destroyed_at: get(row, "destroyed_at")?,
             retire_request: get(row, "retire_request")?,
             destroying_at: get(row, "destroying_at")?,
+            state_seq: get(row, "state_seq")?,
+            mac: get(row, "mac")?,
         };
         match out.last_mut() {
             Some(k) if k.id == id => k.versions.push(version),
@@ -253,6 +288,7 @@ pub(super) async fn insert_next_version(
     key: &KeyId,
     version: u32,
     hsm_id: &ObjectId,
+    mac: &str,
     now: i64,
 ) -> Result<()> {
     let max: Option<i64> =
@@ -267,13 +303,14 @@ pub(super) async fn insert_next_version(
         Some(_) => {}
     }
     sqlx::query(
-        "INSERT INTO key_versions (key_id, version, state, hsm_id, wrap_count, created_at, updated_at) \
-         VALUES ($1, $2, 'ENABLED', $3, 0, $4, $4)",
+        "INSERT INTO key_versions (key_id, version, state, hsm_id, wrap_count, created_at, \
+         updated_at, state_seq, mac) VALUES ($1, $2, 'ENABLED', $3, 0, $4, $4, 1, $5)",
     )
     .bind(key.to_string())
     .bind(i64::from(version))
     .bind(hsm_id.to_string())
     .bind(now)
+    .bind(mac.to_string())
     .execute(&mut *tx)
     .await
     .map_err(classify)?;
@@ -301,37 +338,53 @@ pub(super) async fn change_version_state(
     version: u32,
     from: &[VersionState],
     to: VersionState,
+    enabled: Option<&EnabledStamp>,
     now: i64,
     already_ok: bool,
 ) -> Result<()> {
     let destroyed_at = (to == VersionState::Destroyed).then_some(now);
+    // Only an ENABLED row carries a MAC; one without it never becomes ENABLED.
+    let mac = match (to, enabled) {
+        (VersionState::Enabled, Some(s)) => Some(s.mac.clone()),
+        (VersionState::Enabled, None) => return Err(StoreError::Corrupt("unstamped enable")),
+        _ => None,
+    };
     for _attempt in 0..3 {
-        let current: Option<String> =
-            sqlx::query_scalar("SELECT state FROM key_versions WHERE key_id = $1 AND version = $2")
-                .bind(key.to_string())
-                .bind(i64::from(version))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(classify)?;
-        let current = VersionState::parse(&current.ok_or(StoreError::NotFound)?)
+        let row = sqlx::query(
+            "SELECT state, state_seq FROM key_versions WHERE key_id = $1 AND version = $2",
+        )
+        .bind(key.to_string())
+        .bind(i64::from(version))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        .ok_or(StoreError::NotFound)?;
+        let current = VersionState::parse(&get::<String>(&row, "state")?)
             .ok_or(StoreError::Corrupt("version state"))?;
+        let seq: i64 = get(&row, "state_seq")?;
         if already_ok && current == to {
             return Ok(());
         }
         if !from.contains(&current) {
             return Err(StoreError::Conflict(Conflict::VersionState(current)));
         }
+        if enabled.is_some_and(|s| s.seq != seq + 1) {
+            return Err(StoreError::Conflict(Conflict::ChangedConcurrently));
+        }
         let done = sqlx::query(
             "UPDATE key_versions SET state = $1, updated_at = $2, \
-             destroyed_at = COALESCE($3, destroyed_at) \
-             WHERE key_id = $4 AND version = $5 AND state = $6",
+             destroyed_at = COALESCE($3, destroyed_at), state_seq = $4, mac = $5 \
+             WHERE key_id = $6 AND version = $7 AND state = $8 AND state_seq = $9",
         )
         .bind(to.as_str())
         .bind(now)
         .bind(destroyed_at)
+        .bind(seq + 1)
+        .bind(mac.clone())
         .bind(key.to_string())
         .bind(i64::from(version))
         .bind(current.as_str())
+        .bind(seq)
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -360,12 +413,13 @@ impl KeyStore for SqlStore {
         .await
         .map_err(classify)?;
         sqlx::query(
-            "INSERT INTO key_versions (key_id, version, state, hsm_id, wrap_count, created_at, updated_at) \
-             VALUES ($1, 1, 'ENABLED', $2, 0, $3, $3)",
+            "INSERT INTO key_versions (key_id, version, state, hsm_id, wrap_count, created_at, \
+             updated_at, state_seq, mac) VALUES ($1, 1, 'ENABLED', $2, 0, $3, $3, 1, $4)",
         )
         .bind(key.id.to_string())
         .bind(key.first_hsm_id.to_string())
         .bind(key.now)
+        .bind(key.first_mac.clone())
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -397,10 +451,11 @@ impl KeyStore for SqlStore {
         key: &KeyId,
         version: u32,
         hsm_id: &ObjectId,
+        mac: &str,
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.begin_write().await?;
-        insert_next_version(&mut tx, key, version, hsm_id, now).await?;
+        insert_next_version(&mut tx, key, version, hsm_id, mac, now).await?;
         let rec = load_key(&mut *tx, KeyLookup::Id(key)).await?;
         tx.commit().await.map_err(classify)?;
         Ok(rec)
@@ -412,13 +467,37 @@ impl KeyStore for SqlStore {
         version: u32,
         from: &[VersionState],
         to: VersionState,
+        enabled: Option<&EnabledStamp>,
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.begin_write().await?;
-        change_version_state(&mut tx, key, version, from, to, now, false).await?;
+        change_version_state(&mut tx, key, version, from, to, enabled, now, false).await?;
         let rec = load_key(&mut *tx, KeyLookup::Id(key)).await?;
         tx.commit().await.map_err(classify)?;
         Ok(rec)
+    }
+
+    async fn stamp_version(
+        &self,
+        key: &KeyId,
+        version: u32,
+        seq: i64,
+        was: Option<&str>,
+        mac: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE key_versions SET mac = $1 WHERE key_id = $2 AND version = $3 \
+             AND state = 'ENABLED' AND state_seq = $4 AND COALESCE(mac, '') = $5",
+        )
+        .bind(mac.to_string())
+        .bind(key.to_string())
+        .bind(i64::from(version))
+        .bind(seq)
+        .bind(was.unwrap_or("").to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn reserve_wraps(&self, key: &KeyId, version: u32, n: u64) -> Result<u64> {

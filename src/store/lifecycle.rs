@@ -14,6 +14,9 @@
 //! - A tombstone is written by the database itself, in the transaction that marks the
 //!   version DESTROYED, and is never updated or deleted.
 //!
+//! - Every state change here leaves ENABLED (or stays out of it): the row's `state_seq`
+//!   grows and its MAC is dropped (ADR 12); only `keys.rs` makes a version ENABLED.
+//!
 //! Must not import: table-family files of `store/` other than `keys.rs` (which must not
 //! import this one); tonic, prost, cryptoki.
 
@@ -172,7 +175,7 @@ pub(super) async fn apply_in(
             for &v in versions {
                 let done = sqlx::query(
                     "UPDATE key_versions SET state = $1, destroy_at = $2, retire_request = $3, \
-                     updated_at = $4 \
+                     updated_at = $4, state_seq = state_seq + 1, mac = NULL \
                      WHERE key_id = $5 AND version = $6 AND state IN ('ENABLED', 'DISABLED')",
                 )
                 .bind(SCHEDULED)
@@ -193,7 +196,7 @@ pub(super) async fn apply_in(
             for &v in versions {
                 let done = sqlx::query(
                     "UPDATE key_versions SET state = 'DISABLED', destroy_at = NULL, \
-                     retire_request = NULL, updated_at = $1 \
+                     retire_request = NULL, updated_at = $1, state_seq = state_seq + 1, mac = NULL \
                      WHERE key_id = $2 AND version = $3 AND state = $4 \
                      AND destroying_at IS NULL",
                 )
@@ -238,7 +241,8 @@ pub(super) async fn apply_in(
             }
             sqlx::query(
                 "UPDATE key_versions SET state = $1, destroy_at = $2, retire_request = NULL, \
-                 updated_at = $3 WHERE key_id = $4 AND state IN ('ENABLED', 'DISABLED')",
+                 updated_at = $3, state_seq = state_seq + 1, mac = NULL \
+                 WHERE key_id = $4 AND state IN ('ENABLED', 'DISABLED')",
             )
             .bind(SCHEDULED)
             .bind(*destroy_at)
@@ -353,7 +357,8 @@ impl LifecycleStore for SqlStore {
     async fn finish_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<KeyRecord> {
         let mut tx = self.begin_write().await?;
         let done = sqlx::query(
-            "UPDATE key_versions SET state = 'DESTROYED', destroyed_at = $1, updated_at = $1 \
+            "UPDATE key_versions SET state = 'DESTROYED', destroyed_at = $1, updated_at = $1, \
+             state_seq = state_seq + 1, mac = NULL \
              WHERE key_id = $2 AND version = $3 AND state = $4 AND destroying_at IS NOT NULL",
         )
         .bind(now)

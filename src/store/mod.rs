@@ -66,7 +66,7 @@ pub use approvals::ApprovalStore;
 pub use audit::{AppendBuilder, AuditAppend, AuditRow, AuditSeal, AuditStore, BoxFuture};
 pub use connect::Backend;
 pub use error::{Conflict, DbError, Result, StoreError};
-pub use keys::{KeyRecord, KeyStore, NewKey, VersionRecord};
+pub use keys::{EnabledStamp, KeyRecord, KeyStore, NewKey, VersionRecord};
 pub use leases::LeaseStore;
 pub use lifecycle::{DueDestruction, LifecycleChange, LifecycleStore, Tombstone};
 pub use pool::{Ping, SqlStore};

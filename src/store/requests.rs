@@ -314,6 +314,9 @@ fn result_from_json(text: &str) -> Result<RequestResult> {
             destroyed_at: x["destroyed_at"].as_i64(),
             retire_request: x["retire_request"].as_str().map(str::to_string),
             destroying_at: x["destroying_at"].as_i64(),
+            // A result is a record of what happened, never authority: no MAC kept.
+            state_seq: x["state_seq"].as_i64().unwrap_or(0),
+            mac: None,
         });
     }
     Ok(RequestResult::Key(KeyRecord {

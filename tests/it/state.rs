@@ -354,3 +354,93 @@ async fn a_deleted_totp_enrolment_is_not_a_fresh_start(db: Db) {
 async fn still_serving_keys(arca: &TestArca) {
     create_key(&mut arca.client().await, "still-serving").await;
 }
+
+on_both_backends!(
+    #[tokio::test]
+    a_version_enabled_by_a_database_writer_does_not_unwrap
+);
+
+/// `UPDATE key_versions SET state = 'ENABLED'` undoes a disable (the triggers allow that
+/// edge). Only the HSM's MAC makes a version ENABLED: the unwrap is refused as forged,
+/// and so is a version given another version's MAC; other keys keep working, and an
+/// enable through the API works again.
+async fn a_version_enabled_by_a_database_writer_does_not_unwrap(db: Db) {
+    let arca = TestArca::start_on(db).await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "phi").await;
+    create_key(&mut c, "other").await;
+    let context = crate::support::ctx(&[("patient", "1")]);
+    let phi_blob = crate::support::generate_wrapped(&mut c, "phi", &context).await;
+    let other_blob = crate::support::generate_wrapped(&mut c, "other", &context).await;
+    let disable = |name: &'static str| {
+        let arca = &arca;
+        async move {
+            arca.client()
+                .await
+                .disable_key_version(pb::KeyVersionRequest {
+                    name: name.into(),
+                    version: 1,
+                })
+                .await
+                .unwrap();
+        }
+    };
+    disable("phi").await;
+    one(
+        &arca,
+        "UPDATE key_versions SET state = 'ENABLED' WHERE version = 1 AND key_id = \
+         (SELECT id FROM keys WHERE name = 'phi')",
+    );
+    tokio::time::sleep(SETTLE).await;
+    let r = crate::support::unwrap(&mut c, &phi_blob, &context).await;
+    assert_forged(r.map(|_| ()), "a version enabled in the database");
+    // Wraps under it are refused too.
+    let r = c
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_name: "phi".into(),
+            context: context.clone(),
+            without_plaintext: true,
+        })
+        .await;
+    assert_forged(
+        r.map(|_| ()),
+        "a wrap under a version enabled in the database",
+    );
+    // The other key is untouched.
+    crate::support::unwrap(&mut c, &other_blob, &context)
+        .await
+        .unwrap();
+
+    // Another version's MAC (other's v1, ENABLED and stamped) copied onto phi's v1, with
+    // its sequence.
+    one(
+        &arca,
+        "UPDATE key_versions SET mac = (SELECT v.mac FROM key_versions v JOIN keys k \
+         ON k.id = v.key_id WHERE k.name = 'other' AND v.version = 1), state_seq = 1 \
+         WHERE version = 1 AND key_id = (SELECT id FROM keys WHERE name = 'phi')",
+    );
+    tokio::time::sleep(SETTLE).await;
+    let r = crate::support::unwrap(&mut c, &phi_blob, &context).await;
+    assert_forged(r.map(|_| ()), "a MAC copied from another key's version");
+
+    // Put back to DISABLED by the writer, then enabled through the API: it works.
+    one(
+        &arca,
+        "UPDATE key_versions SET state = 'DISABLED' WHERE version = 1 AND key_id = \
+         (SELECT id FROM keys WHERE name = 'phi')",
+    );
+    tokio::time::sleep(SETTLE).await;
+    c.enable_key_version(pb::KeyVersionRequest {
+        name: "phi".into(),
+        version: 1,
+    })
+    .await
+    .unwrap();
+    crate::support::unwrap(&mut c, &phi_blob, &context)
+        .await
+        .unwrap();
+    assert!(arca
+        .log_text()
+        .lines()
+        .any(|l| l.contains("state-forged") && l.contains("key_versions")));
+}

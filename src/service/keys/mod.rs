@@ -17,6 +17,7 @@
 
 mod budget;
 
+use crate::authz::stamp::enabled_row;
 use std::sync::Arc;
 
 use super::access::{act, Act, Attempt, Authorized, Guard, Scope};
@@ -151,12 +152,14 @@ impl Keys {
         }
         let id = KeyId::from_random(engine.random().await?);
         let object = engine.create_version_object(id, 1).await?;
+        let first_mac = self.ctx.stamp(enabled_row(&id, 1, &object, 1)).await?;
         let result = db
             .create_key(&NewKey {
                 id,
                 name,
                 description: description.to_string(),
                 first_hsm_id: object,
+                first_mac,
                 rotation_period_ms: opts.rotation_period_ms,
                 retain_until: opts.retain_until,
                 now: self.ctx.clock.now_ms(),
@@ -338,7 +341,7 @@ impl Keys {
         let ctx = self.canonical(context, facts)?;
         let attempt = self.guard.attempt::<act::UnwrapKey>(caller).await?;
         let (proof, key, blob) = self.resolve(caller, attempt, wrapped, ctx, facts).await?;
-        let object = enabled_version(&key, blob.version)?;
+        let object = self.enabled_version(&key, blob.version)?;
         let version = blob.version;
         let plaintext = engine.unwrap(blob, object, proof.context_bytes()).await?;
         facts.version = Some(version);
@@ -373,7 +376,7 @@ impl Keys {
         let ctx = self.canonical(context, facts)?;
         let attempt = self.guard.attempt::<act::RewrapKey>(caller).await?;
         let (proof, key, blob) = self.resolve(caller, attempt, wrapped, ctx, facts).await?;
-        let from_object = enabled_version(&key, blob.version)?;
+        let from_object = self.enabled_version(&key, blob.version)?;
         let (_, to_version, to_object) = self.reserve_primary(&proof).await?;
         let rewrapped = engine
             .rewrap(
@@ -406,7 +409,7 @@ impl Keys {
         let key = match self
             .ctx
             .cache
-            .by_id(self.ctx.db(&attempt), &blob.key_id)
+            .by_id(&self.ctx, self.ctx.db(&attempt), &blob.key_id)
             .await
         {
             Ok(k) => k,
@@ -439,11 +442,14 @@ impl Keys {
             .ok_or(ServiceError::internal("a wrap decided without a key"))?;
         let db = self.ctx.db(proof);
         for _ in 0..3 {
-            let key = self.ctx.cache.by_name(db, name).await?;
+            let key = self.ctx.cache.by_name(&self.ctx, db, name).await?;
             let v = key
                 .version(key.primary_version)
                 .ok_or(ServiceError::internal("primary version row missing"))?;
             if v.state != VersionState::Enabled {
+                if let Some(why) = self.ctx.cache.forged(&key.id, v.version) {
+                    return Err(ServiceError::StateForged(why));
+                }
                 return Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled));
             }
             let (version, object) = (v.version, v.hsm_id);
@@ -464,14 +470,20 @@ impl Keys {
     }
 }
 
-/// The HSM object of `version` of `key`, if that version may unwrap.
-fn enabled_version(key: &KeyRecord, version: u32) -> Result<ObjectId> {
-    let v = key
-        .version(version)
-        .ok_or(ServiceError::InvalidWrappedKey)?;
-    match v.state {
-        VersionState::Enabled => Ok(v.hsm_id),
-        other => Err(ServiceError::Conflict(Conflict::of_version(other))),
+impl Keys {
+    /// The HSM object of `version` of `key`, if that version may unwrap (an ENABLED row
+    /// whose MAC did not verify is refused as forged).
+    fn enabled_version(&self, key: &KeyRecord, version: u32) -> Result<ObjectId> {
+        let v = key
+            .version(version)
+            .ok_or(ServiceError::InvalidWrappedKey)?;
+        match v.state {
+            VersionState::Enabled => Ok(v.hsm_id),
+            other => match self.ctx.cache.forged(&key.id, version) {
+                Some(why) => Err(ServiceError::StateForged(why)),
+                None => Err(ServiceError::Conflict(Conflict::of_version(other))),
+            },
+        }
     }
 }
 

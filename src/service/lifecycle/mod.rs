@@ -17,6 +17,8 @@
 
 mod plan;
 
+use crate::authz::stamp::enabled_row;
+use crate::store::EnabledStamp;
 use std::sync::Arc;
 
 use super::access::{act, Act, Guard, Scope};
@@ -172,15 +174,30 @@ impl Lifecycle {
             transition_sources(current.state, to)?
         };
         let now = self.ctx.clock.now_ms();
+        // Made ENABLED: the HSM's MAC for the version's next state sequence (ADR 12).
+        let enabled = match to {
+            VersionState::Enabled if current.state != to => {
+                let seq = current.state_seq + 1;
+                let row = enabled_row(&key.id, version, &current.hsm_id, seq);
+                Some(EnabledStamp {
+                    seq,
+                    mac: self.ctx.stamp(row).await?,
+                })
+            }
+            _ => None,
+        };
+        let enabled = enabled.as_ref();
         let rec = match commit {
             Commit::Direct if current.state == to => return Ok(key),
             Commit::Direct => {
-                db.set_version_state(&key.id, version, from, to, now)
+                db.set_version_state(&key.id, version, from, to, enabled, now)
                     .await?
             }
             Commit::Approved(id, approved) => {
-                db.complete_set_version_state(id, approved, &key.id, version, from, to, now)
-                    .await?
+                db.complete_set_version_state(
+                    id, approved, &key.id, version, from, to, enabled, now,
+                )
+                .await?
             }
         };
         tracing::info!(key = %rec.name, version, state = to.as_str(), "key version state changed");

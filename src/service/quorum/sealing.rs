@@ -21,10 +21,11 @@ use zeroize::Zeroizing;
 use super::approvals::Approvals;
 use super::custodians::{custodian_name, Custodians};
 use crate::authz::stamp::{
-    grant_row, policy_row, roster_row, token_row, QUORUM_MAC_PREFIX, TOTP_ROSTER,
+    enabled_row, grant_row, policy_row, roster_row, token_row, QUORUM_MAC_PREFIX, TOTP_ROSTER,
 };
 use crate::keys::state::Unverified;
 use crate::keys::HsmAccess;
+use crate::keys::VersionState;
 use crate::quorum::{crypto, shamir};
 use crate::secret::Share;
 use crate::service::access::{act, Guard, Scope};
@@ -270,7 +271,8 @@ impl Sealing {
     }
 
     /// The upgrade step (`--restamp-unstamped`, and dev mode at every unseal): every
-    /// live token, unexpired grant and the newest policy without a state MAC gets one.
+    /// live token, unexpired grant, ENABLED key version, the TOTP roster and the newest
+    /// policy without a state MAC gets one.
     /// It trusts those rows as they are now, so it runs only at an unseal (K custodians)
     /// and is recorded with the rows it stamped.
     async fn restamp_unstamped(&self) -> Result<()> {
@@ -289,6 +291,28 @@ impl Sealing {
                 if db.stamp_grant(&g.id, None, &mac).await? {
                     stamped.push(format!("role_grants/{}", g.id));
                 }
+            }
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let page = db.list_keys(after.as_deref(), 500).await?;
+            for k in &page {
+                for v in &k.versions {
+                    if v.state == VersionState::Enabled && v.mac.is_none() {
+                        let row = enabled_row(&k.id, v.version, &v.hsm_id, v.state_seq);
+                        let mac = self.ctx.stamp(row).await?;
+                        if db
+                            .stamp_version(&k.id, v.version, v.state_seq, None, &mac)
+                            .await?
+                        {
+                            stamped.push(format!("key_versions/{}/{}", k.id, v.version));
+                        }
+                    }
+                }
+            }
+            match page.last() {
+                Some(k) if page.len() == 500 => after = Some(k.name.to_string()),
+                _ => break,
             }
         }
         if let Some(r) = db.roster(TOTP_ROSTER).await? {

@@ -42,6 +42,7 @@ async fn key(s: &SqlStore, name: &str, n: u8) -> KeyRecord {
         name: KeyName::parse(name).unwrap(),
         description: String::new(),
         first_hsm_id: ObjectId([n; 16]),
+        first_mac: "m".into(),
         rotation_period_ms: None,
         retain_until: None,
         now: T0,
@@ -125,7 +126,7 @@ async fn completion_runs_once_records_the_result_and_wipes_the_shares(db: Arc<Te
     s.add_approval("req_1", "c1", b"x", T0 + 1).await.unwrap();
     // Short of K: nothing runs.
     assert!(matches!(
-        s.complete_add_version("req_1", &proof(), &k.id, 2, &ObjectId([9; 16]), T0 + 2)
+        s.complete_add_version("req_1", &proof(), &k.id, 2, &ObjectId([9; 16]), "m", T0 + 2)
             .await,
         Err(StoreError::Conflict(Conflict::RequestState(
             RequestState::Pending
@@ -133,13 +134,13 @@ async fn completion_runs_once_records_the_result_and_wipes_the_shares(db: Arc<Te
     ));
     s.add_approval("req_1", "c2", b"y", T0 + 2).await.unwrap();
     let rec = s
-        .complete_add_version("req_1", &proof(), &k.id, 2, &ObjectId([9; 16]), T0 + 3)
+        .complete_add_version("req_1", &proof(), &k.id, 2, &ObjectId([9; 16]), "m", T0 + 3)
         .await
         .unwrap();
     assert_eq!(rec.primary_version, 2);
     // The second completion changes nothing: the version stays single.
     assert!(matches!(
-        s.complete_add_version("req_1", &proof(), &k.id, 3, &ObjectId([8; 16]), T0 + 4)
+        s.complete_add_version("req_1", &proof(), &k.id, 3, &ObjectId([8; 16]), "m", T0 + 4)
             .await,
         Err(StoreError::Conflict(Conflict::RequestState(
             RequestState::Executed
@@ -192,7 +193,7 @@ async fn a_failed_effect_leaves_the_request_pending(db: Arc<TestDb>) {
     s.add_approval("req_1", "c2", b"y", T0 + 2).await.unwrap();
     // A version number another rotation took: the whole transaction rolls back.
     assert!(matches!(
-        s.complete_add_version("req_1", &proof(), &k.id, 5, &ObjectId([9; 16]), T0 + 3)
+        s.complete_add_version("req_1", &proof(), &k.id, 5, &ObjectId([9; 16]), "m", T0 + 3)
             .await,
         Err(StoreError::AlreadyExists)
     ));
@@ -215,6 +216,7 @@ async fn a_failed_effect_leaves_the_request_pending(db: Arc<TestDb>) {
             1,
             &[VersionState::Disabled],
             VersionState::ScheduledForDestruction,
+            None,
             T0 + 3
         )
         .await,
@@ -234,6 +236,7 @@ async fn a_failed_effect_leaves_the_request_pending(db: Arc<TestDb>) {
             1,
             &[VersionState::Enabled],
             VersionState::Disabled,
+            None,
             T0 + 4,
         )
         .await
@@ -346,7 +349,7 @@ async fn two_nodes_complete_at_once_and_one_wins(db: Arc<TestDb>) {
         let race = |s: Arc<SqlStore>, obj: u8| {
             let (id, key) = (id.clone(), k.id);
             tokio::spawn(async move {
-                s.complete_add_version(&id, &proof(), &key, 2, &ObjectId([obj; 16]), T0 + 3)
+                s.complete_add_version(&id, &proof(), &key, 2, &ObjectId([obj; 16]), "m", T0 + 3)
                     .await
             })
         };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{migration_versions, new_key, TestDb};
 use crate::keys::{KeyId, KeyName, ObjectId, VersionState};
-use crate::store::{Conflict, KeyRecord, KeyStore, Ping, SqlStore, StoreError};
+use crate::store::{Conflict, EnabledStamp, KeyRecord, KeyStore, Ping, SqlStore, StoreError};
 
 on_both_backends!(
     create_get_list,
@@ -91,7 +91,7 @@ async fn versions_are_consecutive(db: Arc<TestDb>) {
     let s = db.open().await;
     let k = s.create_key(&new_key("a", 1)).await.unwrap();
     let k2 = s
-        .add_version(&k.id, 2, &ObjectId([9; 16]), 2000)
+        .add_version(&k.id, 2, &ObjectId([9; 16]), "m", 2000)
         .await
         .unwrap();
     assert_eq!(k2.primary_version, 2);
@@ -99,21 +99,21 @@ async fn versions_are_consecutive(db: Arc<TestDb>) {
     assert_eq!(k2.versions[1].hsm_id, ObjectId([9; 16]));
     // A lost race (same number) and a gap are refused.
     assert!(matches!(
-        s.add_version(&k.id, 2, &ObjectId([8; 16]), 2000).await,
+        s.add_version(&k.id, 2, &ObjectId([8; 16]), "m", 2000).await,
         Err(StoreError::AlreadyExists)
     ));
     assert!(matches!(
-        s.add_version(&k.id, 4, &ObjectId([8; 16]), 2000).await,
+        s.add_version(&k.id, 4, &ObjectId([8; 16]), "m", 2000).await,
         Err(StoreError::AlreadyExists)
     ));
     assert!(matches!(
-        s.add_version(&KeyId([7; 16]), 2, &ObjectId([8; 16]), 2000)
+        s.add_version(&KeyId([7; 16]), 2, &ObjectId([8; 16]), "m", 2000)
             .await,
         Err(StoreError::NotFound)
     ));
     // An HSM object id is never used twice, across keys too.
     assert!(matches!(
-        s.add_version(&k.id, 3, &ObjectId([1; 16]), 2000).await,
+        s.add_version(&k.id, 3, &ObjectId([1; 16]), "m", 2000).await,
         Err(StoreError::AlreadyExists)
     ));
     assert_eq!(s.key_by_id(&k.id).await.unwrap().primary_version, 2);
@@ -124,24 +124,26 @@ async fn state_changes_are_conditional_and_checked_by_the_database(db: Arc<TestD
     let k = s.create_key(&new_key("a", 1)).await.unwrap();
     use VersionState::*;
     let r = s
-        .set_version_state(&k.id, 1, &[Enabled], Disabled, 5)
+        .set_version_state(&k.id, 1, &[Enabled], Disabled, None, 5)
         .await
         .unwrap();
     assert_eq!(r.versions[0].state, Disabled);
     assert_eq!(r.versions[0].updated_at, 5);
     assert!(matches!(
-        s.set_version_state(&k.id, 1, &[Enabled], Disabled, 6).await,
+        s.set_version_state(&k.id, 1, &[Enabled], Disabled, None, 6)
+            .await,
         Err(StoreError::Conflict(Conflict::VersionState(
             VersionState::Disabled
         )))
     ));
     assert!(matches!(
-        s.set_version_state(&k.id, 2, &[Enabled], Disabled, 6).await,
+        s.set_version_state(&k.id, 2, &[Enabled], Disabled, None, 6)
+            .await,
         Err(StoreError::NotFound)
     ));
     // The trigger refuses an illegal edge even when Rust would allow it.
     assert!(matches!(
-        s.set_version_state(&k.id, 1, &[Disabled], Destroyed, 7)
+        s.set_version_state(&k.id, 1, &[Disabled], Destroyed, None, 7)
             .await,
         Err(StoreError::Database(_))
     ));
@@ -173,7 +175,7 @@ async fn state_changes_are_conditional_and_checked_by_the_database(db: Arc<TestD
         .execute(&s.writer)
         .await
         .unwrap();
-    s.set_version_state(&k.id, 1, &[Disabled], ScheduledForDestruction, 8)
+    s.set_version_state(&k.id, 1, &[Disabled], ScheduledForDestruction, None, 8)
         .await
         .unwrap();
     // Cancelling a scheduled destruction goes back to DISABLED, never straight to ENABLED.
@@ -182,7 +184,7 @@ async fn state_changes_are_conditional_and_checked_by_the_database(db: Arc<TestD
         .await
         .is_err());
     let r = s
-        .set_version_state(&k.id, 1, &[ScheduledForDestruction], Destroyed, 9)
+        .set_version_state(&k.id, 1, &[ScheduledForDestruction], Destroyed, None, 9)
         .await
         .unwrap();
     assert_eq!(r.versions[0].destroyed_at, Some(9));
@@ -208,8 +210,15 @@ async fn state_changes_are_conditional_and_checked_by_the_database(db: Arc<TestD
         (ScheduledForDestruction, Disabled),
         (Disabled, ScheduledForDestruction),
     ] {
+        // Made ENABLED: with a MAC for the version's next sequence.
+        let seq = s.key_by_id(&k2.id).await.unwrap().versions[0].state_seq + 1;
+        let stamp = EnabledStamp {
+            seq,
+            mac: "m".into(),
+        };
+        let enabled = (to == Enabled).then_some(&stamp);
         let r = s
-            .set_version_state(&k2.id, 1, &[from], to, 10)
+            .set_version_state(&k2.id, 1, &[from], to, enabled, 10)
             .await
             .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"));
         assert_eq!(r.versions[0].state, to);
@@ -304,7 +313,7 @@ async fn two_nodes_race_for_a_version_number_and_exactly_one_wins(db: Arc<TestDb
             .unwrap();
         let race = |s: Arc<SqlStore>, obj: u8| {
             let id = k.id;
-            tokio::spawn(async move { s.add_version(&id, 2, &ObjectId([obj; 16]), 5).await })
+            tokio::spawn(async move { s.add_version(&id, 2, &ObjectId([obj; 16]), "m", 5).await })
         };
         let (ra, rb) = tokio::join!(
             race(Arc::clone(&a), round),
@@ -342,7 +351,10 @@ async fn two_nodes_race_for_a_state_change_and_exactly_one_wins(db: Arc<TestDb>)
             .unwrap();
         let race = |s: Arc<SqlStore>| {
             let id = k.id;
-            tokio::spawn(async move { s.set_version_state(&id, 1, &[Enabled], Disabled, 5).await })
+            tokio::spawn(async move {
+                s.set_version_state(&id, 1, &[Enabled], Disabled, None, 5)
+                    .await
+            })
         };
         let (ra, rb) = tokio::join!(race(Arc::clone(&a)), race(Arc::clone(&b)));
         let (ra, rb) = (ra.unwrap(), rb.unwrap());

@@ -18,7 +18,7 @@ async fn retirement_cancel_and_destruction_are_conditional_and_leave_a_tombstone
     use LifecycleChange::*;
     let s = db.open().await;
     let k = s.create_key(&new_key("a", 1)).await.unwrap();
-    s.add_version(&k.id, 2, &ObjectId([0x42; 16]), 1500)
+    s.add_version(&k.id, 2, &ObjectId([0x42; 16]), "m", 1500)
         .await
         .unwrap();
     let schedule = |v: u32, at: i64| Schedule {
@@ -202,7 +202,7 @@ async fn due_rotations_follow_the_period_of_the_primary(db: Arc<TestDb>) {
     s.create_key(&new_key("still", 2)).await.unwrap();
     assert!(s.keys_due_rotation(1999).await.unwrap().is_empty());
     assert_eq!(s.keys_due_rotation(2000).await.unwrap(), vec![k.id]);
-    s.add_version(&k.id, 2, &ObjectId([9; 16]), 2100)
+    s.add_version(&k.id, 2, &ObjectId([9; 16]), "m", 2100)
         .await
         .unwrap();
     assert!(s.keys_due_rotation(3099).await.unwrap().is_empty());
@@ -213,6 +213,7 @@ async fn due_rotations_follow_the_period_of_the_primary(db: Arc<TestDb>) {
         2,
         &[VersionState::Enabled],
         VersionState::Disabled,
+        None,
         3200,
     )
     .await

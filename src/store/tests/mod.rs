@@ -199,6 +199,7 @@ pub(super) fn new_key(name: &str, n: u8) -> NewKey {
         name: KeyName::parse(name).unwrap(),
         description: "d".into(),
         first_hsm_id: ObjectId([n; 16]),
+        first_mac: "m".into(),
         rotation_period_ms: None,
         retain_until: None,
         now: 1000,
