@@ -10,7 +10,8 @@
 //! - No version counts as ENABLED unless the HSM's MAC says so (ADR 12): an entry is
 //!   checked before it is served (memoised, so an unchanged row costs no HSM call), and
 //!   an ENABLED row whose MAC does not verify is served as not usable, remembered as
-//!   forged ([`KeyCache::forged`]) and alerted once.
+//!   forged ([`KeyCache::forged`]) and alerted once (the check itself is
+//!   `Context::checked_key`; this file keeps its verdicts).
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
@@ -18,12 +19,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use super::context::Context;
 use super::error::Result;
 use super::KEY_CACHE_TTL;
-use crate::authz::stamp::{enabled_row, Checked};
 use crate::keys::state::Unverified;
-use crate::keys::{KeyId, KeyName, VersionState};
+use crate::keys::{KeyId, KeyName};
 use crate::store::{KeyRecord, Store};
 
 struct Entry {
@@ -75,87 +74,71 @@ impl KeyCache {
         self.forged.read().ok()?.get(&(*key, version)).copied()
     }
 
-    fn fresh(&self, id: &KeyId) -> Option<(Arc<KeyRecord>, bool)> {
+    fn fresh(&self, id: &KeyId) -> Option<Seen> {
         let m = self.by_id.read().ok()?;
         let e = m.get(id)?;
-        (e.at.elapsed() < KEY_CACHE_TTL).then(|| (Arc::clone(&e.rec), e.checked))
+        (e.at.elapsed() < KEY_CACHE_TTL).then(|| Seen {
+            rec: Arc::clone(&e.rec),
+            checked: e.checked,
+        })
     }
 
     /// The key with id `id`, from the cache if fresh.
-    pub(super) async fn by_id(
-        &self,
-        ctx: &Context,
-        db: &dyn Store,
-        id: &KeyId,
-    ) -> Result<Arc<KeyRecord>> {
-        if let Some((k, checked)) = self.fresh(id) {
-            if checked {
-                return Ok(k);
-            }
-            return self.check(ctx, k).await;
+    pub(super) async fn by_id(&self, db: &dyn Store, id: &KeyId) -> Result<Seen> {
+        if let Some(seen) = self.fresh(id) {
+            return Ok(seen);
         }
         let rec = self.insert(db.key_by_id(id).await?);
-        self.check(ctx, rec).await
+        Ok(Seen {
+            rec,
+            checked: false,
+        })
     }
 
     /// The key named `name`, from the cache if fresh.
-    pub(super) async fn by_name(
-        &self,
-        ctx: &Context,
-        db: &dyn Store,
-        name: &KeyName,
-    ) -> Result<Arc<KeyRecord>> {
+    pub(super) async fn by_name(&self, db: &dyn Store, name: &KeyName) -> Result<Seen> {
         let id = self.names.read().ok().and_then(|n| n.get(name).copied());
-        if let Some((k, checked)) = id.and_then(|id| self.fresh(&id)) {
-            if checked {
-                return Ok(k);
-            }
-            return self.check(ctx, k).await;
+        if let Some(seen) = id.and_then(|id| self.fresh(&id)) {
+            return Ok(seen);
         }
         let rec = self.insert(db.key_by_name(name).await?);
-        self.check(ctx, rec).await
+        Ok(Seen {
+            rec,
+            checked: false,
+        })
     }
 
-    /// Checks every ENABLED version of `rec` against its MAC; a refused one is served as
-    /// DISABLED and remembered as forged. Caches and returns the result.
-    async fn check(&self, ctx: &Context, rec: Arc<KeyRecord>) -> Result<Arc<KeyRecord>> {
-        let engine = ctx.engine()?;
-        let mut out = KeyRecord::clone(&rec);
-        for v in out.versions.iter_mut() {
-            if v.state != VersionState::Enabled {
-                continue;
-            }
-            let row = enabled_row(&rec.id, v.version, &v.hsm_id, v.state_seq);
-            match ctx.stamps.check(&engine, row, v.mac.as_deref()).await? {
-                Checked::Good => {
-                    if let Ok(mut f) = self.forged.write() {
-                        f.remove(&(rec.id, v.version));
-                    }
-                }
-                Checked::Refused { why, first } => {
-                    ctx.refuse_state(
-                        "key_versions",
-                        &format!("{}/{}", rec.id, v.version),
-                        why,
-                        first,
-                    );
-                    if let Ok(mut f) = self.forged.write() {
-                        f.insert((rec.id, v.version), why);
-                    }
-                    v.state = VersionState::Disabled;
-                }
+    /// Records the check of `seen`: `served` (with refused versions made unusable) and
+    /// the refused versions. Replaces the entry only if it is still the one checked.
+    pub(super) fn checked(
+        &self,
+        seen: &Arc<KeyRecord>,
+        served: KeyRecord,
+        verdicts: &[(u32, Option<Unverified>)],
+    ) -> Arc<KeyRecord> {
+        if let Ok(mut f) = self.forged.write() {
+            for (v, why) in verdicts {
+                match why {
+                    Some(why) => f.insert((served.id, *v), *why),
+                    None => f.remove(&(served.id, *v)),
+                };
             }
         }
-        let arc = Arc::new(out);
+        let arc = Arc::new(served);
         if let Ok(mut m) = self.by_id.write() {
-            // Only over the entry it checked: a newer one put meanwhile is left alone.
-            if let Some(e) = m.get_mut(&rec.id) {
-                if Arc::ptr_eq(&e.rec, &rec) {
+            if let Some(e) = m.get_mut(&arc.id) {
+                if Arc::ptr_eq(&e.rec, seen) {
                     e.rec = Arc::clone(&arc);
                     e.checked = true;
                 }
             }
         }
-        Ok(arc)
+        arc
     }
+}
+
+/// A cached key record, and whether its ENABLED versions were checked.
+pub(super) struct Seen {
+    pub(super) rec: Arc<KeyRecord>,
+    pub(super) checked: bool,
 }

@@ -14,15 +14,17 @@
 
 use std::sync::{Arc, OnceLock, RwLock};
 
-use super::cache::KeyCache;
+use super::cache::{KeyCache, Seen};
 use super::error::{Result, ServiceError};
 use crate::audit::AuditLog;
-use crate::authz::stamp::Stamps;
+use crate::authz::stamp::{enabled_row, Checked, Stamps};
 use crate::authz::Authenticator;
 use crate::clock::Clock;
 use crate::keys::state::{RowEncoding, Unverified};
 use crate::keys::KeyEngine;
+use crate::keys::{KeyId, KeyName, VersionState};
 use crate::quorum::approvals::QuorumApproved;
+use crate::store::KeyRecord;
 use crate::store::Store;
 
 /// Tuning and policies of the services.
@@ -236,6 +238,47 @@ impl Context {
             let code = if ok { 0 } else { 13 };
             log.job(operation, code, key, detail);
         }
+    }
+
+    /// The key with id `id` through the key cache, its ENABLED versions checked
+    /// against their MACs (ADR 12).
+    pub(super) async fn key_by_id(&self, db: Db<'_>, id: &KeyId) -> Result<Arc<KeyRecord>> {
+        let seen = self.cache.by_id(db, id).await?;
+        self.checked_key(seen).await
+    }
+
+    /// The key named `name`, as [`Context::key_by_id`].
+    pub(super) async fn key_by_name(&self, db: Db<'_>, name: &KeyName) -> Result<Arc<KeyRecord>> {
+        let seen = self.cache.by_name(db, name).await?;
+        self.checked_key(seen).await
+    }
+
+    /// Checks every ENABLED version of a cached record (memoised: an unchanged row costs
+    /// no HSM call); a refused one is served as DISABLED, remembered as forged and
+    /// alerted once.
+    async fn checked_key(&self, seen: Seen) -> Result<Arc<KeyRecord>> {
+        if seen.checked {
+            return Ok(seen.rec);
+        }
+        let engine = self.engine()?;
+        let mut served = KeyRecord::clone(&seen.rec);
+        let mut verdicts = Vec::new();
+        for v in served.versions.iter_mut() {
+            if v.state != VersionState::Enabled {
+                continue;
+            }
+            let row = enabled_row(&seen.rec.id, v.version, &v.hsm_id, v.state_seq);
+            match self.stamps.check(&engine, row, v.mac.as_deref()).await? {
+                Checked::Good => verdicts.push((v.version, None)),
+                Checked::Refused { why, first } => {
+                    let id = format!("{}/{}", seen.rec.id, v.version);
+                    self.refuse_state("key_versions", &id, why, first);
+                    verdicts.push((v.version, Some(why)));
+                    v.state = VersionState::Disabled;
+                }
+            }
+        }
+        Ok(self.cache.checked(&seen.rec, served, &verdicts))
     }
 
     /// The state MAC of `row` (ADR 12), to store with it; `Sealed` without the HSM.

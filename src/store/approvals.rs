@@ -92,6 +92,7 @@ pub trait ApprovalStore: Send + Sync + 'static {
     /// the proof that K approvals rebuilt the quorum secret.
     /// `Conflict::RequestState` if the request is not pending with K approvals (nothing
     /// changes).
+    #[allow(clippy::too_many_arguments)]
     async fn complete_add_version(
         &self,
         id: &str,
@@ -368,6 +369,7 @@ impl ApprovalStore for SqlStore {
         .map_err(classify)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn complete_add_version(
         &self,
         id: &str,

@@ -332,6 +332,7 @@ pub(super) async fn insert_next_version(
 /// conditional update; the update then matches nothing, and the state is read again (a
 /// new statement sees the other commit) so that the answer names the state that won, or
 /// the change is made from it if it is still allowed.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn change_version_state(
     tx: &mut sqlx::AnyConnection,
     key: &KeyId,

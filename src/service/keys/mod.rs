@@ -408,8 +408,7 @@ impl Keys {
         let blob = WrappedKey::parse(wrapped)?;
         let key = match self
             .ctx
-            .cache
-            .by_id(&self.ctx, self.ctx.db(&attempt), &blob.key_id)
+            .key_by_id(self.ctx.db(&attempt), &blob.key_id)
             .await
         {
             Ok(k) => k,
@@ -442,7 +441,7 @@ impl Keys {
             .ok_or(ServiceError::internal("a wrap decided without a key"))?;
         let db = self.ctx.db(proof);
         for _ in 0..3 {
-            let key = self.ctx.cache.by_name(&self.ctx, db, name).await?;
+            let key = self.ctx.key_by_name(db, name).await?;
             let v = key
                 .version(key.primary_version)
                 .ok_or(ServiceError::internal("primary version row missing"))?;
