@@ -113,6 +113,16 @@ impl PgDatabase {
         self.password.as_deref()
     }
 
+    /// Drops the database (with `FORCE`) and creates it again, empty: a lost database.
+    pub fn recreate(&self) {
+        for stmt in [
+            format!("DROP DATABASE {} WITH (FORCE)", self.name),
+            format!("CREATE DATABASE {}", self.name),
+        ] {
+            psql_query(&self.admin_url, &stmt).unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
+    }
+
     /// A plain-text dump of the database's data (`pg_dump --data-only`).
     pub fn dump(&self) -> Vec<u8> {
         let (scheme, authority, query) = split_url(&self.admin_url);
