@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
+use crate::support::backup::{pg_dump_custom, pg_restore, pg_url_as};
+use crate::support::database::psql_query;
 use crate::support::{
-    assert_code, create_key, ctx, generate, get_key, mint_token, reason, rotate, unwrap,
-    version_state, wait_health, Builder, Db, Restore, TestArca,
+    assert_code, create_key, ctx, generate, get_key, mint_token, postgres_url, random_bytes,
+    reason, rotate, unwrap, version_state, wait_health, Builder, Db, Restore, TestArca,
 };
 use arca::grpc::pb;
 
@@ -314,4 +316,100 @@ async fn known_gap_a_restore_re_enables_a_version_disabled_after_the_backup(db: 
         first_bad > restored_head,
         "the first bad seq {first_bad} is not after the backup point {restored_head}: {report}"
     );
+}
+
+/// The PostgreSQL restore of the runbook with the roles of docs/deployment.md ("Connecting
+/// to PostgreSQL"): an owner role that applies migrations, dumps and restores, and a
+/// runtime role without DDL rights that the server uses. No superuser touches Arca's
+/// tables: a migration that needed one to restore would fail here.
+mod a_dump_by_the_owner_role_restores_into_a_fresh_database_that_the_runtime_role_serves {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::owner_role_restore().await;
+    }
+}
+
+async fn owner_role_restore() {
+    let Some(admin) = postgres_url(
+        "backup::a_dump_by_the_owner_role_restores_into_a_fresh_database_that_the_runtime_role_serves::postgres",
+    ) else {
+        return;
+    };
+    let admin_sql = |url: &str, sql: &str| {
+        psql_query(url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    };
+    let id = hex::encode(random_bytes(6));
+    let (owner, runtime) = (format!("arca_own_{id}"), format!("arca_rt_{id}"));
+    let (live, fresh) = (format!("arca_bk_{id}"), format!("arca_bk_{id}_restored"));
+    let schema_rights = format!(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT USAGE, CREATE ON SCHEMA public TO {owner}"
+    );
+    admin_sql(&admin, &format!("CREATE ROLE {owner} LOGIN"));
+    admin_sql(&admin, &format!("CREATE ROLE {runtime} LOGIN"));
+    admin_sql(&admin, &format!("CREATE DATABASE {live} OWNER {owner}"));
+    admin_sql(&pg_url_as(&admin, "postgres", &live), &schema_rights);
+    let owner_url = pg_url_as(&admin, &owner, &live);
+    let runtime_url = pg_url_as(&admin, &runtime, &live);
+
+    // The owner applies the migrations; the runtime role gets its rows.
+    let on = |url: &str| {
+        Builder::default()
+            .backend(Db::Sqlite)
+            .arg("--database")
+            .arg(url)
+    };
+    let mut arca = on(&owner_url).start().await;
+    assert!(arca.stop().await.success());
+    admin_sql(
+        &owner_url,
+        &format!(
+            "GRANT USAGE ON SCHEMA public TO {runtime}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {runtime}; \
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {runtime}"
+        ),
+    );
+    arca.start_with(on(&runtime_url)).await;
+    let auditor = mint_token(&arca, "auditor:backup", &[]).await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "roles").await;
+    let blobs = wrap_some(&mut c, "roles", 2).await;
+    let key = get_key(&mut c, "roles").await;
+    let backup = tempfile::tempdir().expect("backup dir");
+    let dump = backup.path().join("arca.dump");
+    pg_dump_custom(&owner_url, &dump).await;
+    drop(c);
+    assert!(arca.stop().await.success());
+
+    // Into a fresh database owned by the owner role, restored by it, then the names
+    // swapped; the runtime role's grants come with the dump.
+    admin_sql(&admin, &format!("CREATE DATABASE {fresh} OWNER {owner}"));
+    admin_sql(&pg_url_as(&admin, "postgres", &fresh), &schema_rights);
+    pg_restore(&pg_url_as(&admin, &owner, &fresh), &dump, Restore::Fresh).await;
+    admin_sql(
+        &admin,
+        &format!("ALTER DATABASE {live} RENAME TO {live}_before"),
+    );
+    admin_sql(&admin, &format!("ALTER DATABASE {fresh} RENAME TO {live}"));
+    let head: u64 = psql_query(&owner_url, "SELECT seq FROM audit_head")
+        .unwrap()
+        .parse()
+        .unwrap();
+    arca.keep_checkpoints_through(head);
+    arca.start_with(on(&runtime_url)).await;
+
+    let mut c = arca.client().await;
+    assert_eq!(get_key(&mut c, "roles").await, key);
+    for b in &blobs {
+        let u = unwrap(&mut c, &b.wrapped, &b.context).await.unwrap();
+        assert_eq!(u.plaintext, b.plaintext);
+    }
+    let (ok, report) = verify(&arca, &auditor).await;
+    assert!(ok, "audit verify after the restore: {report}");
+    drop(c);
+    assert!(arca.stop().await.success());
+    for db in [live.clone(), format!("{live}_before")] {
+        admin_sql(&admin, &format!("DROP DATABASE {db} WITH (FORCE)"));
+    }
+    admin_sql(&admin, &format!("DROP ROLE {owner}"));
+    admin_sql(&admin, &format!("DROP ROLE {runtime}"));
 }

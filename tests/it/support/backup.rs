@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::copy_dir;
+use super::database::split_url;
 use super::server::{output_of, TestArca};
 
 /// The SQLite files of a data dir: the database, its WAL and shared-memory files.
@@ -28,6 +29,37 @@ async fn run(cmd: Command, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The URL of database `db` as `user` on the server of `url` (same host, port and TLS
+/// parameters).
+pub fn pg_url_as(url: &str, user: &str, db: &str) -> String {
+    let (scheme, authority, query) = split_url(url);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{user}@{host}/{db}{query}")
+}
+
+/// `pg_dump -Fc -f FILE --dbname URL`, then `pg_restore --list FILE` to check that the
+/// archive reads back.
+pub async fn pg_dump_custom(url: &str, file: &Path) {
+    let mut cmd = Command::new("pg_dump");
+    cmd.arg("-Fc").arg("-f").arg(file).arg("--dbname").arg(url);
+    run(cmd, "pg_dump -Fc").await;
+    let mut check = Command::new("pg_restore");
+    check.arg("--list").arg(file);
+    run(check, "pg_restore --list").await;
+}
+
+/// `pg_restore --single-transaction --exit-on-error [--clean --if-exists] --dbname URL
+/// FILE`: into an empty database, or over the live one with [`Restore::OverLive`].
+pub async fn pg_restore(url: &str, file: &Path, how: Restore) {
+    let mut cmd = Command::new("pg_restore");
+    cmd.args(["--single-transaction", "--exit-on-error"]);
+    if how == Restore::OverLive {
+        cmd.args(["--clean", "--if-exists"]);
+    }
+    cmd.arg("--dbname").arg(url).arg(file);
+    run(cmd, "pg_restore").await;
 }
 
 /// How a restore treats the live database.
@@ -75,19 +107,7 @@ impl TestArca {
                     "integrity_check of the backup"
                 );
             }
-            Some(pg) => {
-                let to = dir.join("arca.dump");
-                let mut cmd = Command::new("pg_dump");
-                cmd.arg("-Fc")
-                    .arg("-f")
-                    .arg(&to)
-                    .arg("--dbname")
-                    .arg(pg.url());
-                run(cmd, "pg_dump -Fc").await;
-                let mut check = Command::new("pg_restore");
-                check.arg("--list").arg(&to);
-                run(check, "pg_restore --list").await;
-            }
+            Some(pg) => pg_dump_custom(pg.url(), &dir.join("arca.dump")).await,
         }
     }
 
@@ -137,15 +157,7 @@ impl TestArca {
                 }
                 std::fs::copy(dir.join("arca.db"), self.sqlite_file()).expect("copy back");
             }
-            Some(pg) => {
-                let mut cmd = Command::new("pg_restore");
-                cmd.args(["--single-transaction", "--exit-on-error"]);
-                if how == Restore::OverLive {
-                    cmd.args(["--clean", "--if-exists"]);
-                }
-                cmd.arg("--dbname").arg(pg.url()).arg(dir.join("arca.dump"));
-                run(cmd, "pg_restore").await;
-            }
+            Some(pg) => pg_restore(pg.url(), &dir.join("arca.dump"), how).await,
         }
     }
 
@@ -173,8 +185,14 @@ impl TestArca {
     /// holding its lines up to the restored head, as the runbook's
     /// `jq -c --argjson n HEAD 'select(.seq <= $n)'` does. Returns the old file's path.
     pub fn keep_checkpoints_through_restored_head(&mut self) -> PathBuf {
-        assert!(!self.is_running(), "the server must be stopped");
         let head = self.audit_head_seq();
+        self.keep_checkpoints_through(head)
+    }
+
+    /// [`TestArca::keep_checkpoints_through_restored_head`] with the head given (for a
+    /// server whose database the support does not manage).
+    pub fn keep_checkpoints_through(&mut self, head: u64) -> PathBuf {
+        assert!(!self.is_running(), "the server must be stopped");
         let live = self.checkpoint_file();
         let old = self.root().join("audit-checkpoints.before-restore.jsonl");
         std::fs::rename(&live, &old).expect("move the checkpoint file aside");

@@ -57,7 +57,7 @@ pub fn postgres_url(test: &str) -> Option<String> {
 }
 
 /// A `postgres://` URL taken apart: (scheme, authority, `?query` or "").
-fn split_url(url: &str) -> (&str, &str, String) {
+pub(super) fn split_url(url: &str) -> (&str, &str, String) {
     let (scheme, rest) = url.split_once("://").expect("postgres:// URL");
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, format!("?{q}")),
