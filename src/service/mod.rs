@@ -47,7 +47,6 @@ mod keys;
 mod lifecycle;
 mod quorum;
 mod rotation;
-mod serial;
 mod services;
 
 #[cfg(test)]

@@ -26,7 +26,6 @@ use crate::authz::{Peer, Principal};
 use crate::secret::BearerToken;
 use crate::service::context::Context;
 use crate::service::error::{Result, ServiceError};
-use crate::service::serial::KeyedLock;
 use crate::service::Caller;
 use crate::store::GrantRecord;
 
@@ -43,8 +42,6 @@ pub struct Guard {
     refreshing: tokio::sync::Mutex<()>,
     limiter: RateLimiter,
     role_limiter: RoleLimiter,
-    /// MFA checks, one at a time per principal (`mfa.rs`).
-    pub(super) mfa_checks: KeyedLock,
 }
 
 impl Guard {
@@ -57,7 +54,6 @@ impl Guard {
             refreshing: tokio::sync::Mutex::new(()),
             limiter: RateLimiter::new(ctx.cfg.rate_limit),
             role_limiter: RoleLimiter::default(),
-            mfa_checks: KeyedLock::default(),
             ctx,
         }
     }
