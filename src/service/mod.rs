@@ -47,6 +47,7 @@ mod keys;
 mod lifecycle;
 mod quorum;
 mod rotation;
+mod serial;
 mod services;
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use crate::authz::{Peer, Principal};
 use crate::secret::BearerToken;
 use crate::service::context::Context;
 use crate::service::error::{Result, ServiceError};
+use crate::service::serial::KeyedLock;
 use crate::service::Caller;
 use crate::store::GrantRecord;
 
@@ -42,6 +43,9 @@ pub struct Guard {
     refreshing: tokio::sync::Mutex<()>,
     limiter: RateLimiter,
     role_limiter: RoleLimiter,
+    /// MFA attempt reservations, one at a time per principal on this node (the
+    /// lock-out read and the reservation; the check itself runs outside: `mfa.rs`).
+    pub(super) reserving: KeyedLock,
 }
 
 impl Guard {
@@ -54,6 +58,7 @@ impl Guard {
             refreshing: tokio::sync::Mutex::new(()),
             limiter: RateLimiter::new(ctx.cfg.rate_limit),
             role_limiter: RoleLimiter::default(),
+            reserving: KeyedLock::default(),
             ctx,
         }
     }

@@ -42,6 +42,9 @@ impl Guard {
     /// in an attempt slot reserved first, counting every failure towards lock-out.
     pub(crate) async fn check_mfa(&self, caller: &Caller) -> Result<()> {
         let name = &caller.principal.name;
+        // A burst for one principal queues here, in memory, until its slot is reserved or
+        // refused, rather than on database connections (which the audit writer needs too).
+        let reserving = self.reserving.lock(name).await;
         let now = self.ctx.clock.now_ms();
         // Reading the enrolment is part of the decision the caller is waiting for.
         let system = self.ctx.system();
@@ -61,7 +64,7 @@ impl Guard {
             .await
             .map_err(ServiceError::internal)?;
         let attempt = self.ctx.random_id("att_")?;
-        match db
+        let reserved = db
             .reserve_mfa_attempt(&MfaAttempt {
                 principal: name,
                 id: &attempt,
@@ -69,8 +72,9 @@ impl Guard {
                 since: now - FAILURE_WINDOW_MS,
                 limit: FAILURE_LIMIT,
             })
-            .await
-        {
+            .await;
+        drop(reserving);
+        match reserved {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {
                 tracing::warn!(principal = %name, "MFA attempt refused: no attempt left");

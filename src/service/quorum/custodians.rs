@@ -33,6 +33,7 @@ use crate::service::access::{FAILURE_LIMIT, FAILURE_WINDOW_MS, LOCKOUT_MS};
 use crate::service::admin::unscoped_record;
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Rejection, Result, ServiceError};
+use crate::service::serial::KeyedLock;
 use crate::service::Caller;
 use crate::store::{
     CustodianAttempt, CustodianRecord, Failure, QuorumConfig, StoreError, TokenRecord,
@@ -142,12 +143,18 @@ pub(super) fn encrypt_kits(
 /// Custodian checks and new quorums.
 pub struct Custodians {
     ctx: Arc<Context>,
+    /// Attempt reservations, one at a time per custodian on this node (the lock-out
+    /// read and the reservation; the check itself runs outside).
+    reserving: KeyedLock,
 }
 
 impl Custodians {
     /// Over `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
-        Custodians { ctx }
+        Custodians {
+            ctx,
+            reserving: KeyedLock::default(),
+        }
     }
 
     /// The stored quorum configuration, or `NotInitialised`.
@@ -185,6 +192,9 @@ impl Custodians {
         share_text: &str,
         totp_code: &str,
     ) -> Result<Share> {
+        // A burst for one custodian queues here, in memory, until its slot is reserved
+        // or refused, rather than on database connections.
+        let reserving = self.reserving.lock(name).await;
         let db = self.ctx.db(permit);
         let now = self.ctx.clock.now_ms();
         let record = match db.custodian(name, cfg.generation).await {
@@ -197,7 +207,7 @@ impl Custodians {
             return Err(ServiceError::Rejected(Rejection::LockedOut));
         }
         let attempt = self.ctx.random_id("att_")?;
-        match db
+        let reserved = db
             .reserve_custodian_attempt(&CustodianAttempt {
                 name,
                 generation: cfg.generation,
@@ -206,8 +216,9 @@ impl Custodians {
                 since: now - FAILURE_WINDOW_MS,
                 limit: FAILURE_LIMIT,
             })
-            .await
-        {
+            .await;
+        drop(reserving);
+        match reserved {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {
                 tracing::warn!(custodian = name, "custodian check refused: no attempt left");
