@@ -8,8 +8,9 @@
 //! `MFA_CODE_REJECTED` (`TOTP_REJECTED` for a custodian) and leaves one failure row, and
 //! a call refused before its code was looked at answers `MFA_LOCKED_OUT` (`LOCKED_OUT`).
 //! On a loaded machine a node may shed some calls `UNAVAILABLE` (its database pool or
-//! audit wait ran out); those are counted apart and the limit is then reached one wrong
-//! code at a time: the count of codes checked in all is what must not pass the limit.
+//! audit wait ran out, before or after the check); those are counted apart, the limit is
+//! then reached one wrong code at a time, and the attempt rows (one per check, written
+//! before it) are the count that must equal the limit.
 
 use std::time::{Duration, Instant};
 
@@ -153,7 +154,8 @@ async fn wrong_mfa_codes_at_once_on_two_nodes(db: Db, n: usize) {
             _ => panic!("{s:?}"),
         }
     }
-    assert_eq!(checked, LIMIT, "wrong codes checked in all");
+    assert!(checked <= LIMIT, "{checked} wrong codes rejected in all");
+    // Every check had its attempt row first (a shed answer may hide a check, not a row).
     assert_eq!(
         number(
             &a,
@@ -245,7 +247,8 @@ async fn wrong_custodian_codes_at_once_on_two_nodes(db: Db, n: usize) {
             _ => panic!("{s:?}"),
         }
     }
-    assert_eq!(checked, LIMIT, "wrong codes checked in all");
+    assert!(checked <= LIMIT, "{checked} wrong codes rejected in all");
+    // Every check had its attempt row first (a shed answer may hide a check, not a row).
     assert_eq!(
         number(
             &a,

@@ -21,7 +21,7 @@ use crate::clock::rfc3339;
 use crate::quorum::totp;
 use crate::service::error::{MfaRefusal, Result, ServiceError};
 use crate::service::Caller;
-use crate::store::{MfaAttempt, MfaFailure, StoreError};
+use crate::store::{Conflict, MfaAttempt, MfaFailure, StoreError};
 
 /// Failures counted within this window (ms)...
 pub const FAILURE_WINDOW_MS: i64 = 15 * 60 * 1000;
@@ -76,7 +76,7 @@ impl Guard {
         drop(reserving);
         match reserved {
             Ok(()) => {}
-            Err(StoreError::Conflict(_)) => {
+            Err(StoreError::Conflict(Conflict::LockedOut)) => {
                 tracing::warn!(principal = %name, "MFA attempt refused: no attempt left");
                 return Err(ServiceError::Mfa(MfaRefusal::LockedOut));
             }

@@ -36,7 +36,8 @@ use crate::service::error::{Rejection, Result, ServiceError};
 use crate::service::serial::KeyedLock;
 use crate::service::Caller;
 use crate::store::{
-    CustodianAttempt, CustodianRecord, Failure, QuorumConfig, StoreError, TokenRecord,
+    Conflict as StoreConflict, CustodianAttempt, CustodianRecord, Failure, QuorumConfig,
+    StoreError, TokenRecord,
 };
 
 /// Smallest K outside dev mode (DESIGN §2: 2 ≤ K).
@@ -220,7 +221,7 @@ impl Custodians {
         drop(reserving);
         match reserved {
             Ok(()) => {}
-            Err(StoreError::Conflict(_)) => {
+            Err(StoreError::Conflict(StoreConflict::LockedOut)) => {
                 tracing::warn!(custodian = name, "custodian check refused: no attempt left");
                 return Err(ServiceError::Rejected(Rejection::LockedOut));
             }
