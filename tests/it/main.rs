@@ -31,6 +31,7 @@ mod hsm_objects;
 mod lifecycle;
 mod limits;
 mod load;
+mod lockout;
 mod outage;
 mod production;
 mod quorum;
