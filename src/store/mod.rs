@@ -60,7 +60,8 @@ mod tx;
 mod tests;
 
 pub use access::{
-    AccessStore, GrantRecord, MfaFailure, PolicyVersion, ReviewRecord, Roster, TotpEnrolment,
+    AccessStore, GrantRecord, MfaAttempt, MfaFailure, PolicyVersion, ReviewRecord, Roster,
+    TotpEnrolment,
 };
 pub use approvals::ApprovalStore;
 pub use audit::{AppendBuilder, AuditAppend, AuditRow, AuditSeal, AuditStore, BoxFuture};
@@ -70,7 +71,7 @@ pub use keys::{EnabledStamp, KeyRecord, KeyStore, NewKey, VersionRecord};
 pub use leases::LeaseStore;
 pub use lifecycle::{DueDestruction, LifecycleChange, LifecycleStore, Tombstone};
 pub use pool::{Ping, SqlStore};
-pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
+pub use quorum::{CustodianAttempt, CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use requests::{
     ApprovalEntry, ApprovalRecord, NewQuorum, NewRequest, RequestResult, SealedShare,
 };
