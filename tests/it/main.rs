@@ -11,7 +11,7 @@
 //! other.
 //!
 //! Needs softhsm2, opensc (pkcs11-tool), p11-kit (server and client module) and the
-//! PostgreSQL client (psql, pg_dump): `scripts/setup --no-run` installs them.
+//! PostgreSQL client (psql, pg_dump, pg_restore): `scripts/setup --no-run` installs them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -23,6 +23,7 @@ mod age;
 mod approvals;
 mod audit;
 mod audit_subjects;
+mod backup;
 mod cli;
 mod cluster;
 mod database;
@@ -31,6 +32,7 @@ mod hsm_objects;
 mod lifecycle;
 mod limits;
 mod load;
+mod lockout;
 mod outage;
 mod production;
 mod quorum;
