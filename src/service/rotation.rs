@@ -93,7 +93,7 @@ impl Rotation {
     /// `RotateKey`: adds a new version in the HSM and makes it primary, or (gated) opens
     /// the approval request for it.
     pub async fn rotate_key(&self, caller: &super::Caller, name: &str) -> Outcome<AdminOutcome> {
-        let facts = Facts::key(name, None);
+        let mut facts = Facts::key(name, None);
         let result = async {
             self.ctx.engine()?;
             let name = KeyName::parse(name)?;
@@ -120,6 +120,10 @@ impl Rotation {
             Ok(AdminOutcome::Done(rec))
         }
         .await;
+        // A rotation that ran names the version it made.
+        if let Ok(AdminOutcome::Done(rec)) = &result {
+            facts.version = Some(rec.primary_version);
+        }
         Outcome::new(result, facts)
     }
 

@@ -798,8 +798,90 @@ async fn tampering_is_found_at_the_first_bad_seq() {
         hex::encode(forged.hash)
     );
 
+    // A forged row put in the middle, at a sealed seq, the later rows renumbered and
+    // every link from there recomputed (SHA-256 needs no key), the head moved to the new
+    // end: the chain links throughout, and only the seals know better.
+    let at: u64 = arca
+        .sql(&format!(
+            "SELECT min(seq) FROM audit_seals WHERE seq > {cut}"
+        ))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(at < last, "a seal in the middle, after {cut}: {at}");
+    let relinked_sql = {
+        let hash_of = |seq: u64| {
+            let mut h = [0u8; 32];
+            let hex_hash = arca
+                .sql(&format!("SELECT hash FROM audit_log WHERE seq = {seq}"))
+                .unwrap();
+            hex::decode_to_slice(hex_hash, &mut h).unwrap();
+            h
+        };
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut prev = hash_of(at - 1);
+        let mut forged = arca::store::AuditRow {
+            seq: at,
+            time_ms: 0,
+            kind: "rpc".into(),
+            operation: "UnwrapKey".into(),
+            result: 0,
+            dek_id: String::new(),
+            body: br#"{"node":"n","request_id":"y","principal":"nobody","auth_method":"none","client":"","latency_us":1}"#.to_vec(),
+            hash: [0u8; 32],
+        };
+        forged.time_ms = arca
+            .sql(&format!("SELECT time_ms FROM audit_log WHERE seq = {at}"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut rows = vec![forged];
+        let stored = arca
+            .sql(&format!(
+                "SELECT seq, time_ms, kind, operation, result, dek_id, body FROM audit_log WHERE seq >= {at} ORDER BY seq"
+            ))
+            .unwrap();
+        for line in stored.lines() {
+            let f: Vec<&str> = line.split('|').collect();
+            rows.push(arca::store::AuditRow {
+                seq: f[0].parse::<u64>().unwrap() + 1,
+                time_ms: f[1].parse().unwrap(),
+                kind: f[2].into(),
+                operation: f[3].into(),
+                result: f[4].parse().unwrap(),
+                dek_id: f[5].into(),
+                body: b64.decode(f[6]).unwrap(),
+                hash: [0u8; 32],
+            });
+        }
+        let mut sql =
+            format!("DROP TRIGGER audit_log_no_delete; DELETE FROM audit_log WHERE seq >= {at}; ");
+        for r in &mut rows {
+            r.hash = arca::audit::chain::link(&prev, r);
+            prev = r.hash;
+            sql.push_str(&format!(
+                "INSERT INTO audit_log (seq, time_ms, kind, operation, result, dek_id, body, hash) VALUES ({}, {}, '{}', '{}', {}, '{}', '{}', '{}'); ",
+                r.seq,
+                r.time_ms,
+                r.kind,
+                r.operation,
+                r.result,
+                r.dek_id,
+                b64.encode(&r.body),
+                hex::encode(r.hash)
+            ));
+        }
+        sql.push_str(&format!(
+            "UPDATE audit_head SET seq = {}, hash = '{}';",
+            last + 1,
+            hex::encode(prev)
+        ));
+        sql
+    };
+
     let cases: Vec<(&str, String, u64, &str)> = vec![
         ("untouched", String::new(), 0, ""),
+        ("inserted in the middle, relinked", relinked_sql, at, "inserted"),
         (
             "one byte changed",
             "DROP TRIGGER audit_log_no_update; UPDATE audit_log SET body = substr(body, 1, 10) || \

@@ -22,6 +22,7 @@ mod access;
 mod age;
 mod approvals;
 mod audit;
+mod audit_subjects;
 mod backup;
 mod cli;
 mod cluster;

@@ -12,6 +12,11 @@
 //!   `PermissionDenied` before the blob is even parsed.
 //! - Every wrap is counted against the version's reserved budget before the HSM call; a
 //!   version at its usage limit is rotated (once, whichever node notices first).
+//! - A call's [`Facts`] name the key it named (by name), or, for a wrapped key, the key
+//!   and version the blob names once the policy allows the caller that key; and, for a
+//!   caller allowed on the key, the version the call used or was refused on (the primary
+//!   for a wrap, the blob's for an unwrap), refused or not. A caller refused the key by
+//!   the policy gets a record that names nothing it did not name itself.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
@@ -259,11 +264,10 @@ impl Keys {
             .guard
             .authorize::<act::GenerateDataKey>(caller, Scope::key_with(name, ctx))
             .await?;
-        let (key, version, object) = self.reserve_primary(&proof).await?;
+        let (key, version, object) = self.reserve_primary(&proof, &mut facts.version).await?;
         let (plaintext, wrapped) = engine
             .generate_data_key(key.id, version, object, proof.context_bytes())
             .await?;
-        facts.version = Some(version);
         Ok(DataKey {
             plaintext: (!without_plaintext).then_some(plaintext),
             wrapped: wrapped.encode(),
@@ -306,11 +310,10 @@ impl Keys {
             .guard
             .authorize::<act::WrapKey>(caller, Scope::key_with(name, ctx))
             .await?;
-        let (key, version, object) = self.reserve_primary(&proof).await?;
+        let (key, version, object) = self.reserve_primary(&proof, &mut facts.version).await?;
         let wrapped = engine
             .wrap(key.id, version, object, plaintext, proof.context_bytes())
             .await?;
-        facts.version = Some(version);
         Ok(Wrapped {
             wrapped: wrapped.encode(),
             key_name: key.name.clone(),
@@ -377,7 +380,9 @@ impl Keys {
         let attempt = self.guard.attempt::<act::RewrapKey>(caller).await?;
         let (proof, key, blob) = self.resolve(caller, attempt, wrapped, ctx, facts).await?;
         let from_object = self.enabled_version(&key, blob.version)?;
-        let (_, to_version, to_object) = self.reserve_primary(&proof).await?;
+        // A refusal names the version the blob was wrapped under (the one read); only a
+        // rewrap that happened names the version it moved to.
+        let (_, to_version, to_object) = self.reserve_primary(&proof, &mut None).await?;
         let rewrapped = engine
             .rewrap(
                 blob,
@@ -417,24 +422,35 @@ impl Keys {
         };
         // Decided before the version is looked at: a caller learns nothing about versions
         // of keys it may not use.
-        let proof = self
+        let decision = self
             .guard
             .confirm(caller, attempt, Scope::key_with(key.name.clone(), ctx))
-            .await?;
-        // The caller may use this key: its record names the key and the version the blob
-        // names, whatever happens next (a refusal of a retired or destroyed version is
-        // then found by key in the audit trail).
-        facts.key = Some(key.name.to_string());
-        facts.version = Some(blob.version);
-        Ok((proof, key, blob))
+            .await;
+        match decision {
+            // Not allowed on this key (by the policy, the token's key globs or the
+            // context's conditions): the record names no more than the caller learnt.
+            Err(ServiceError::PermissionDenied) => Err(ServiceError::PermissionDenied),
+            // The policy allows the caller this key (any refusal now is its rate limit or
+            // MFA, or comes later): the record names the key and the version the blob
+            // names, whatever happens next, so that every attempt on the key, a refusal
+            // of a disabled, retired or destroyed version included, is found by key in
+            // the audit trail.
+            decision => {
+                facts.key = Some(key.name.to_string());
+                facts.version = Some(blob.version);
+                Ok((decision?, key, blob))
+            }
+        }
     }
 
     /// The primary version of the proof's key with one wrap reserved under it. A primary
     /// that reached the usage limit is rotated (once, whichever node notices first) and
-    /// the wrap goes to the new primary.
+    /// the wrap goes to the new primary. `primary` is the last primary version looked at,
+    /// also when the wrap is refused (a primary that is not `ENABLED`), for the record.
     async fn reserve_primary<A: Act>(
         &self,
         proof: &Authorized<A>,
+        primary: &mut Option<u32>,
     ) -> Result<(Arc<KeyRecord>, u32, ObjectId)> {
         let name = proof
             .key()
@@ -442,6 +458,7 @@ impl Keys {
         let db = self.ctx.db(proof);
         for _ in 0..3 {
             let key = self.ctx.key_by_name(db, name).await?;
+            *primary = Some(key.primary_version);
             let v = key
                 .version(key.primary_version)
                 .ok_or(ServiceError::internal("primary version row missing"))?;

@@ -3,7 +3,7 @@
 
 use super::{admin, caller, ok, open_world};
 use crate::keys::EncryptionContext;
-use crate::service::{Facts, ServiceConfig, ServiceError};
+use crate::service::{Conflict, Facts, ServiceConfig, ServiceError};
 
 fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
     pairs
@@ -99,4 +99,106 @@ async fn a_call_returns_the_facts_of_its_audit_record() {
     // A refusal before any lookup names only what the caller asked for.
     let out = keys.get_key(&caller("nobody", &[]), "phi").await;
     assert_eq!(out.facts, Facts::key("phi", None));
+}
+
+/// Roles for the refusals below: an MFA role and a context-bound role that may unwrap.
+const REFUSALS: &str = r#"
+version = 1
+[roles.admin]
+[[roles.admin.allow]]
+operations = ["CreateKey", "GenerateDataKey", "WrapKey", "UnwrapKey", "RewrapKey",
+              "DisableKeyVersion", "RotateKey"]
+keys = ["*"]
+[roles.careful]
+mfa = true
+[[roles.careful.allow]]
+operations = ["UnwrapKey"]
+keys = ["*"]
+[roles.tenant]
+[[roles.tenant.allow]]
+operations = ["UnwrapKey"]
+keys = ["*"]
+context = { t = ["2"] }
+[[bindings]]
+principals = ["dev-admin"]
+roles = ["admin"]
+[[bindings]]
+principals = ["m"]
+roles = ["careful"]
+[[bindings]]
+principals = ["c"]
+roles = ["tenant"]
+"#;
+
+#[tokio::test]
+async fn every_refusal_on_a_key_the_caller_may_use_names_the_key_and_version() {
+    let w = open_world(ServiceConfig {
+        access_policy: crate::authz::policy::Policy::parse(REFUSALS).unwrap(),
+        ..ServiceConfig::default()
+    })
+    .await;
+    let keys = &w.svc.keys;
+    let t1 = || ctx(&[("t", "1")]);
+    ok(keys
+        .create_key(&admin(), "phi", "", Default::default())
+        .await);
+    let dk = ok(keys.generate_data_key(&admin(), "phi", t1(), true).await);
+    let named = |facts: &Facts, version: u32| {
+        assert_eq!(
+            (facts.key.as_deref(), facts.version),
+            (Some("phi"), Some(version)),
+            "{facts:?}"
+        );
+    };
+
+    // A rotation names the version it made.
+    let out = w.svc.rotation.rotate_key(&admin(), "phi").await;
+    named(&out.facts, 2);
+    ok(out);
+    // The primary (v2) disabled: a wrap is refused, and its record names v2.
+    ok(w.svc.lifecycle.disable_version(&admin(), "phi", 2).await);
+    let out = keys.generate_data_key(&admin(), "phi", t1(), true).await;
+    assert!(matches!(
+        out.result,
+        Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled))
+    ));
+    named(&out.facts, 2);
+    let plaintext = || crate::secret::Plaintext::new(zeroize::Zeroizing::new(vec![7; 32]));
+    let out = keys.wrap_key(&admin(), "phi", plaintext(), t1()).await;
+    assert!(matches!(
+        out.result,
+        Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled))
+    ));
+    named(&out.facts, 2);
+    // A rewrap refused for the primary names the version the blob was wrapped under.
+    let out = keys.rewrap_key(&admin(), &dk.wrapped, t1()).await;
+    assert!(matches!(
+        out.result,
+        Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled))
+    ));
+    named(&out.facts, 1);
+    // A wrap refused by the policy names only the key the caller named.
+    let out = keys
+        .wrap_key(&caller("nobody", &[]), "phi", plaintext(), t1())
+        .await;
+    assert!(matches!(out.result, Err(ServiceError::PermissionDenied)));
+    assert_eq!(
+        (out.facts.key.as_deref(), out.facts.version),
+        (Some("phi"), None)
+    );
+
+    // A caller the policy allows on the key, refused for want of its TOTP code: the
+    // record names the key and version (the caller learnt as much from the refusal).
+    let out = keys.unwrap_key(&caller("m", &[]), &dk.wrapped, t1()).await;
+    assert!(
+        matches!(out.result, Err(ServiceError::Mfa(_))),
+        "{:?}",
+        out.result.err()
+    );
+    named(&out.facts, 1);
+    // A caller the policy refuses for this context: the same PERMISSION_DENIED as for a
+    // key it may not use at all, and the record names nothing.
+    let out = keys.unwrap_key(&caller("c", &[]), &dk.wrapped, t1()).await;
+    assert!(matches!(out.result, Err(ServiceError::PermissionDenied)));
+    assert_eq!((out.facts.key, out.facts.version), (None, None));
 }
