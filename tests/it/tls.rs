@@ -138,6 +138,22 @@ impl TlsArca {
             .timeout(Duration::from_secs(10))
     }
 
+    /// Waits (5 s at most) for a line of the server's log with both `a` and `b`.
+    async fn wait_log(&self, a: &str, b: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(a) && l.contains(b))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {a:?} and {b:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs `openssl s_client` with `args` and a valid client certificate; returns the
     /// negotiated cipher, or None when the handshake failed.
     fn s_client(&self, args: &[&str]) -> Option<String> {
@@ -547,19 +563,9 @@ async fn an_expired_crl_refuses_mutual_tls_callers_until_a_fresh_one_is_written(
     assert_eq!(reason(&refused), Some("CRL_EXPIRED"), "{refused:?}");
     // New connections are refused at the handshake, whatever the certificate.
     assert!(arca.list_keys(Some("client2")).await.is_err());
-    // The operator is told.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(&arca.log)
-        .unwrap()
-        .lines()
-        .any(|l| l.contains("ERROR") && l.contains("past its nextUpdate"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no ERROR line for the expired CRL"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The operator is told: an ERROR line, and the alert (from its audit record).
+    arca.wait_log("ERROR", "past its nextUpdate").await;
+    arca.wait_log("ALERT", "rule=crl_unusable").await;
     // A fresh CRL: service resumes, on the same channel and on new ones.
     write_crl(&arca.pki, &[]);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -590,6 +596,8 @@ async fn a_crl_file_that_does_not_parse_refuses_every_certificate_until_a_good_o
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     assert_eq!(reason(&refused), Some("CRL_UNUSABLE"), "{refused:?}");
     assert!(arca.list_keys(Some("client2")).await.is_err());
+    arca.wait_log("ERROR", "the CRL is unusable").await;
+    arca.wait_log("ALERT", "rule=crl_unusable").await;
     // SIGHUP does not bring the old CRL back either.
     signal(arca.server.pid(), "HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
