@@ -392,3 +392,44 @@ impl ClientCertVerifier for LiveVerifier {
         self.base.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_errors_map_to_their_refusals() {
+        let of = |e: CertificateError| CertRefusal::of(&rustls::Error::InvalidCertificate(e));
+        assert_eq!(of(CertificateError::Revoked), CertRefusal::Revoked);
+        assert_eq!(of(CertificateError::Expired), CertRefusal::Expired);
+        assert_eq!(of(CertificateError::NotValidYet), CertRefusal::NotYetValid);
+        assert_eq!(
+            of(CertificateError::ExpiredRevocationList),
+            CertRefusal::CrlExpired
+        );
+        assert_eq!(of(CertificateError::UnknownIssuer), CertRefusal::Invalid);
+        assert_eq!(
+            of(CertificateError::UnknownRevocationStatus),
+            CertRefusal::Invalid
+        );
+        assert_eq!(
+            CertRefusal::of(&rustls::Error::InvalidCertRevocationList(
+                CertRevocationListError::BadSignature
+            )),
+            CertRefusal::Invalid
+        );
+    }
+
+    #[test]
+    fn the_chain_digest_separates_certificates() {
+        let a = CertificateDer::from(vec![1u8, 2, 3]);
+        let b = CertificateDer::from(vec![4u8]);
+        let ab = CertificateDer::from(vec![1u8, 2, 3, 4]);
+        assert_ne!(
+            chain_digest(&[a.clone(), b.clone()]),
+            chain_digest(std::slice::from_ref(&ab))
+        );
+        assert_ne!(chain_digest(&[a.clone(), b.clone()]), chain_digest(&[b, a]));
+        assert_eq!(not_after(b"not a certificate"), None);
+    }
+}
