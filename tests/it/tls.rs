@@ -65,14 +65,20 @@ async fn start_with(extra: &[std::ffi::OsString]) -> TlsArca {
         .unwrap()
         .trim()
         .to_string();
-    TlsArca {
+    let arca = TlsArca {
         server,
         pki,
         token,
         log,
         _pg: pg,
         _dir: dir,
-    }
+    };
+    let backend = match Db::default() {
+        Db::Postgres => "backend=Postgres",
+        Db::Sqlite => "backend=Sqlite",
+    };
+    arca.wait_log("database open", backend).await;
+    arca
 }
 
 impl TlsArca {
@@ -243,8 +249,8 @@ async fn a_certificate_revoked_while_its_connection_is_open_stops_within_the_con
     openssl_ca(&arca.pki, &["-revoke", "client.pem"]);
     openssl_ca(&arca.pki, &["-gencrl", "-out", "crl.pem"]);
     signal(arca.server.pid(), "HUP");
-    // Within the connection age (plus its grace), the same channel is refused: its
-    // connection is closed and the new handshake fails on the CRL.
+    // The same channel is refused: per request as soon as the reloaded CRL is in force,
+    // and once its connection ages out, the new handshake fails on the CRL.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         match c.list_keys(pb::ListKeysRequest::default()).await {
