@@ -343,20 +343,21 @@ async fn watch_crl(tls: Arc<TlsReloader>, ctx: Arc<Context>, every: Duration) {
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut expiry_reported = false;
+    // The nextUpdate of the expired CRL last reported (a CRL put in force by SIGHUP is
+    // reported too).
+    let mut reported: Option<u64> = None;
     loop {
         tick.tick().await;
         match tls.refresh_crl() {
             CrlRefresh::Unchanged => {}
             CrlRefresh::Loaded => {
-                expiry_reported = false;
                 tracing::info!(next_update = ?check.crl_next_update(), "CRL reloaded");
                 ctx.record_job("tls.crl_loaded", true, None, "");
             }
             CrlRefresh::Unusable(e) => crl_unusable(&ctx, &e.to_string()),
         }
-        if check.crl_expired() && !expiry_reported {
-            expiry_reported = true;
+        if check.crl_expired() && reported != check.crl_next_update() {
+            reported = check.crl_next_update();
             tracing::error!(
                 next_update = ?check.crl_next_update(),
                 "the CRL in force is past its nextUpdate: every mutual-TLS client is refused \
