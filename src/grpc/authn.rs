@@ -24,7 +24,7 @@ use super::around::{call_inner, BoxResponse, Hook, Inner};
 use super::call::{
     bearer, is_public, peer_chain, peer_of, request_id, totp_header, Identified, RefusedCertificate,
 };
-use super::client_cert::ClientCheck;
+use super::client_cert::{CertRefusal, ClientCheck};
 use super::status::{cert_refused, to_status};
 use crate::authz::cert::principal_from_der;
 use crate::authz::{AuthMethod, Principal};
@@ -63,10 +63,17 @@ impl Hook for Authn {
                 return Ok(call_inner(inner, req).await);
             }
             let request_id = request_id(&req);
-            if let (Some(check), Some(chain)) = (&certs, peer_chain(&req)) {
-                if let Err(refusal) = check.check(&chain) {
+            if let Some(check) = &certs {
+                // Mutual TLS: every connection has a chain; none is refused, not skipped.
+                let chain = peer_chain(&req);
+                let verdict = match &chain {
+                    Some(chain) => check.check(chain),
+                    None => Err(CertRefusal::Invalid),
+                };
+                if let Err(refusal) = verdict {
                     let principal = chain
-                        .first()
+                        .as_ref()
+                        .and_then(|c| c.first())
                         .and_then(|c| principal_from_der(c.as_ref()))
                         .unwrap_or_default();
                     tracing::info!(
