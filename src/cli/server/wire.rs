@@ -348,10 +348,18 @@ async fn watch_crl(tls: Arc<TlsReloader>, ctx: Arc<Context>, every: Duration) {
     let mut reported: Option<u64> = None;
     loop {
         tick.tick().await;
-        match tls.refresh_crl() {
+        // File reading, hashing and parsing off the async workers.
+        let t = Arc::clone(&tls);
+        let Ok(refresh) = tokio::task::spawn_blocking(move || t.refresh_crl()).await else {
+            continue;
+        };
+        let next_update = check.crl_next_update().map(|s| {
+            crate::clock::rfc3339(i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000))
+        });
+        match refresh {
             CrlRefresh::Unchanged => {}
             CrlRefresh::Loaded => {
-                tracing::info!(next_update = ?check.crl_next_update(), "CRL reloaded");
+                tracing::info!(next_update, "CRL reloaded");
                 ctx.record_job("tls.crl_loaded", true, None, "");
             }
             CrlRefresh::Unusable(e) => crl_unusable(&ctx, &e.to_string()),
@@ -359,7 +367,7 @@ async fn watch_crl(tls: Arc<TlsReloader>, ctx: Arc<Context>, every: Duration) {
         if check.crl_expired() && reported != check.crl_next_update() {
             reported = check.crl_next_update();
             tracing::error!(
-                next_update = ?check.crl_next_update(),
+                next_update,
                 "the CRL in force is past its nextUpdate: every mutual-TLS client is refused \
                  (CRL_EXPIRED) until a fresh CRL is written"
             );
