@@ -22,11 +22,14 @@
 # softhsm2: the dev/test HSM; opensc: pkcs11-tool (reads HSM attributes back in tests);
 # p11-kit + p11-kit-modules: `p11-kit server` and p11-kit-client.so (HSM outage tests);
 # protobuf-compiler + libprotobuf-dev: protoc and the well-known types for build.rs;
-# postgresql: the second store back end (a throwaway cluster in scripts/test); pkg-config, build-essential: native
+# postgresql: the second store back end (a throwaway cluster in scripts/test), and through
+# postgresql-client the psql, pg_dump and pg_restore of the tests (the backup drill,
+# tests/it/backup.rs); pkg-config, build-essential: native
 # builds (bundled SQLite); ca-certificates: TLS to the package registries; openssl: test
 # certificates (the throwaway PostgreSQL's TLS, scripts/make-test-ca); age: tests that
 # decrypt custodian shares encrypted with `operator init --age-recipient`; sqlite3: tests
-# that tamper with a copy of the database by hand (as an attacker with file access would);
+# that tamper with a copy of the database by hand (as an attacker with file access would),
+# and the backup drill's `.backup`;
 # python3: scripts/check-layering (parses the Rust sources' imports).
 ARCA_PACKAGES=(
     softhsm2

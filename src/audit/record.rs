@@ -146,10 +146,14 @@ pub fn code_of_name(name: &str) -> Option<u32> {
 pub mod codes {
     /// OK.
     pub const OK: u32 = 0;
+    /// PERMISSION_DENIED.
+    pub const PERMISSION_DENIED: u32 = 7;
     /// UNAVAILABLE.
     pub const UNAVAILABLE: u32 = 14;
     /// DATA_LOSS.
     pub const DATA_LOSS: u32 = 15;
+    /// UNAUTHENTICATED.
+    pub const UNAUTHENTICATED: u32 = 16;
 }
 
 #[cfg(test)]

@@ -229,6 +229,32 @@ impl Context {
         }
     }
 
+    /// Records that a person was locked out, as a job record naming them (`operation` is
+    /// `mfa.locked` or `custodian.locked`, `result` the code their refusals carry): the
+    /// alert rules of `policies/alerts.toml` fire on it. No caller waits for it.
+    pub(super) fn record_lockout(
+        &self,
+        operation: &str,
+        result: u32,
+        principal: &str,
+        detail: &str,
+    ) {
+        if let Some(log) = self.audit() {
+            log.record_nowait(crate::audit::PendingRecord {
+                time_ms: self.clock.now_ms(),
+                kind: crate::audit::Kind::Job,
+                operation: operation.to_string(),
+                result,
+                details: crate::audit::Details {
+                    principal: principal.to_string(),
+                    auth_method: "system".into(),
+                    detail: Some(detail.to_string()),
+                    ..crate::audit::Details::default()
+                },
+            });
+        }
+    }
+
     /// A fresh random id `prefix` + 32 hex digits.
     pub(super) fn random_id(&self, prefix: &str) -> Result<String> {
         let raw = crate::secret::random::<16>().map_err(ServiceError::internal)?;

@@ -1,6 +1,8 @@
-//! [`KeyedLock`]: one holder at a time per key (a custodian, a principal), so that a
-//! check-then-act sequence (read the lock-out, check a code, count the failure) runs for
-//! one key without interleaving on this node.
+//! [`KeyedLock`]: one holder at a time per key (a custodian, a principal) on this node.
+//! It queues a burst of TOTP attempt reservations for one person in memory, so that they
+//! do not each hold a database connection while waiting for that person's row lock (which
+//! would starve the pool, and the audit writer with it). Correctness does not rest on
+//! it: the store's reservation is atomic across nodes (ADR 14).
 //!
 //! Invariant: entries live only while a holder or a waiter uses them; the map never grows
 //! with keys nobody is using.

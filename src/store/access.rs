@@ -10,7 +10,13 @@
 //! - A break-glass grant and its review are written in one transaction: there is never a
 //!   grant without an open review. A review closes once (`Conflict::ReviewClosed`).
 //! - A TOTP step is recorded with a conditional update, so a code is accepted at most once
-//!   even across nodes (`Conflict::StepUsed`); failures are appended, never updated.
+//!   even across nodes (`Conflict::StepUsed`).
+//! - A code is checked only in an attempt slot reserved before (ADR 14): under the
+//!   enrolment's row lock, a `pending` failure row is added only while the principal is
+//!   not locked out and its failures plus pending attempts in the window are below the
+//!   limit (`Conflict::LockedOut` otherwise). A failed check settles its row as a failure
+//!   (locking at the limit, in the same transaction); a passed check deletes it with the
+//!   step it used. A row left pending (a crash) counts until the window passes.
 //! - A TOTP secret is stored only sealed (the caller seals it under `arca:meta`).
 //!
 //! Must not import: the other table-family files of `store/`; tonic, prost, cryptoki.
@@ -92,11 +98,28 @@ pub struct TotpEnrolment {
     pub locked_until: Option<i64>,
 }
 
+/// A principal's MFA attempt to reserve before its code is checked.
+#[derive(Clone, Debug)]
+pub struct MfaAttempt<'a> {
+    /// Principal.
+    pub principal: &'a str,
+    /// The attempt's id (random, unique), to settle or release it by.
+    pub id: &'a str,
+    /// Unix ms.
+    pub at: i64,
+    /// Count failures and pending attempts after this time...
+    pub since: i64,
+    /// ...and reserve only while there are fewer than this many.
+    pub limit: u32,
+}
+
 /// A principal's failed MFA attempt and the lock-out rule to apply.
 #[derive(Clone, Debug)]
 pub struct MfaFailure<'a> {
     /// Principal.
     pub principal: &'a str,
+    /// The reserved attempt this failure settles.
+    pub attempt: &'a str,
     /// Unix ms.
     pub at: i64,
     /// What failed (`missing`, `totp`, `replay`).
@@ -130,9 +153,20 @@ pub trait AccessStore: Send + Sync + 'static {
     async fn totp_enrolment(&self, principal: &str) -> Result<Option<TotpEnrolment>>;
     /// Enrols (or re-enrols) a principal; clears its last step and lock.
     async fn enroll_totp(&self, principal: &str, sealed: &[u8], now: i64) -> Result<()>;
-    /// Records that `step` was used; `Conflict::StepUsed` on a replay.
-    async fn use_principal_totp_step(&self, principal: &str, step: i64) -> Result<()>;
-    /// Appends a failure; returns the count within the window, locking at the limit.
+    /// Reserves an attempt slot before a code is checked: `Conflict::LockedOut` if the
+    /// principal is locked out or its failures and pending attempts within the window
+    /// reach the limit; `NotFound` if it is not enrolled.
+    async fn reserve_mfa_attempt(&self, attempt: &MfaAttempt<'_>) -> Result<()>;
+    /// Records that `step` was used and releases the attempt's slot, in one transaction;
+    /// `Conflict::StepUsed` on a replay (the slot stays reserved).
+    async fn use_principal_totp_step(
+        &self,
+        principal: &str,
+        step: i64,
+        attempt: &str,
+    ) -> Result<()>;
+    /// Settles a reserved attempt as a failure; returns the failures within the window,
+    /// locking the principal when they reach the limit.
     async fn record_mfa_failure(&self, failure: &MfaFailure<'_>) -> Result<u32>;
 }
 
@@ -373,41 +407,108 @@ impl AccessStore for SqlStore {
         tx.commit().await.map_err(classify)
     }
 
-    async fn use_principal_totp_step(&self, principal: &str, step: i64) -> Result<()> {
+    async fn reserve_mfa_attempt(&self, a: &MfaAttempt<'_>) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        // The enrolment's row lock (a no-op update) orders every reservation and failure
+        // of this principal, across PostgreSQL nodes too (SQLite's IMMEDIATE transaction
+        // already serialises them); what follows reads what the previous holder wrote.
+        let row = sqlx::query(
+            "UPDATE principal_totp SET locked_until = locked_until WHERE principal = $1 \
+             RETURNING locked_until",
+        )
+        .bind(a.principal.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        .ok_or(StoreError::NotFound)?;
+        let locked_until: Option<i64> = get(&row, "locked_until")?;
+        if locked_until.is_some_and(|t| t > a.at) {
+            return Err(StoreError::Conflict(Conflict::LockedOut));
+        }
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM principal_failures WHERE principal = $1 AND at > $2",
+        )
+        .bind(a.principal.to_string())
+        .bind(a.since)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let n: i64 = row.try_get("n").map_err(|_| StoreError::Corrupt("count"))?;
+        if n >= i64::from(a.limit) {
+            return Err(StoreError::Conflict(Conflict::LockedOut));
+        }
+        sqlx::query(
+            "INSERT INTO principal_failures (principal, at, reason, attempt) \
+             VALUES ($1, $2, 'pending', $3)",
+        )
+        .bind(a.principal.to_string())
+        .bind(a.at)
+        .bind(a.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn use_principal_totp_step(
+        &self,
+        principal: &str,
+        step: i64,
+        attempt: &str,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE principal_totp SET last_step = $1 \
              WHERE principal = $2 AND (last_step IS NULL OR last_step < $1)",
         )
         .bind(step)
         .bind(principal.to_string())
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await
         .map_err(classify)?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict(Conflict::StepUsed))
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict(Conflict::StepUsed));
         }
+        sqlx::query("DELETE FROM principal_failures WHERE attempt = $1 AND reason = 'pending'")
+            .bind(attempt.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
     }
 
     async fn record_mfa_failure(&self, f: &MfaFailure<'_>) -> Result<u32> {
         let mut tx = self.begin_write().await?;
-        // Lock the enrolment row first, so concurrent failures on several PostgreSQL
-        // nodes count each other (SQLite's IMMEDIATE transaction serialises them).
+        // The same row lock as the reservation's.
         sqlx::query("UPDATE principal_totp SET locked_until = locked_until WHERE principal = $1")
             .bind(f.principal.to_string())
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
-        sqlx::query("INSERT INTO principal_failures (principal, at, reason) VALUES ($1, $2, $3)")
+        let settled = sqlx::query(
+            "UPDATE principal_failures SET reason = $1 WHERE attempt = $2 AND reason = 'pending'",
+        )
+        .bind(f.reason.to_string())
+        .bind(f.attempt.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if settled.rows_affected() != 1 {
+            // The slot is gone (never reserved, or settled already): the failure still
+            // counts, as its own row.
+            sqlx::query(
+                "INSERT INTO principal_failures (principal, at, reason) VALUES ($1, $2, $3)",
+            )
             .bind(f.principal.to_string())
             .bind(f.at)
             .bind(f.reason.to_string())
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
+        }
         let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM principal_failures WHERE principal = $1 AND at > $2",
+            "SELECT COUNT(*) AS n FROM principal_failures \
+             WHERE principal = $1 AND at > $2 AND reason <> 'pending'",
         )
         .bind(f.principal.to_string())
         .bind(f.since)

@@ -76,6 +76,10 @@ pub enum Conflict {
     StepUsed,
     /// The break-glass review was closed already (`close_review`).
     ReviewClosed,
+    /// No TOTP attempt may be reserved: the principal or custodian is locked out, or its
+    /// failures and the attempts in flight already reach the limit
+    /// (`reserve_mfa_attempt`, `reserve_custodian_attempt`).
+    LockedOut,
     /// The audit head moved since the caller read it: another writer appended first
     /// (`audit_append_at`, and `audit_append` when the head changes under it).
     AuditHead,
@@ -94,6 +98,7 @@ impl fmt::Display for Conflict {
             Conflict::Revoked => f.write_str("token revoked already"),
             Conflict::StepUsed => f.write_str("TOTP step used already"),
             Conflict::ReviewClosed => f.write_str("review closed already"),
+            Conflict::LockedOut => f.write_str("no TOTP attempt left: locked out"),
             Conflict::AuditHead => f.write_str("audit head moved"),
         }
     }

@@ -25,6 +25,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("migrations/sqlite/0005_lifecycle.sql")),
     (6, include_str!("migrations/sqlite/0006_audit.sql")),
     (7, include_str!("migrations/sqlite/0007_rbac.sql")),
+    (9, include_str!("migrations/sqlite/0009_attempt_slots.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
@@ -34,6 +35,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("migrations/postgres/0005_lifecycle.sql")),
     (6, include_str!("migrations/postgres/0006_audit.sql")),
     (7, include_str!("migrations/postgres/0007_rbac.sql")),
+    (
+        9,
+        include_str!("migrations/postgres/0009_attempt_slots.sql"),
+    ),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"

@@ -60,7 +60,7 @@ mod tx;
 mod tests;
 
 pub use access::{
-    AccessStore, GrantRecord, MfaFailure, PolicyVersion, ReviewRecord, TotpEnrolment,
+    AccessStore, GrantRecord, MfaAttempt, MfaFailure, PolicyVersion, ReviewRecord, TotpEnrolment,
 };
 pub use approvals::ApprovalStore;
 pub use audit::{AppendBuilder, AuditAppend, AuditRow, AuditSeal, AuditStore, BoxFuture};
@@ -70,7 +70,7 @@ pub use keys::{KeyRecord, KeyStore, NewKey, VersionRecord};
 pub use leases::LeaseStore;
 pub use lifecycle::{DueDestruction, LifecycleChange, LifecycleStore, Tombstone};
 pub use pool::{Ping, SqlStore};
-pub use quorum::{CustodianRecord, Failure, QuorumConfig, QuorumStore};
+pub use quorum::{CustodianAttempt, CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use requests::{
     ApprovalEntry, ApprovalRecord, NewQuorum, NewRequest, RequestResult, SealedShare,
 };

@@ -8,8 +8,13 @@
 //!   only while the generation it replaces is current (`Conflict::Generation`).
 //! - A TOTP step is recorded with a conditional update, so a code is accepted at most once
 //!   even across nodes (`Conflict::StepUsed` on a replay).
-//! - Failures are appended, never updated; a custodian's failures are counted under a row
-//!   lock, so concurrent failures on several nodes count each other.
+//! - A share and code are checked only in an attempt slot reserved before (ADR 14):
+//!   under the custodian's row lock, a `pending` failure row is added only while the
+//!   custodian is not locked out and its failures plus pending attempts in the window are
+//!   below the limit (`Conflict::LockedOut` otherwise). A failed check settles its row as
+//!   a failure, counted under the same row lock (locking at the limit), so concurrent
+//!   attempts on several nodes count each other; a passed check deletes it with the step
+//!   it used. A row left pending (a crash) counts until the window passes.
 //! - No share and no PIN is stored: the PIN only sealed under the quorum secret, a share
 //!   only as its commitment.
 //!
@@ -60,6 +65,23 @@ pub struct CustodianRecord {
     pub locked_until: Option<i64>,
 }
 
+/// A custodian's attempt to reserve before its share and code are checked.
+#[derive(Clone, Debug)]
+pub struct CustodianAttempt<'a> {
+    /// Custodian.
+    pub name: &'a str,
+    /// Quorum generation.
+    pub generation: i64,
+    /// The attempt's id (random, unique), to settle or release it by.
+    pub id: &'a str,
+    /// Unix ms.
+    pub at: i64,
+    /// Count failures and pending attempts after this time (Unix ms)...
+    pub since: i64,
+    /// ...and reserve only while there are fewer than this many.
+    pub limit: u32,
+}
+
 /// A custodian's failed attempt, and the lock-out rule to apply.
 #[derive(Clone, Debug)]
 pub struct Failure<'a> {
@@ -67,6 +89,8 @@ pub struct Failure<'a> {
     pub name: &'a str,
     /// Quorum generation.
     pub generation: i64,
+    /// The reserved attempt this failure settles.
+    pub attempt: &'a str,
     /// Unix ms.
     pub at: i64,
     /// What failed (`share`, `totp`, `totp replay`).
@@ -97,12 +121,25 @@ pub trait QuorumStore: Send + Sync + 'static {
     /// A custodian of the given generation.
     async fn custodian(&self, name: &str, generation: i64) -> Result<CustodianRecord>;
 
-    /// Records that `step` was used; `Conflict::StepUsed` if that step or a later one was
-    /// already used (a replay).
-    async fn use_totp_step(&self, name: &str, generation: i64, step: i64) -> Result<()>;
+    /// Reserves an attempt slot before a share and code are checked:
+    /// `Conflict::LockedOut` if the custodian is locked out or its failures and pending
+    /// attempts within the window reach the limit; `NotFound` for no such custodian.
+    async fn reserve_custodian_attempt(&self, attempt: &CustodianAttempt<'_>) -> Result<()>;
 
-    /// Appends a failure and returns how many failures the custodian has within the
-    /// policy's window; locks the custodian when that count reaches the limit.
+    /// Records that `step` was used and releases the attempt's slot, in one transaction;
+    /// `Conflict::StepUsed` if that step or a later one was already used (a replay; the
+    /// slot stays reserved).
+    async fn use_totp_step(
+        &self,
+        name: &str,
+        generation: i64,
+        step: i64,
+        attempt: &str,
+    ) -> Result<()>;
+
+    /// Settles a reserved attempt as a failure and returns how many failures the
+    /// custodian has within the policy's window; locks the custodian when that count
+    /// reaches the limit.
     async fn record_failure(&self, failure: &Failure<'_>) -> Result<u32>;
 }
 
@@ -240,7 +277,58 @@ impl QuorumStore for SqlStore {
         custodian_from_row(&row)
     }
 
-    async fn use_totp_step(&self, name: &str, generation: i64, step: i64) -> Result<()> {
+    async fn reserve_custodian_attempt(&self, a: &CustodianAttempt<'_>) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        // The custodian's row lock (a no-op update) orders every reservation and failure
+        // of this custodian, across PostgreSQL nodes too (SQLite's IMMEDIATE transaction
+        // already serialises them); what follows reads what the previous holder wrote.
+        let row = sqlx::query(
+            "UPDATE custodians SET locked_until = locked_until \
+             WHERE name = $1 AND generation = $2 RETURNING locked_until",
+        )
+        .bind(a.name.to_string())
+        .bind(a.generation)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        .ok_or(StoreError::NotFound)?;
+        let locked_until: Option<i64> = get(&row, "locked_until")?;
+        if locked_until.is_some_and(|t| t > a.at) {
+            return Err(StoreError::Conflict(Conflict::LockedOut));
+        }
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM custodian_failures WHERE custodian = $1 AND at > $2",
+        )
+        .bind(a.name.to_string())
+        .bind(a.since)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let n: i64 = row.try_get("n").map_err(|_| StoreError::Corrupt("count"))?;
+        if n >= i64::from(a.limit) {
+            return Err(StoreError::Conflict(Conflict::LockedOut));
+        }
+        sqlx::query(
+            "INSERT INTO custodian_failures (custodian, at, reason, attempt) \
+             VALUES ($1, $2, 'pending', $3)",
+        )
+        .bind(a.name.to_string())
+        .bind(a.at)
+        .bind(a.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn use_totp_step(
+        &self,
+        name: &str,
+        generation: i64,
+        step: i64,
+        attempt: &str,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE custodians SET totp_last_step = $1 \
              WHERE name = $2 AND generation = $3 AND (totp_last_step IS NULL OR totp_last_step < $1)",
@@ -248,20 +336,25 @@ impl QuorumStore for SqlStore {
         .bind(step)
         .bind(name.to_string())
         .bind(generation)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await
         .map_err(classify)?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict(Conflict::StepUsed))
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict(Conflict::StepUsed));
         }
+        sqlx::query("DELETE FROM custodian_failures WHERE attempt = $1 AND reason = 'pending'")
+            .bind(attempt.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
     }
 
     async fn record_failure(&self, f: &Failure<'_>) -> Result<u32> {
         let Failure {
             name,
             generation,
+            attempt,
             at,
             reason,
             since,
@@ -269,9 +362,7 @@ impl QuorumStore for SqlStore {
             lock_until,
         } = *f;
         let mut tx = self.begin_write().await?;
-        // Lock the custodian's row first (a no-op update), so concurrent failures on
-        // several PostgreSQL nodes count each other; SQLite's IMMEDIATE transaction
-        // already serialises them.
+        // The same row lock as the reservation's.
         sqlx::query(
             "UPDATE custodians SET locked_until = locked_until WHERE name = $1 AND generation = $2",
         )
@@ -280,15 +371,30 @@ impl QuorumStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
-        sqlx::query("INSERT INTO custodian_failures (custodian, at, reason) VALUES ($1, $2, $3)")
+        let settled = sqlx::query(
+            "UPDATE custodian_failures SET reason = $1 WHERE attempt = $2 AND reason = 'pending'",
+        )
+        .bind(reason.to_string())
+        .bind(attempt.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if settled.rows_affected() != 1 {
+            // The slot is gone (never reserved, or settled already): the failure still
+            // counts, as its own row.
+            sqlx::query(
+                "INSERT INTO custodian_failures (custodian, at, reason) VALUES ($1, $2, $3)",
+            )
             .bind(name.to_string())
             .bind(at)
             .bind(reason.to_string())
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
+        }
         let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM custodian_failures WHERE custodian = $1 AND at > $2",
+            "SELECT COUNT(*) AS n FROM custodian_failures \
+             WHERE custodian = $1 AND at > $2 AND reason <> 'pending'",
         )
         .bind(name.to_string())
         .bind(since)

@@ -1158,24 +1158,39 @@ async fn five_bad_totp_codes_raise_an_alert() {
             .unwrap_err();
         assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
     }
+    // Two alerts: the repeated failures, and the lock-out the fifth one caused (its
+    // `custodian.locked` record).
     let start = Instant::now();
-    while hits.load(Ordering::SeqCst) == 0 && start.elapsed() < Duration::from_secs(5) {
+    while hits.load(Ordering::SeqCst) < 2 && start.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(hits.load(Ordering::SeqCst), 1);
-    assert!(bodies.lock().unwrap()[0].contains("failed_custodian_check"));
-    // Sealed: the records are in clear, the alert among them.
-    wait_rows(&arca, 7).await;
-    let alert = arca
-        .sql("SELECT body FROM audit_log WHERE kind = 'alert'")
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    let posted = bodies.lock().unwrap().join("\n");
+    assert!(posted.contains("failed_custodian_check"), "{posted}");
+    assert!(posted.contains("custodian_lockout"), "{posted}");
+    // Sealed: the records are in clear, the alerts among them.
+    wait_rows(&arca, 9).await;
+    let alerts = arca
+        .sql("SELECT body FROM audit_log WHERE kind = 'alert' ORDER BY seq")
         .unwrap();
-    let body = base64::engine::general_purpose::STANDARD
-        .decode(alert.trim())
-        .unwrap();
-    let body = String::from_utf8(body).unwrap();
-    assert!(body.contains("rule=failed_custodian_check"), "{body}");
-    assert!(body.contains("custodian-1"), "{body}");
-    assert!(arca.log_text().contains("failed_custodian_check"));
+    let bodies: Vec<String> = alerts
+        .lines()
+        .map(|l| {
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(l.trim())
+                .unwrap();
+            String::from_utf8(b).unwrap()
+        })
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    for rule in ["failed_custodian_check", "custodian_lockout"] {
+        let body = bodies
+            .iter()
+            .find(|b| b.contains(&format!("rule={rule}")))
+            .unwrap_or_else(|| panic!("no {rule} alert in {bodies:?}"));
+        assert!(body.contains("custodian-1"), "{body}");
+        assert!(arca.log_text().contains(rule));
+    }
 }
 
 /// Two nodes on one PostgreSQL database write one gapless chain (the head is taken under

@@ -11,7 +11,7 @@
 //! other.
 //!
 //! Needs softhsm2, opensc (pkcs11-tool), p11-kit (server and client module) and the
-//! PostgreSQL client (psql, pg_dump): `scripts/setup --no-run` installs them.
+//! PostgreSQL client (psql, pg_dump, pg_restore): `scripts/setup --no-run` installs them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,6 +22,7 @@ mod access;
 mod age;
 mod approvals;
 mod audit;
+mod backup;
 mod cli;
 mod cluster;
 mod database;
@@ -30,6 +31,7 @@ mod hsm_objects;
 mod lifecycle;
 mod limits;
 mod load;
+mod lockout;
 mod outage;
 mod production;
 mod quorum;

@@ -43,8 +43,9 @@ pub struct Guard {
     refreshing: tokio::sync::Mutex<()>,
     limiter: RateLimiter,
     role_limiter: RoleLimiter,
-    /// MFA checks, one at a time per principal (`mfa.rs`).
-    pub(super) mfa_checks: KeyedLock,
+    /// MFA attempt reservations, one at a time per principal on this node (the
+    /// lock-out read and the reservation; the check itself runs outside: `mfa.rs`).
+    pub(super) reserving: KeyedLock,
 }
 
 impl Guard {
@@ -57,7 +58,7 @@ impl Guard {
             refreshing: tokio::sync::Mutex::new(()),
             limiter: RateLimiter::new(ctx.cfg.rate_limit),
             role_limiter: RoleLimiter::default(),
-            mfa_checks: KeyedLock::default(),
+            reserving: KeyedLock::default(),
             ctx,
         }
     }

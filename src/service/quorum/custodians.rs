@@ -6,7 +6,12 @@
 //! - A share is accepted only from the identity it belongs to (the commitment binds name
 //!   and share), only with a fresh TOTP code (one use per step), and never from a locked
 //!   out custodian; every failure counts towards the lock-out
-//!   ([`FAILURE_LIMIT`] in [`FAILURE_WINDOW_MS`] lock out for [`LOCKOUT_MS`]).
+//!   ([`FAILURE_LIMIT`] in [`FAILURE_WINDOW_MS`] lock out for [`LOCKOUT_MS`], write a
+//!   `custodian.locked` audit record and raise the `custodian_lockout` alert).
+//! - No share or code is checked without an attempt slot reserved in the store first
+//!   (ADR 14), so concurrent submissions on any number of nodes get at most
+//!   [`FAILURE_LIMIT`] checks per window; one that finds no slot is refused as locked out
+//!   unchecked.
 //! - Outside dev mode a quorum has `MIN_THRESHOLD ≤ K ≤ N ≤ 16` distinct custodians.
 //! - A new quorum secret is wiped before [`Custodians::new_quorum`] returns; nothing of a
 //!   kit is stored but token hashes, commitments and share-sealed TOTP secrets.
@@ -19,7 +24,9 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
+use crate::audit::record::codes;
 use crate::authz::CUSTODIAN_PREFIX;
+use crate::clock::rfc3339;
 use crate::quorum::{age, crypto, shamir, totp, QuorumError};
 use crate::secret::{BearerToken, Share};
 use crate::service::access::{FAILURE_LIMIT, FAILURE_WINDOW_MS, LOCKOUT_MS};
@@ -28,7 +35,10 @@ use crate::service::context::{Context, Permit};
 use crate::service::error::{Rejection, Result, ServiceError};
 use crate::service::serial::KeyedLock;
 use crate::service::Caller;
-use crate::store::{CustodianRecord, Failure, QuorumConfig, StoreError, TokenRecord};
+use crate::store::{
+    Conflict as StoreConflict, CustodianAttempt, CustodianRecord, Failure, QuorumConfig,
+    StoreError, TokenRecord,
+};
 
 /// Smallest K outside dev mode (DESIGN §2: 2 ≤ K).
 pub const MIN_THRESHOLD: u8 = 2;
@@ -134,9 +144,9 @@ pub(super) fn encrypt_kits(
 /// Custodian checks and new quorums.
 pub struct Custodians {
     ctx: Arc<Context>,
-    /// One check at a time per custodian on this node: the lock-out is read, the code
-    /// checked and the failure counted before the next attempt is looked at.
-    checking: KeyedLock,
+    /// Attempt reservations, one at a time per custodian on this node (the lock-out
+    /// read and the reservation; the check itself runs outside).
+    reserving: KeyedLock,
 }
 
 impl Custodians {
@@ -144,7 +154,7 @@ impl Custodians {
     pub fn new(ctx: Arc<Context>) -> Self {
         Custodians {
             ctx,
-            checking: KeyedLock::default(),
+            reserving: KeyedLock::default(),
         }
     }
 
@@ -173,8 +183,8 @@ impl Custodians {
         }
     }
 
-    /// Checks a custodian's share and TOTP code (lock-out, commitment, replay), counting
-    /// failures. Returns the share.
+    /// Checks a custodian's share and TOTP code (lock-out, commitment, replay) in an
+    /// attempt slot reserved first, counting failures. Returns the share.
     pub(super) async fn check(
         &self,
         permit: &impl Permit,
@@ -183,7 +193,9 @@ impl Custodians {
         share_text: &str,
         totp_code: &str,
     ) -> Result<Share> {
-        let _one = self.checking.lock(name).await;
+        // A burst for one custodian queues here, in memory, until its slot is reserved
+        // or refused, rather than on database connections.
+        let reserving = self.reserving.lock(name).await;
         let db = self.ctx.db(permit);
         let now = self.ctx.clock.now_ms();
         let record = match db.custodian(name, cfg.generation).await {
@@ -191,9 +203,33 @@ impl Custodians {
             Err(StoreError::NotFound) => return Err(ServiceError::PermissionDenied),
             Err(e) => return Err(e.into()),
         };
+        // Locked out already: refused without a write.
         if record.locked_until.is_some_and(|t| t > now) {
             return Err(ServiceError::Rejected(Rejection::LockedOut));
         }
+        let attempt = self.ctx.random_id("att_")?;
+        let reserved = db
+            .reserve_custodian_attempt(&CustodianAttempt {
+                name,
+                generation: cfg.generation,
+                id: &attempt,
+                at: now,
+                since: now - FAILURE_WINDOW_MS,
+                limit: FAILURE_LIMIT,
+            })
+            .await;
+        drop(reserving);
+        match reserved {
+            Ok(()) => {}
+            Err(StoreError::Conflict(StoreConflict::LockedOut)) => {
+                tracing::warn!(custodian = name, "custodian check refused: no attempt left");
+                return Err(ServiceError::Rejected(Rejection::LockedOut));
+            }
+            Err(StoreError::NotFound) => return Err(ServiceError::PermissionDenied),
+            Err(e) => return Err(e.into()),
+        }
+        // From here on the slot is settled as a failure or released by the step's use; a
+        // store error leaves it pending, which counts as a failure until the window passes.
         let checked = shamir::decode(share_text)
             .and_then(|share| {
                 crypto::check_commitment(name, &share, &record.commitment)?;
@@ -206,10 +242,12 @@ impl Custodians {
                 Ok((share, step))
             });
         match checked {
-            Ok((share, step)) => match db.use_totp_step(name, cfg.generation, step).await {
+            Ok((share, step)) => match db.use_totp_step(name, cfg.generation, step, &attempt).await
+            {
                 Ok(()) => Ok(share),
                 Err(StoreError::Conflict(_)) => {
-                    self.count_failure(permit, name, cfg, "totp replay").await?;
+                    self.count_failure(permit, name, cfg, &attempt, "totp replay")
+                        .await?;
                     Err(ServiceError::Rejected(Rejection::TotpRejected))
                 }
                 Err(e) => Err(e.into()),
@@ -220,7 +258,8 @@ impl Custodians {
                     _ => "share",
                 };
                 tracing::warn!(custodian = name, reason, "custodian check failed");
-                self.count_failure(permit, name, cfg, reason).await?;
+                self.count_failure(permit, name, cfg, &attempt, reason)
+                    .await?;
                 Err(e.into())
             }
         }
@@ -231,6 +270,7 @@ impl Custodians {
         permit: &impl Permit,
         name: &str,
         cfg: &QuorumConfig,
+        attempt: &str,
         reason: &str,
     ) -> Result<()> {
         let now = self.ctx.clock.now_ms();
@@ -240,6 +280,7 @@ impl Custodians {
             .record_failure(&Failure {
                 name,
                 generation: cfg.generation,
+                attempt,
                 at: now,
                 reason,
                 since: now - FAILURE_WINDOW_MS,
@@ -252,6 +293,15 @@ impl Custodians {
                 custodian = name,
                 failures = n,
                 "custodian locked out after repeated failures"
+            );
+            self.ctx.record_lockout(
+                "custodian.locked",
+                codes::PERMISSION_DENIED,
+                &format!("{CUSTODIAN_PREFIX}{name}"),
+                &format!(
+                    "custodian={name} failures={n} locked_until={}",
+                    rfc3339(now + LOCKOUT_MS)
+                ),
             );
         }
         Ok(())

@@ -1,12 +1,17 @@
 //! Access control: grants that expire with the clock, MFA lock-out, the approved policy
 //! over the files.
 
-use super::{caller, caller_with, ok, open_world, World};
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::{caller, caller_with, ok, open_world, two_nodes, World};
 use crate::authz::policy::Policy;
 use crate::keys::KeyName;
 use crate::quorum::totp;
 use crate::service::{
-    act, AccessOutcome, MfaRefusal, ReloadError, Scope, ServiceConfig, ServiceError, LOCKOUT_MS,
+    act, AccessOutcome, MfaRefusal, ReloadError, Scope, ServiceConfig, ServiceError, FAILURE_LIMIT,
+    FAILURE_WINDOW_MS, LOCKOUT_MS,
 };
 use crate::store::AccessStore;
 
@@ -33,12 +38,25 @@ principals = ["m"]
 roles = ["ops"]
 "#;
 
-async fn world() -> World {
-    open_world(ServiceConfig {
+fn config() -> ServiceConfig {
+    ServiceConfig {
         access_policy: Policy::parse(POLICY).unwrap(),
         ..ServiceConfig::default()
-    })
-    .await
+    }
+}
+
+async fn world() -> World {
+    open_world(config()).await
+}
+
+/// The TOTP secret in an enrolment URI.
+fn uri_secret(uri: &str) -> Vec<u8> {
+    base32_decode(
+        uri.split("secret=")
+            .nth(1)
+            .and_then(|s| s.split('&').next())
+            .unwrap(),
+    )
 }
 
 fn k() -> Scope {
@@ -199,4 +217,121 @@ async fn a_grant_does_not_reach_a_token_narrowed_to_other_roles() {
         .authorize::<act::GetKey>(&to_reader, k())
         .await
         .is_ok());
+}
+
+/// Wrong codes sent all at once to two nodes on one database: each node used to check
+/// them one at a time behind its own lock, so the other node's checks ran before the
+/// lock-out landed. Every check now needs a slot reserved in the store first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_wrong_codes_on_two_nodes_are_checked_five_at_most() {
+    let (w, other) = two_nodes(config()).await;
+    for node in [&w.svc, &other] {
+        node.sealing
+            .open_with_pin(Zeroizing::new(b"pin".to_vec()))
+            .await
+            .unwrap();
+    }
+    let secret = uri_secret(&w.svc.totp.enroll(&caller("m", &[])).await.unwrap().uri);
+    let code = |now: i64| totp::hotp(&secret, totp::step_at(now) as u64);
+    let good = code(w.now());
+    let wrong = if good == "000000" { "111111" } else { "000000" };
+    let guards = [Arc::clone(&w.svc.guard), Arc::clone(&other.guard)];
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let guard = Arc::clone(&guards[i % 2]);
+            tokio::spawn(async move {
+                guard
+                    .authorize::<act::RotateKey>(&caller_with("m", &[], Some(wrong.into())), k())
+                    .await
+                    .err()
+            })
+        })
+        .collect();
+    let (mut checked, mut locked) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(ServiceError::Mfa(MfaRefusal::Rejected)) => checked += 1,
+            Some(ServiceError::Mfa(MfaRefusal::LockedOut)) => locked += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((checked, locked), (FAILURE_LIMIT as usize, 45));
+    let e = w.store.totp_enrolment("m").await.unwrap().unwrap();
+    assert_eq!(e.locked_until, Some(w.now() + LOCKOUT_MS));
+    // The right code is refused on both nodes until the lock-out ends.
+    for node in [&w.svc, &other] {
+        let m = caller_with("m", &[], Some(code(w.now())));
+        assert!(matches!(
+            node.guard.authorize::<act::RotateKey>(&m, k()).await,
+            Err(ServiceError::Mfa(MfaRefusal::LockedOut))
+        ));
+    }
+    w.clock.advance(LOCKOUT_MS - 1);
+    let m = caller_with("m", &[], Some(code(w.now())));
+    assert!(matches!(
+        other.guard.authorize::<act::RotateKey>(&m, k()).await,
+        Err(ServiceError::Mfa(MfaRefusal::LockedOut))
+    ));
+    w.clock.advance(1);
+    let m = caller_with("m", &[], Some(code(w.now())));
+    other
+        .guard
+        .authorize::<act::RotateKey>(&m, k())
+        .await
+        .unwrap();
+}
+
+/// A passed check gives its slot back; a crash between reservation and check (a slot
+/// left pending) counts against the person until the window passes, never for them.
+#[tokio::test]
+async fn a_passed_check_frees_its_slot_and_a_pending_one_counts_until_the_window_passes() {
+    let w = world().await;
+    let guard = &w.svc.guard;
+    let secret = uri_secret(&w.svc.totp.enroll(&caller("m", &[])).await.unwrap().uri);
+    let code = |now: i64| Some(totp::hotp(&secret, totp::step_at(now) as u64));
+    // Four attempts left pending, as by a node that died mid-check.
+    for i in 0..4 {
+        let id = format!("att_crashed{i}");
+        w.store
+            .reserve_mfa_attempt(&crate::store::MfaAttempt {
+                principal: "m",
+                id: &id,
+                at: w.now(),
+                since: w.now() - FAILURE_WINDOW_MS,
+                limit: FAILURE_LIMIT,
+            })
+            .await
+            .unwrap();
+    }
+    // Successes do not use up the last slot.
+    for _ in 0..3 {
+        let m = caller_with("m", &[], code(w.now()));
+        guard.authorize::<act::RotateKey>(&m, k()).await.unwrap();
+        w.clock.advance(30_000);
+    }
+    // A failure takes it: nothing is checked any more, but nobody is locked out either
+    // (pending attempts are not failures).
+    assert!(matches!(
+        guard
+            .authorize::<act::RotateKey>(&caller("m", &[]), k())
+            .await,
+        Err(ServiceError::Mfa(MfaRefusal::Missing))
+    ));
+    let m = caller_with("m", &[], code(w.now()));
+    assert!(matches!(
+        guard.authorize::<act::RotateKey>(&m, k()).await,
+        Err(ServiceError::Mfa(MfaRefusal::LockedOut))
+    ));
+    assert_eq!(
+        w.store
+            .totp_enrolment("m")
+            .await
+            .unwrap()
+            .unwrap()
+            .locked_until,
+        None
+    );
+    w.clock.advance(FAILURE_WINDOW_MS);
+    let m = caller_with("m", &[], code(w.now()));
+    guard.authorize::<act::RotateKey>(&m, k()).await.unwrap();
 }

@@ -44,6 +44,23 @@ pub(super) fn fake_hsm() -> HsmAccess {
     HsmAccess::new(opener, setter, EngineConfig::default())
 }
 
+/// HSM access over `hsm` for every open: how two nodes share one token.
+pub(super) fn hsm_over(hsm: Arc<FakeHsm>) -> HsmAccess {
+    let opener: HsmOpener = Arc::new(move |_pin| Ok(hsm.clone() as Arc<dyn Hsm>));
+    let setter: PinSetter = Arc::new(|_, _| Ok(()));
+    HsmAccess::new(opener, setter, EngineConfig::default())
+}
+
+/// Two nodes: sealed worlds with `cfg` on one database and one HSM token (the second
+/// node's services share the first's store, clock and token, nothing else).
+pub(super) async fn two_nodes(cfg: ServiceConfig) -> (World, Services) {
+    let hsm = Arc::new(FakeHsm::new());
+    let w = world_with(cfg.clone(), hsm_over(Arc::clone(&hsm))).await;
+    let ctx = Arc::new(Context::new(w.store.clone(), w.clock.clone(), cfg));
+    let other = Services::new(ctx, hsm_over(hsm));
+    (w, other)
+}
+
 /// A sealed world with `cfg` and `hsm`.
 pub(super) async fn world_with(cfg: ServiceConfig, hsm: HsmAccess) -> World {
     let clock = Arc::new(ManualClock::at(T0));

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use super::{admin, custodian, fake_hsm, kit_code, world_with, World, T0};
+use super::{admin, custodian, fake_hsm, kit_code, two_nodes, world_with, World, T0};
 use crate::keys::{EngineConfig, HsmAccess, HsmOpener, PinSetter};
 use crate::quorum::shamir;
 use crate::service::{
@@ -250,4 +250,59 @@ async fn fifty_concurrent_wrong_codes_are_judged_five_at_most_before_the_lockout
         (crate::service::FAILURE_LIMIT as usize, 45)
     );
     assert_eq!(failures(&w, "a"), i64::from(crate::service::FAILURE_LIMIT));
+}
+
+/// A stolen share with wrong codes sent all at once to two sealed nodes on one
+/// database: each node used to check one at a time behind its own lock, so the other
+/// node's checks ran before the lock-out landed. Every check now needs a slot reserved
+/// in the store first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_wrong_codes_on_two_nodes_are_checked_five_at_most() {
+    let (w, other) = two_nodes(ServiceConfig::default()).await;
+    let other = Arc::new(other);
+    let w = Arc::new(w);
+    let kits = init(&w, 2, &["a", "b"]).await;
+    let good = kit_code(&w.store, &kits[0], 1, w.now()).await;
+    let wrong = if good == "000000" { "111111" } else { "000000" };
+    let share = Arc::new(kits[0].share.to_string());
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (w, other, share) = (Arc::clone(&w), Arc::clone(&other), Arc::clone(&share));
+        tasks.push(tokio::spawn(async move {
+            let sealing = if i % 2 == 0 {
+                &w.svc.sealing
+            } else {
+                &other.sealing
+            };
+            sealing.unseal(&custodian("a"), &share, wrong).await.err()
+        }));
+    }
+    let (mut checked, mut locked) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(ServiceError::Rejected(Rejection::TotpRejected)) => checked += 1,
+            Some(ServiceError::Rejected(Rejection::LockedOut)) => locked += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        (checked, locked),
+        (crate::service::FAILURE_LIMIT as usize, 45)
+    );
+    assert_eq!(failures(&w, "a"), i64::from(crate::service::FAILURE_LIMIT));
+    // The right code is refused on both nodes until the lock-out ends.
+    for sealing in [&w.svc.sealing, &other.sealing] {
+        let c = kit_code(&w.store, &kits[0], 1, w.now()).await;
+        assert!(matches!(
+            sealing.unseal(&custodian("a"), &kits[0].share, &c).await,
+            Err(ServiceError::Rejected(Rejection::LockedOut))
+        ));
+    }
+    w.clock.advance(LOCKOUT_MS);
+    let c = kit_code(&w.store, &kits[0], 1, w.now()).await;
+    other
+        .sealing
+        .unseal(&custodian("a"), &kits[0].share, &c)
+        .await
+        .unwrap();
 }

@@ -57,7 +57,7 @@ pub fn postgres_url(test: &str) -> Option<String> {
 }
 
 /// A `postgres://` URL taken apart: (scheme, authority, `?query` or "").
-fn split_url(url: &str) -> (&str, &str, String) {
+pub(super) fn split_url(url: &str) -> (&str, &str, String) {
     let (scheme, rest) = url.split_once("://").expect("postgres:// URL");
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, format!("?{q}")),
@@ -111,6 +111,16 @@ impl PgDatabase {
     /// The password in [`PgDatabase::url`], if the support added one.
     pub fn password(&self) -> Option<&str> {
         self.password.as_deref()
+    }
+
+    /// Drops the database (with `FORCE`) and creates it again, empty: a lost database.
+    pub fn recreate(&self) {
+        for stmt in [
+            format!("DROP DATABASE {} WITH (FORCE)", self.name),
+            format!("CREATE DATABASE {}", self.name),
+        ] {
+            psql_query(&self.admin_url, &stmt).unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
     }
 
     /// A plain-text dump of the database's data (`pg_dump --data-only`).

@@ -9,6 +9,8 @@
 //!   and the plain calls tests make on the way to what they check.
 //! - [`quorum`]: custodian kits, TOTP codes, the 3-of-5 ceremony, and `age` identities.
 //! - [`cli`]: the `arca` command line as a client of a running server.
+//! - [`backup`]: backups taken and restored as the operations runbook says (`sqlite3
+//!   .backup`, `pg_dump`/`pg_restore`, the token directory, the audit checkpoint file).
 //! - [`database`]: the back ends: PostgreSQL databases and clusters of the tests, and the
 //!   `psql` and `sqlite3` shells.
 //! - [`hsm`]: SoftHSM tokens read through OpenSC's `pkcs11-tool`.
@@ -27,6 +29,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+pub mod backup;
 pub mod cli;
 pub mod clients;
 pub mod database;
@@ -35,6 +38,7 @@ pub mod pki;
 pub mod quorum;
 pub mod server;
 
+pub use backup::Restore;
 pub use cli::CliOutput;
 pub use clients::{
     assert_code, create_key, generate, generate_wrapped, get_key, health_status, mint_token,
