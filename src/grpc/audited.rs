@@ -14,7 +14,8 @@
 //! handler that panics is recorded as `INTERNAL`.
 //!
 //! What the record says comes back with the response: the principal from the
-//! authentication layer ([`Identified`]), the key, version and context digest from the use
+//! authentication layer ([`Identified`]; for a refused client certificate, its reason and
+//! principal as the record's detail, [`RefusedCertificate`]), the key, version and context digest from the use
 //! case ([`Facts`], or [`FailedCallFacts`] in a `Status`). Operation names in records and
 //! metric labels are the API's method names only; any other path is recorded as
 //! `unknown` (a caller cannot mint labels).
@@ -29,7 +30,9 @@ use http::{Request, Response};
 use tonic::body::Body;
 
 use super::around::{call_inner, BoxResponse, Hook, Inner};
-use super::call::{is_public, peer_of, request_id, FailedCallFacts, Identified};
+use super::call::{
+    is_public, peer_of, request_id, FailedCallFacts, Identified, RefusedCertificate,
+};
 use super::status::to_status;
 use crate::audit::{code_name, AuditLog, Details, Kind, PendingRecord};
 use crate::service::{Facts, ServiceError};
@@ -174,6 +177,7 @@ async fn record<S: Inner>(
     };
     let facts = facts_of(&mut resp);
     let who = resp.extensions_mut().remove::<Identified>();
+    let refused = resp.extensions_mut().remove::<RefusedCertificate>();
     let details = Details {
         request_id: request_id.clone(),
         principal: who
@@ -189,6 +193,8 @@ async fn record<S: Inner>(
         key_name: facts.key,
         key_version: facts.version,
         context_digest: facts.context_digest,
+        // A refused client certificate: why, and the principal it names.
+        detail: refused.map(|r| format!("{} {}", r.reason, r.principal).trim().to_string()),
         ..Details::default()
     };
     let rec = PendingRecord {

@@ -7,14 +7,17 @@
 //!   cases (response extensions, or the `Status`'s source), for the audit layer.
 //! - [`Identified`]: who the authentication layer found, on the response, for the audit
 //!   layer.
-//! - Request parsing shared by the layers: [`peer_of`], [`bearer`], [`totp_header`],
-//!   [`is_public`].
+//! - [`RefusedCertificate`]: a client certificate the authentication layer refused, on the
+//!   response, for the audit layer.
+//! - Request parsing shared by the layers: [`peer_of`], [`peer_chain`], [`bearer`],
+//!   [`totp_header`], [`is_public`].
 //!
 //! Invariant: no fact travels beside a call but in its request or response values.
 
 use std::sync::Arc;
 
 use http::Request;
+use rustls::pki_types::CertificateDer;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Response, Status};
 
@@ -40,6 +43,16 @@ pub struct Identified {
     pub principal: String,
     /// How it authenticated (a token by its public id, never the token).
     pub method: String,
+}
+
+/// A client certificate the authentication layer refused, on the response, for the audit
+/// layer: the principal it names and why it was refused.
+#[derive(Clone, Debug)]
+pub struct RefusedCertificate {
+    /// The principal the certificate names (empty if none).
+    pub principal: String,
+    /// The stable reason (`CERT_REVOKED`, ...).
+    pub reason: &'static str,
 }
 
 /// The facts of a failed call, as the `Status`'s source.
@@ -119,6 +132,14 @@ pub fn peer_of<B>(req: &Request<B>) -> Peer {
             cert: None,
         }
     }
+}
+
+/// The certificate chain the client presented on the connection (mutual TLS), end entity
+/// first.
+pub fn peer_chain<B>(req: &Request<B>) -> Option<Arc<Vec<CertificateDer<'static>>>> {
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|tls| tls.peer_certs())
 }
 
 /// The bearer token of a request, if it carries one in the `authorization` header.

@@ -4,7 +4,8 @@
 //! request ids ([`request_id`]), the audit record ([`audited`]) and authentication
 //! ([`authn`]), and the transport's own refusals in Arca's words ([`sanitize`]), written on
 //! one piece of tower plumbing ([`around`]). Health, reflection
-//! and the TLS listener ([`tls`]) complete it.
+//! and the TLS listener ([`tls`]) complete it; [`client_cert`] is the client-certificate
+//! check both the TLS handshake and authentication run.
 //!
 //! Invariants:
 //! - Every response carries `x-request-id`.
@@ -15,7 +16,8 @@
 //!   decision is made here, and the audit facts come back in the use case's answer.
 //! - Messages that carry key material have a `Debug` that prints no bytes of it.
 //!
-//! Files import downwards only: `pb`, `request_id`, `around`, `status` ← `call` ←
+//! Files import downwards only: `client_cert` ← `tls`, `status`; `pb`, `request_id`,
+//! `around`, `status` ← `call` ←
 //! `convert`, `authn`, `audited`, `sanitize`, `health` ← `keys`, `quorum`, `access`, `audit` ← this.
 //!
 //! Must not import: sqlx, cryptoki, arca_hsm.
@@ -26,6 +28,7 @@ pub mod audit;
 pub mod audited;
 pub mod authn;
 pub mod call;
+pub mod client_cert;
 pub mod convert;
 pub mod health;
 pub mod keys;
@@ -37,6 +40,7 @@ pub mod status;
 pub mod tls;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::server::Connected;
@@ -56,9 +60,9 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// How often the HSM and database are probed for health.
     pub health_interval: Duration,
-    /// How long a connection lives before the server closes it (gracefully): a client
-    /// certificate revoked (a new CRL) or expired stops working within this time, since
-    /// certificates are checked at each handshake.
+    /// How long a connection lives before the server closes it (gracefully), after which
+    /// the client makes a new handshake. (Client certificates are also checked on every
+    /// request: see [`client_cert`].)
     pub max_connection_age: Duration,
 }
 
@@ -75,10 +79,12 @@ impl Default for ServeOptions {
 }
 
 /// Serves the API on `incoming` (plain TCP in dev mode, or TLS connections from
-/// [`tls::incoming`]) until `shutdown` completes.
+/// [`tls::incoming`]) until `shutdown` completes. Under mutual TLS, `certs` is the
+/// client-certificate check run again on every request.
 pub async fn serve<I, IO, IE>(
     incoming: I,
     svc: &Services,
+    certs: Option<Arc<client_cert::ClientCheck>>,
     opts: ServeOptions,
     request_id_prefix: String,
     shutdown: impl Future<Output = ()> + Send,
@@ -89,7 +95,6 @@ where
     IO::ConnectInfo: Clone + Send + Sync + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    use std::sync::Arc;
     let (health, health_svc) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -144,7 +149,7 @@ where
         // recorded (refusals included), then authenticated.
         .layer(request_id::RequestIdLayer::new(request_id_prefix))
         .layer(HookLayer(audited::Audited::new(svc.ctx.audit().cloned())))
-        .layer(HookLayer(authn::Authn::new(Arc::clone(&svc.guard))))
+        .layer(HookLayer(authn::Authn::new(Arc::clone(&svc.guard), certs)))
         // Innermost: the transport's own refusals (undecodable or oversized messages) in
         // Arca's words.
         .layer(HookLayer(sanitize::Sanitize))

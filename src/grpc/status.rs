@@ -6,6 +6,7 @@
 
 use tonic::{Code, Status};
 
+use super::client_cert::CertRefusal;
 use crate::service::ServiceError;
 
 /// Metadata key of a typed refusal's stable reason.
@@ -58,6 +59,16 @@ pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     status
 }
 
+/// A client certificate refused on a request (`grpc::authn`): `UNAUTHENTICATED` with its
+/// reason (`CERT_REVOKED`, `CERT_EXPIRED`, `CRL_EXPIRED`, ...).
+pub fn cert_refused(refusal: CertRefusal) -> Status {
+    let mut status = Status::new(Code::Unauthenticated, refusal.to_string());
+    if let Ok(v) = refusal.reason().parse() {
+        status.metadata_mut().insert(REASON_HEADER, v);
+    }
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +87,25 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "invalid wrapped key or encryption context");
         assert!(s.metadata().get(REASON_HEADER).is_none());
+    }
+
+    #[test]
+    fn a_refused_certificate_is_unauthenticated_with_its_reason() {
+        for (r, reason) in [
+            (CertRefusal::Revoked, "CERT_REVOKED"),
+            (CertRefusal::Expired, "CERT_EXPIRED"),
+            (CertRefusal::CrlExpired, "CRL_EXPIRED"),
+            (CertRefusal::CrlUnusable, "CRL_UNUSABLE"),
+        ] {
+            let s = cert_refused(r);
+            assert_eq!(s.code(), Code::Unauthenticated);
+            assert_eq!(
+                s.metadata()
+                    .get(REASON_HEADER)
+                    .and_then(|v| v.to_str().ok()),
+                Some(reason)
+            );
+        }
     }
 
     #[test]

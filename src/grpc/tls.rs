@@ -6,16 +6,24 @@
 //!   renegotiation at all.
 //! - With a client CA bundle (required outside dev mode), every client must present a
 //!   certificate that chains to it, is within its validity period and, with a CRL, is not
-//!   revoked: otherwise the handshake fails and no request is read.
+//!   revoked by a CRL that is itself not past its nextUpdate: otherwise the handshake
+//!   fails and no request is read. The same check ([`ClientCheck`]) runs again on every
+//!   request (`grpc::authn`), so a certificate revoked or expired while its connection is
+//!   open is refused on that connection.
 //! - The configuration is rebuilt from the files on [`TlsReloader::reload`] (SIGHUP): a bad
-//!   file is refused and the configuration in force stays; established connections keep
-//!   the session they negotiated.
+//!   certificate, key or CA file is refused and the configuration in force stays. The CRL
+//!   file is also re-read every `crl_refresh` ([`TlsReloader::refresh_crl`]) and put in
+//!   force when its bytes change. A CRL that cannot be used fails closed: every client
+//!   certificate is refused until a usable one is read (never the old one kept, never
+//!   none).
+//! - No session resumption (no session cache, no tickets): every handshake verifies the
+//!   client certificate afresh.
 //! - Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`], so a slow or
 //!   silent client cannot hold up others.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,12 +31,17 @@ use rustls::crypto::ring as ring_provider;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+
+use super::client_cert::{ClientCheck, CrlRejected, LiveVerifier};
+use crate::clock::Clock;
 
 /// Longest a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +57,8 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
     /// Certificate revocation list(s) for client certificates.
     pub crl: Option<PathBuf>,
+    /// How often the CRL file is re-read (a changed file is put in force).
+    pub crl_refresh: Duration,
 }
 
 /// Why TLS material was refused. Never carries key bytes.
@@ -62,6 +77,9 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("TLS configuration refused: {0}")]
     Config(String),
+    /// The CRL is unusable: every client certificate is refused until a good one is read.
+    #[error("{0}; every client certificate is refused until a usable CRL is read")]
+    Crl(String),
 }
 
 fn file_err(what: &'static str, path: &std::path::Path, e: impl std::fmt::Display) -> TlsError {
@@ -92,9 +110,7 @@ fn provider() -> CryptoProvider {
     }
 }
 
-/// Builds a server configuration from the files.
-pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
-    let provider = Arc::new(provider());
+fn read_certs(files: &TlsFiles) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| file_err("certificate", &files.cert, e))?
         .collect::<Result<_, _>>()
@@ -106,34 +122,67 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
             "no certificate in file",
         ));
     }
+    Ok(certs)
+}
+
+fn read_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err("client CA", ca, e))? {
+        roots
+            .add(c.map_err(|e| file_err("client CA", ca, e))?)
+            .map_err(|e| file_err("client CA", ca, e))?;
+    }
+    if roots.is_empty() {
+        return Err(file_err("client CA", ca, "no certificate in file"));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The CRLs in a file's bytes (PEM); a file with none is refused, so that an emptied or
+/// truncated file never turns revocation checking off.
+fn parse_crls(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, CrlRejected> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CrlRejected(format!("CRL {}: {e}", path.display())))?;
+    if crls.is_empty() {
+        return Err(CrlRejected(format!(
+            "CRL {}: no CRL in file",
+            path.display()
+        )));
+    }
+    Ok(crls)
+}
+
+/// Reads the CRL file: its digest (to notice a change) and its CRLs.
+fn read_crls(
+    path: &Path,
+) -> (
+    [u8; 32],
+    Result<Vec<CertificateRevocationListDer<'static>>, CrlRejected>,
+) {
+    match std::fs::read(path) {
+        Ok(bytes) => (Sha256::digest(&bytes).into(), parse_crls(path, &bytes)),
+        // An unreadable file has a digest of its own (all zeros), so that it is
+        // reported once, and its return noticed.
+        Err(e) => (
+            [0; 32],
+            Err(CrlRejected(format!("CRL {}: {e}", path.display()))),
+        ),
+    }
+}
+
+/// The rustls configuration of a certificate, key and client-certificate verifier.
+fn server_config(
+    provider: Arc<CryptoProvider>,
+    files: &TlsFiles,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<ServerConfig, TlsError> {
+    let certs = read_certs(files)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| file_err("private key", &files.key, e))?;
-    let verifier = match &files.client_ca {
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err("client CA", ca, e))? {
-                roots
-                    .add(c.map_err(|e| file_err("client CA", ca, e))?)
-                    .map_err(|e| file_err("client CA", ca, e))?;
-            }
-            if roots.is_empty() {
-                return Err(file_err("client CA", ca, "no certificate in file"));
-            }
-            let mut crls = Vec::new();
-            if let Some(crl) = &files.crl {
-                for c in CertificateRevocationListDer::pem_file_iter(crl)
-                    .map_err(|e| file_err("CRL", crl, e))?
-                {
-                    crls.push(c.map_err(|e| file_err("CRL", crl, e))?);
-                }
-            }
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-                .with_crls(crls)
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?
-        }
-        None => WebPkiClientVerifier::no_client_auth(),
-    };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -141,32 +190,140 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed session skips the client certificate's
+    // verification (it carries the first handshake's verdict), so a certificate revoked
+    // or expired since could reconnect. Clients reconnect rarely (each
+    // `--max-connection-age`): every handshake is a full one.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
-/// The TLS configuration in force, replaceable at run time.
+/// A verifier of the client CA alone (hints and handshake signatures of [`LiveVerifier`]).
+fn base_verifier(
+    provider: &Arc<CryptoProvider>,
+    roots: &Arc<RootCertStore>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(provider))
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// What a re-read of the CRL file found.
+#[derive(Debug)]
+pub enum CrlRefresh {
+    /// No CRL file, or the same bytes as last time.
+    Unchanged,
+    /// A new CRL is in force.
+    Loaded,
+    /// The file changed but its CRL is unusable: every client certificate is refused
+    /// until a good one is written.
+    Unusable(CrlRejected),
+}
+
+/// The TLS configuration in force, replaceable at run time, and the client-certificate
+/// check shared with the authentication layer.
 pub struct TlsReloader {
     files: TlsFiles,
+    provider: Arc<CryptoProvider>,
     current: RwLock<Arc<ServerConfig>>,
+    check: Option<Arc<ClientCheck>>,
+    /// Digest of the CRL file's bytes last put in force (or refused).
+    crl_seen: Mutex<[u8; 32]>,
 }
 
 impl TlsReloader {
-    /// Loads the files once; fails if they do not make a valid configuration.
-    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        let cfg = server_config(&files)?;
+    /// Loads the files once; fails if they do not make a valid configuration (a bad CRL
+    /// included: a server does not start without a usable one).
+    pub fn load(files: TlsFiles, clock: Arc<dyn Clock>) -> Result<Self, TlsError> {
+        let provider = Arc::new(provider());
+        let mut seen = [0; 32];
+        let (verifier, check) = match &files.client_ca {
+            Some(ca) => {
+                let roots = read_roots(ca)?;
+                let crls = match &files.crl {
+                    Some(path) => {
+                        let (digest, crls) = read_crls(path);
+                        seen = digest;
+                        Some(crls.map_err(|e| TlsError::Crl(e.0))?)
+                    }
+                    None => None,
+                };
+                let check = Arc::new(
+                    ClientCheck::new(Arc::clone(&provider), clock, Arc::clone(&roots), crls)
+                        .map_err(|e| TlsError::Crl(e.0))?,
+                );
+                let live = LiveVerifier::new(base_verifier(&provider, &roots)?, Arc::clone(&check));
+                (Arc::new(live) as Arc<dyn ClientCertVerifier>, Some(check))
+            }
+            None => (WebPkiClientVerifier::no_client_auth(), None),
+        };
+        let cfg = server_config(Arc::clone(&provider), &files, verifier)?;
         Ok(TlsReloader {
             files,
+            provider,
             current: RwLock::new(Arc::new(cfg)),
+            check,
+            crl_seen: Mutex::new(seen),
         })
     }
 
-    /// Re-reads the files; on failure the configuration in force stays.
+    /// Re-reads the files. A bad certificate, key or client CA is refused and the
+    /// configuration in force stays. A bad CRL is different: it fails closed (every
+    /// client certificate is refused until a good CRL is read) and is returned as
+    /// [`TlsError::Crl`] after the rest is put in force.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let cfg = Arc::new(server_config(&self.files)?);
+        let (verifier, roots) = match (&self.files.client_ca, &self.check) {
+            (Some(ca), Some(check)) => {
+                let roots = read_roots(ca)?;
+                let live =
+                    LiveVerifier::new(base_verifier(&self.provider, &roots)?, Arc::clone(check));
+                (Arc::new(live) as Arc<dyn ClientCertVerifier>, Some(roots))
+            }
+            _ => (WebPkiClientVerifier::no_client_auth(), None),
+        };
+        let cfg = Arc::new(server_config(
+            Arc::clone(&self.provider),
+            &self.files,
+            verifier,
+        )?);
+        let crl = match (roots, &self.check) {
+            (Some(roots), Some(check)) => {
+                let crls = match &self.files.crl {
+                    Some(path) => {
+                        let (digest, crls) = read_crls(path);
+                        if let Ok(mut seen) = self.crl_seen.lock() {
+                            *seen = digest;
+                        }
+                        crls.map(Some)
+                    }
+                    None => Ok(None),
+                };
+                check.put_in_force(roots, crls)
+            }
+            _ => Ok(()),
+        };
         if let Ok(mut cur) = self.current.write() {
             *cur = cfg;
         }
-        Ok(())
+        crl.map_err(|e| TlsError::Crl(e.0))
+    }
+
+    /// Re-reads the CRL file and puts it in force if its bytes changed since last read
+    /// (see [`CrlRefresh`]).
+    pub fn refresh_crl(&self) -> CrlRefresh {
+        let (Some(path), Some(check)) = (&self.files.crl, &self.check) else {
+            return CrlRefresh::Unchanged;
+        };
+        let (digest, crls) = read_crls(path);
+        match self.crl_seen.lock() {
+            Ok(mut seen) if *seen != digest => *seen = digest,
+            _ => return CrlRefresh::Unchanged,
+        }
+        match check.put_crls_in_force(crls.map(Some)) {
+            Ok(()) => CrlRefresh::Loaded,
+            Err(e) => CrlRefresh::Unusable(e),
+        }
     }
 
     fn acceptor(&self) -> Option<TlsAcceptor> {
@@ -179,6 +336,16 @@ impl TlsReloader {
     /// Whether client certificates are required.
     pub fn mutual(&self) -> bool {
         self.files.client_ca.is_some()
+    }
+
+    /// The client-certificate check (mutual TLS only), for the authentication layer.
+    pub fn client_check(&self) -> Option<Arc<ClientCheck>> {
+        self.check.clone()
+    }
+
+    /// How often the CRL file is re-read (none without a CRL).
+    pub fn crl_refresh(&self) -> Option<Duration> {
+        self.files.crl.as_ref().map(|_| self.files.crl_refresh)
     }
 }
 

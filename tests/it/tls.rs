@@ -1,24 +1,34 @@
 //! TLS and mutual TLS on a real listener: protocol and suite policy (driven with
 //! `openssl s_client`), client-certificate verification (none, expired, another CA,
-//! revoked by CRL) and SIGHUP reload. The PKI comes from `scripts/make-test-ca`.
+//! revoked by CRL) at the handshake and again on every request on an open channel (a
+//! certificate revoked or expired since, an expired or unparsable CRL), the maximum
+//! connection age, and SIGHUP reload. The PKI comes from `scripts/make-test-ca`; the
+//! server runs on the back end of [`Db::default`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arca::grpc::pb;
 use arca::grpc::pb::access_service_client::AccessServiceClient;
+use arca::grpc::pb::audit_service_client::AuditServiceClient;
 use arca::grpc::pb::key_service_client::KeyServiceClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
 
+use crate::support::database::PgDatabase;
 use crate::support::pki::make_test_ca;
-use crate::support::{arca_command, signal, Auth, ServerProcess};
+use crate::support::{arca_command, reason, signal, Auth, Db, ServerProcess};
 
 /// A dev server over mutual TLS, with the PKI it trusts.
 struct TlsArca {
     server: ServerProcess,
     pki: PathBuf,
     token: String,
+    log: PathBuf,
+    _pg: Option<PgDatabase>,
     _dir: tempfile::TempDir,
 }
 
@@ -45,17 +55,30 @@ async fn start_with(extra: &[std::ffi::OsString]) -> TlsArca {
         .arg("--tls-crl")
         .arg(p("crl.pem"))
         .args(extra);
-    let server = ServerProcess::spawn(cmd, &dir.path().join("server.log")).await;
+    let pg = (Db::default() == Db::Postgres).then(PgDatabase::create);
+    if let Some(pg) = &pg {
+        cmd.env("ARCA_DATABASE_URL", pg.url());
+    }
+    let log = dir.path().join("server.log");
+    let server = ServerProcess::spawn(cmd, &log).await;
     let token = std::fs::read_to_string(data.join("dev-token"))
         .unwrap()
         .trim()
         .to_string();
-    TlsArca {
+    let arca = TlsArca {
         server,
         pki,
         token,
+        log,
+        _pg: pg,
         _dir: dir,
-    }
+    };
+    let backend = match Db::default() {
+        Db::Postgres => "backend=Postgres",
+        Db::Sqlite => "backend=Sqlite",
+    };
+    arca.wait_log("database open", backend).await;
+    arca
 }
 
 impl TlsArca {
@@ -75,6 +98,33 @@ impl TlsArca {
     }
 
     async fn channel(&self, client: Option<&str>) -> Result<tonic::transport::Channel, String> {
+        self.endpoint(client)
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))
+    }
+
+    /// A channel that counts the TCP connections (each one a TLS handshake) it makes.
+    async fn counted_channel(&self, client: &str) -> (tonic::transport::Channel, Arc<AtomicUsize>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let (addr, n) = (self.server.addr(), Arc::clone(&count));
+        let connector = tower::service_fn(move |_: http::Uri| {
+            n.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        });
+        let ch = self
+            .endpoint(Some(client))
+            .connect_with_connector(connector)
+            .await
+            .unwrap();
+        (ch, count)
+    }
+
+    fn endpoint(&self, client: Option<&str>) -> Endpoint {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
                 std::fs::read(self.pki.join("ca.pem")).unwrap(),
@@ -92,9 +142,22 @@ impl TlsArca {
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e}"))
+    }
+
+    /// Waits (5 s at most) for a line of the server's log with both `a` and `b`.
+    async fn wait_log(&self, a: &str, b: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(a) && l.contains(b))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {a:?} and {b:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Runs `openssl s_client` with `args` and a valid client certificate; returns the
@@ -186,8 +249,8 @@ async fn a_certificate_revoked_while_its_connection_is_open_stops_within_the_con
     openssl_ca(&arca.pki, &["-revoke", "client.pem"]);
     openssl_ca(&arca.pki, &["-gencrl", "-out", "crl.pem"]);
     signal(arca.server.pid(), "HUP");
-    // Within the connection age (plus its grace), the same channel is refused: its
-    // connection is closed and the new handshake fails on the CRL.
+    // The same channel is refused: per request as soon as the reloaded CRL is in force,
+    // and once its connection ages out, the new handshake fails on the CRL.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         match c.list_keys(pb::ListKeysRequest::default()).await {
@@ -339,4 +402,300 @@ async fn a_client_certificate_alone_authenticates_its_principal() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+}
+
+/// Revokes `name` in a new CRL, written the way an operator must (a new file renamed over
+/// the old one); no SIGHUP.
+fn revoke(pki: &Path, name: &str) {
+    openssl_ca(pki, &["-revoke", &format!("{name}.pem")]);
+    write_crl(pki, &[]);
+}
+
+/// Writes a new CRL (with `extra` `openssl ca` arguments) over `crl.pem`, atomically.
+fn write_crl(pki: &Path, extra: &[&str]) {
+    let mut args = vec!["-gencrl", "-out", "crl.new"];
+    args.extend_from_slice(extra);
+    openssl_ca(pki, &args);
+    std::fs::rename(pki.join("crl.new"), pki.join("crl.pem")).unwrap();
+}
+
+/// Calls ListKeys on `c` until it fails (within `within`); the failure.
+async fn first_refusal(
+    c: &mut KeyServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>,
+    >,
+    within: Duration,
+    what: &str,
+) -> Status {
+    let deadline = Instant::now() + within;
+    loop {
+        match c.list_keys(pb::ListKeysRequest::default()).await {
+            Err(s) => return s,
+            Ok(_) => assert!(Instant::now() < deadline, "{what}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The audit records of ListKeys calls refused UNAUTHENTICATED, read by an auditor over
+/// `client2`.
+async fn refused_list_keys(arca: &TlsArca) -> Vec<pb::AuditRecord> {
+    let ch = arca.channel(Some("client2")).await.unwrap();
+    let auditor = AccessServiceClient::with_interceptor(ch.clone(), Auth::bearer(&arca.token))
+        .create_token(pb::CreateTokenRequest {
+            principal: "auditor:it".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    AuditServiceClient::with_interceptor(ch, Auth::bearer(&auditor))
+        .query_audit(pb::QueryAuditRequest {
+            operation: "ListKeys".into(),
+            result: "UNAUTHENTICATED".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+}
+
+#[tokio::test]
+async fn a_client_certificate_revoked_while_its_channel_is_open_is_refused_on_that_channel() {
+    // Connections live the default 10 minutes: only the per-request check can refuse.
+    let arca = start_with(&["--tls-crl-refresh".into(), "200ms".into()]).await;
+    let (ch, connects) = arca.counted_channel("client").await;
+    let mut c = KeyServiceClient::with_interceptor(ch, Auth::bearer(&arca.token));
+    c.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    revoke(&arca.pki, "client");
+    let refused = first_refusal(
+        &mut c,
+        Duration::from_secs(10),
+        "a certificate revoked while its channel is open kept working on it",
+    )
+    .await;
+    // Answered by the server on the open connection (a new handshake would fail before
+    // any status), with the reason; and again on the next call.
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert_eq!(reason(&refused), Some("CERT_REVOKED"), "{refused:?}");
+    let again = c
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&again), Some("CERT_REVOKED"), "{again:?}");
+    assert_eq!(
+        connects.load(Ordering::SeqCst),
+        1,
+        "the client did not reconnect"
+    );
+    // A new connection with it fails the handshake; another client is unaffected.
+    assert!(arca.list_keys(Some("client")).await.is_err());
+    arca.list_keys(Some("client2")).await.unwrap();
+    // The refusals are in the audit trail with their reason and the certificate's name.
+    let recs = refused_list_keys(&arca).await;
+    assert!(
+        recs.iter()
+            .filter(|r| r.detail == "CERT_REVOKED spiffe://arca.test/svc/billing")
+            .count()
+            >= 2,
+        "{recs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_past_the_max_connection_age_is_closed_and_the_client_handshakes_again() {
+    let arca = start_with(&[
+        "--max-connection-age".into(),
+        "1s".into(),
+        "--tls-crl-refresh".into(),
+        "200ms".into(),
+    ])
+    .await;
+    let (ch, connects) = arca.counted_channel("client").await;
+    let mut c = KeyServiceClient::with_interceptor(ch, Auth::bearer(&arca.token));
+    // Calls keep working across the closes: the connection is closed gracefully and the
+    // channel makes a new one, through a new handshake.
+    let until = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < until {
+        c.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = connects.load(Ordering::SeqCst);
+    assert!(before >= 3, "{before} connections in 3.5 s with a 1 s age");
+    // Revoked (a new CRL file, no SIGHUP): once the connection ages out, the new
+    // handshake refuses the certificate, so the channel cannot reconnect.
+    revoke(&arca.pki, "client");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.list_keys(pb::ListKeysRequest::default()).await {
+            // Until the connection ages out, the per-request check refuses it, with its
+            // reason; then the new handshake fails (a transport error, no reason).
+            Err(s) if reason(&s).is_none() => {
+                assert_ne!(s.code(), Code::Ok);
+                break;
+            }
+            Err(s) => assert_eq!(reason(&s), Some("CERT_REVOKED"), "{s:?}"),
+            Ok(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked certificate kept reconnecting ({} connections)",
+            connects.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(connects.load(Ordering::SeqCst) > before);
+    arca.list_keys(Some("client2")).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_crl_refuses_mutual_tls_callers_until_a_fresh_one_is_written() {
+    let arca = start_with(&["--tls-crl-refresh".into(), "200ms".into()]).await;
+    let ch = arca.channel(Some("client")).await.unwrap();
+    let mut c = KeyServiceClient::with_interceptor(ch, Auth::bearer(&arca.token));
+    c.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    // A CRL whose nextUpdate is 3 seconds away.
+    write_crl(&arca.pki, &["-crlsec", "3"]);
+    let refused = first_refusal(
+        &mut c,
+        Duration::from_secs(15),
+        "calls kept working under an expired CRL",
+    )
+    .await;
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert_eq!(reason(&refused), Some("CRL_EXPIRED"), "{refused:?}");
+    // New connections are refused at the handshake, whatever the certificate.
+    assert!(arca.list_keys(Some("client2")).await.is_err());
+    // The operator is told: an ERROR line, and the alert (from its audit record).
+    arca.wait_log("ERROR", "past its nextUpdate").await;
+    arca.wait_log("ALERT", "rule=crl_unusable").await;
+    // A fresh CRL: service resumes, on the same channel and on new ones.
+    write_crl(&arca.pki, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.list_keys(pb::ListKeysRequest::default()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "a fresh CRL did not restore service"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    arca.list_keys(Some("client2")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crl_file_that_does_not_parse_refuses_every_certificate_until_a_good_one_is_written() {
+    let arca = start_with(&["--tls-crl-refresh".into(), "200ms".into()]).await;
+    let ch = arca.channel(Some("client")).await.unwrap();
+    let mut c = KeyServiceClient::with_interceptor(ch, Auth::bearer(&arca.token));
+    c.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    // Not a CRL (an emptied or corrupted file): fail closed, never "no revocation".
+    std::fs::write(arca.pki.join("crl.pem"), b"not a CRL").unwrap();
+    let refused = first_refusal(
+        &mut c,
+        Duration::from_secs(10),
+        "calls kept working with an unparsable CRL",
+    )
+    .await;
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert_eq!(reason(&refused), Some("CRL_UNUSABLE"), "{refused:?}");
+    assert!(arca.list_keys(Some("client2")).await.is_err());
+    arca.wait_log("ERROR", "the CRL is unusable").await;
+    arca.wait_log("ALERT", "rule=crl_unusable").await;
+    // SIGHUP does not bring the old CRL back either.
+    signal(arca.server.pid(), "HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = c
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&still), Some("CRL_UNUSABLE"), "{still:?}");
+    write_crl(&arca.pki, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.list_keys(pb::ListKeysRequest::default()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "a good CRL did not restore service"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    arca.list_keys(Some("client2")).await.unwrap();
+}
+
+/// `date -u` `offset` from now (e.g. "+5 seconds"), as `openssl ca` takes it.
+fn utc_in(offset: &str) -> String {
+    let out = Command::new("date")
+        .args(["-u", "-d", offset, "+%Y%m%d%H%M%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn a_certificate_that_expires_while_its_channel_is_open_is_refused_per_request() {
+    let arca = start().await;
+    // A client certificate of the test CA valid for the next 5 seconds.
+    let pki = &arca.pki;
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(pki)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "brief.key",
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        "brief.key",
+        "-subj",
+        "/CN=brief",
+        "-out",
+        "brief.csr",
+    ]);
+    let (start, end) = (utc_in("-1 minute"), utc_in("+5 seconds"));
+    openssl_ca(
+        pki,
+        &[
+            "-in",
+            "brief.csr",
+            "-out",
+            "brief.pem",
+            "-extensions",
+            "client_ext",
+            "-notext",
+            "-startdate",
+            &start,
+            "-enddate",
+            &end,
+        ],
+    );
+    let ch = arca.channel(Some("brief")).await.unwrap();
+    let mut c = KeyServiceClient::with_interceptor(ch, Auth::bearer(&arca.token));
+    c.list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    let refused = first_refusal(
+        &mut c,
+        Duration::from_secs(15),
+        "an expired certificate kept working on its open channel",
+    )
+    .await;
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert_eq!(reason(&refused), Some("CERT_EXPIRED"), "{refused:?}");
+    arca.list_keys(Some("client")).await.unwrap();
 }

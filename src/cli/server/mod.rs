@@ -95,9 +95,16 @@ pub(super) struct ServerArgs {
     /// dev mode).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// Certificate revocation list(s) (PEM) for client certificates.
+    /// Certificate revocation list(s) (PEM) for client certificates. Checked at every
+    /// handshake and on every request; a CRL past its nextUpdate, or a file that does not
+    /// parse, refuses every client certificate (fail closed). Replace it atomically
+    /// (write, then rename).
     #[arg(long, requires = "tls_client_ca")]
     tls_crl: Option<PathBuf>,
+    /// How often the CRL file is re-read; a changed file is put in force at once (SIGHUP
+    /// re-reads it too). E.g. "10s".
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    tls_crl_refresh: Duration,
     /// Requests per second allowed to each principal (token bucket; 0 = unlimited).
     #[arg(long, default_value_t = 0.0)]
     rate_limit: f64,
@@ -128,8 +135,8 @@ pub(super) struct ServerArgs {
     /// shipped files.
     #[arg(long, value_name = "DIR")]
     policy_dir: Option<PathBuf>,
-    /// How long a client connection may live before the server closes it (gracefully):
-    /// a revoked or expired client certificate stops working within this time. E.g. "10m".
+    /// How long a client connection may live before the server closes it (gracefully:
+    /// GOAWAY, calls in progress finish) and the client handshakes again. E.g. "10m".
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     max_connection_age: Duration,
     /// Log format.
@@ -288,6 +295,7 @@ fn prepare(args: &ServerArgs) -> Result<Prepared, BoxError> {
             key: key.clone(),
             client_ca: args.tls_client_ca.clone(),
             crl: args.tls_crl.clone(),
+            crl_refresh: args.tls_crl_refresh,
         });
     if !args.dev {
         return prepare_production(args, tls);

@@ -15,7 +15,7 @@ use super::dev::{dev_unseal, ensure_dev_token, precreate_private, BoxError};
 use crate::clock::SystemClock;
 use crate::config::{Database, DevQuorum, ServerConfig};
 use crate::grpc::serve;
-use crate::grpc::tls::TlsReloader;
+use crate::grpc::tls::{CrlRefresh, TlsError, TlsReloader};
 use crate::keys::{EngineConfig, HsmAccess, HsmOpener, PinSetter};
 use crate::service::{Context, EngineKeys, ServiceConfig, Services};
 use crate::store::SqlStore;
@@ -122,7 +122,10 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     }
 
     let tls = match &cfg.tls {
-        Some(files) => Some(Arc::new(TlsReloader::load(files.clone())?)),
+        Some(files) => Some(Arc::new(TlsReloader::load(
+            files.clone(),
+            Arc::new(SystemClock),
+        )?)),
         None => None,
     };
     let shutdown = shutdown_signal();
@@ -150,15 +153,19 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     let served = match tls {
         Some(tls) => {
             tracing::info!(%addr, mutual = tls.mutual(), "listening (TLS 1.2/1.3)");
-            tokio::spawn(reload_on_sighup(Arc::clone(&tls)));
+            tokio::spawn(reload_on_sighup(Arc::clone(&tls), Arc::clone(&ctx)));
+            if let Some(every) = tls.crl_refresh() {
+                tokio::spawn(watch_crl(Arc::clone(&tls), Arc::clone(&ctx), every));
+            }
+            let certs = tls.client_check();
             let incoming = crate::grpc::tls::incoming(listener, tls);
-            serve(incoming, &svc, cfg.serve.clone(), prefix, shutdown).await
+            serve(incoming, &svc, certs, cfg.serve.clone(), prefix, shutdown).await
         }
         None => {
             tracing::info!(%addr, "listening (dev mode, plaintext, loopback only)");
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            serve(incoming, &svc, cfg.serve.clone(), prefix, shutdown).await
+            serve(incoming, &svc, None, cfg.serve.clone(), prefix, shutdown).await
         }
     };
     // The jobs hold the services (and through them the HSM): stop them before they go.
@@ -299,9 +306,9 @@ async fn open_store(database: &Database) -> Result<SqlStore, BoxError> {
     })
 }
 
-/// Re-reads the TLS files on every SIGHUP; a bad file is refused and the old
-/// configuration stays in force.
-async fn reload_on_sighup(tls: Arc<TlsReloader>) {
+/// Re-reads the TLS files on every SIGHUP; a bad certificate, key or CA file is refused
+/// and the old configuration stays in force; a bad CRL fails closed ([`crl_unusable`]).
+async fn reload_on_sighup(tls: Arc<TlsReloader>, ctx: Arc<Context>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; TLS files will not reload");
@@ -310,9 +317,62 @@ async fn reload_on_sighup(tls: Arc<TlsReloader>) {
     while hup.recv().await.is_some() {
         match tls.reload() {
             Ok(()) => tracing::info!("TLS configuration reloaded"),
+            Err(TlsError::Crl(e)) => crl_unusable(&ctx, &e),
             Err(e) => {
                 tracing::error!(error = %e, "TLS reload refused; the previous configuration stays")
             }
+        }
+    }
+}
+
+/// A CRL that cannot be used: an ERROR line and a `tls.crl_unusable` record (which the
+/// shipped alert rule `crl_unusable` turns into an alert).
+fn crl_unusable(ctx: &Context, error: &str) {
+    tracing::error!(
+        error,
+        "the CRL is unusable: every mutual-TLS client is refused until a usable CRL is written"
+    );
+    ctx.record_job("tls.crl_unusable", false, None, "");
+}
+
+/// Re-reads the CRL file every `every` and puts it in force when it changed; says so once
+/// (ERROR, an audit record and the alert on it) when the CRL in force passes its
+/// nextUpdate, from when every mutual-TLS client is refused.
+async fn watch_crl(tls: Arc<TlsReloader>, ctx: Arc<Context>, every: Duration) {
+    let Some(check) = tls.client_check() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The nextUpdate of the expired CRL last reported (a CRL put in force by SIGHUP is
+    // reported too).
+    let mut reported: Option<u64> = None;
+    loop {
+        tick.tick().await;
+        // File reading, hashing and parsing off the async workers.
+        let t = Arc::clone(&tls);
+        let Ok(refresh) = tokio::task::spawn_blocking(move || t.refresh_crl()).await else {
+            continue;
+        };
+        let next_update = check.crl_next_update().map(|s| {
+            crate::clock::rfc3339(i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000))
+        });
+        match refresh {
+            CrlRefresh::Unchanged => {}
+            CrlRefresh::Loaded => {
+                tracing::info!(next_update, "CRL reloaded");
+                ctx.record_job("tls.crl_loaded", true, None, "");
+            }
+            CrlRefresh::Unusable(e) => crl_unusable(&ctx, &e.to_string()),
+        }
+        if check.crl_expired() && reported != check.crl_next_update() {
+            reported = check.crl_next_update();
+            tracing::error!(
+                next_update,
+                "the CRL in force is past its nextUpdate: every mutual-TLS client is refused \
+                 (CRL_EXPIRED) until a fresh CRL is written"
+            );
+            ctx.record_job("tls.crl_expired", false, None, "");
         }
     }
 }
