@@ -151,12 +151,13 @@ pub trait KeyStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<KeyRecord>;
 
-    /// Sets the MAC of ENABLED version `version` at sequence `seq` whose MAC is still
+    /// Sets the MAC of version `version` in `state` at sequence `seq` whose MAC is still
     /// `was` (the upgrade step); false if the row changed.
     async fn stamp_version(
         &self,
         key: &KeyId,
         version: u32,
+        state: VersionState,
         seq: i64,
         was: Option<&str>,
         mac: &str,
@@ -482,17 +483,19 @@ impl KeyStore for SqlStore {
         &self,
         key: &KeyId,
         version: u32,
+        state: VersionState,
         seq: i64,
         was: Option<&str>,
         mac: &str,
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE key_versions SET mac = $1 WHERE key_id = $2 AND version = $3 \
-             AND state = 'ENABLED' AND state_seq = $4 AND COALESCE(mac, '') = $5",
+             AND state = $4 AND state_seq = $5 AND COALESCE(mac, '') = $6",
         )
         .bind(mac.to_string())
         .bind(key.to_string())
         .bind(i64::from(version))
+        .bind(state.as_str())
         .bind(seq)
         .bind(was.unwrap_or("").to_string())
         .execute(&self.writer)
