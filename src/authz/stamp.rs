@@ -103,6 +103,14 @@ pub fn scheduled_row(
         .int("destroy_at", destroy_at)
 }
 
+/// The canonical form of "key `key` is kept until `retain_until`": the retention job
+/// schedules a key's destruction only on a date that verifies.
+pub fn retention_row(key: &KeyId, retain_until: i64) -> RowEncoding {
+    RowEncoding::new("keys.retain_until", 1)
+        .text("key_id", &key.to_string())
+        .int("retain_until", retain_until)
+}
+
 /// The roster of TOTP enrolments (`state_rosters`, row `totp`).
 pub const TOTP_ROSTER: &str = "totp";
 

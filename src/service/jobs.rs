@@ -18,7 +18,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
-use crate::authz::stamp::{scheduled_row, Checked};
+use crate::authz::stamp::{retention_row, scheduled_row, Checked};
 use crate::keys::VersionState;
 use crate::service::lifecycle::schedule_stamps;
 use std::collections::HashSet;
@@ -137,6 +137,22 @@ impl Jobs {
         for id in db.keys_due_retention(now).await? {
             let destroy_at = now.saturating_add(waiting);
             let key = db.key_by_id(&id).await?;
+            // Only a date this service set (ADR 12) schedules a key's destruction.
+            let Some(retain_until) = key.retain_until else {
+                continue;
+            };
+            let row = retention_row(&key.id, retain_until);
+            let engine = self.ctx.engine()?;
+            if let Checked::Refused { why, first } = self
+                .ctx
+                .stamps
+                .check(&engine, row, key.retention_mac.as_deref())
+                .await?
+            {
+                let what = format!("{}/retain_until", key.id);
+                self.ctx.refuse_state("keys", &what, why, first);
+                continue;
+            }
             let live: Vec<u32> = key
                 .versions
                 .iter()

@@ -56,6 +56,8 @@ pub enum LifecycleChange {
     Retention {
         /// The new date (Unix ms).
         retain_until: Option<i64>,
+        /// The HSM's MAC of (key, date) when a date is set (ADR 12).
+        mac: Option<String>,
     },
     /// The retention job: schedules every version not yet retired, like `Schedule`,
     /// and records that the retention date was acted on — only if the date has passed
@@ -220,11 +222,13 @@ pub(super) async fn apply_in(
                 }
             }
         }
-        LifecycleChange::Retention { retain_until } => {
+        LifecycleChange::Retention { retain_until, mac } => {
             let done = sqlx::query(
-                "UPDATE keys SET retain_until = $1, retention_applied_at = NULL WHERE id = $2",
+                "UPDATE keys SET retain_until = $1, retention_applied_at = NULL, \
+                 retention_mac = $2 WHERE id = $3",
             )
             .bind(*retain_until)
+            .bind(mac.clone())
             .bind(key.to_string())
             .execute(&mut *tx)
             .await

@@ -573,3 +573,59 @@ async fn a_destruction_scheduled_or_hastened_by_a_database_writer_destroys_nothi
         .unwrap_err();
     assert_eq!(reason(&s), Some("VERSION_DESTROYED"), "{s:?}");
 }
+
+on_both_backends!(
+    #[tokio::test]
+    a_retention_date_set_by_a_database_writer_schedules_nothing
+);
+
+/// A retention date is authority to destroy a whole key. One written by a database writer
+/// (`UPDATE keys SET retain_until = 0`) carries no MAC: the retention job refuses it and
+/// raises the alert, and the key keeps working; a date set through the API still
+/// destroys its key.
+async fn a_retention_date_set_by_a_database_writer_schedules_nothing(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::support::lifecycle_policy(dir.path(), "1s", 1 << 30);
+    let arca = TestArca::builder()
+        .backend(db)
+        .fast_jobs(&p, "2s")
+        .start()
+        .await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "phi").await;
+    let context = crate::support::ctx(&[("patient", "1")]);
+    let blob = crate::support::generate_wrapped(&mut c, "phi", &context).await;
+    one(&arca, "UPDATE keys SET retain_until = 0 WHERE name = 'phi'");
+    c.create_key(pb::CreateKeyRequest {
+        name: "expired".into(),
+        retain_until: "2020-01-01T00:00:00Z".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let state = |name: &str| {
+        one(
+            &arca,
+            &format!(
+                "SELECT v.state FROM key_versions v JOIN keys k ON k.id = v.key_id \
+                 WHERE k.name = '{name}' AND v.version = 1"
+            ),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state("expired") != "DESTROYED" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the real retention never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(state("phi"), "ENABLED");
+    crate::support::unwrap(&mut c, &blob, &context)
+        .await
+        .unwrap();
+    assert!(arca
+        .log_text()
+        .lines()
+        .any(|l| l.contains("state-forged") && l.contains("retain_until")));
+}

@@ -17,7 +17,7 @@
 
 mod plan;
 
-use crate::authz::stamp::{enabled_row, scheduled_row};
+use crate::authz::stamp::{enabled_row, retention_row, scheduled_row};
 use crate::store::{EnabledStamp, VersionStamp};
 use std::sync::Arc;
 
@@ -361,7 +361,11 @@ impl Lifecycle {
     ) -> Result<KeyRecord> {
         let key = self.ctx.db(permit).key_by_name(name).await?;
         let now = self.ctx.clock.now_ms();
-        let change = LifecycleChange::Retention { retain_until };
+        let mac = match retain_until {
+            Some(t) => Some(self.ctx.stamp(retention_row(&key.id, t)).await?),
+            None => None,
+        };
+        let change = LifecycleChange::Retention { retain_until, mac };
         let rec = self.commit(permit, &key.id, &change, commit, now).await?;
         tracing::info!(key = %rec.name, retain_until = ?retain_until, "retention date set");
         Ok(rec)

@@ -21,8 +21,8 @@ use zeroize::Zeroizing;
 use super::approvals::Approvals;
 use super::custodians::{custodian_name, Custodians};
 use crate::authz::stamp::{
-    enabled_row, grant_row, policy_row, roster_row, scheduled_row, token_row, QUORUM_MAC_PREFIX,
-    TOTP_ROSTER,
+    enabled_row, grant_row, policy_row, retention_row, roster_row, scheduled_row, token_row,
+    QUORUM_MAC_PREFIX, TOTP_ROSTER,
 };
 use crate::keys::state::Unverified;
 use crate::keys::HsmAccess;
@@ -298,6 +298,12 @@ impl Sealing {
         loop {
             let page = db.list_keys(after.as_deref(), 500).await?;
             for k in &page {
+                if let (Some(t), None) = (k.retain_until, &k.retention_mac) {
+                    let mac = self.ctx.stamp(retention_row(&k.id, t)).await?;
+                    if db.stamp_retention(&k.id, t, &mac).await? {
+                        stamped.push(format!("keys/{}/retain_until", k.id));
+                    }
+                }
                 for v in &k.versions {
                     let row = match v.state {
                         _ if v.mac.is_some() => continue,

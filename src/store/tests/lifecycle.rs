@@ -227,15 +227,23 @@ async fn retention_is_applied_once(db: Arc<TestDb>) {
         &k.id,
         &Retention {
             retain_until: Some(7000),
+            mac: Some("r7000".into()),
         },
         6000,
     )
     .await
     .unwrap();
     assert_eq!(s.keys_due_retention(7000).await.unwrap(), vec![k.id]);
-    s.apply_lifecycle(&k.id, &Retention { retain_until: None }, 6000)
-        .await
-        .unwrap();
+    s.apply_lifecycle(
+        &k.id,
+        &Retention {
+            retain_until: None,
+            mac: None,
+        },
+        6000,
+    )
+    .await
+    .unwrap();
     assert!(s.keys_due_retention(i64::MAX).await.unwrap().is_empty());
 }
 
