@@ -103,6 +103,15 @@ pub fn scheduled_row(
         .int("destroy_at", destroy_at)
 }
 
+/// The canonical form of "key `key` is named `name`": names are unique forever and never
+/// change, so a key row renamed by a database writer (to move a caller's rights, or an
+/// approved operation, onto another key) does not verify.
+pub fn key_row(key: &KeyId, name: &str) -> RowEncoding {
+    RowEncoding::new("keys", 1)
+        .text("key_id", &key.to_string())
+        .text("name", name)
+}
+
 /// The canonical form of "key `key` is kept until `retain_until`": the retention job
 /// schedules a key's destruction only on a date that verifies.
 pub fn retention_row(key: &KeyId, retain_until: i64) -> RowEncoding {

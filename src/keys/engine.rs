@@ -349,6 +349,23 @@ impl KeyEngine {
         .await
     }
 
+    /// Whether `object` is the HSM object Arca made for `version` of `key` (its label
+    /// names them; a database row cannot change a label). `None`: no such object.
+    pub async fn object_is_version(
+        &self,
+        object: ObjectId,
+        key: KeyId,
+        version: u32,
+    ) -> Result<Option<bool>, KeysError> {
+        let id = HsmObjectId::from(object);
+        self.run(move |hsm| match hsm.key_attributes(&id) {
+            Ok(a) => Ok(Some(a.label == version_label(&key, version))),
+            Err(arca_hsm::HsmError::ObjectNotFound) => Ok(None),
+            Err(e) => Err(hsm_err(e)),
+        })
+        .await
+    }
+
     /// Reads back an HSM object's security attributes.
     pub async fn object_attributes(&self, object: ObjectId) -> Result<KeyAttributes, KeysError> {
         let object = HsmObjectId::from(object);

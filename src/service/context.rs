@@ -17,12 +17,12 @@ use std::sync::{Arc, OnceLock, RwLock};
 use super::cache::{KeyCache, Seen};
 use super::error::{Result, ServiceError};
 use crate::audit::AuditLog;
-use crate::authz::stamp::{enabled_row, Checked, Stamps};
+use crate::authz::stamp::{enabled_row, key_row, Checked, Stamps};
 use crate::authz::Authenticator;
 use crate::clock::Clock;
 use crate::keys::state::{RowEncoding, Unverified};
 use crate::keys::KeyEngine;
-use crate::keys::{KeyId, KeyName, VersionState};
+use crate::keys::{KeyId, KeyName, ObjectId, VersionState};
 use crate::quorum::approvals::QuorumApproved;
 use crate::store::KeyRecord;
 use crate::store::Store;
@@ -261,6 +261,7 @@ impl Context {
             return Ok(seen.rec);
         }
         let engine = self.engine()?;
+        self.verify_key(&seen.rec).await?;
         let mut served = KeyRecord::clone(&seen.rec);
         let mut verdicts = Vec::new();
         for v in served.versions.iter_mut() {
@@ -279,6 +280,52 @@ impl Context {
             }
         }
         Ok(self.cache.checked(&seen.rec, served, &verdicts))
+    }
+
+    /// Checks that `key`'s name is the one the HSM bound to its id (ADR 12): every
+    /// right and every approval names a key, so a renamed row must not move them onto
+    /// another key. Refused (alerted once) otherwise.
+    pub(crate) async fn verify_key(&self, key: &KeyRecord) -> Result<()> {
+        let engine = self.engine()?;
+        let row = key_row(&key.id, key.name.as_str());
+        match self
+            .stamps
+            .check(&engine, row, key.key_mac.as_deref())
+            .await?
+        {
+            Checked::Good => Ok(()),
+            Checked::Refused { why, first } => {
+                self.refuse_state("keys", &key.id.to_string(), why, first);
+                Err(ServiceError::StateForged(why))
+            }
+        }
+    }
+
+    /// Checks that `object` is the HSM object made for `version` of `key` before a MAC
+    /// makes it usable or destroyable (a row's object id is not authenticated while the
+    /// version is DISABLED). `Ok(false)`: the object is gone.
+    pub(crate) async fn verify_object(
+        &self,
+        key: &KeyId,
+        version: u32,
+        object: ObjectId,
+    ) -> Result<bool> {
+        match self
+            .engine()?
+            .object_is_version(object, *key, version)
+            .await?
+        {
+            Some(true) => Ok(true),
+            None => Ok(false),
+            Some(false) => {
+                let what = format!("{key}/{version}/hsm_id");
+                let first = self
+                    .stamps
+                    .first_refusal(&format!("key_versions/{what}/{object}"));
+                self.refuse_state("key_versions", &what, Unverified::Forged, first);
+                Err(ServiceError::StateForged(Unverified::Forged))
+            }
+        }
     }
 
     /// The state MAC of `row` (ADR 12), to store with it; `Sealed` without the HSM.

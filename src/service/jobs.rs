@@ -19,6 +19,7 @@
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
 use crate::authz::stamp::{retention_row, scheduled_row, Checked};
+use crate::keys::state::Unverified;
 use crate::keys::VersionState;
 use crate::service::lifecycle::schedule_stamps;
 use std::collections::HashSet;
@@ -228,6 +229,26 @@ impl Jobs {
                 self.ctx.refuse_state("key_versions", &id, why, first);
                 return Ok(());
             }
+        }
+        // Due by its authenticated date only: a `destroying_at` set by hand is no
+        // shortcut past the waiting period.
+        if due.destroy_at > now {
+            let id = format!("{}/{}/destroying_at", due.key, due.version);
+            let first = self.ctx.stamps.first_refusal(&format!("key_versions/{id}"));
+            self.ctx
+                .refuse_state("key_versions", &id, Unverified::Forged, first);
+            return Ok(());
+        }
+        // Only the object made for this version is destroyed (never a system key or
+        // another key's object named by a changed row); one already gone is finished.
+        match self
+            .ctx
+            .verify_object(&due.key, due.version, due.hsm_id)
+            .await
+        {
+            Ok(_) => {}
+            Err(ServiceError::StateForged(_)) => return Ok(()),
+            Err(e) => return Err(e),
         }
         match db.begin_destruction(&due.key, due.version, now).await {
             Ok(()) => {}

@@ -188,6 +188,10 @@ pub trait AccessStore: Send + Sync + 'static {
     ) -> Result<()>;
     /// The roster `name`, if its row exists.
     async fn roster(&self, name: &str) -> Result<Option<Roster>>;
+    /// Replaces roster `r.name` with `r` if its sequence is still `was_seq`; false if not.
+    async fn replace_roster(&self, r: &Roster, was_seq: i64) -> Result<bool>;
+    /// Every principal with a TOTP enrolment.
+    async fn enrolled_principals(&self) -> Result<Vec<String>>;
     /// Sets the MAC of roster `name` at sequence `seq` whose MAC is still `was`; false if
     /// it changed.
     async fn stamp_roster(
@@ -537,6 +541,29 @@ impl AccessStore for SqlStore {
             })
         })
         .transpose()
+    }
+
+    async fn replace_roster(&self, r: &Roster, was_seq: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE state_rosters SET members = $1, state_seq = $2, mac = $3 \
+             WHERE name = $4 AND state_seq = $5",
+        )
+        .bind(encode_members(&r.members))
+        .bind(r.state_seq)
+        .bind(r.mac.clone())
+        .bind(r.name.clone())
+        .bind(was_seq)
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn enrolled_principals(&self) -> Result<Vec<String>> {
+        sqlx::query_scalar("SELECT principal FROM principal_totp ORDER BY principal")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(classify)
     }
 
     async fn stamp_roster(

@@ -50,6 +50,8 @@ pub struct KeyRecord {
     /// The HSM's MAC of (key, `retain_until`) (ADR 12): the retention job acts only on a
     /// date that carries a valid one.
     pub retention_mac: Option<String>,
+    /// The HSM's MAC of (id, name) (ADR 12): rights and approvals name keys.
+    pub key_mac: Option<String>,
     /// Versions, ascending.
     pub versions: Vec<VersionRecord>,
 }
@@ -110,6 +112,8 @@ pub struct NewKey {
     pub retain_until: Option<i64>,
     /// The MAC of the retention date, if one is set.
     pub retention_mac: Option<String>,
+    /// The MAC of (id, name).
+    pub key_mac: String,
     /// Unix ms.
     pub now: i64,
 }
@@ -172,6 +176,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// none (the upgrade step); false otherwise.
     async fn stamp_retention(&self, key: &KeyId, retain_until: i64, mac: &str) -> Result<bool>;
 
+    /// Sets the MAC of key `key`'s name if it is still `name` and has none (the upgrade
+    /// step); false otherwise.
+    async fn stamp_key(&self, key: &KeyId, name: &str, mac: &str) -> Result<bool>;
+
     /// Reserves `n` wraps under a version: adds `n` to its `wrap_count` and returns the
     /// new count. The caller may make `n` wraps.
     async fn reserve_wraps(&self, key: &KeyId, version: u32, n: u64) -> Result<u64>;
@@ -209,6 +217,7 @@ macro_rules! key_select {
         concat!(
             "SELECT k.id, k.name, k.description, k.primary_version, k.created_at, ",
             "k.rotation_period_ms, k.retain_until, k.retention_applied_at, k.retention_mac, ",
+            "k.key_mac, ",
             "v.version, v.state, v.hsm_id, v.wrap_count, v.created_at AS v_created_at, ",
             "v.updated_at, v.destroy_at, v.destroyed_at, v.retire_request, v.destroying_at, ",
             "v.state_seq, v.mac ",
@@ -260,6 +269,7 @@ fn keys_from_rows(rows: &[AnyRow]) -> Result<Vec<KeyRecord>> {
                 retain_until: get(row, "retain_until")?,
                 retention_applied_at: get(row, "retention_applied_at")?,
                 retention_mac: get(row, "retention_mac")?,
+                key_mac: get(row, "key_mac")?,
                 versions: vec![version],
             }),
         }
@@ -413,8 +423,8 @@ impl KeyStore for SqlStore {
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO keys (id, name, description, primary_version, created_at, \
-             rotation_period_ms, retain_until, retention_mac) \
-             VALUES ($1, $2, $3, 1, $4, $5, $6, $7)",
+             rotation_period_ms, retain_until, retention_mac, key_mac) \
+             VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8)",
         )
         .bind(key.id.to_string())
         .bind(key.name.to_string())
@@ -423,6 +433,7 @@ impl KeyStore for SqlStore {
         .bind(key.rotation_period_ms)
         .bind(key.retain_until)
         .bind(key.retention_mac.clone())
+        .bind(key.key_mac.clone())
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -524,6 +535,19 @@ impl KeyStore for SqlStore {
         .bind(mac.to_string())
         .bind(key.to_string())
         .bind(retain_until)
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn stamp_key(&self, key: &KeyId, name: &str, mac: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE keys SET key_mac = $1 WHERE id = $2 AND name = $3 AND key_mac IS NULL",
+        )
+        .bind(mac.to_string())
+        .bind(key.to_string())
+        .bind(name.to_string())
         .execute(&self.writer)
         .await
         .map_err(classify)?;

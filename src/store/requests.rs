@@ -329,6 +329,7 @@ fn result_from_json(text: &str) -> Result<RequestResult> {
         retain_until: k["retain_until"].as_i64(),
         retention_applied_at: k["retention_applied_at"].as_i64(),
         retention_mac: None,
+        key_mac: None,
         versions,
     }))
 }

@@ -629,3 +629,145 @@ async fn a_retention_date_set_by_a_database_writer_schedules_nothing(db: Db) {
         .lines()
         .any(|l| l.contains("state-forged") && l.contains("retain_until")));
 }
+
+/// SQL that drops trigger `name` of `table` on either back end.
+fn drop_trigger(db: Db, table: &str, name: &str) -> String {
+    match db {
+        Db::Sqlite => format!("DROP TRIGGER {name};"),
+        Db::Postgres => format!("DROP TRIGGER {name} ON {table};"),
+    }
+}
+
+on_both_backends!(
+    #[tokio::test]
+    identities_changed_under_the_triggers_move_no_rights_and_destroy_nothing
+);
+
+/// With the triggers that keep identities immutable dropped: a key renamed into a
+/// caller's scope (to unwrap it there), a DISABLED version pointed at a system key's HSM
+/// object (so that a real retirement would destroy that object), and a real
+/// retirement's destruction marked as started early (to skip the waiting period). Each is
+/// refused, alerted, and nothing is destroyed.
+async fn identities_changed_under_the_triggers_move_no_rights_and_destroy_nothing(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::support::lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let arca = TestArca::builder()
+        .backend(db)
+        .fast_jobs(&p, "2s")
+        .start()
+        .await;
+    let mut c = arca.client().await;
+    let context = crate::support::ctx(&[("patient", "1")]);
+    for name in ["phi", "billing/a", "lab", "late"] {
+        create_key(&mut c, name).await;
+    }
+    let phi = crate::support::generate_wrapped(&mut c, "phi", &context).await;
+    // A service token limited to billing/*.
+    let billing = arca
+        .access(arca.token())
+        .await
+        .create_token(pb::CreateTokenRequest {
+            principal: "svc:billing".into(),
+            key_globs: vec!["billing/*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let unwrap_as = |token: String, blob: Vec<u8>| {
+        let arca = &arca;
+        let context = context.clone();
+        async move {
+            arca.keys(token.as_str())
+                .await
+                .unwrap_key(pb::UnwrapKeyRequest {
+                    wrapped_key: blob,
+                    context,
+                })
+                .await
+                .map(|_| ())
+        }
+    };
+    assert!(unwrap_as(billing.clone(), phi.clone()).await.is_err());
+    // 1. phi renamed into billing/*.
+    one(
+        &arca,
+        &format!(
+            "{} UPDATE keys SET name = 'billing/zz' WHERE name = 'phi';",
+            drop_trigger(db, "keys", "keys_immutable_identity")
+        ),
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_forged(
+        unwrap_as(billing.clone(), phi.clone()).await,
+        "a key renamed into the caller's scope",
+    );
+    // 2. lab v1 (DISABLED) pointed at the HSM object of arca:meta; then a real retirement.
+    c.rotate_key(pb::RotateKeyRequest { name: "lab".into() })
+        .await
+        .unwrap();
+    c.disable_key_version(pb::KeyVersionRequest {
+        name: "lab".into(),
+        version: 1,
+    })
+    .await
+    .unwrap();
+    one(
+        &arca,
+        &format!(
+            "{} UPDATE key_versions SET hsm_id = '617263613a6d6574613a763100000000' \
+             WHERE version = 1 AND key_id = (SELECT id FROM keys WHERE name = 'lab');",
+            drop_trigger(db, "key_versions", "key_versions_immutable_identity")
+        ),
+    );
+    let r = c
+        .retire_key_version(pb::RetireKeyVersionRequest {
+            name: "lab".into(),
+            version: 1,
+            waiting_period_seconds: 1,
+        })
+        .await
+        .map(|_| ());
+    assert_forged(r, "a retirement of a version pointed at a system key");
+    // 3. late v1 retired for an hour, its destruction marked as started.
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "late".into(),
+    })
+    .await
+    .unwrap();
+    c.retire_key_version(pb::RetireKeyVersionRequest {
+        name: "late".into(),
+        version: 1,
+        waiting_period_seconds: 3600,
+    })
+    .await
+    .unwrap();
+    one(
+        &arca,
+        "UPDATE key_versions SET destroying_at = 1 WHERE version = 1 AND key_id = \
+         (SELECT id FROM keys WHERE name = 'late')",
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let late_state = one(
+        &arca,
+        "SELECT state FROM key_versions WHERE version = 1 AND key_id = \
+         (SELECT id FROM keys WHERE name = 'late')",
+    );
+    assert_eq!(late_state, "SCHEDULED_FOR_DESTRUCTION");
+    // The system key is intact: a TOTP enrolment (sealed under arca:meta) still works.
+    let ann = mint_token(&arca, "key-admin:ann", &[]).await;
+    arca.access(ann.as_str())
+        .await
+        .enroll_totp(pb::EnrollTotpRequest {})
+        .await
+        .unwrap();
+    let log = arca.log_text();
+    for what in ["keys", "hsm_id", "destroying_at"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("state-forged") && l.contains(what)),
+            "no alert for {what}"
+        );
+    }
+}

@@ -22,7 +22,7 @@
 
 mod budget;
 
-use crate::authz::stamp::{enabled_row, retention_row};
+use crate::authz::stamp::{enabled_row, key_row, retention_row};
 use std::sync::Arc;
 
 use super::access::{act, Act, Attempt, Authorized, Guard, Scope};
@@ -158,6 +158,7 @@ impl Keys {
         let id = KeyId::from_random(engine.random().await?);
         let object = engine.create_version_object(id, 1).await?;
         let first_mac = self.ctx.stamp(enabled_row(&id, 1, &object, 1)).await?;
+        let key_mac = self.ctx.stamp(key_row(&id, name.as_str())).await?;
         let retention_mac = match opts.retain_until {
             Some(t) => Some(self.ctx.stamp(retention_row(&id, t)).await?),
             None => None,
@@ -172,6 +173,7 @@ impl Keys {
                 rotation_period_ms: opts.rotation_period_ms,
                 retain_until: opts.retain_until,
                 retention_mac,
+                key_mac,
                 now: self.ctx.clock.now_ms(),
             })
             .await;

@@ -177,6 +177,16 @@ impl Lifecycle {
         // Made ENABLED: the HSM's MAC for the version's next state sequence (ADR 12).
         let enabled = match to {
             VersionState::Enabled if current.state != to => {
+                self.ctx.verify_key(&key).await?;
+                if !self
+                    .ctx
+                    .verify_object(&key.id, version, current.hsm_id)
+                    .await?
+                {
+                    return Err(ServiceError::Conflict(Conflict::of_version(
+                        VersionState::Destroyed,
+                    )));
+                }
                 let seq = current.state_seq + 1;
                 let row = enabled_row(&key.id, version, &current.hsm_id, seq);
                 Some(EnabledStamp {
@@ -361,6 +371,7 @@ impl Lifecycle {
     ) -> Result<KeyRecord> {
         let key = self.ctx.db(permit).key_by_name(name).await?;
         let now = self.ctx.clock.now_ms();
+        self.ctx.verify_key(&key).await?;
         let mac = match retain_until {
             Some(t) => Some(self.ctx.stamp(retention_row(&key.id, t)).await?),
             None => None,
@@ -448,11 +459,15 @@ pub(crate) async fn schedule_stamps(
     versions: &[u32],
     destroy_at: i64,
 ) -> Result<Vec<VersionStamp>> {
+    ctx.verify_key(key).await?;
     let mut out = Vec::with_capacity(versions.len());
     for &v in versions {
         let r = key
             .version(v)
             .ok_or(ServiceError::NotFound("key version not found"))?;
+        // Scheduling names the object the destroyer will destroy: it must be this
+        // version's (an object already gone is scheduled all the same; nothing to lose).
+        ctx.verify_object(&key.id, v, r.hsm_id).await?;
         let seq = r.state_seq + 1;
         let row = scheduled_row(&key.id, v, &r.hsm_id, destroy_at, seq);
         out.push(VersionStamp {

@@ -21,8 +21,8 @@ use zeroize::Zeroizing;
 use super::approvals::Approvals;
 use super::custodians::{custodian_name, Custodians};
 use crate::authz::stamp::{
-    enabled_row, grant_row, policy_row, retention_row, roster_row, scheduled_row, token_row,
-    QUORUM_MAC_PREFIX, TOTP_ROSTER,
+    enabled_row, grant_row, key_row, policy_row, retention_row, roster_row, scheduled_row,
+    token_row, QUORUM_MAC_PREFIX, TOTP_ROSTER,
 };
 use crate::keys::state::Unverified;
 use crate::keys::HsmAccess;
@@ -246,6 +246,26 @@ impl Sealing {
         Ok(())
     }
 
+    /// Keys (id, name) whose name carries no MAC.
+    async fn unnamed_keys(&self) -> Result<Vec<(crate::keys::KeyId, String)>> {
+        let system = self.ctx.system();
+        let db = self.ctx.db(&system);
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = db.list_keys(after.as_deref(), 500).await?;
+            out.extend(
+                page.iter()
+                    .filter(|k| k.key_mac.is_none())
+                    .map(|k| (k.id, k.name.to_string())),
+            );
+            match page.last() {
+                Some(k) if page.len() == 500 => after = Some(k.name.to_string()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     /// Replaces the MAC of roster `r` (as read) with the HSM's.
     async fn stamp_roster(&self, r: &Roster) -> Result<bool> {
         let mac = self.ctx.stamp(roster_row(r)).await?;
@@ -333,8 +353,27 @@ impl Sealing {
             }
         }
         if let Some(r) = db.roster(TOTP_ROSTER).await? {
-            if r.mac.is_none() && self.stamp_roster(&r).await? {
-                stamped.push(format!("state_rosters/{}", r.name));
+            if r.mac.is_none() {
+                // Everyone enrolled before the roster existed joins it now, so their
+                // enrolment, deleted later, is not taken for none.
+                let mut next = r.clone();
+                for p in db.enrolled_principals().await? {
+                    if !next.members.contains(&p) {
+                        next.members.push(p);
+                    }
+                }
+                next.members.sort();
+                next.state_seq += 1;
+                next.mac = Some(self.ctx.stamp(roster_row(&next)).await?);
+                if db.replace_roster(&next, r.state_seq).await? {
+                    stamped.push(format!("state_rosters/{}", r.name));
+                }
+            }
+        }
+        for k in self.unnamed_keys().await? {
+            let mac = self.ctx.stamp(key_row(&k.0, &k.1)).await?;
+            if db.stamp_key(&k.0, &k.1, &mac).await? {
+                stamped.push(format!("keys/{}", k.0));
             }
         }
         if let Some(p) = db.latest_policy().await? {

@@ -46,6 +46,7 @@ async fn key(s: &SqlStore, name: &str, n: u8) -> KeyRecord {
         rotation_period_ms: None,
         retain_until: None,
         retention_mac: None,
+        key_mac: "k".into(),
         now: T0,
     })
     .await

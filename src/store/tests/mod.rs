@@ -203,6 +203,7 @@ pub(super) fn new_key(name: &str, n: u8) -> NewKey {
         rotation_period_ms: None,
         retain_until: None,
         retention_mac: None,
+        key_mac: "k".into(),
         now: 1000,
     }
 }
