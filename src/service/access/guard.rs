@@ -23,10 +23,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::proof::{Act, Attempt, Authorized, Scope, Snapshot};
+use crate::authz::policy::Action;
 use crate::authz::policy::{Allowed, Decision, Policy, Request, Subject};
 use crate::authz::ratelimit::{RateLimiter, RoleLimiter};
 use crate::authz::stamp::{grant_row, policy_row, Checked};
-use crate::authz::{AuthError, Peer, Principal};
+use crate::authz::{AuthError, AuthMethod, Peer, Principal};
 use crate::secret::BearerToken;
 use crate::service::context::Context;
 use crate::service::error::{Result, ServiceError};
@@ -324,6 +325,17 @@ impl Guard {
         scope: Scope,
         mfa: bool,
     ) -> Result<Authorized<A>> {
+        // Sealed, a token's row could not be checked against its MAC (ADR 12): such a
+        // caller may only do what a sealed node is for.
+        if matches!(caller.principal.method, AuthMethod::Token { .. })
+            && !self.ctx.engine.is_open()
+            && !matches!(
+                A::ACTION,
+                Action::SealStatus | Action::Unseal | Action::Init
+            )
+        {
+            return Err(ServiceError::Sealed);
+        }
         let Some(allowed) = Self::decide::<A>(&snapshot, &caller.principal, &scope) else {
             return Err(Self::denied::<A>(caller));
         };

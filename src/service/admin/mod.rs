@@ -13,6 +13,6 @@ mod totp;
 
 pub use grants::{AccessOutcome, Grants, MAX_REASON};
 pub use policies::{Policies, ReloadError};
-pub(crate) use tokens::unscoped_record;
+pub(crate) use tokens::{is_bootstrap_as_issued, unscoped_record};
 pub use tokens::{NewToken, TokenInfo, Tokens, MAX_TTL_MS};
 pub use totp::{Totp, TotpEnrolled};

@@ -72,6 +72,20 @@ fn token_id() -> Result<String> {
     Ok(format!("tok_{}", hex::encode(id.as_ref())))
 }
 
+/// Whether `t` still reads as the bootstrap token was issued: unscoped, admin only, and
+/// expiring within [`BOOTSTRAP_TTL_MS`] of its creation. The init ceremony vouches for
+/// nothing else (a row widened by a database writer before init is not stamped).
+pub(crate) fn is_bootstrap_as_issued(t: &TokenRecord) -> bool {
+    t.description == BOOTSTRAP_DESCRIPTION
+        && t.roles == ["admin"]
+        && t.key_globs.is_empty()
+        && t.cidrs.is_empty()
+        && t.bound_principal.is_none()
+        && t.revoked_at.is_none()
+        && t.expires_at
+            .is_some_and(|e| e > t.created_at && e <= t.created_at + BOOTSTRAP_TTL_MS)
+}
+
 /// The stored form of an unscoped, unexpiring token for `principal` with `roles` (the
 /// start-up admin token, custodian tokens), made at `now`.
 pub(crate) fn unscoped_record(

@@ -14,6 +14,7 @@
 
 use crate::authz::stamp::{token_row, TOTP_ROSTER};
 use crate::authz::AuthMethod;
+use crate::service::admin::is_bootstrap_as_issued;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -192,7 +193,7 @@ impl Ceremony {
                 .list_tokens()
                 .await?
                 .into_iter()
-                .filter(|t| t.id == id && t.revoked_at.is_none())
+                .filter(|t| t.id == id && is_bootstrap_as_issued(t))
                 .collect(),
             None => Vec::new(),
         };
