@@ -114,10 +114,14 @@ pub fn key_row(key: &KeyId, name: &str) -> RowEncoding {
 
 /// The canonical form of "key `key` is kept until `retain_until`": the retention job
 /// schedules a key's destruction only on a date that verifies.
-pub fn retention_row(key: &KeyId, retain_until: i64) -> RowEncoding {
+/// `applied`: whether the retention job has acted on it (it stamps the applied form in
+/// the same transaction), so a writer who clears `retention_applied_at` to have it act
+/// again is refused.
+pub fn retention_row(key: &KeyId, retain_until: i64, applied: bool) -> RowEncoding {
     RowEncoding::new("keys.retain_until", 1)
         .text("key_id", &key.to_string())
         .int("retain_until", retain_until)
+        .int("applied", i64::from(applied))
 }
 
 /// The roster of TOTP enrolments (`state_rosters`, row `totp`).

@@ -142,7 +142,7 @@ impl Jobs {
             let Some(retain_until) = key.retain_until else {
                 continue;
             };
-            let row = retention_row(&key.id, retain_until);
+            let row = retention_row(&key.id, retain_until, false);
             let engine = self.ctx.engine()?;
             if let Checked::Refused { why, first } = self
                 .ctx
@@ -161,9 +161,14 @@ impl Jobs {
                 .map(|v| v.version)
                 .collect();
             let versions = schedule_stamps(&self.ctx, &key, &live, destroy_at).await?;
+            let applied_mac = self
+                .ctx
+                .stamp(retention_row(&key.id, retain_until, true))
+                .await?;
             let change = LifecycleChange::ApplyRetention {
                 destroy_at,
                 versions,
+                applied_mac,
             };
             match db.apply_lifecycle(&id, &change, now).await {
                 Ok(rec) => {

@@ -68,6 +68,8 @@ pub enum LifecycleChange {
         /// Every version not yet retired, with the MAC of its scheduled row; a version
         /// not listed (made meanwhile) makes the change `Conflict::ChangedConcurrently`.
         versions: Vec<VersionStamp>,
+        /// The MAC of the retention date as applied, stored in the same transaction.
+        applied_mac: String,
     },
 }
 
@@ -240,13 +242,15 @@ pub(super) async fn apply_in(
         LifecycleChange::ApplyRetention {
             destroy_at,
             versions,
+            applied_mac,
         } => {
             let done = sqlx::query(
-                "UPDATE keys SET retention_applied_at = $1 WHERE id = $2 \
+                "UPDATE keys SET retention_applied_at = $1, retention_mac = $2 WHERE id = $3 \
                  AND retention_applied_at IS NULL AND retain_until IS NOT NULL \
                  AND retain_until <= $1",
             )
             .bind(now)
+            .bind(applied_mac.clone())
             .bind(key.to_string())
             .execute(&mut *tx)
             .await

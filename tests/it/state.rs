@@ -628,6 +628,37 @@ async fn a_retention_date_set_by_a_database_writer_schedules_nothing(db: Db) {
         .log_text()
         .lines()
         .any(|l| l.contains("state-forged") && l.contains("retain_until")));
+
+    // A real retention date, applied and its retirement cancelled (by the API here), is
+    // not applied again because a writer cleared `retention_applied_at`.
+    c.create_key(pb::CreateKeyRequest {
+        name: "kept".into(),
+        retain_until: "2020-01-01T00:00:00Z".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state("kept") == "ENABLED" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retention never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.cancel_retirement(pb::CancelRetirementRequest {
+        name: "kept".into(),
+        version: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(state("kept"), "DISABLED");
+    one(
+        &arca,
+        "UPDATE keys SET retention_applied_at = NULL WHERE name = 'kept'",
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(state("kept"), "DISABLED", "the retention was applied again");
 }
 
 /// SQL that drops trigger `name` of `table` on either back end.

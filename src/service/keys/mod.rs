@@ -160,7 +160,7 @@ impl Keys {
         let first_mac = self.ctx.stamp(enabled_row(&id, 1, &object, 1)).await?;
         let key_mac = self.ctx.stamp(key_row(&id, name.as_str())).await?;
         let retention_mac = match opts.retain_until {
-            Some(t) => Some(self.ctx.stamp(retention_row(&id, t)).await?),
+            Some(t) => Some(self.ctx.stamp(retention_row(&id, t, false)).await?),
             None => None,
         };
         let result = db

@@ -373,7 +373,7 @@ impl Lifecycle {
         let now = self.ctx.clock.now_ms();
         self.ctx.verify_key(&key).await?;
         let mac = match retain_until {
-            Some(t) => Some(self.ctx.stamp(retention_row(&key.id, t)).await?),
+            Some(t) => Some(self.ctx.stamp(retention_row(&key.id, t, false)).await?),
             None => None,
         };
         let change = LifecycleChange::Retention { retain_until, mac };

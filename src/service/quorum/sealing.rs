@@ -319,7 +319,8 @@ impl Sealing {
             let page = db.list_keys(after.as_deref(), 500).await?;
             for k in &page {
                 if let (Some(t), None) = (k.retain_until, &k.retention_mac) {
-                    let mac = self.ctx.stamp(retention_row(&k.id, t)).await?;
+                    let applied = k.retention_applied_at.is_some();
+                    let mac = self.ctx.stamp(retention_row(&k.id, t, applied)).await?;
                     if db.stamp_retention(&k.id, t, &mac).await? {
                         stamped.push(format!("keys/{}/retain_until", k.id));
                     }

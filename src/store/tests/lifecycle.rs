@@ -178,6 +178,7 @@ async fn retention_is_applied_once(db: Arc<TestDb>) {
                     seq: 2,
                     mac: "r".into()
                 }],
+                applied_mac: "a".into(),
             },
             4000
         )
@@ -194,6 +195,7 @@ async fn retention_is_applied_once(db: Arc<TestDb>) {
                     seq: 2,
                     mac: "r".into(),
                 }],
+                applied_mac: "a".into(),
             },
             5000,
         )
@@ -216,6 +218,7 @@ async fn retention_is_applied_once(db: Arc<TestDb>) {
                     seq: 2,
                     mac: "r".into()
                 }],
+                applied_mac: "a".into(),
             },
             6000
         )
