@@ -58,7 +58,8 @@ pub use access::{
     REFRESH as ACCESS_REFRESH,
 };
 pub use admin::{
-    AccessOutcome, Grants, NewToken, Policies, ReloadError, TokenInfo, Tokens, Totp, TotpEnrolled,
+    AccessOutcome, Grants, NewToken, Policies, ReloadError, TokenInfo, TokenOutcome, Tokens, Totp,
+    TotpEnrolled,
     MAX_REASON, MAX_TTL_MS,
 };
 pub use audit::{AuditQueries, EngineKeys};
