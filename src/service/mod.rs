@@ -59,8 +59,7 @@ pub use access::{
 };
 pub use admin::{
     AccessOutcome, Grants, NewToken, Policies, ReloadError, TokenInfo, TokenOutcome, Tokens, Totp,
-    TotpEnrolled,
-    MAX_REASON, MAX_TTL_MS,
+    TotpEnrolled, MAX_REASON, MAX_TTL_MS,
 };
 pub use audit::{AuditQueries, EngineKeys};
 pub use context::{Context, Db, EngineSlot, Permit, ServiceConfig, System};

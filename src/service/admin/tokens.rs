@@ -178,7 +178,10 @@ fn check_new(t: &NewToken) -> Result<()> {
             "key globs are 1-128 of [a-z0-9_/-] and *",
         ));
     }
-    if t.cidrs.iter().any(|c| Cidr::parse(c).is_none() || c.contains(',')) {
+    if t.cidrs
+        .iter()
+        .any(|c| Cidr::parse(c).is_none() || c.contains(','))
+    {
         return Err(ServiceError::InvalidArgument("invalid CIDR"));
     }
     if t.bound_principal.as_deref().is_some_and(|p| !valid_name(p)) {
