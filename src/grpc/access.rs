@@ -6,10 +6,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::call::{accept, reply};
-use super::convert::{change_to_pb, review_to_pb, seconds_to_ms_saturating, token_to_pb};
+use super::convert::{
+    change_to_pb, request_to_pb, review_to_pb, seconds_to_ms_saturating, token_to_pb,
+};
 use super::pb;
 use crate::clock::rfc3339;
-use crate::service::{Grants, NewToken, Policies, Tokens, Totp};
+use crate::service::{Grants, NewToken, Policies, TokenOutcome, Tokens, Totp};
 
 /// The gRPC face of access administration.
 pub struct AccessApi {
@@ -51,12 +53,20 @@ impl pb::access_service_server::AccessService for AccessApi {
             cidrs: r.cidrs,
             bound_principal: (!r.bound_principal.is_empty()).then_some(r.bound_principal),
             description: r.description,
+            token_sha256: (!r.token_sha256.is_empty()).then_some(r.token_sha256),
         };
         let out = self.tokens.create_token(&c, new).await;
-        reply(&c, out, |(record, token)| pb::CreateTokenResponse {
-            id: record.id,
-            token: token.expose().to_string(),
-            expires_at: record.expires_at.map(rfc3339).unwrap_or_default(),
+        reply(&c, out, |outcome| match outcome {
+            TokenOutcome::Done(record, token) => pb::CreateTokenResponse {
+                id: record.id.clone(),
+                token: token.map(|t| t.expose().to_string()).unwrap_or_default(),
+                expires_at: record.expires_at.map(rfc3339).unwrap_or_default(),
+                approval_request: None,
+            },
+            TokenOutcome::Pending(req) => pb::CreateTokenResponse {
+                approval_request: Some(request_to_pb(&req)),
+                ..Default::default()
+            },
         })
     }
 

@@ -51,6 +51,7 @@ impl std::fmt::Debug for CreateTokenResponse {
             .field("id", &self.id)
             .field("token", &"[REDACTED]")
             .field("expires_at", &self.expires_at)
+            .field("approval_request", &self.approval_request)
             .finish()
     }
 }

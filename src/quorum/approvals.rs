@@ -66,11 +66,15 @@ pub enum Operation {
     UpdatePolicy,
     /// `AccessService.Elevate` {principal, role, duration_seconds, reason}.
     Elevate,
+    /// `AccessService.CreateToken` {principal, roles, key_globs, cidrs, bound_principal,
+    /// description, ttl_seconds, token_sha256}: the requester made the token and sends
+    /// only its hash.
+    CreateToken,
 }
 
 impl Operation {
     /// Every operation, in declaration order.
-    pub const ALL: [Operation; 10] = [
+    pub const ALL: [Operation; 11] = [
         Operation::RotateKey,
         Operation::DisableKeyVersion,
         Operation::EnableKeyVersion,
@@ -81,6 +85,7 @@ impl Operation {
         Operation::Rekey,
         Operation::UpdatePolicy,
         Operation::Elevate,
+        Operation::CreateToken,
     ];
 
     /// The name used in policies, requests and the digest.
@@ -96,6 +101,7 @@ impl Operation {
             Operation::Rekey => "Rekey",
             Operation::UpdatePolicy => "UpdatePolicy",
             Operation::Elevate => "Elevate",
+            Operation::CreateToken => "CreateToken",
         }
     }
 

@@ -195,6 +195,13 @@ mod tests {
         assert!(shipped.requires(Operation::RotateKey));
         assert!(shipped.requires(Operation::DisableKeyVersion));
         assert!(shipped.requires(Operation::EnableKeyVersion));
+        // Gateable, but not gated as shipped.
+        assert!(!shipped.requires(Operation::CreateToken));
+        assert!(QuorumPolicy::parse(
+            "version = 1\noperations = [\"CreateToken\"]\nrequest_ttl = \"1h\"\n"
+        )
+        .unwrap()
+        .requires(Operation::CreateToken));
         assert_eq!(shipped.request_ttl_ms(), DAY_MS);
     }
 

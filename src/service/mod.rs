@@ -58,8 +58,8 @@ pub use access::{
     REFRESH as ACCESS_REFRESH,
 };
 pub use admin::{
-    AccessOutcome, Grants, NewToken, Policies, ReloadError, TokenInfo, Tokens, Totp, TotpEnrolled,
-    MAX_REASON, MAX_TTL_MS,
+    AccessOutcome, Grants, NewToken, Policies, ReloadError, TokenInfo, TokenOutcome, Tokens, Totp,
+    TotpEnrolled, MAX_REASON, MAX_TTL_MS,
 };
 pub use audit::{AuditQueries, EngineKeys};
 pub use context::{Context, Db, EngineSlot, Permit, ServiceConfig, System};

@@ -71,7 +71,11 @@ impl Services {
             Arc::clone(&gate),
         ));
         let jobs = Arc::new(Jobs::new(Arc::clone(&ctx), Arc::clone(&rotation)));
-        let tokens = Arc::new(Tokens::new(Arc::clone(&ctx), Arc::clone(&guard)));
+        let tokens = Arc::new(Tokens::new(
+            Arc::clone(&ctx),
+            Arc::clone(&guard),
+            Arc::clone(&gate),
+        ));
         let grants = Arc::new(Grants::new(
             Arc::clone(&ctx),
             Arc::clone(&guard),
@@ -101,6 +105,7 @@ impl Services {
                 lifecycle: Arc::clone(&lifecycle),
                 grants: Arc::clone(&grants),
                 policies: Arc::clone(&policies),
+                tokens: Arc::clone(&tokens),
             },
         ));
         let sealing = Arc::new(Sealing::new(

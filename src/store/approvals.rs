@@ -29,7 +29,7 @@ use super::requests::{
     NewRequest, RequestResult, SealedShare,
 };
 use super::rows::get;
-use super::tokens::{insert_token_in, revoke_custodian_tokens_in};
+use super::tokens::{insert_token_in, revoke_custodian_tokens_in, TokenRecord};
 use crate::keys::{KeyId, ObjectId, VersionState};
 use crate::quorum::approvals::{QuorumApproved, RequestState};
 
@@ -166,6 +166,17 @@ pub trait ApprovalStore: Send + Sync + 'static {
         id: &str,
         approved: &QuorumApproved,
         grant: &GrantRecord,
+        now: i64,
+    ) -> Result<()>;
+
+    /// In one transaction: stores the token of approved request `id` (its hash only) and
+    /// marks the request `EXECUTED`. `AlreadyExists` if the hash or id is taken;
+    /// `Conflict::RequestState` as for the other completions.
+    async fn complete_create_token(
+        &self,
+        id: &str,
+        approved: &QuorumApproved,
+        token: &TokenRecord,
         now: i64,
     ) -> Result<()>;
 }
@@ -493,6 +504,28 @@ impl ApprovalStore for SqlStore {
             grant.role,
             crate::clock::rfc3339(grant.expires_at),
             grant.id
+        );
+        executed_with_note(tx, id, note, now).await
+    }
+
+    async fn complete_create_token(
+        &self,
+        id: &str,
+        _approved: &QuorumApproved,
+        token: &TokenRecord,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        claim_for_completion(&mut tx, id, now).await?;
+        insert_token_in(&mut *tx, token).await?;
+        let note = format!(
+            "token {} for {} valid until {}",
+            token.id,
+            token.principal,
+            token
+                .expires_at
+                .map(crate::clock::rfc3339)
+                .unwrap_or_else(|| "never".into())
         );
         executed_with_note(tx, id, note, now).await
     }

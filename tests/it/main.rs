@@ -28,6 +28,7 @@ mod cli;
 mod cluster;
 mod database;
 mod datakeys;
+mod gates;
 mod hsm_objects;
 mod lifecycle;
 mod limits;

@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::action::Action;
-use super::model::{Binding, BreakGlass, Policy, Role, Rule};
-use super::schema::{RawBreakGlass, RawFile, RawRole, VERSION};
+use super::model::{Binding, BreakGlass, Policy, Role, Rule, TokenLifetimes, MAX_TOKEN_TTL_MS};
+use super::schema::{RawBreakGlass, RawFile, RawRole, RawTokens, VERSION};
 use crate::authz::globs_overlap;
 use crate::authz::ratelimit::Limit;
 
@@ -151,6 +151,7 @@ impl Default for Policy {
                 groups: BTreeMap::new(),
                 bindings: Vec::new(),
                 break_glass: None,
+                tokens: TokenLifetimes::default(),
                 people: BTreeMap::new(),
                 digest: String::new(),
             },
@@ -179,6 +180,36 @@ fn duration(s: &str, what: &str) -> Result<i64, PolicyError> {
         })
 }
 
+/// `[tokens]`: each lifetime from 1 minute to [`MAX_TOKEN_TTL_MS`], the default no
+/// longer than the maximum; one left out is the built-in value (the default shortened to
+/// the maximum if that is lower).
+fn token_lifetimes(t: RawTokens) -> Result<TokenLifetimes, PolicyError> {
+    let parse = |s: &str, what: &str| {
+        crate::quorum::policy::parse_duration_ms(s)
+            .filter(|ms| (60_000..=MAX_TOKEN_TTL_MS).contains(ms))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "[tokens] {what}: invalid duration {s:?} (1m to 365d, e.g. \"90d\")"
+                ))
+            })
+    };
+    let builtin = TokenLifetimes::default();
+    let max_ms = match t.max_ttl {
+        Some(s) => parse(&s, "max_ttl")?,
+        None => builtin.max_ms,
+    };
+    let default_ms = match t.default_ttl {
+        Some(s) => parse(&s, "default_ttl")?,
+        None => builtin.default_ms.min(max_ms),
+    };
+    if default_ms > max_ms {
+        return Err(invalid(
+            "[tokens] default_ttl is longer than max_ttl".into(),
+        ));
+    }
+    Ok(TokenLifetimes { default_ms, max_ms })
+}
+
 impl Policy {
     /// Parses one policy document (e.g. the text of an `UpdatePolicy`).
     pub fn parse(text: &str) -> Result<Policy, PolicyError> {
@@ -193,6 +224,7 @@ impl Policy {
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut bindings = Vec::new();
         let mut break_glass: Option<RawBreakGlass> = None;
+        let mut tokens: Option<RawTokens> = None;
         // Principal → person, and the people defined so far.
         let mut people: BTreeMap<String, String> = BTreeMap::new();
         let mut persons: BTreeSet<String> = BTreeSet::new();
@@ -246,6 +278,12 @@ impl Policy {
                 }
                 break_glass = Some(bg);
             }
+            if let Some(t) = raw.tokens {
+                if tokens.is_some() {
+                    return Err(invalid("[tokens] is defined twice".into()));
+                }
+                tokens = Some(t);
+            }
             for (person, principals) in raw.people {
                 Self::claim(file, &person, principals, &mut persons, &mut people)?;
             }
@@ -290,11 +328,16 @@ impl Policy {
                 })
             }
         };
+        let tokens = match tokens {
+            None => TokenLifetimes::default(),
+            Some(t) => token_lifetimes(t)?,
+        };
         let policy = Policy {
             roles,
             groups,
             bindings,
             break_glass,
+            tokens,
             people,
             digest: hex::encode(hasher.finalize()),
         };

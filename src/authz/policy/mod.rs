@@ -46,4 +46,7 @@ mod tests;
 pub use action::Action;
 pub use decide::{Allowed, Decision, Request, Subject};
 pub use load::{PolicyError, DEFAULT_DIR, FOREIGN_FILES, MAX_GRANT_MS};
-pub use model::{BreakGlass, Policy, Role, DEFAULT_ELEVATION_MS};
+pub use model::{
+    BreakGlass, Policy, Role, TokenLifetimes, DEFAULT_ELEVATION_MS, DEFAULT_TOKEN_TTL_MS,
+    MAX_TOKEN_TTL_MS,
+};

@@ -13,6 +13,32 @@ use crate::authz::ratelimit::Limit;
 /// Elevation maximum of a role that sets none but is elevatable.
 pub const DEFAULT_ELEVATION_MS: i64 = 3600 * 1000;
 
+/// Lifetime of a token created without one, when the policy sets none (90 days).
+pub const DEFAULT_TOKEN_TTL_MS: i64 = 90 * DAY_MS;
+/// Longest token lifetime, when the policy sets none; also the most a policy may set
+/// (365 days).
+pub const MAX_TOKEN_TTL_MS: i64 = 365 * DAY_MS;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// How long tokens live (`[tokens]`): `CreateToken` with no lifetime gets `default_ms`,
+/// and one above `max_ms` is refused. No token made by `CreateToken` lives forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenLifetimes {
+    /// Lifetime of a token created with none, ms (≤ `max_ms`).
+    pub default_ms: i64,
+    /// Longest lifetime, ms (≤ [`MAX_TOKEN_TTL_MS`]).
+    pub max_ms: i64,
+}
+
+impl Default for TokenLifetimes {
+    fn default() -> Self {
+        TokenLifetimes {
+            default_ms: DEFAULT_TOKEN_TTL_MS,
+            max_ms: MAX_TOKEN_TTL_MS,
+        }
+    }
+}
+
 /// One allow rule of a role.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Rule {
@@ -76,6 +102,7 @@ pub struct Policy {
     pub(super) groups: BTreeMap<String, Vec<String>>,
     pub(super) bindings: Vec<Binding>,
     pub(super) break_glass: Option<BreakGlass>,
+    pub(super) tokens: TokenLifetimes,
     /// Exact principal name → the person it belongs to (`[people]`).
     pub(super) people: BTreeMap<String, String>,
     pub(super) digest: String,
@@ -106,5 +133,10 @@ impl Policy {
     /// The break-glass settings, if any.
     pub fn break_glass(&self) -> Option<&BreakGlass> {
         self.break_glass.as_ref()
+    }
+
+    /// Token lifetimes (`[tokens]`, else the defaults).
+    pub fn token_lifetimes(&self) -> TokenLifetimes {
+        self.tokens
     }
 }

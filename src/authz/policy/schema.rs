@@ -22,6 +22,8 @@ pub(super) struct RawFile {
     #[serde(default)]
     pub(super) bindings: Vec<RawBinding>,
     pub(super) break_glass: Option<RawBreakGlass>,
+    /// Token lifetimes (`[tokens]`).
+    pub(super) tokens: Option<RawTokens>,
     /// Person → the exact principal names that person authenticates as.
     #[serde(default)]
     pub(super) people: BTreeMap<String, Vec<String>>,
@@ -74,4 +76,13 @@ pub(super) struct RawBreakGlass {
     pub(super) principals: Vec<String>,
     pub(super) role: String,
     pub(super) max_duration: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokens {
+    /// Lifetime of a token created without one (`ttl_seconds = 0`).
+    pub(super) default_ttl: Option<String>,
+    /// Longest lifetime a token may be created with.
+    pub(super) max_ttl: Option<String>,
 }

@@ -479,3 +479,46 @@ fn separation_of_duties_is_checked_per_principal_across_bindings() {
     // Disjoint patterns: fine.
     shipped_with("[[bindings]]\nprincipals = [\"app:*\"]\nroles = [\"service\"]\n").unwrap();
 }
+
+#[test]
+fn token_lifetimes_default_bounded_and_checked_at_load() {
+    const DAY: i64 = 24 * 3600 * 1000;
+    // As shipped: 90 days by default, at most 365.
+    let shipped = Policy::default().token_lifetimes();
+    assert_eq!((shipped.default_ms, shipped.max_ms), (90 * DAY, 365 * DAY));
+    // Without [tokens], the same: no token made by CreateToken lives forever.
+    let bare = Policy::parse("version = 1\n").unwrap().token_lifetimes();
+    assert_eq!(bare, TokenLifetimes::default());
+    let p = Policy::parse("version = 1\n[tokens]\ndefault_ttl = \"1d\"\nmax_ttl = \"7d\"\n")
+        .unwrap()
+        .token_lifetimes();
+    assert_eq!((p.default_ms, p.max_ms), (DAY, 7 * DAY));
+    // Only a maximum below the built-in default: the default shrinks to it.
+    let p = Policy::parse("version = 1\n[tokens]\nmax_ttl = \"30d\"\n")
+        .unwrap()
+        .token_lifetimes();
+    assert_eq!((p.default_ms, p.max_ms), (30 * DAY, 30 * DAY));
+    for (bad, says) in [
+        (
+            "default_ttl = \"8d\"\nmax_ttl = \"7d\"",
+            "longer than max_ttl",
+        ),
+        ("max_ttl = \"366d\"", "max_ttl"),
+        ("default_ttl = \"30s\"", "default_ttl"),
+        ("max_ttl = \"forever\"", "max_ttl"),
+        ("lifetime = \"1d\"", "unknown field"),
+    ] {
+        let e = Policy::parse(&format!("version = 1\n[tokens]\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{bad:?}: {e}");
+    }
+    // Defined in two files: refused.
+    let e = Policy::from_files(&[
+        ("a.toml", "version = 1\n[tokens]\nmax_ttl = \"7d\"\n"),
+        ("b.toml", "version = 1\n[tokens]\nmax_ttl = \"8d\"\n"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("[tokens] is defined twice"), "{e}");
+}

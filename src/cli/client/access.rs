@@ -147,6 +147,13 @@ pub(super) async fn run_token(cmd: TokenCommand) -> Result<(), CliError> {
             description,
             opts,
         } => {
+            // The token is made here and only its SHA-256 goes to the server: it works
+            // the same whether CreateToken runs at once or waits for quorum approval
+            // (then it works once K custodians approved it), and it is never on the wire.
+            let secret = crate::secret::random::<32>().map_err(|_| {
+                std::io::Error::other("no randomness from the operating system for the token")
+            })?;
+            let token = crate::secret::BearerToken::from_random(&secret);
             let req = pb::CreateTokenRequest {
                 principal,
                 roles,
@@ -155,9 +162,25 @@ pub(super) async fn run_token(cmd: TokenCommand) -> Result<(), CliError> {
                 cidrs,
                 bound_principal: bound_principal.unwrap_or_default(),
                 description,
+                token_sha256: token.hash().to_hex(),
             };
             let show = |output, r: pb::CreateTokenResponse| {
-                let token = Zeroizing::new(r.token);
+                let token = Zeroizing::new(if r.token.is_empty() {
+                    token.expose().to_string()
+                } else {
+                    r.token
+                });
+                if let Some(req) = &r.approval_request {
+                    print_created(output, req);
+                    match output {
+                        Output::Json => println!("{}", json!({"token": token.as_str()})),
+                        Output::Human => println!(
+                            "token:   {}  (shown once; it works once the request is approved)",
+                            token.as_str()
+                        ),
+                    }
+                    return;
+                }
                 match output {
                     Output::Json => println!(
                         "{}",

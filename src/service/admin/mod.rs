@@ -14,5 +14,5 @@ mod totp;
 pub use grants::{AccessOutcome, Grants, MAX_REASON};
 pub use policies::{Policies, ReloadError};
 pub(crate) use tokens::{is_bootstrap_as_issued, unscoped_record};
-pub use tokens::{NewToken, TokenInfo, Tokens, MAX_TTL_MS};
+pub use tokens::{NewToken, TokenInfo, TokenOutcome, Tokens, MAX_TTL_MS};
 pub use totp::{Totp, TotpEnrolled};

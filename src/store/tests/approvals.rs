@@ -26,6 +26,7 @@ on_both_backends!(
     two_custodians_take_the_last_place_at_once_and_one_gets_it,
     a_rekey_commits_only_on_the_generation_it_replaces,
     policy_and_elevation_complete_once_with_their_effect,
+    a_token_completes_once_and_a_taken_hash_changes_nothing,
 );
 
 /// A real proof, from a 1-of-1 split.
@@ -610,4 +611,66 @@ async fn policy_and_elevation_complete_once_with_their_effect(db: Arc<TestDb>) {
         RequestState::Executed
     );
     assert!(s.sealed_shares("req_e").await.unwrap().is_empty());
+}
+
+async fn a_token_completes_once_and_a_taken_hash_changes_nothing(db: Arc<TestDb>) {
+    let s = db.open().await;
+    let mut token = custodian_token("tok_a", "x", 7);
+    token.principal = "svc:phi".into();
+    token.roles = vec!["service".into()];
+    token.expires_at = Some(T0 + 3_600_000);
+    token.mac = Some("m".into());
+    let params: Parameters = [("token_sha256".to_string(), token.hash.to_hex())]
+        .into_iter()
+        .collect();
+    request(&s, "req_t", Operation::CreateToken, &params).await;
+    s.add_approval("req_t", "c1", b"x", T0 + 1).await.unwrap();
+    // Short of K: no token.
+    assert!(matches!(
+        s.complete_create_token("req_t", &proof(), &token, T0 + 2)
+            .await,
+        Err(StoreError::Conflict(Conflict::RequestState(
+            RequestState::Pending
+        )))
+    ));
+    assert!(matches!(
+        s.token_by_hash(&token.hash).await,
+        Err(StoreError::NotFound)
+    ));
+    s.add_approval("req_t", "c2", b"y", T0 + 2).await.unwrap();
+    s.complete_create_token("req_t", &proof(), &token, T0 + 3)
+        .await
+        .unwrap();
+    let stored = s.token_by_hash(&token.hash).await.unwrap();
+    assert_eq!(
+        (stored.id.as_str(), stored.mac.as_deref(), stored.expires_at),
+        ("tok_a", Some("m"), Some(T0 + 3_600_000))
+    );
+    let done = s.request("req_t").await.unwrap();
+    assert_eq!(done.state, RequestState::Executed);
+    assert!(s.sealed_shares("req_t").await.unwrap().is_empty());
+    // Run again: refused, nothing added.
+    let mut again = token.clone();
+    again.id = "tok_b".into();
+    again.hash = crate::secret::BearerToken::from_random(&[8; 32]).hash();
+    assert!(matches!(
+        s.complete_create_token("req_t", &proof(), &again, T0 + 4)
+            .await,
+        Err(StoreError::Conflict(Conflict::RequestState(
+            RequestState::Executed
+        )))
+    ));
+    // A second request for a hash already stored: AlreadyExists, and it stays pending.
+    approved(&s, "req_u", Operation::CreateToken, &params).await;
+    let mut dup = token.clone();
+    dup.id = "tok_c".into();
+    assert!(matches!(
+        s.complete_create_token("req_u", &proof(), &dup, T0 + 5)
+            .await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(
+        s.request("req_u").await.unwrap().state,
+        RequestState::Pending
+    );
 }

@@ -218,6 +218,7 @@ impl Approvals {
                 .await
                 .map(Ran::Access),
             Operation::Elevate => self.grants.run_elevation(req, ok).await.map(Ran::Access),
+            Operation::CreateToken => self.tokens.run_create_token(req, ok).await.map(Ran::Access),
         }
     }
 

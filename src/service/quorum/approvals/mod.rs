@@ -24,7 +24,7 @@ use super::ceremony::Ceremony;
 use super::custodians::{custodian_name, CustodianKit, Custodians};
 use crate::quorum::approvals::{self, Refusal, RequestState, PARAM_KEY};
 use crate::service::access::{act, Act, Authorized, Guard, Scope};
-use crate::service::admin::{Grants, Policies};
+use crate::service::admin::{Grants, Policies, Tokens};
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Conflict, Rejection, Result, ServiceError};
 use crate::service::gate::request_conflict;
@@ -112,6 +112,7 @@ pub struct Approvals {
     lifecycle: Arc<Lifecycle>,
     grants: Arc<Grants>,
     policies: Arc<Policies>,
+    tokens: Arc<Tokens>,
 }
 
 /// The services an approved request may run.
@@ -126,6 +127,8 @@ pub struct Executors {
     pub grants: Arc<Grants>,
     /// `UpdatePolicy`.
     pub policies: Arc<Policies>,
+    /// `CreateToken`.
+    pub tokens: Arc<Tokens>,
 }
 
 impl Approvals {
@@ -145,6 +148,7 @@ impl Approvals {
             lifecycle: run.lifecycle,
             grants: run.grants,
             policies: run.policies,
+            tokens: run.tokens,
         }
     }
 
