@@ -26,6 +26,7 @@ on_both_backends!(
     two_custodians_take_the_last_place_at_once_and_one_gets_it,
     a_rekey_commits_only_on_the_generation_it_replaces,
     policy_and_elevation_complete_once_with_their_effect,
+    the_requesters_person_is_recorded_once,
 );
 
 /// A real proof, from a 1-of-1 split.
@@ -610,4 +611,60 @@ async fn policy_and_elevation_complete_once_with_their_effect(db: Arc<TestDb>) {
         RequestState::Executed
     );
     assert!(s.sealed_shares("req_e").await.unwrap().is_empty());
+}
+
+async fn the_requesters_person_is_recorded_once(db: Arc<TestDb>) {
+    let s = db.open().await;
+    let params = rotate_params("a");
+    let d = digest(Operation::RotateKey, &params);
+    let r = s
+        .create_request(&NewRequest {
+            id: "req_p",
+            operation: Operation::RotateKey,
+            parameters: &params,
+            digest: &d,
+            requester: "key-admin:alice",
+            requester_person: "alice",
+            threshold: 2,
+            generation: 1,
+            created_at: T0,
+            expires_at: T0 + TTL,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.requester_person.as_deref(), Some("alice"));
+    assert_eq!(r.standing().requester_person, "alice");
+    assert_eq!(
+        s.request("req_p")
+            .await
+            .unwrap()
+            .requester_person
+            .as_deref(),
+        Some("alice")
+    );
+    // Pending or not, the person recorded never changes.
+    assert!(
+        sqlx::query("UPDATE approval_requests SET requester_person = 'mallory'")
+            .execute(&s.writer)
+            .await
+            .is_err()
+    );
+    assert!(
+        sqlx::query("UPDATE approval_requests SET requester_person = NULL")
+            .execute(&s.writer)
+            .await
+            .is_err()
+    );
+    // A request from before people were recorded: its requester stands for the person.
+    sqlx::query(
+        "INSERT INTO approval_requests (id, operation, parameters, digest, requester, \
+         threshold, generation, state, created_at, expires_at, updated_at) \
+         VALUES ('req_old', 'RotateKey', '{}', 'd', 'dev-admin', 2, 1, 'PENDING', 1, 2, 1)",
+    )
+    .execute(&s.writer)
+    .await
+    .unwrap();
+    let old = s.request("req_old").await.unwrap();
+    assert_eq!(old.requester_person, None);
+    assert_eq!(old.standing().requester_person, "dev-admin");
 }
