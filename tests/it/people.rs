@@ -1,8 +1,10 @@
 //! People, not principals (DESIGN §2, ADR 15), as attacks: a policy whose `[people]` says
 //! that `key-admin:alice` and custodian `custodian-1` are one person, alice, and that
-//! `oncall:bob` and `auditor:bob` are one person, bob. Alice asks for a rotation and
+//! `oncall:bob` and `auditor:bob` are one person, bob, and custodians `custodian-4` and
+//! `custodian-5` one person, carol. Alice asks for a rotation and
 //! approves it as her custodian identity; bob breaks the glass and closes his own review
-//! as an auditor. Both are refused, with their stable reasons; other people still can.
+//! as an auditor; carol, who holds two custodian identities, approves twice. All are
+//! refused, with their stable reasons; other people still can.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +12,8 @@ use arca::grpc::pb;
 use tonic::Code;
 
 use crate::support::{
-    assert_code, mint_token, reason, three_of_five, unsealed, Auth, Db, TestArca, Totp,
+    assert_code, mint_token, reason, request_rotation, three_of_five, unsealed, Auth, Db, TestArca,
+    Totp,
 };
 
 /// Who is whom, on top of the shipped roles and bindings.
@@ -19,6 +22,7 @@ version = 1
 [people]
 alice = ["key-admin:alice", "custodian:custodian-1"]
 bob = ["oncall:bob", "auditor:bob"]
+carol = ["custodian:custodian-4", "custodian:custodian-5"]
 "#;
 
 /// A policy directory: the shipped role, binding and quorum files, plus `people.toml`.
@@ -93,6 +97,36 @@ async fn alice_cannot_approve_her_own_rotation_as_her_custodian_identity(db: Db)
         arca.log_text().contains("the approver is the requester"),
         "no log line for the refusal"
     );
+}
+
+on_both_backends!(
+    #[tokio::test]
+    carol_counts_once_whichever_of_her_custodian_identities_approves
+);
+
+async fn carol_counts_once_whichever_of_her_custodian_identities_approves(db: Db) {
+    let pol = tempfile::tempdir().unwrap();
+    let dir = policy_dir(pol.path());
+    let (arca, cs) = unsealed(three_of_five(db).arg("--policy-dir").arg(&dir)).await;
+    let req = request_rotation(&arca).await;
+    let r = cs.approve(&arca, 4, &req).await.unwrap();
+    assert_eq!(r.state, "PENDING", "{r:?}");
+    // Carol again, as custodian-5: refused, and not counted.
+    let s = assert_code(
+        cs.approve(&arca, 5, &req).await,
+        Code::PermissionDenied,
+        "carol approves again as custodian-5",
+    );
+    assert_eq!(reason(&s), Some("ALREADY_APPROVED"), "{s:?}");
+    let r = cs.approve(&arca, 2, &req).await.unwrap();
+    assert_eq!(
+        (r.state.as_str(), r.approvals.len()),
+        ("PENDING", 2),
+        "{r:?}"
+    );
+    let done = cs.approve(&arca, 3, &req).await.unwrap();
+    assert_eq!(done.state, "EXECUTED", "{done:?}");
+    assert_eq!(arca.key("phi").await.versions.len(), 2, "rotated once");
 }
 
 on_both_backends!(
