@@ -250,8 +250,8 @@ impl std::fmt::Display for Conflict {
     }
 }
 
-/// Why a custodian's submission (a share, a TOTP code, an approval) was refused
-/// (`PERMISSION_DENIED`).
+/// Why a custodian's submission (a share, a TOTP code, an approval), or a review's close,
+/// was refused (`PERMISSION_DENIED`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejection {
     /// The share does not match this custodian's commitment.
