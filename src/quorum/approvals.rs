@@ -193,6 +193,9 @@ pub struct Standing<'a> {
     pub expires_at: i64,
     /// Principal name of the requester.
     pub requester: &'a str,
+    /// The person behind the requester, as recorded when the request was opened (the
+    /// requester principal for requests opened before people were recorded).
+    pub requester_person: &'a str,
     /// K.
     pub threshold: u8,
     /// Approvals so far.
@@ -224,20 +227,39 @@ pub enum Refusal {
     NotPending(RequestState),
     /// The request expired.
     Expired,
-    /// The requester may not approve their own request.
+    /// The requester may not approve their own request (through any of their
+    /// principals).
     Requester,
-    /// This custodian approved already.
+    /// This custodian, or another principal of the same person, approved already.
     AlreadyApproved,
     /// The digest given is not the request's.
     DigestMismatch,
 }
 
-/// Whether the custodian `approver` (principal `approver_principal`) may approve, given
-/// the digest they reviewed. `already` is true when that custodian approved before.
+/// Who asks to approve, as people (DESIGN §2 "People, not principals"): persons come
+/// from the access policy's `[people]`, computed by the caller (this module reads no
+/// policy).
+#[derive(Clone, Copy, Debug)]
+pub struct Approver<'a> {
+    /// The approver's principal (`custodian:NAME`).
+    pub principal: &'a str,
+    /// The person behind it, by the policy in force at approval.
+    pub person: &'a str,
+    /// The person behind the request's requester, by the same policy.
+    pub requester_person: &'a str,
+    /// Whether this custodian, or another principal of the same person, approved this
+    /// request already.
+    pub already: bool,
+}
+
+/// Whether `approver` may approve, given the digest they reviewed. The requester may not,
+/// through any principal of theirs: the approver's person is compared with the
+/// requester's person both as recorded at the request and by the policy in force now, so
+/// neither a policy change before the approval nor one since the request lets a person
+/// approve their own request. One person counts once.
 pub fn check_approval(
     s: &Standing<'_>,
-    approver_principal: &str,
-    already: bool,
+    approver: &Approver<'_>,
     presented_digest: &str,
     now: i64,
 ) -> Result<(), Refusal> {
@@ -250,10 +272,13 @@ pub fn check_approval(
     if s.approvals >= usize::from(s.threshold) {
         return Err(Refusal::NotPending(RequestState::Pending));
     }
-    if approver_principal == s.requester {
+    if approver.principal == s.requester
+        || approver.person == s.requester_person
+        || approver.person == approver.requester_person
+    {
         return Err(Refusal::Requester);
     }
-    if already {
+    if approver.already {
         return Err(Refusal::AlreadyApproved);
     }
     if !presented_digest.trim().eq_ignore_ascii_case(s.digest) {
@@ -417,9 +442,20 @@ mod tests {
             state,
             expires_at: T0 + DAY,
             requester: "dev-admin",
+            requester_person: "dev-admin",
             threshold: 3,
             approvals,
             digest: "ab12",
+        }
+    }
+
+    /// A custodian approver who is a person of their own (or `already` approved).
+    fn by(who: &str, already: bool) -> Approver<'_> {
+        Approver {
+            principal: who,
+            person: who,
+            requester_person: "dev-admin",
+            already,
         }
     }
 
@@ -428,7 +464,7 @@ mod tests {
         let clock = ManualClock::at(T0);
         let s = standing(RequestState::Pending, 1);
         let ok = |s: &Standing<'_>, who: &str, already: bool, d: &str, now: i64| {
-            check_approval(s, who, already, d, now)
+            check_approval(s, &by(who, already), d, now)
         };
         assert_eq!(ok(&s, "custodian:a", false, "ab12", clock.now_ms()), Ok(()));
         // The digest compares without regard to case or surrounding space.
@@ -461,6 +497,70 @@ mod tests {
     }
 
     #[test]
+    fn the_requester_approves_through_no_principal_of_theirs() {
+        // alice asked as key-admin:alice; the policy then and now says custodian:c1 is
+        // alice too.
+        let s = Standing {
+            requester: "key-admin:alice",
+            requester_person: "alice",
+            ..standing(RequestState::Pending, 0)
+        };
+        let c1 = Approver {
+            principal: "custodian:c1",
+            person: "alice",
+            requester_person: "alice",
+            already: false,
+        };
+        assert_eq!(check_approval(&s, &c1, "ab12", T0), Err(Refusal::Requester));
+        // The policy changed since the request: c1 is now "al", and so is the requester.
+        let renamed = Approver {
+            person: "al",
+            requester_person: "al",
+            ..c1
+        };
+        assert_eq!(
+            check_approval(&s, &renamed, "ab12", T0),
+            Err(Refusal::Requester)
+        );
+        // The policy now splits alice's principals: the person recorded at the request
+        // still refuses her.
+        let split = Approver {
+            requester_person: "key-admin:alice",
+            ..c1
+        };
+        assert_eq!(
+            check_approval(&s, &split, "ab12", T0),
+            Err(Refusal::Requester)
+        );
+        // The policy now joins them, though the request recorded alice apart.
+        let apart = Standing {
+            requester_person: "key-admin:alice",
+            ..s
+        };
+        assert_eq!(
+            check_approval(&apart, &c1, "ab12", T0),
+            Err(Refusal::Requester)
+        );
+        // Another person approves.
+        let bob = Approver {
+            principal: "custodian:c2",
+            person: "bob",
+            requester_person: "alice",
+            already: false,
+        };
+        assert_eq!(check_approval(&s, &bob, "ab12", T0), Ok(()));
+        // The requester comes first: whoever asked hears that, not "already approved".
+        let again = Approver {
+            already: true,
+            ..c1
+        };
+        assert_eq!(
+            check_approval(&s, &again, "ab12", T0),
+            Err(Refusal::Requester)
+        );
+    }
+
+    #[test]
     fn decided_requests_take_nothing() {
         for st in [
             RequestState::Executed,
@@ -470,7 +570,7 @@ mod tests {
         ] {
             let s = standing(st, 0);
             assert_eq!(
-                check_approval(&s, "custodian:a", false, "ab12", T0),
+                check_approval(&s, &by("custodian:a", false), "ab12", T0),
                 Err(if st == RequestState::Expired {
                     Refusal::Expired
                 } else {
@@ -484,7 +584,7 @@ mod tests {
         // K approvals in: the request waits to run, takes no more, and does not expire.
         let full = standing(RequestState::Pending, 3);
         assert_eq!(
-            check_approval(&full, "custodian:d", false, "ab12", T0),
+            check_approval(&full, &by("custodian:d", false), "ab12", T0),
             Err(Refusal::NotPending(RequestState::Pending))
         );
         assert_eq!(full.effective_state(T0 + 2 * DAY), RequestState::Pending);

@@ -250,8 +250,8 @@ impl std::fmt::Display for Conflict {
     }
 }
 
-/// Why a custodian's submission (a share, a TOTP code, an approval) was refused
-/// (`PERMISSION_DENIED`).
+/// Why a custodian's submission (a share, a TOTP code, an approval), or a review's close,
+/// was refused (`PERMISSION_DENIED`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejection {
     /// The share does not match this custodian's commitment.
@@ -272,6 +272,9 @@ pub enum Rejection {
     AlreadyApproved,
     /// Only custodians approve requests.
     NotCustodian,
+    /// Nobody closes the review of their own break-glass (through any of their
+    /// principals).
+    OwnReview,
 }
 
 impl Rejection {
@@ -287,6 +290,7 @@ impl Rejection {
             Rejection::Requester => "REQUESTER_CANNOT_APPROVE",
             Rejection::AlreadyApproved => "ALREADY_APPROVED",
             Rejection::NotCustodian => "NOT_CUSTODIAN",
+            Rejection::OwnReview => "OWN_REVIEW",
         }
     }
 }
@@ -303,8 +307,12 @@ impl std::fmt::Display for Rejection {
             Rejection::LockedOut => "custodian locked out after repeated failures; try later",
             Rejection::SoPinRefused => "the SO PIN was refused",
             Rejection::Requester => "the requester cannot approve their own request",
-            Rejection::AlreadyApproved => "this custodian has already approved this request",
+            Rejection::AlreadyApproved => {
+                "this custodian (or another identity of the same person) has already approved \
+                 this request"
+            }
             Rejection::NotCustodian => "only custodians approve requests",
+            Rejection::OwnReview => "nobody closes the review of their own break-glass",
         })
     }
 }

@@ -6,6 +6,8 @@
 //! - A request is opened only by a caller authorized for its operation (the gate takes the
 //!   caller's [`Authorized`] proof), and its digest is computed here from the operation and
 //!   its parameters, never taken from the caller.
+//! - A request records its requester's principal and the person behind it (`[people]`),
+//!   by the policy the requester was authorized under (ADR 15).
 //! - A gated change commits either on its own ([`Commit::Direct`], where no quorum gates
 //!   it) or in one transaction with the completion of the request K custodians approved
 //!   ([`Commit::Approved`], which holds the `QuorumApproved` proof).
@@ -110,6 +112,7 @@ impl Gate {
         let digest = approvals::digest(op, &parameters);
         let now = self.ctx.clock.now_ms();
         let requester = &proof.principal().name;
+        let requester_person = proof.person();
         let rec = db
             .create_request(&NewRequest {
                 id: &id,
@@ -117,6 +120,7 @@ impl Gate {
                 parameters: &parameters,
                 digest: &digest,
                 requester,
+                requester_person: &requester_person,
                 threshold: cfg.threshold,
                 generation: cfg.generation,
                 created_at: now,
@@ -127,6 +131,7 @@ impl Gate {
             request = %id,
             operation = %op,
             requester = %requester,
+            person = %requester_person,
             threshold = cfg.threshold,
             "approval request created"
         );

@@ -223,14 +223,16 @@ impl ApprovalStore for SqlStore {
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO approval_requests (id, operation, parameters, digest, requester, \
-             threshold, generation, state, created_at, expires_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'PENDING', $8, $9, $8)",
+             requester_person, threshold, generation, state, created_at, expires_at, \
+             updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'PENDING', $9, $10, $9)",
         )
         .bind(r.id.to_string())
         .bind(r.operation.as_str())
         .bind(parameters)
         .bind(r.digest.to_string())
         .bind(r.requester.to_string())
+        .bind(r.requester_person.to_string())
         .bind(i64::from(r.threshold))
         .bind(r.generation)
         .bind(r.created_at)

@@ -46,6 +46,8 @@ pub struct NewRequest<'a> {
     pub digest: &'a str,
     /// Principal name of the requester.
     pub requester: &'a str,
+    /// The person behind the requester, by the access policy in force at the request.
+    pub requester_person: &'a str,
     /// K at the time of the request.
     pub threshold: u8,
     /// The quorum generation whose custodians may approve.
@@ -123,6 +125,9 @@ pub struct ApprovalRecord {
     pub digest: String,
     /// Principal name of the requester.
     pub requester: String,
+    /// The person behind the requester, by the access policy in force when it was opened
+    /// (`None` for requests opened before people were recorded).
+    pub requester_person: Option<String>,
     /// K.
     pub threshold: u8,
     /// Quorum generation.
@@ -152,6 +157,7 @@ impl ApprovalRecord {
             state: self.state,
             expires_at: self.expires_at,
             requester: &self.requester,
+            requester_person: self.requester_person.as_deref().unwrap_or(&self.requester),
             threshold: self.threshold,
             approvals: self.approvals.len(),
             digest: &self.digest,
@@ -171,7 +177,8 @@ pub struct SealedShare {
 macro_rules! request_select {
     ($tail:literal) => {
         concat!(
-            "SELECT r.id, r.operation, r.parameters, r.digest, r.requester, r.threshold, ",
+            "SELECT r.id, r.operation, r.parameters, r.digest, r.requester, r.requester_person, ",
+            "r.threshold, ",
             "r.generation, r.state, r.created_at, r.expires_at, r.decided_at, r.decided_by, ",
             "r.reason, r.result, a.custodian, a.approved_at ",
             "FROM approval_requests r LEFT JOIN request_approvals a ON a.request_id = r.id ",
@@ -217,6 +224,7 @@ fn request_from_row(row: &AnyRow, id: String) -> Result<ApprovalRecord> {
         parameters,
         digest: get(row, "digest")?,
         requester: get(row, "requester")?,
+        requester_person: get(row, "requester_person")?,
         threshold: u8::try_from(get::<i64>(row, "threshold")?)
             .map_err(|_| StoreError::Corrupt("request threshold"))?,
         generation: get(row, "generation")?,

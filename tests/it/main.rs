@@ -35,6 +35,7 @@ mod limits;
 mod load;
 mod lockout;
 mod outage;
+mod people;
 mod production;
 mod quorum;
 mod ratelimit;

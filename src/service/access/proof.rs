@@ -142,6 +142,17 @@ impl<A: Act> Authorized<A> {
         self.context.as_ref()
     }
 
+    /// The person behind the caller (`[people]`), by the policy this decision used.
+    pub fn person(&self) -> String {
+        self.snapshot.policy.person_of(&self.principal.name)
+    }
+
+    /// The person behind `principal`, by the policy this decision used: people are
+    /// compared under one policy.
+    pub fn person_of(&self, principal: &str) -> String {
+        self.snapshot.policy.person_of(principal)
+    }
+
     /// The canonical context bytes (empty without a context), for the HSM's AAD.
     pub fn context_bytes(&self) -> Vec<u8> {
         self.context

@@ -7,7 +7,9 @@
 //!   request with the clock), and only for a role the policy in force still defines.
 //! - An approved elevation is checked again against the policy in force when it runs
 //!   (the role's `max_elevation` may have changed since the request).
-//! - Nobody closes the review of their own break-glass.
+//! - Nobody closes the review of their own break-glass, through any principal of theirs:
+//!   the closer's person and the grant holder's person (`[people]`, by the policy the
+//!   `CloseReview` was decided under) differ (ADR 15).
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
@@ -18,7 +20,7 @@ use crate::authz::policy::DEFAULT_ELEVATION_MS;
 use crate::quorum::approvals::{Operation, Parameters, QuorumApproved};
 use crate::service::access::{act, Guard, Scope};
 use crate::service::context::Context;
-use crate::service::error::{Conflict, Result, ServiceError};
+use crate::service::error::{Conflict, Rejection, Result, ServiceError};
 use crate::service::gate::{request_conflict, Gate};
 use crate::service::Caller;
 use crate::store::{ApprovalRecord, GrantRecord, ReviewRecord, StoreError};
@@ -266,7 +268,7 @@ impl Grants {
     }
 
     /// `CloseReview`: an auditor closes a review with a note. Nobody closes the review of
-    /// their own break-glass.
+    /// their own break-glass, through any of their principals (`OWN_REVIEW`).
     pub async fn close_review(
         &self,
         caller: &Caller,
@@ -284,8 +286,17 @@ impl Grants {
             .iter()
             .find(|r| r.id == id)
             .ok_or(ServiceError::NotFound("review not found"))?;
-        if review.principal == caller.principal.name {
-            return Err(ServiceError::PermissionDenied);
+        let person = proof.person();
+        if review.principal == caller.principal.name || proof.person_of(&review.principal) == person
+        {
+            tracing::warn!(
+                review = id,
+                by = %caller.principal.name,
+                person = %person,
+                holder = %review.principal,
+                "review close refused: the closer is the person who broke the glass"
+            );
+            return Err(ServiceError::Rejected(Rejection::OwnReview));
         }
         let now = self.ctx.clock.now_ms();
         let rec = match db.close_review(id, &caller.principal.name, note, now).await {

@@ -27,6 +27,7 @@ on_both_backends!(
     a_rekey_commits_only_on_the_generation_it_replaces,
     policy_and_elevation_complete_once_with_their_effect,
     a_token_completes_once_and_a_taken_hash_changes_nothing,
+    the_requesters_person_is_recorded_once,
 );
 
 /// A real proof, from a 1-of-1 split.
@@ -62,6 +63,7 @@ async fn request(s: &SqlStore, id: &str, op: Operation, params: &Parameters) -> 
         parameters: params,
         digest: &d,
         requester: "dev-admin",
+        requester_person: "dev-admin",
         threshold: 2,
         generation: 1,
         created_at: T0,
@@ -309,6 +311,7 @@ async fn lists_newest_first_by_page_and_state(db: Arc<TestDb>) {
             parameters: &rotate_params("a"),
             digest: &d,
             requester: "r",
+            requester_person: "r",
             threshold: 2,
             generation: 1,
             created_at: T0 + i64::from(i / 2),
@@ -673,4 +676,60 @@ async fn a_token_completes_once_and_a_taken_hash_changes_nothing(db: Arc<TestDb>
         s.request("req_u").await.unwrap().state,
         RequestState::Pending
     );
+}
+
+async fn the_requesters_person_is_recorded_once(db: Arc<TestDb>) {
+    let s = db.open().await;
+    let params = rotate_params("a");
+    let d = digest(Operation::RotateKey, &params);
+    let r = s
+        .create_request(&NewRequest {
+            id: "req_p",
+            operation: Operation::RotateKey,
+            parameters: &params,
+            digest: &d,
+            requester: "key-admin:alice",
+            requester_person: "alice",
+            threshold: 2,
+            generation: 1,
+            created_at: T0,
+            expires_at: T0 + TTL,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.requester_person.as_deref(), Some("alice"));
+    assert_eq!(r.standing().requester_person, "alice");
+    assert_eq!(
+        s.request("req_p")
+            .await
+            .unwrap()
+            .requester_person
+            .as_deref(),
+        Some("alice")
+    );
+    // Pending or not, the person recorded never changes.
+    assert!(
+        sqlx::query("UPDATE approval_requests SET requester_person = 'mallory'")
+            .execute(&s.writer)
+            .await
+            .is_err()
+    );
+    assert!(
+        sqlx::query("UPDATE approval_requests SET requester_person = NULL")
+            .execute(&s.writer)
+            .await
+            .is_err()
+    );
+    // A request from before people were recorded: its requester stands for the person.
+    sqlx::query(
+        "INSERT INTO approval_requests (id, operation, parameters, digest, requester, \
+         threshold, generation, state, created_at, expires_at, updated_at) \
+         VALUES ('req_old', 'RotateKey', '{}', 'd', 'dev-admin', 2, 1, 'PENDING', 1, 2, 1)",
+    )
+    .execute(&s.writer)
+    .await
+    .unwrap();
+    let old = s.request("req_old").await.unwrap();
+    assert_eq!(old.requester_person, None);
+    assert_eq!(old.standing().requester_person, "dev-admin");
 }

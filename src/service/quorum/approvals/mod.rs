@@ -2,8 +2,10 @@
 //! approve, reject. The K-th approval runs the operation (`execute.rs`).
 //!
 //! Invariants:
-//! - Only a custodian of the request's quorum generation approves, once, never the
-//!   requester, only with the request's digest, and only while the request is pending and
+//! - Only a custodian of the request's quorum generation approves, once per person, never
+//!   the requester through any principal of theirs (people from `[people]`, ADR 15: the
+//!   approver's person is compared with the requester's person as recorded at the request
+//!   and by the policy in force at approval), only with the request's digest, and only while the request is pending and
 //!   unexpired. Each share passes the same checks as at unseal (commitment, fresh TOTP
 //!   step, failure counting and lock-out) before it is stored — and it is stored only
 //!   sealed under `arca:meta`, with AAD binding the request and the custodian.
@@ -22,7 +24,8 @@ use zeroize::Zeroizing;
 
 use super::ceremony::Ceremony;
 use super::custodians::{custodian_name, CustodianKit, Custodians};
-use crate::quorum::approvals::{self, Refusal, RequestState, PARAM_KEY};
+use crate::authz::CUSTODIAN_PREFIX;
+use crate::quorum::approvals::{self, Approver, Refusal, RequestState, PARAM_KEY};
 use crate::service::access::{act, Act, Authorized, Guard, Scope};
 use crate::service::admin::{Grants, Policies, Tokens};
 use crate::service::context::{Context, Permit};
@@ -284,12 +287,23 @@ impl Approvals {
             .to_string();
         let req = self.load(&proof, id).await?;
         self.check_bound(&proof, &req).await?;
-        let already = req.approvals.iter().any(|a| a.custodian == name);
+        // People by the policy in force at this approval (the one `proof` was decided
+        // under); the person recorded at the request is on `req.standing()`.
+        let person = proof.person();
+        let requester_person = proof.person_of(&req.requester);
+        let already = req.approvals.iter().any(|a| {
+            a.custodian == name
+                || proof.person_of(&format!("{CUSTODIAN_PREFIX}{}", a.custodian)) == person
+        });
         let now = self.ctx.clock.now_ms();
         let checked = approvals::check_approval(
             &req.standing(),
-            &caller.principal.name,
-            already,
+            &Approver {
+                principal: &caller.principal.name,
+                person: &person,
+                requester_person: &requester_person,
+                already,
+            },
             digest,
             now,
         );
@@ -308,6 +322,16 @@ impl Approvals {
                     return Err(ServiceError::PermissionDenied);
                 }
                 return self.execute(&proof, id).await;
+            }
+            Err(Refusal::Requester) => {
+                tracing::warn!(
+                    request = id,
+                    approver = %caller.principal.name,
+                    person = %person,
+                    requester = %req.requester,
+                    "approval refused: the approver is the requester (as a person)"
+                );
+                return Err(refusal(Refusal::Requester));
             }
             Err(r) => return Err(refusal(r)),
         }
