@@ -27,6 +27,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("migrations/sqlite/0007_rbac.sql")),
     (8, include_str!("migrations/sqlite/0008_state_mac.sql")),
     (9, include_str!("migrations/sqlite/0009_attempt_slots.sql")),
+    (12, include_str!("migrations/sqlite/0012_counters.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
@@ -41,6 +42,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         9,
         include_str!("migrations/postgres/0009_attempt_slots.sql"),
     ),
+    (12, include_str!("migrations/postgres/0012_counters.sql")),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"
