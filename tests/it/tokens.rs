@@ -324,4 +324,34 @@ async fn a_blob_of_a_forbidden_key_answers_as_a_blob_of_no_key() {
             "{blob_of}"
         );
     }
+
+    // Timing: interleaved, the medians stay in the same class (neither calls the HSM).
+    let mut forbidden = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..200 {
+        let (blob, into) = if i % 2 == 0 {
+            (&patients, &mut forbidden)
+        } else {
+            (&nobodys, &mut unknown)
+        };
+        let t = std::time::Instant::now();
+        let _ = c
+            .unwrap_key(pb::UnwrapKeyRequest {
+                wrapped_key: blob.clone(),
+                context: ctx(&[]),
+            })
+            .await;
+        into.push(t.elapsed());
+    }
+    forbidden.sort();
+    unknown.sort();
+    let (a, b) = (forbidden[50], unknown[50]);
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    crate::support::note(&format!(
+        "blob oracle timing: median {a:?} (forbidden key) vs {b:?} (unknown key id)"
+    ));
+    assert!(
+        hi <= lo * 2 + Duration::from_micros(300),
+        "refusal medians differ: forbidden {a:?}, unknown {b:?}"
+    );
 }
