@@ -215,16 +215,38 @@ impl Context {
         let now = self.clock.now_ms();
         rt.spawn(async move {
             match store.bump_counter(Counter::HsmLoginsRefused, now).await {
-                Ok(total) => tracing::error!(
-                    alert = "hsm-login-refused",
-                    total,
-                    "the HSM has refused {total} login(s) over the life of this database"
-                ),
+                Ok(total) => {
+                    crate::metrics::global()
+                        .hsm_logins_refused_recorded
+                        .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        alert = "hsm-login-refused",
+                        total,
+                        "the HSM has refused {total} login(s) over the life of this database"
+                    )
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "a refused HSM login could not be counted in the database")
                 }
             }
         });
+    }
+
+    /// Reads the persistent count of refused HSM logins into the metrics at start, and
+    /// warns when there were any: an operator sees them before anyone unseals again.
+    pub async fn load_refused_logins(&self) -> Result<u64> {
+        let total = self.store.counter(Counter::HsmLoginsRefused).await?;
+        crate::metrics::global()
+            .hsm_logins_refused_recorded
+            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+        if total > 0 {
+            tracing::warn!(
+                total,
+                "the HSM has refused {total} login(s) over the life of this database \
+                 (SealStatus hsm_logins_refused; docs/operations.md)"
+            );
+        }
+        Ok(total)
     }
 
     /// A cheap round trip to the database, for health checks.

@@ -717,5 +717,11 @@ async fn a_refused_login_seals_the_node_after_one_attempt() {
         st.hsm_logins_refused, 1,
         "the refused login is remembered across the restart: {st:?}"
     );
+    // And the restarted node says so in its log at start.
+    assert!(
+        arca.log_text()
+            .contains("the HSM has refused 1 login(s) over the life of this database (SealStatus"),
+        "no warning at start"
+    );
     create_key(&mut arca.client().await, "after-restart").await;
 }
