@@ -3,6 +3,8 @@
 //! names and all) becomes `INVALID_ARGUMENT "invalid request message"`, and one over the
 //! size limit (tonic: `OUT_OF_RANGE` with the sizes) becomes `RESOURCE_EXHAUSTED "request
 //! message too large"`; any other status of tonic's keeps its code with a fixed message.
+//! Each carries a stable `x-arca-reason` (`MALFORMED_REQUEST`, `REQUEST_TOO_LARGE`, ...);
+//! the words are made in [`super::status::transport_refused`].
 //!
 //! Provenance, not text, tells them apart: every status Arca's handlers give carries the
 //! call's facts as its source ([`super::call::reply`], [`super::call::accept`]); a status
