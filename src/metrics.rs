@@ -74,6 +74,9 @@ pub struct Metrics {
     pub hsm_errors: AtomicU64,
     /// Times the HSM refused the login and the node sealed itself.
     pub hsm_logins_refused: AtomicU64,
+    /// Logins the HSM refused over the life of the database (every node, every restart),
+    /// as last read from or written to its persistent counter.
+    pub hsm_logins_refused_recorded: AtomicU64,
     /// Stored rows refused because their state MAC did not verify (ADR 12).
     pub state_forged: AtomicU64,
     /// HSM sessions in use now: workers running a call (each worker owns one session).
@@ -176,7 +179,7 @@ impl Metrics {
         out.push_str("# TYPE arca_hsm_operation_duration_seconds histogram\n");
         self.hsm_latency
             .render(&mut out, "arca_hsm_operation_duration_seconds", "");
-        let simple: [(&str, &str, &str, u64); 9] = [
+        let simple: [(&str, &str, &str, u64); 10] = [
             (
                 "arca_hsm_errors_total",
                 "counter",
@@ -188,6 +191,12 @@ impl Metrics {
                 "counter",
                 "Times the HSM refused the login and the node sealed itself.",
                 self.hsm_logins_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "arca_hsm_logins_refused_recorded",
+                "gauge",
+                "Logins the HSM refused over the life of the database (all nodes, all restarts).",
+                self.hsm_logins_refused_recorded.load(Ordering::Relaxed),
             ),
             (
                 "arca_state_forged_total",

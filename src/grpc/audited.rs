@@ -193,8 +193,11 @@ async fn record<S: Inner>(
         key_name: facts.key,
         key_version: facts.version,
         context_digest: facts.context_digest,
-        // A refused client certificate: why, and the principal it names.
-        detail: refused.map(|r| format!("{} {}", r.reason, r.principal).trim().to_string()),
+        // A refused client certificate: why, and the principal it names; or what the
+        // answer stands for (a wrapped key refused by the policy).
+        detail: refused
+            .map(|r| format!("{} {}", r.reason, r.principal).trim().to_string())
+            .or(facts.detail.map(str::to_string)),
         ..Details::default()
     };
     let rec = PendingRecord {

@@ -163,6 +163,7 @@ pub fn seal_to_pb(s: SealStatus) -> pb::SealStatusResponse {
         threshold: s.threshold,
         shares: s.shares,
         progress: s.progress,
+        hsm_logins_refused: s.hsm_logins_refused,
     }
 }
 

@@ -3,6 +3,8 @@
 //! names and all) becomes `INVALID_ARGUMENT "invalid request message"`, and one over the
 //! size limit (tonic: `OUT_OF_RANGE` with the sizes) becomes `RESOURCE_EXHAUSTED "request
 //! message too large"`; any other status of tonic's keeps its code with a fixed message.
+//! Each carries a stable `x-arca-reason` (`MALFORMED_REQUEST`, `REQUEST_TOO_LARGE`, ...);
+//! the words are made in [`super::status::transport_refused`].
 //!
 //! Provenance, not text, tells them apart: every status Arca's handlers give carries the
 //! call's facts as its source ([`super::call::reply`], [`super::call::accept`]); a status
@@ -11,10 +13,11 @@
 
 use http::Request;
 use tonic::body::Body;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::around::{call_inner, BoxResponse, Hook, Inner};
 use super::call::is_public;
+use super::status::transport_refused;
 
 /// The sanitizing hook.
 #[derive(Clone, Default)]
@@ -22,16 +25,7 @@ pub struct Sanitize;
 
 /// Arca's answer for a status tonic made itself.
 fn arca_words(status: &Status) -> Status {
-    match status.code() {
-        Code::Internal | Code::InvalidArgument => {
-            Status::invalid_argument("invalid request message")
-        }
-        Code::OutOfRange | Code::ResourceExhausted => {
-            Status::resource_exhausted("request message too large")
-        }
-        Code::Unimplemented => Status::unimplemented("unknown method"),
-        code => Status::new(code, "request refused by the transport"),
-    }
+    transport_refused(status.code())
 }
 
 impl Hook for Sanitize {
@@ -73,7 +67,9 @@ mod tests {
     use super::*;
     use crate::grpc::around::HookLayer;
     use crate::grpc::call::FailedCallFacts;
+    use crate::grpc::status::REASON_HEADER;
     use crate::service::Facts;
+    use tonic::Code;
 
     /// Answers a fixed status.
     #[derive(Clone)]
@@ -113,10 +109,22 @@ mod tests {
             (s.code(), s.message()),
             (Code::InvalidArgument, "invalid request message")
         );
+        assert_eq!(
+            s.metadata()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("MALFORMED_REQUEST")
+        );
         let s = answer(|| Status::out_of_range("Error, decoded message length too large: found 70000 bytes, the limit is: 65536 bytes")).await;
         assert_eq!(
             (s.code(), s.message()),
             (Code::ResourceExhausted, "request message too large")
+        );
+        assert_eq!(
+            s.metadata()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("REQUEST_TOO_LARGE")
         );
         // A handler's status (it carries the call's facts) is Arca's own: untouched.
         let s = answer(|| {

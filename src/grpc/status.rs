@@ -59,6 +59,37 @@ pub fn to_status(err: ServiceError, request_id: &str) -> Status {
     status
 }
 
+/// A request the transport refused before any handler ran (`grpc::sanitize`), by the
+/// code tonic gave it, in Arca's fixed words with a stable reason: undecodable
+/// (`INVALID_ARGUMENT`, `MALFORMED_REQUEST`), over the size limit (`RESOURCE_EXHAUSTED`,
+/// `REQUEST_TOO_LARGE`), an unknown method (`UNIMPLEMENTED`), anything else (its code,
+/// `TRANSPORT_REFUSED`). None of tonic's words (field names, sizes) reach the caller.
+pub fn transport_refused(tonic_code: Code) -> Status {
+    let (code, message, reason) = match tonic_code {
+        Code::Internal | Code::InvalidArgument => (
+            Code::InvalidArgument,
+            "invalid request message",
+            "MALFORMED_REQUEST",
+        ),
+        Code::OutOfRange | Code::ResourceExhausted => (
+            Code::ResourceExhausted,
+            "request message too large",
+            "REQUEST_TOO_LARGE",
+        ),
+        Code::Unimplemented => (Code::Unimplemented, "unknown method", "UNKNOWN_METHOD"),
+        code => (
+            code,
+            "request refused by the transport",
+            "TRANSPORT_REFUSED",
+        ),
+    };
+    let mut status = Status::new(code, message);
+    if let Ok(v) = reason.parse() {
+        status.metadata_mut().insert(REASON_HEADER, v);
+    }
+    status
+}
+
 /// A client certificate refused on a request (`grpc::authn`): `UNAUTHENTICATED` with its
 /// reason (`CERT_REVOKED`, `CERT_EXPIRED`, `CRL_EXPIRED`, ...).
 pub fn cert_refused(refusal: CertRefusal) -> Status {

@@ -25,7 +25,7 @@ use crate::keys::KeyEngine;
 use crate::keys::{KeyId, KeyName, ObjectId, VersionState};
 use crate::quorum::approvals::QuorumApproved;
 use crate::store::KeyRecord;
-use crate::store::Store;
+use crate::store::{Counter, Store};
 
 /// Tuning and policies of the services.
 #[derive(Clone, Debug)]
@@ -191,6 +191,7 @@ impl Context {
                 .hsm_logins_refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.record_job("hsm.login_refused", false, None, "the node sealed itself");
+            self.count_refused_login();
             // Joining the HSM workers blocks: off the async threads when there are some.
             drop(engine);
             match tokio::runtime::Handle::try_current() {
@@ -201,6 +202,51 @@ impl Context {
             }
         }
         Err(ServiceError::Sealed)
+    }
+
+    /// Adds the refused login to the persistent count (`counters`), off the caller's
+    /// path: an operator reads it in `SealStatus` across restarts and nodes.
+    fn count_refused_login(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("a refused HSM login not counted in the database (no runtime)");
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let now = self.clock.now_ms();
+        rt.spawn(async move {
+            match store.bump_counter(Counter::HsmLoginsRefused, now).await {
+                Ok(total) => {
+                    crate::metrics::global()
+                        .hsm_logins_refused_recorded
+                        .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        alert = "hsm-login-refused",
+                        total,
+                        "the HSM has refused {total} login(s) over the life of this database"
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a refused HSM login could not be counted in the database")
+                }
+            }
+        });
+    }
+
+    /// Reads the persistent count of refused HSM logins into the metrics at start, and
+    /// warns when there were any: an operator sees them before anyone unseals again.
+    pub async fn load_refused_logins(&self) -> Result<u64> {
+        let total = self.store.counter(Counter::HsmLoginsRefused).await?;
+        crate::metrics::global()
+            .hsm_logins_refused_recorded
+            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+        if total > 0 {
+            tracing::warn!(
+                total,
+                "the HSM has refused {total} login(s) over the life of this database \
+                 (SealStatus hsm_logins_refused; docs/operations.md)"
+            );
+        }
+        Ok(total)
     }
 
     /// A cheap round trip to the database, for health checks.

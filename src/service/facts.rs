@@ -17,6 +17,9 @@ pub struct Facts {
     pub version: Option<u32>,
     /// The keyed digest of its canonical encryption context.
     pub context_digest: Option<String>,
+    /// What the answer does not say, for auditors (a policy refusal answered as an
+    /// invalid wrapped key).
+    pub detail: Option<&'static str>,
 }
 
 impl Facts {
@@ -26,6 +29,7 @@ impl Facts {
             key: Some(key.to_string()),
             version,
             context_digest: None,
+            detail: None,
         }
     }
 }

@@ -68,7 +68,9 @@ pub use facts::{Facts, Outcome};
 pub use gate::{AdminOutcome, Commit, Gate};
 pub use jobs::Forgotten;
 pub use jobs::{JobConfig, Jobs, LIFECYCLE_LEASE};
-pub use keys::{DataKey, KeyOptions, Keys, Unwrapped, Wrapped, MAX_PAGE_SIZE};
+pub use keys::{
+    DataKey, KeyOptions, Keys, Unwrapped, Wrapped, MAX_PAGE_SIZE, POLICY_REFUSED_AS_INVALID,
+};
 pub use lifecycle::Lifecycle;
 pub use quorum::{
     Approvals, ApproveOutcome, Ceremony, CustodianKit, SealStatus, Sealing, AGE_PARAM_PREFIX,

@@ -31,6 +31,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("migrations/sqlite/0010_requester_person.sql"),
     ),
+    (12, include_str!("migrations/sqlite/0012_counters.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
@@ -49,6 +50,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("migrations/postgres/0010_requester_person.sql"),
     ),
+    (12, include_str!("migrations/postgres/0012_counters.sql")),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"

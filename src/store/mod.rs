@@ -71,7 +71,7 @@ pub use keys::{EnabledStamp, KeyRecord, KeyStore, NewKey, VersionRecord};
 pub use leases::LeaseStore;
 pub use lifecycle::{DueDestruction, LifecycleChange, LifecycleStore, Tombstone, VersionStamp};
 pub use pool::{Ping, SqlStore};
-pub use quorum::{CustodianAttempt, CustodianRecord, Failure, QuorumConfig, QuorumStore};
+pub use quorum::{Counter, CustodianAttempt, CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use requests::{
     ApprovalEntry, ApprovalRecord, NewQuorum, NewRequest, RequestResult, SealedShare,
 };

@@ -1,6 +1,7 @@
 //! Dual-control state ([`QuorumStore`]): the quorum's sealed configuration
 //! (`quorum_config`), its custodians (`custodians`) and their failed attempts
-//! (`custodian_failures`); and the in-transaction steps a rekey's completion reuses
+//! (`custodian_failures`); the persistent counters (`counters`: refused HSM logins); and
+//! the in-transaction steps a rekey's completion reuses
 //! ([`insert_custodian_in`], [`replace_config_in`]).
 //!
 //! Invariants:
@@ -103,9 +104,31 @@ pub struct Failure<'a> {
     pub lock_until: i64,
 }
 
+/// A persistent counter (`counters`, migration 0012): it only grows and is never deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Logins the HSM refused (each sealed the node that saw it).
+    HsmLoginsRefused,
+}
+
+impl Counter {
+    /// Its row's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::HsmLoginsRefused => "hsm_logins_refused",
+        }
+    }
+}
+
 /// Storage of dual-control state (approval requests are `ApprovalStore`'s).
 #[async_trait::async_trait]
 pub trait QuorumStore: Send + Sync + 'static {
+    /// Adds one to `counter` (made at 1 the first time) and returns its new value.
+    async fn bump_counter(&self, counter: Counter, now: i64) -> Result<u64>;
+
+    /// The value of `counter` (0 if it never counted).
+    async fn counter(&self, counter: Counter) -> Result<u64>;
+
     /// The configuration, if the quorum was initialised.
     async fn quorum_config(&self) -> Result<Option<QuorumConfig>>;
 
@@ -210,6 +233,32 @@ fn custodian_from_row(row: &sqlx::any::AnyRow) -> Result<CustodianRecord> {
 
 #[async_trait::async_trait]
 impl QuorumStore for SqlStore {
+    async fn bump_counter(&self, counter: Counter, now: i64) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "INSERT INTO counters (name, value, updated_at) VALUES ($1, 1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = counters.value + 1, updated_at = $2 \
+             RETURNING value",
+        )
+        .bind(counter.name())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        let v: i64 = get(&row, "value")?;
+        u64::try_from(v).map_err(|_| StoreError::Corrupt("counter"))
+    }
+
+    async fn counter(&self, counter: Counter) -> Result<u64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT value FROM counters WHERE name = $1")
+            .bind(counter.name())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(classify)?;
+        u64::try_from(v.unwrap_or(0)).map_err(|_| StoreError::Corrupt("counter"))
+    }
+
     async fn quorum_config(&self) -> Result<Option<QuorumConfig>> {
         let row = sqlx::query(
             "SELECT generation, threshold, shares, sealed_pin, verifier, created_at \

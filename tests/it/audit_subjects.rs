@@ -270,8 +270,8 @@ async fn refused_attempts_on_a_key_are_found_by_its_name_and_version(db: Db) {
         .await;
     assert_code(r, Code::FailedPrecondition, "generate under a shredded key");
 
-    // A service that may use only other keys is refused phi's blob as before, and its
-    // record names nothing it did not name itself.
+    // A service that may use only other keys is answered as if phi's blob named no key;
+    // its record names the key (no version) and says the answer stands for a refusal.
     let outsider = arca
         .access(arca.token())
         .await
@@ -296,10 +296,10 @@ async fn refused_attempts_on_a_key_are_found_by_its_name_and_version(db: Db) {
             "o-phi",
         ))
         .await;
-    let s = assert_code(r, Code::PermissionDenied, "the outsider");
+    let s = assert_code(r, Code::InvalidArgument, "the outsider");
     assert_eq!(
         (s.message(), reason(&s)),
-        ("permission denied", None),
+        ("invalid wrapped key or encryption context", None),
         "{s:?}"
     );
 
@@ -336,10 +336,8 @@ async fn refused_attempts_on_a_key_are_found_by_its_name_and_version(db: Db) {
             assert_eq!(r.context_digest.len(), 64, "{id}: the context's digest");
         }
     }
-    assert!(
-        found.iter().all(|r| r.principal != "svc:outsider"),
-        "a forbidden attempt is not found by the key it was refused: {found:#?}"
-    );
+    // A forbidden attempt is found by the key it probed (its answer said nothing).
+    assert_eq!(one(&found, "o-phi").principal, "svc:outsider");
     let all = arca
         .audit(&auditor)
         .await
@@ -353,8 +351,18 @@ async fn refused_attempts_on_a_key_are_found_by_its_name_and_version(db: Db) {
         .records;
     let r = one(&all, "o-phi");
     assert_eq!(
-        (r.result.as_str(), r.key_name.as_str(), r.key_version),
-        ("PERMISSION_DENIED", "", 0),
+        (
+            r.result.as_str(),
+            r.key_name.as_str(),
+            r.key_version,
+            r.detail.as_str()
+        ),
+        (
+            "INVALID_ARGUMENT",
+            "phi",
+            0,
+            arca::service::POLICY_REFUSED_AS_INVALID
+        ),
         "the outsider's record"
     );
 

@@ -42,6 +42,14 @@ async fn a_10_mib_message_is_refused() {
         (Code::ResourceExhausted, "request message too large"),
         "{e:?}"
     );
+    assert_eq!(
+        crate::support::reason(&e),
+        Some("REQUEST_TOO_LARGE"),
+        "{e:?}"
+    );
+    for word in ["decode", "Protobuf", "message length", "limit is", "bytes"] {
+        assert!(!e.message().contains(word), "tonic's words: {e:?}");
+    }
     quick_call_works(&arca).await;
 }
 

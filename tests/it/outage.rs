@@ -693,5 +693,35 @@ async fn a_refused_login_seals_the_node_after_one_attempt() {
         .unwrap()
         .into_inner();
     assert!(st.sealed, "{st:?}");
+    assert_eq!(st.hsm_logins_refused, 1, "the refused login is counted");
     p11.kill();
+
+    // The count is persistent: after a restart (the PIN put back by the HSM's SO, the HSM
+    // reached directly again) the operator still sees the refused login.
+    let status = arca.stop().await;
+    assert!(status.success(), "exit while sealed: {status}");
+    let pin = std::fs::read_to_string(data_dir.join("hsm-pin"))
+        .expect("DIR/hsm-pin")
+        .trim()
+        .to_string();
+    crate::support::hsm::so_set_user_pin(data_dir.clone(), pin).await;
+    arca.start_with(TestArca::builder()).await;
+    let st = arca
+        .quorum(arca.token())
+        .await
+        .seal_status(pb::SealStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.hsm_logins_refused, 1,
+        "the refused login is remembered across the restart: {st:?}"
+    );
+    // And the restarted node says so in its log at start.
+    assert!(
+        arca.log_text()
+            .contains("the HSM has refused 1 login(s) over the life of this database (SealStatus"),
+        "no warning at start"
+    );
+    create_key(&mut arca.client().await, "after-restart").await;
 }

@@ -204,9 +204,10 @@ async fn roles_operations_and_keys_over_grpc() {
             Code::PermissionDenied,
             what,
         );
+        // A blob under a context the conditions refuse answers as an invalid blob.
         assert_code(
             unwrap_as(&mut t, &blob, context).await,
-            Code::PermissionDenied,
+            Code::InvalidArgument,
             what,
         );
     }

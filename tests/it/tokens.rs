@@ -97,7 +97,8 @@ async fn key_globs_scope_a_token_and_hide_existence() {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    // A blob is no oracle: a key outside the scope answers as a key that does not exist.
+    assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(
         create_key(&arca, &t.token, "patients/new")
             .await
@@ -245,5 +246,112 @@ async fn expiry_revocation_and_source_networks() {
     assert!(
         !format!("{listed:?}").contains("arca_"),
         "a token appears in ListTokens"
+    );
+}
+
+/// The existence oracle on wrapped keys (issue 18, item 8): a caller that may unwrap some
+/// keys presents a blob of a key outside its scope and a blob naming a key id that does
+/// not exist. Both answers must be the same in every respect a client sees (code,
+/// message, reason), for UnwrapKey and RewrapKey alike.
+#[tokio::test]
+async fn a_blob_of_a_forbidden_key_answers_as_a_blob_of_no_key() {
+    let arca = TestArca::start().await;
+    for name in ["patients/x", "other/y"] {
+        create_key(&arca, arca.token(), name).await.unwrap();
+    }
+    let mut admin = arca.client().await;
+    let patients = generate_wrapped(&mut admin, "patients/x", &ctx(&[])).await;
+    let mut nobodys = patients.clone();
+    nobodys[1..17].copy_from_slice(&crate::support::random_bytes(16));
+    let t = create(
+        &arca,
+        pb::CreateTokenRequest {
+            principal: "svc:other".into(),
+            roles: vec!["service".into()],
+            key_globs: vec!["other/*".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = arca.keys(&t.token).await;
+    // The token does unwrap its own keys.
+    let own = generate_wrapped(&mut c, "other/y", &ctx(&[])).await;
+    c.unwrap_key(pb::UnwrapKeyRequest {
+        wrapped_key: own,
+        context: ctx(&[]),
+    })
+    .await
+    .expect("its own key");
+
+    let seen = |s: tonic::Status| {
+        (
+            s.code(),
+            s.message().to_string(),
+            crate::support::reason(&s).map(str::to_string),
+        )
+    };
+    for blob_of in ["unwrap", "rewrap"] {
+        let mut answers = Vec::new();
+        for blob in [&patients, &nobodys] {
+            let e = match blob_of {
+                "unwrap" => c
+                    .unwrap_key(pb::UnwrapKeyRequest {
+                        wrapped_key: blob.clone(),
+                        context: ctx(&[]),
+                    })
+                    .await
+                    .map(|_| ())
+                    .unwrap_err(),
+                _ => c
+                    .rewrap_key(pb::RewrapKeyRequest {
+                        wrapped_key: blob.clone(),
+                        context: ctx(&[]),
+                    })
+                    .await
+                    .map(|_| ())
+                    .unwrap_err(),
+            };
+            answers.push(seen(e));
+        }
+        assert_eq!(answers[0], answers[1], "{blob_of}: forbidden vs unknown");
+        assert_eq!(
+            answers[0],
+            (
+                Code::InvalidArgument,
+                "invalid wrapped key or encryption context".to_string(),
+                None
+            ),
+            "{blob_of}"
+        );
+    }
+
+    // Timing: interleaved, the medians stay in the same class (neither calls the HSM).
+    let mut forbidden = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..200 {
+        let (blob, into) = if i % 2 == 0 {
+            (&patients, &mut forbidden)
+        } else {
+            (&nobodys, &mut unknown)
+        };
+        let t = std::time::Instant::now();
+        let _ = c
+            .unwrap_key(pb::UnwrapKeyRequest {
+                wrapped_key: blob.clone(),
+                context: ctx(&[]),
+            })
+            .await;
+        into.push(t.elapsed());
+    }
+    forbidden.sort();
+    unknown.sort();
+    let (a, b) = (forbidden[50], unknown[50]);
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    crate::support::note(&format!(
+        "blob oracle timing: median {a:?} (forbidden key) vs {b:?} (unknown key id)"
+    ));
+    assert!(
+        hi <= lo * 2 + Duration::from_micros(300),
+        "refusal medians differ: forbidden {a:?}, unknown {b:?}"
     );
 }

@@ -490,6 +490,20 @@ async fn an_undecodable_message_is_invalid_argument_in_arcas_words() {
         (Code::InvalidArgument, "invalid request message"),
         "{e:?}"
     );
+    assert_eq!(
+        crate::support::reason(&e),
+        Some("MALFORMED_REQUEST"),
+        "{e:?}"
+    );
+    for word in [
+        "decode",
+        "Protobuf",
+        "CreateKeyRequest",
+        "invalid string",
+        "UTF",
+    ] {
+        assert!(!e.message().contains(word), "tonic's words: {e:?}");
+    }
     // The audit trail records what the caller saw.
     let auditor = crate::support::mint_token(&arca, "auditor:it", &[]).await;
     let recs = arca

@@ -206,13 +206,17 @@ fn print_seal_status(output: Output, s: &pb::SealStatusResponse) {
         Output::Json => println!(
             "{}",
             json!({"initialized": s.initialized, "sealed": s.sealed, "threshold": s.threshold,
-                   "shares": s.shares, "progress": s.progress})
+                   "shares": s.shares, "progress": s.progress,
+                   "hsm_logins_refused": s.hsm_logins_refused})
         ),
         Output::Human => {
             println!("initialized: {}", s.initialized);
             println!("sealed:      {}", s.sealed);
             if s.initialized {
                 println!("threshold:   {} of {}", s.threshold, s.shares);
+            }
+            if s.hsm_logins_refused > 0 {
+                println!("HSM logins refused (ever): {}", s.hsm_logins_refused);
             }
             if s.sealed && !s.progress.is_empty() {
                 println!(

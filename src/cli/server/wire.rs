@@ -152,6 +152,9 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
         token_path.display()
     );
     // After the listening line, which scripts and tests read first.
+    if let Err(e) = ctx.load_refused_logins().await {
+        tracing::warn!(error = %e, "could not read the count of refused HSM logins");
+    }
     start_metrics(&ctx, &cfg).await?;
     use std::io::Write;
     let _ = std::io::stdout().flush();

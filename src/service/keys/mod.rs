@@ -7,16 +7,20 @@
 //!   canonical bytes to the HSM (AAD) and the call's [`Facts`] carry their keyed digest.
 //! - Only the primary version wraps, and only while `ENABLED`; only `ENABLED` versions
 //!   unwrap; a known version in another state is a [`Conflict`] before any HSM call.
-//! - A wrapped key that fails in any way (parse, unknown key or version, authentication)
-//!   is the one `InvalidWrappedKey`; a caller that may unwrap no key at all gets
-//!   `PermissionDenied` before the blob is even parsed.
+//! - A wrapped key that fails in any way (parse, unknown key or version, authentication,
+//!   or a key the caller may not use: its roles, its token's key globs or the context's
+//!   conditions) is the one `InvalidWrappedKey`, so that a blob is no oracle of which
+//!   keys exist (this rule wins over "not allowed → PERMISSION_DENIED", DESIGN §4); a
+//!   caller that may unwrap no key at all gets `PermissionDenied` before the blob is even
+//!   parsed.
 //! - Every wrap is counted against the version's reserved budget before the HSM call; a
 //!   version at its usage limit is rotated (once, whichever node notices first).
 //! - A call's [`Facts`] name the key it named (by name), or, for a wrapped key, the key
 //!   and version the blob names once the policy allows the caller that key; and, for a
 //!   caller allowed on the key, the version the call used or was refused on (the primary
-//!   for a wrap, the blob's for an unwrap), refused or not. A caller refused the key by
-//!   the policy gets a record that names nothing it did not name itself.
+//!   for a wrap, the blob's for an unwrap), refused or not. A caller refused the key a
+//!   blob names by the policy gets a record that names the key (no version) with the
+//!   detail [`POLICY_REFUSED_AS_INVALID`]; its answer names nothing.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
@@ -42,6 +46,9 @@ use budget::Budgets;
 
 /// Largest page of `ListKeys`.
 pub const MAX_PAGE_SIZE: u32 = 1000;
+/// The audit detail of a wrapped key refused by the policy and answered as invalid.
+pub const POLICY_REFUSED_AS_INVALID: &str =
+    "PERMISSION_DENIED by the policy; answered as an invalid wrapped key";
 /// Longest rotation period a key may have (10 years).
 const MAX_ROTATION_MS: i64 = 3650 * 86_400_000;
 
@@ -435,8 +442,15 @@ impl Keys {
             .await;
         match decision {
             // Not allowed on this key (by the policy, the token's key globs or the
-            // context's conditions): the record names no more than the caller learnt.
-            Err(ServiceError::PermissionDenied) => Err(ServiceError::PermissionDenied),
+            // context's conditions): answered exactly as a blob that names no key (one
+            // code, one message, no reason), so that a blob tells a caller nothing about
+            // which keys exist. The record names the key for auditors, with no version,
+            // and says the answer stands for a policy refusal.
+            Err(ServiceError::PermissionDenied) => {
+                facts.key = Some(key.name.to_string());
+                facts.detail = Some(POLICY_REFUSED_AS_INVALID);
+                Err(ServiceError::InvalidWrappedKey)
+            }
             // The policy allows the caller this key (any refusal now is its rate limit or
             // MFA, or comes later): the record names the key and the version the blob
             // names, whatever happens next, so that every attempt on the key, a refusal

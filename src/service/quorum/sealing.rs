@@ -33,7 +33,7 @@ use crate::service::access::{act, Guard, Scope};
 use crate::service::context::{Context, Permit};
 use crate::service::error::{Conflict, Rejection, Result, ServiceError};
 use crate::service::Caller;
-use crate::store::{QuorumConfig, Roster, TokenRecord};
+use crate::store::{Counter, QuorumConfig, Roster, TokenRecord};
 
 /// Partial unseal progress expires this long after its first share.
 pub const UNSEAL_PROGRESS_TTL_MS: i64 = 10 * 60 * 1000;
@@ -51,6 +51,8 @@ pub struct SealStatus {
     pub shares: u32,
     /// Custodians whose shares are held for the unseal in progress.
     pub progress: Vec<String>,
+    /// Logins the HSM refused over the life of the database (persistent counter).
+    pub hsm_logins_refused: u64,
 }
 
 struct Progress {
@@ -99,6 +101,11 @@ impl Sealing {
 
     async fn status_with(&self, permit: &impl Permit) -> Result<SealStatus> {
         let cfg = self.ctx.db(permit).quorum_config().await?;
+        let hsm_logins_refused = self
+            .ctx
+            .db(permit)
+            .counter(Counter::HsmLoginsRefused)
+            .await?;
         let now = self.ctx.clock.now_ms();
         let mut progress = self.progress.lock().await;
         if progress
@@ -116,6 +123,7 @@ impl Sealing {
                 .as_ref()
                 .map(|p| p.shares.iter().map(|(n, _)| n.clone()).collect())
                 .unwrap_or_default(),
+            hsm_logins_refused,
         })
     }
 

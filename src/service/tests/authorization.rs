@@ -196,9 +196,99 @@ async fn every_refusal_on_a_key_the_caller_may_use_names_the_key_and_version() {
         out.result.err()
     );
     named(&out.facts, 1);
-    // A caller the policy refuses for this context: the same PERMISSION_DENIED as for a
-    // key it may not use at all, and the record names nothing.
+    // A caller the policy refuses for this context: answered as a blob naming no key (a
+    // blob is no existence oracle); the record names the key, no version, and says why.
     let out = keys.unwrap_key(&caller("c", &[]), &dk.wrapped, t1()).await;
-    assert!(matches!(out.result, Err(ServiceError::PermissionDenied)));
-    assert_eq!((out.facts.key, out.facts.version), (None, None));
+    assert!(matches!(out.result, Err(ServiceError::InvalidWrappedKey)));
+    assert_eq!(
+        (
+            out.facts.key.as_deref(),
+            out.facts.version,
+            out.facts.detail
+        ),
+        (
+            Some("phi"),
+            None,
+            Some(crate::service::POLICY_REFUSED_AS_INVALID)
+        )
+    );
+}
+
+/// An admin, and a service that may unwrap and rewrap only `other/*` keys.
+const SCOPED: &str = r#"
+version = 1
+[roles.admin]
+[[roles.admin.allow]]
+operations = ["CreateKey", "GenerateDataKey", "UnwrapKey", "RewrapKey"]
+keys = ["*"]
+[roles.other]
+[[roles.other.allow]]
+operations = ["UnwrapKey", "RewrapKey"]
+keys = ["other/*"]
+[[bindings]]
+principals = ["dev-admin"]
+roles = ["admin"]
+[[bindings]]
+principals = ["o"]
+roles = ["other"]
+"#;
+
+#[tokio::test]
+async fn a_blob_of_a_key_the_caller_may_not_use_answers_as_a_blob_of_no_key() {
+    let w = open_world(ServiceConfig {
+        access_policy: crate::authz::policy::Policy::parse(SCOPED).unwrap(),
+        ..ServiceConfig::default()
+    })
+    .await;
+    let keys = &w.svc.keys;
+    ok(keys
+        .create_key(&admin(), "phi", "", Default::default())
+        .await);
+    let dk = ok(keys
+        .generate_data_key(&admin(), "phi", ctx(&[("t", "1")]), true)
+        .await);
+    let mut unknown = dk.wrapped.clone();
+    unknown[1] ^= 0xff;
+    // "o" may unwrap and rewrap other/* keys only: phi's blob is refused by the policy
+    // and answered exactly as the blob of a key that does not exist.
+    let tenant = caller("o", &[]);
+    for rewrap in [false, true] {
+        let (forbidden, missing) = if rewrap {
+            (
+                keys.rewrap_key(&tenant, &dk.wrapped, ctx(&[("t", "1")]))
+                    .await
+                    .map(|_| ()),
+                keys.rewrap_key(&tenant, &unknown, ctx(&[("t", "1")]))
+                    .await
+                    .map(|_| ()),
+            )
+        } else {
+            (
+                keys.unwrap_key(&tenant, &dk.wrapped, ctx(&[("t", "1")]))
+                    .await
+                    .map(|_| ()),
+                keys.unwrap_key(&tenant, &unknown, ctx(&[("t", "1")]))
+                    .await
+                    .map(|_| ()),
+            )
+        };
+        assert!(matches!(
+            forbidden.result,
+            Err(ServiceError::InvalidWrappedKey)
+        ));
+        assert!(matches!(
+            missing.result,
+            Err(ServiceError::InvalidWrappedKey)
+        ));
+        // Only the record tells them apart.
+        assert_eq!(
+            (forbidden.facts.key.as_deref(), forbidden.facts.version),
+            (Some("phi"), None)
+        );
+        assert_eq!(
+            forbidden.facts.detail,
+            Some(crate::service::POLICY_REFUSED_AS_INVALID)
+        );
+        assert_eq!((missing.facts.key, missing.facts.detail), (None, None));
+    }
 }

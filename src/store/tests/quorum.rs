@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::TestDb;
 use crate::store::{
-    Conflict, CustodianAttempt, CustodianRecord, Failure, QuorumConfig, QuorumStore, StoreError,
-    TokenStore,
+    Conflict, Counter, CustodianAttempt, CustodianRecord, Failure, QuorumConfig, QuorumStore,
+    StoreError, TokenStore,
 };
 
 on_both_backends!(
@@ -16,7 +16,25 @@ on_both_backends!(
     a_custodian_step_is_used_once_and_failures_lock,
     custodian_attempts_are_reserved_before_the_check_and_never_past_the_limit,
     fifty_concurrent_custodian_reservations_get_five_slots,
+    a_counter_only_grows_and_is_never_deleted,
 );
+
+async fn a_counter_only_grows_and_is_never_deleted(db: Arc<TestDb>) {
+    let s = db.open().await;
+    let c = Counter::HsmLoginsRefused;
+    assert_eq!(s.counter(c).await.unwrap(), 0);
+    assert_eq!(s.bump_counter(c, 1).await.unwrap(), 1);
+    assert_eq!(s.bump_counter(c, 2).await.unwrap(), 2);
+    assert_eq!(s.counter(c).await.unwrap(), 2);
+    // The database refuses to wind it back or delete it.
+    for sql in ["UPDATE counters SET value = 0", "DELETE FROM counters"] {
+        assert!(
+            sqlx::query(sql).execute(&s.writer).await.is_err(),
+            "{sql} was allowed"
+        );
+    }
+    assert_eq!(s.counter(c).await.unwrap(), 2);
+}
 
 fn slot<'a>(name: &'a str, id: &'a str, at: i64) -> CustodianAttempt<'a> {
     CustodianAttempt {
