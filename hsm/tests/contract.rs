@@ -191,7 +191,7 @@ fn contract(hsm: &dyn Hsm) {
     );
     assert_not_found(hsm.hmac_sha256(&unknown, b"x"), "hmac unknown");
     assert_not_found(hsm.key_attributes(&unknown), "attributes unknown");
-    hsm.forget_key(&unknown);
+    hsm.forget_key(&unknown).unwrap();
 
     // Destruction (crypto-shredding) is final and idempotent.
     assert!(hsm.destroy_key(&aes).unwrap());
@@ -452,7 +452,7 @@ fn session_copies(hsm: &Arc<Pkcs11Hsm>, module: &Path, pin: &AuthPin) {
             b"secret"
         );
         assert!(!hsm.key_exists(&id).unwrap());
-        hsm.forget_key(&id);
+        hsm.forget_key(&id).unwrap();
         assert_eq!(hsm.session_copy_count(&id).unwrap(), 0);
         assert_not_found(hsm.decrypt_aes_gcm(&id, &iv, b"", &ct), "after forget");
     }

@@ -27,6 +27,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("migrations/sqlite/0007_rbac.sql")),
     (8, include_str!("migrations/sqlite/0008_state_mac.sql")),
     (9, include_str!("migrations/sqlite/0009_attempt_slots.sql")),
+    (13, include_str!("migrations/sqlite/0013_tombstone_seq.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
@@ -40,6 +41,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (
         9,
         include_str!("migrations/postgres/0009_attempt_slots.sql"),
+    ),
+    (
+        13,
+        include_str!("migrations/postgres/0013_tombstone_seq.sql"),
     ),
 ];
 

@@ -6,6 +6,7 @@
 mod access;
 mod approvals;
 mod authorization;
+mod destroy;
 mod sealing;
 mod state;
 
