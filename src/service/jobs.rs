@@ -328,6 +328,7 @@ impl Forgotten {
         for (seq, object) in applied {
             self.pending.remove(&seq);
             ctx.forgetting.remove(&object);
+            tracing::info!(hsm_object = %object, tombstone = seq, "destroyed object forgotten");
         }
         if tear_down {
             engine.reset_sessions().await?;
