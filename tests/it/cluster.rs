@@ -813,6 +813,20 @@ async fn destroy_reaches_a_node_whose_forget_is_delayed_even_with_the_database_f
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     refused_everywhere("after B applied the tombstone").await;
+    // A forgery that is newer than anything the nodes saw (state_seq ahead, no MAC): the
+    // nodes reload the row, and the state-MAC check (ADR 12) refuses it.
+    psql_query(
+        &url,
+        &format!(
+            "ALTER TABLE key_versions DISABLE TRIGGER USER; \
+             UPDATE key_versions SET state_seq = state_seq + 100, mac = NULL \
+             WHERE key_id = '{}' AND version = 1; \
+             ALTER TABLE key_versions ENABLE TRIGGER USER",
+            key.id
+        ),
+    )
+    .unwrap();
+    refused_everywhere("forged row, newer state_seq, no MAC").await;
     // v2 still works on both nodes.
     let v2 = generate(&mut ca, "gone", &context).await;
     assert_eq!(v2.key_version, 2);
