@@ -804,6 +804,14 @@ async fn destroy_reaches_a_node_whose_forget_is_delayed_even_with_the_database_f
     loop {
         let log = b.log_text();
         if log.contains("destroyed object forgotten") || log.contains("hsm-sessions-reset") {
+            let failed = log.matches("could not forget a destroyed object").count();
+            eprintln!(
+                "B applied the tombstone {:?} after its HSM answered again ({failed} failed \
+                 forget passes; sessions torn down: {}; forget confirmed: {})",
+                started.elapsed(),
+                log.contains("hsm-sessions-reset"),
+                log.contains("destroyed object forgotten")
+            );
             break;
         }
         assert!(
