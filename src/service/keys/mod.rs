@@ -468,6 +468,10 @@ impl Keys {
                 }
                 return Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled));
             }
+            // Destroyed elsewhere and not yet forgotten here (see `enabled_version`).
+            if self.ctx.forgetting.is_pending(&v.hsm_id) {
+                return Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled));
+            }
             let (version, object) = (v.version, v.hsm_id);
             if self.budgets.take(db, key.id, version).await? {
                 return Ok((key, version, object));

@@ -125,7 +125,7 @@ async fn a_clock_far_ahead_does_not_skip_tombstones() {
 }
 
 #[tokio::test]
-async fn nothing_unwraps_under_an_object_whose_forget_is_pending() {
+async fn nothing_unwraps_or_wraps_under_an_object_whose_forget_is_pending() {
     let hsm = Arc::new(FakeHsm::new());
     let (w, blob) = world_over(hsm).await;
     let key = w
@@ -148,6 +148,15 @@ async fn nothing_unwraps_under_an_object_whose_forget_is_pending() {
             .await
             .result,
         Err(ServiceError::Conflict(Conflict::VersionDestroyed))
+    ));
+    // Nor does it wrap under it, were it the primary.
+    assert!(matches!(
+        w.svc
+            .keys
+            .generate_data_key(&admin(), "phi", EncryptionContext::new(), true)
+            .await
+            .result,
+        Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled))
     ));
     w.svc.ctx.forgetting.remove(&object);
     ok(w.svc
