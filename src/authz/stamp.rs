@@ -84,6 +84,33 @@ pub fn enabled_row(key: &KeyId, version: u32, hsm_id: &ObjectId, seq: i64) -> Ro
         .text("state", "ENABLED")
 }
 
+/// The canonical form of "version `version` of key `key`, HSM object `hsm_id`, is
+/// SCHEDULED_FOR_DESTRUCTION, due at `destroy_at`, at state sequence `seq`": what the
+/// destroyer must verify before it destroys anything (a database writer cannot schedule
+/// a destruction, nor move one earlier).
+pub fn scheduled_row(
+    key: &KeyId,
+    version: u32,
+    hsm_id: &ObjectId,
+    destroy_at: i64,
+    seq: i64,
+) -> RowEncoding {
+    RowEncoding::new("key_versions", seq)
+        .text("key_id", &key.to_string())
+        .int("version", i64::from(version))
+        .text("hsm_id", &hsm_id.to_string())
+        .text("state", "SCHEDULED_FOR_DESTRUCTION")
+        .int("destroy_at", destroy_at)
+}
+
+/// The canonical form of "key `key` is kept until `retain_until`": the retention job
+/// schedules a key's destruction only on a date that verifies.
+pub fn retention_row(key: &KeyId, retain_until: i64) -> RowEncoding {
+    RowEncoding::new("keys.retain_until", 1)
+        .text("key_id", &key.to_string())
+        .int("retain_until", retain_until)
+}
+
 /// The roster of TOTP enrolments (`state_rosters`, row `totp`).
 pub const TOTP_ROSTER: &str = "totp";
 

@@ -21,6 +21,9 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
 
+use crate::authz::stamp::{retention_row, scheduled_row, Checked};
+use crate::keys::VersionState;
+use crate::service::lifecycle::schedule_stamps;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,7 +141,34 @@ impl Jobs {
         let waiting = self.ctx.cfg.lifecycle.default_waiting_ms;
         for id in db.keys_due_retention(now).await? {
             let destroy_at = now.saturating_add(waiting);
-            let change = LifecycleChange::ApplyRetention { destroy_at };
+            let key = db.key_by_id(&id).await?;
+            // Only a date this service set (ADR 12) schedules a key's destruction.
+            let Some(retain_until) = key.retain_until else {
+                continue;
+            };
+            let row = retention_row(&key.id, retain_until);
+            let engine = self.ctx.engine()?;
+            if let Checked::Refused { why, first } = self
+                .ctx
+                .stamps
+                .check(&engine, row, key.retention_mac.as_deref())
+                .await?
+            {
+                let what = format!("{}/retain_until", key.id);
+                self.ctx.refuse_state("keys", &what, why, first);
+                continue;
+            }
+            let live: Vec<u32> = key
+                .versions
+                .iter()
+                .filter(|v| matches!(v.state, VersionState::Enabled | VersionState::Disabled))
+                .map(|v| v.version)
+                .collect();
+            let versions = schedule_stamps(&self.ctx, &key, &live, destroy_at).await?;
+            let change = LifecycleChange::ApplyRetention {
+                destroy_at,
+                versions,
+            };
             match db.apply_lifecycle(&id, &change, now).await {
                 Ok(rec) => {
                     tracing::warn!(
@@ -181,6 +211,29 @@ impl Jobs {
     async fn destroy_version(&self, system: &System, due: &DueDestruction) -> Result<()> {
         let db = self.ctx.db(system);
         let now = self.ctx.clock.now_ms();
+        // Only a retirement this service made (or the quorum approved) destroys anything:
+        // a row scheduled, or moved earlier, by a database writer is refused (ADR 12).
+        let engine = self.ctx.engine()?;
+        let row = scheduled_row(
+            &due.key,
+            due.version,
+            &due.hsm_id,
+            due.destroy_at,
+            due.state_seq,
+        );
+        match self
+            .ctx
+            .stamps
+            .check(&engine, row, due.mac.as_deref())
+            .await?
+        {
+            Checked::Good => {}
+            Checked::Refused { why, first } => {
+                let id = format!("{}/{}", due.key, due.version);
+                self.ctx.refuse_state("key_versions", &id, why, first);
+                return Ok(());
+            }
+        }
         match db.begin_destruction(&due.key, due.version, now).await {
             Ok(()) => {}
             // Cancelled or finished meanwhile.

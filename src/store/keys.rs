@@ -47,6 +47,9 @@ pub struct KeyRecord {
     pub retain_until: Option<i64>,
     /// When the retention date was acted on (Unix ms).
     pub retention_applied_at: Option<i64>,
+    /// The HSM's MAC of (key, `retain_until`) (ADR 12): the retention job acts only on a
+    /// date that carries a valid one.
+    pub retention_mac: Option<String>,
     /// Versions, ascending.
     pub versions: Vec<VersionRecord>,
 }
@@ -105,6 +108,8 @@ pub struct NewKey {
     pub rotation_period_ms: Option<i64>,
     /// Retention date (Unix ms).
     pub retain_until: Option<i64>,
+    /// The MAC of the retention date, if one is set.
+    pub retention_mac: Option<String>,
     /// Unix ms.
     pub now: i64,
 }
@@ -151,16 +156,21 @@ pub trait KeyStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<KeyRecord>;
 
-    /// Sets the MAC of ENABLED version `version` at sequence `seq` whose MAC is still
+    /// Sets the MAC of version `version` in `state` at sequence `seq` whose MAC is still
     /// `was` (the upgrade step); false if the row changed.
     async fn stamp_version(
         &self,
         key: &KeyId,
         version: u32,
+        state: VersionState,
         seq: i64,
         was: Option<&str>,
         mac: &str,
     ) -> Result<bool>;
+
+    /// Sets the MAC of key `key`'s retention date if it is still `retain_until` and has
+    /// none (the upgrade step); false otherwise.
+    async fn stamp_retention(&self, key: &KeyId, retain_until: i64, mac: &str) -> Result<bool>;
 
     /// Reserves `n` wraps under a version: adds `n` to its `wrap_count` and returns the
     /// new count. The caller may make `n` wraps.
@@ -198,7 +208,7 @@ macro_rules! key_select {
     ($tail:literal) => {
         concat!(
             "SELECT k.id, k.name, k.description, k.primary_version, k.created_at, ",
-            "k.rotation_period_ms, k.retain_until, k.retention_applied_at, ",
+            "k.rotation_period_ms, k.retain_until, k.retention_applied_at, k.retention_mac, ",
             "v.version, v.state, v.hsm_id, v.wrap_count, v.created_at AS v_created_at, ",
             "v.updated_at, v.destroy_at, v.destroyed_at, v.retire_request, v.destroying_at, ",
             "v.state_seq, v.mac ",
@@ -249,6 +259,7 @@ fn keys_from_rows(rows: &[AnyRow]) -> Result<Vec<KeyRecord>> {
                 rotation_period_ms: get(row, "rotation_period_ms")?,
                 retain_until: get(row, "retain_until")?,
                 retention_applied_at: get(row, "retention_applied_at")?,
+                retention_mac: get(row, "retention_mac")?,
                 versions: vec![version],
             }),
         }
@@ -402,7 +413,8 @@ impl KeyStore for SqlStore {
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO keys (id, name, description, primary_version, created_at, \
-             rotation_period_ms, retain_until) VALUES ($1, $2, $3, 1, $4, $5, $6)",
+             rotation_period_ms, retain_until, retention_mac) \
+             VALUES ($1, $2, $3, 1, $4, $5, $6, $7)",
         )
         .bind(key.id.to_string())
         .bind(key.name.to_string())
@@ -410,6 +422,7 @@ impl KeyStore for SqlStore {
         .bind(key.now)
         .bind(key.rotation_period_ms)
         .bind(key.retain_until)
+        .bind(key.retention_mac.clone())
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -482,19 +495,35 @@ impl KeyStore for SqlStore {
         &self,
         key: &KeyId,
         version: u32,
+        state: VersionState,
         seq: i64,
         was: Option<&str>,
         mac: &str,
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE key_versions SET mac = $1 WHERE key_id = $2 AND version = $3 \
-             AND state = 'ENABLED' AND state_seq = $4 AND COALESCE(mac, '') = $5",
+             AND state = $4 AND state_seq = $5 AND COALESCE(mac, '') = $6",
         )
         .bind(mac.to_string())
         .bind(key.to_string())
         .bind(i64::from(version))
+        .bind(state.as_str())
         .bind(seq)
         .bind(was.unwrap_or("").to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn stamp_retention(&self, key: &KeyId, retain_until: i64, mac: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE keys SET retention_mac = $1 WHERE id = $2 AND retain_until = $3 \
+             AND retention_mac IS NULL",
+        )
+        .bind(mac.to_string())
+        .bind(key.to_string())
+        .bind(retain_until)
         .execute(&self.writer)
         .await
         .map_err(classify)?;

@@ -17,8 +17,11 @@
 //!   in the trigger; UNIQUE), so sequence numbers come in commit order without gaps and
 //!   nodes read tombstones by sequence, never by time (migration 0013).
 //!
-//! - Every state change here leaves ENABLED (or stays out of it): the row's `state_seq`
-//!   grows and its MAC is dropped (ADR 12); only `keys.rs` makes a version ENABLED.
+//! - Every state change here leaves ENABLED (or stays out of it) and advances the row's
+//!   `state_seq` (ADR 12). A scheduled row carries the HSM's MAC of (key, version,
+//!   object, SCHEDULED_FOR_DESTRUCTION, destroy_at, sequence), handed in by the service,
+//!   and is written only from the sequence that MAC was made for; a cancelled one has
+//!   no MAC. Only `keys.rs` makes a version ENABLED.
 //!
 //! Must not import: table-family files of `store/` other than `keys.rs` (which must not
 //! import this one); tonic, prost, cryptoki.
@@ -39,8 +42,8 @@ pub enum LifecycleChange {
     /// ENABLED/DISABLED → SCHEDULED_FOR_DESTRUCTION for each listed version, due at
     /// `destroy_at`; a `Conflict` (nothing changed) if any is in another state.
     Schedule {
-        /// Versions to retire.
-        versions: Vec<u32>,
+        /// Versions to retire, each with the HSM's MAC of its scheduled row (ADR 12).
+        versions: Vec<VersionStamp>,
         /// When the destroyer may act (Unix ms).
         destroy_at: i64,
         /// The approval request that ordered it.
@@ -56,6 +59,8 @@ pub enum LifecycleChange {
     Retention {
         /// The new date (Unix ms).
         retain_until: Option<i64>,
+        /// The HSM's MAC of (key, date) when a date is set (ADR 12).
+        mac: Option<String>,
     },
     /// The retention job: schedules every version not yet retired, like `Schedule`,
     /// and records that the retention date was acted on — only if the date has passed
@@ -63,7 +68,22 @@ pub enum LifecycleChange {
     ApplyRetention {
         /// When the destroyer may act (Unix ms).
         destroy_at: i64,
+        /// Every version not yet retired, with the MAC of its scheduled row; a version
+        /// not listed (made meanwhile) makes the change `Conflict::ChangedConcurrently`.
+        versions: Vec<VersionStamp>,
     },
+}
+
+/// A version's new state sequence (its current one plus one: the change applies only
+/// from that) and the HSM's MAC of the row it becomes (ADR 12).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionStamp {
+    /// The version.
+    pub version: u32,
+    /// Its new `state_seq`.
+    pub seq: i64,
+    /// The MAC (hex).
+    pub mac: String,
 }
 
 /// A version whose destruction is due.
@@ -75,6 +95,12 @@ pub struct DueDestruction {
     pub version: u32,
     /// Its HSM object.
     pub hsm_id: ObjectId,
+    /// When it is due (Unix ms).
+    pub destroy_at: i64,
+    /// Its state sequence.
+    pub state_seq: i64,
+    /// The HSM's MAC of its scheduled row, if any (the destroyer acts only on a valid one).
+    pub mac: Option<String>,
 }
 
 /// The permanent record of a destroyed version.
@@ -180,24 +206,8 @@ pub(super) async fn apply_in(
             destroy_at,
             request,
         } => {
-            for &v in versions {
-                let done = sqlx::query(
-                    "UPDATE key_versions SET state = $1, destroy_at = $2, retire_request = $3, \
-                     updated_at = $4, state_seq = state_seq + 1, mac = NULL \
-                     WHERE key_id = $5 AND version = $6 AND state IN ('ENABLED', 'DISABLED')",
-                )
-                .bind(SCHEDULED)
-                .bind(*destroy_at)
-                .bind(request.clone())
-                .bind(now)
-                .bind(key.to_string())
-                .bind(i64::from(v))
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-                if done.rows_affected() != 1 {
-                    return Err(conflict(tx, key, v).await);
-                }
+            for v in versions {
+                schedule_in(tx, key, v, *destroy_at, request.as_deref(), now).await?;
             }
         }
         LifecycleChange::Cancel { versions } => {
@@ -220,11 +230,13 @@ pub(super) async fn apply_in(
                 }
             }
         }
-        LifecycleChange::Retention { retain_until } => {
+        LifecycleChange::Retention { retain_until, mac } => {
             let done = sqlx::query(
-                "UPDATE keys SET retain_until = $1, retention_applied_at = NULL WHERE id = $2",
+                "UPDATE keys SET retain_until = $1, retention_applied_at = NULL, \
+                 retention_mac = $2 WHERE id = $3",
             )
             .bind(*retain_until)
+            .bind(mac.clone())
             .bind(key.to_string())
             .execute(&mut *tx)
             .await
@@ -233,7 +245,10 @@ pub(super) async fn apply_in(
                 return Err(StoreError::NotFound);
             }
         }
-        LifecycleChange::ApplyRetention { destroy_at } => {
+        LifecycleChange::ApplyRetention {
+            destroy_at,
+            versions,
+        } => {
             let done = sqlx::query(
                 "UPDATE keys SET retention_applied_at = $1 WHERE id = $2 \
                  AND retention_applied_at IS NULL AND retain_until IS NOT NULL \
@@ -247,19 +262,61 @@ pub(super) async fn apply_in(
             if done.rows_affected() != 1 {
                 return Err(StoreError::Conflict(Conflict::RetentionNotDue));
             }
-            sqlx::query(
-                "UPDATE key_versions SET state = $1, destroy_at = $2, retire_request = NULL, \
-                 updated_at = $3, state_seq = state_seq + 1, mac = NULL \
-                 WHERE key_id = $4 AND state IN ('ENABLED', 'DISABLED')",
+            for v in versions {
+                schedule_in(tx, key, v, *destroy_at, None, now).await?;
+            }
+            let left: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM key_versions WHERE key_id = $1 \
+                 AND state IN ('ENABLED', 'DISABLED')",
             )
-            .bind(SCHEDULED)
-            .bind(*destroy_at)
-            .bind(now)
             .bind(key.to_string())
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(classify)?;
+            if left != 0 {
+                return Err(StoreError::Conflict(Conflict::ChangedConcurrently));
+            }
         }
+    }
+    Ok(())
+}
+
+/// ENABLED/DISABLED → SCHEDULED_FOR_DESTRUCTION for one version at the sequence its MAC
+/// was made for.
+async fn schedule_in(
+    tx: &mut sqlx::AnyConnection,
+    key: &KeyId,
+    v: &VersionStamp,
+    destroy_at: i64,
+    request: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    let done = sqlx::query(
+        "UPDATE key_versions SET state = $1, destroy_at = $2, retire_request = $3, \
+         updated_at = $4, state_seq = $5, mac = $6 \
+         WHERE key_id = $7 AND version = $8 AND state IN ('ENABLED', 'DISABLED') \
+         AND state_seq = $9",
+    )
+    .bind(SCHEDULED)
+    .bind(destroy_at)
+    .bind(request.map(str::to_string))
+    .bind(now)
+    .bind(v.seq)
+    .bind(v.mac.clone())
+    .bind(key.to_string())
+    .bind(i64::from(v.version))
+    .bind(v.seq - 1)
+    .execute(&mut *tx)
+    .await
+    .map_err(classify)?;
+    if done.rows_affected() != 1 {
+        return Err(match conflict(tx, key, v.version).await {
+            // Still retirable: its sequence moved (another change came first).
+            StoreError::Conflict(Conflict::VersionState(
+                VersionState::Enabled | VersionState::Disabled,
+            )) => StoreError::Conflict(Conflict::ChangedConcurrently),
+            e => e,
+        });
     }
     Ok(())
 }
@@ -313,7 +370,8 @@ impl LifecycleStore for SqlStore {
 
     async fn due_destructions(&self, now: i64, limit: u32) -> Result<Vec<DueDestruction>> {
         let rows = sqlx::query(
-            "SELECT key_id, version, hsm_id FROM key_versions WHERE state = $1 \
+            "SELECT key_id, version, hsm_id, destroy_at, state_seq, mac FROM key_versions \
+             WHERE state = $1 \
              AND (destroy_at <= $2 OR destroying_at IS NOT NULL) \
              ORDER BY destroy_at, key_id, version LIMIT $3",
         )
@@ -330,6 +388,9 @@ impl LifecycleStore for SqlStore {
                         .ok_or(StoreError::Corrupt("key id"))?,
                     version: u32_of(get::<i64>(r, "version")?)?,
                     hsm_id: object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
+                    destroy_at: get::<Option<i64>>(r, "destroy_at")?.unwrap_or(0),
+                    state_seq: get(r, "state_seq")?,
+                    mac: get(r, "mac")?,
                 })
             })
             .collect()

@@ -69,7 +69,7 @@ pub use connect::Backend;
 pub use error::{Conflict, DbError, Result, StoreError};
 pub use keys::{EnabledStamp, KeyRecord, KeyStore, NewKey, VersionRecord};
 pub use leases::LeaseStore;
-pub use lifecycle::{DueDestruction, LifecycleChange, LifecycleStore, Tombstone};
+pub use lifecycle::{DueDestruction, LifecycleChange, LifecycleStore, Tombstone, VersionStamp};
 pub use pool::{Ping, SqlStore};
 pub use quorum::{CustodianAttempt, CustodianRecord, Failure, QuorumConfig, QuorumStore};
 pub use requests::{

@@ -328,6 +328,7 @@ fn result_from_json(text: &str) -> Result<RequestResult> {
         rotation_period_ms: k["rotation_period_ms"].as_i64(),
         retain_until: k["retain_until"].as_i64(),
         retention_applied_at: k["retention_applied_at"].as_i64(),
+        retention_mac: None,
         versions,
     }))
 }

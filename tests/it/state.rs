@@ -444,3 +444,188 @@ async fn a_version_enabled_by_a_database_writer_does_not_unwrap(db: Db) {
         .lines()
         .any(|l| l.contains("state-forged") && l.contains("key_versions")));
 }
+
+on_both_backends!(
+    #[tokio::test]
+    a_destruction_scheduled_or_hastened_by_a_database_writer_destroys_nothing
+);
+
+/// Crypto-shredding is irreversible, so the destroyer acts only on a schedule the HSM
+/// stamped (a retirement this service made). A database writer who schedules a version
+/// (DISABLED → SCHEDULED_FOR_DESTRUCTION is a legal edge) or moves a real retirement's
+/// date to now gets nothing destroyed; the alert fires; put back, both versions unwrap.
+/// A real retirement that is due is still destroyed.
+async fn a_destruction_scheduled_or_hastened_by_a_database_writer_destroys_nothing(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::support::lifecycle_policy(dir.path(), "7d", 1 << 30);
+    let arca = TestArca::builder()
+        .backend(db)
+        .fast_jobs(&p, "2s")
+        .start()
+        .await;
+    let mut c = arca.client().await;
+    let context = crate::support::ctx(&[("patient", "1")]);
+    for name in ["phi", "lab", "old"] {
+        create_key(&mut c, name).await;
+    }
+    let blob = |name: &'static str| {
+        let arca = &arca;
+        let context = context.clone();
+        async move { crate::support::generate_wrapped(&mut arca.client().await, name, &context).await }
+    };
+    let (phi, lab, old) = (blob("phi").await, blob("lab").await, blob("old").await);
+    for name in ["phi", "lab", "old"] {
+        c.rotate_key(pb::RotateKeyRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
+    let retire = |name: &'static str, wait_s: u64| {
+        let arca = &arca;
+        async move {
+            arca.client()
+                .await
+                .retire_key_version(pb::RetireKeyVersionRequest {
+                    name: name.into(),
+                    version: 1,
+                    waiting_period_seconds: wait_s,
+                })
+                .await
+                .unwrap();
+        }
+    };
+    // phi v1: disabled by the API, then "scheduled" by the writer, due at once.
+    c.disable_key_version(pb::KeyVersionRequest {
+        name: "phi".into(),
+        version: 1,
+    })
+    .await
+    .unwrap();
+    let v1 = |name: &str| {
+        format!("version = 1 AND key_id = (SELECT id FROM keys WHERE name = '{name}')")
+    };
+    one(
+        &arca,
+        &format!(
+            "UPDATE key_versions SET state = 'SCHEDULED_FOR_DESTRUCTION', destroy_at = 0 \
+             WHERE {}",
+            v1("phi")
+        ),
+    );
+    // lab v1: retired for an hour by the API, then moved to now by the writer.
+    retire("lab", 3600).await;
+    one(
+        &arca,
+        &format!("UPDATE key_versions SET destroy_at = 0 WHERE {}", v1("lab")),
+    );
+    // old v1: retired for 1 s by the API: the destroyer must still do its job.
+    retire("old", 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let state = |name: &str| {
+        one(
+            &arca,
+            &format!("SELECT state FROM key_versions WHERE {}", v1(name)),
+        )
+    };
+    while state("old") != "DESTROYED" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the real retirement never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Several more passes of the destroyer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(state("phi"), "SCHEDULED_FOR_DESTRUCTION");
+    assert_eq!(state("lab"), "SCHEDULED_FOR_DESTRUCTION");
+    let log = arca.log_text();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("state-forged") && l.contains("key_versions"))
+            .count()
+            >= 2,
+        "no alert for the forged schedules"
+    );
+    // Put back by the writer (DISABLED) and enabled through the API: both unwrap, so
+    // their HSM objects were never destroyed. The real retirement's blob is gone.
+    for name in ["phi", "lab"] {
+        one(
+            &arca,
+            &format!(
+                "UPDATE key_versions SET state = 'DISABLED', destroy_at = NULL, \
+                 retire_request = NULL WHERE {}",
+                v1(name)
+            ),
+        );
+        c.enable_key_version(pb::KeyVersionRequest {
+            name: name.into(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    }
+    for (name, b) in [("phi", &phi), ("lab", &lab)] {
+        crate::support::unwrap(&mut c, b, &context)
+            .await
+            .unwrap_or_else(|s| panic!("{name}: {s:?}"));
+    }
+    let s = crate::support::unwrap(&mut c, &old, &context)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&s), Some("VERSION_DESTROYED"), "{s:?}");
+}
+
+on_both_backends!(
+    #[tokio::test]
+    a_retention_date_set_by_a_database_writer_schedules_nothing
+);
+
+/// A retention date is authority to destroy a whole key. One written by a database writer
+/// (`UPDATE keys SET retain_until = 0`) carries no MAC: the retention job refuses it and
+/// raises the alert, and the key keeps working; a date set through the API still
+/// destroys its key.
+async fn a_retention_date_set_by_a_database_writer_schedules_nothing(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::support::lifecycle_policy(dir.path(), "1s", 1 << 30);
+    let arca = TestArca::builder()
+        .backend(db)
+        .fast_jobs(&p, "2s")
+        .start()
+        .await;
+    let mut c = arca.client().await;
+    create_key(&mut c, "phi").await;
+    let context = crate::support::ctx(&[("patient", "1")]);
+    let blob = crate::support::generate_wrapped(&mut c, "phi", &context).await;
+    one(&arca, "UPDATE keys SET retain_until = 0 WHERE name = 'phi'");
+    c.create_key(pb::CreateKeyRequest {
+        name: "expired".into(),
+        retain_until: "2020-01-01T00:00:00Z".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let state = |name: &str| {
+        one(
+            &arca,
+            &format!(
+                "SELECT v.state FROM key_versions v JOIN keys k ON k.id = v.key_id \
+                 WHERE k.name = '{name}' AND v.version = 1"
+            ),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state("expired") != "DESTROYED" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the real retention never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(state("phi"), "ENABLED");
+    crate::support::unwrap(&mut c, &blob, &context)
+        .await
+        .unwrap();
+    assert!(arca
+        .log_text()
+        .lines()
+        .any(|l| l.contains("state-forged") && l.contains("retain_until")));
+}

@@ -59,6 +59,13 @@ pub(super) async fn serve_config(cfg: ServerConfig) -> Result<(), BoxError> {
     tracing::info!(database = %cfg.database, backend = ?store.backend(), "database open");
     tracing::info!(policy = %cfg.quorum_policy, "quorum policy");
     tracing::info!(policy = %cfg.lifecycle, "lifecycle policy");
+    if cfg.restamp_unstamped && !cfg.dev {
+        tracing::warn!(
+            "--restamp-unstamped: rows without a state MAC will be stamped at the next unseal, \
+             trusting the database as it is then; run it once after the upgrade and restart \
+             without it (docs/operations.md, \"Upgrading to state MACs\")"
+        );
+    }
 
     let ctx = Arc::new(Context::new(
         store.clone(),

@@ -22,7 +22,7 @@
 
 mod budget;
 
-use crate::authz::stamp::enabled_row;
+use crate::authz::stamp::{enabled_row, retention_row};
 use std::sync::Arc;
 
 use super::access::{act, Act, Attempt, Authorized, Guard, Scope};
@@ -158,6 +158,10 @@ impl Keys {
         let id = KeyId::from_random(engine.random().await?);
         let object = engine.create_version_object(id, 1).await?;
         let first_mac = self.ctx.stamp(enabled_row(&id, 1, &object, 1)).await?;
+        let retention_mac = match opts.retain_until {
+            Some(t) => Some(self.ctx.stamp(retention_row(&id, t)).await?),
+            None => None,
+        };
         let result = db
             .create_key(&NewKey {
                 id,
@@ -167,6 +171,7 @@ impl Keys {
                 first_mac,
                 rotation_period_ms: opts.rotation_period_ms,
                 retain_until: opts.retain_until,
+                retention_mac,
                 now: self.ctx.clock.now_ms(),
             })
             .await;

@@ -17,8 +17,8 @@
 
 mod plan;
 
-use crate::authz::stamp::enabled_row;
-use crate::store::EnabledStamp;
+use crate::authz::stamp::{enabled_row, retention_row, scheduled_row};
+use crate::store::{EnabledStamp, VersionStamp};
 use std::sync::Arc;
 
 use super::access::{act, Act, Guard, Scope};
@@ -271,9 +271,10 @@ impl Lifecycle {
         let key = self.ctx.db(permit).key_by_name(name).await?;
         let versions = plan_retire(&key, version)?;
         let now = self.ctx.clock.now_ms();
+        let destroy_at = now.saturating_add(waiting_ms);
         let change = LifecycleChange::Schedule {
-            versions: versions.clone(),
-            destroy_at: now.saturating_add(waiting_ms),
+            versions: schedule_stamps(&self.ctx, &key, &versions, destroy_at).await?,
+            destroy_at,
             request: commit.request().map(str::to_string),
         };
         let rec = self.commit(permit, &key.id, &change, commit, now).await?;
@@ -360,7 +361,11 @@ impl Lifecycle {
     ) -> Result<KeyRecord> {
         let key = self.ctx.db(permit).key_by_name(name).await?;
         let now = self.ctx.clock.now_ms();
-        let change = LifecycleChange::Retention { retain_until };
+        let mac = match retain_until {
+            Some(t) => Some(self.ctx.stamp(retention_row(&key.id, t)).await?),
+            None => None,
+        };
+        let change = LifecycleChange::Retention { retain_until, mac };
         let rec = self.commit(permit, &key.id, &change, commit, now).await?;
         tracing::info!(key = %rec.name, retain_until = ?retain_until, "retention date set");
         Ok(rec)
@@ -432,4 +437,29 @@ impl Lifecycle {
         .map_err(lifecycle_conflict)?;
         Ok(self.ctx.cache.put(rec))
     }
+}
+
+/// The HSM's MAC of each of `versions` of `key` as it becomes SCHEDULED_FOR_DESTRUCTION
+/// at `destroy_at`, for its next state sequence (ADR 12): the destroyer acts only on a
+/// row that carries one.
+pub(crate) async fn schedule_stamps(
+    ctx: &Context,
+    key: &KeyRecord,
+    versions: &[u32],
+    destroy_at: i64,
+) -> Result<Vec<VersionStamp>> {
+    let mut out = Vec::with_capacity(versions.len());
+    for &v in versions {
+        let r = key
+            .version(v)
+            .ok_or(ServiceError::NotFound("key version not found"))?;
+        let seq = r.state_seq + 1;
+        let row = scheduled_row(&key.id, v, &r.hsm_id, destroy_at, seq);
+        out.push(VersionStamp {
+            version: v,
+            seq,
+            mac: ctx.stamp(row).await?,
+        });
+    }
+    Ok(out)
 }

@@ -21,7 +21,8 @@ use zeroize::Zeroizing;
 use super::approvals::Approvals;
 use super::custodians::{custodian_name, Custodians};
 use crate::authz::stamp::{
-    enabled_row, grant_row, policy_row, roster_row, token_row, QUORUM_MAC_PREFIX, TOTP_ROSTER,
+    enabled_row, grant_row, policy_row, retention_row, roster_row, scheduled_row, token_row,
+    QUORUM_MAC_PREFIX, TOTP_ROSTER,
 };
 use crate::keys::state::Unverified;
 use crate::keys::HsmAccess;
@@ -297,12 +298,28 @@ impl Sealing {
         loop {
             let page = db.list_keys(after.as_deref(), 500).await?;
             for k in &page {
+                if let (Some(t), None) = (k.retain_until, &k.retention_mac) {
+                    let mac = self.ctx.stamp(retention_row(&k.id, t)).await?;
+                    if db.stamp_retention(&k.id, t, &mac).await? {
+                        stamped.push(format!("keys/{}/retain_until", k.id));
+                    }
+                }
                 for v in &k.versions {
-                    if v.state == VersionState::Enabled && v.mac.is_none() {
-                        let row = enabled_row(&k.id, v.version, &v.hsm_id, v.state_seq);
+                    let row = match v.state {
+                        _ if v.mac.is_some() => continue,
+                        VersionState::Enabled => {
+                            enabled_row(&k.id, v.version, &v.hsm_id, v.state_seq)
+                        }
+                        VersionState::ScheduledForDestruction => {
+                            let at = v.destroy_at.unwrap_or(0);
+                            scheduled_row(&k.id, v.version, &v.hsm_id, at, v.state_seq)
+                        }
+                        _ => continue,
+                    };
+                    {
                         let mac = self.ctx.stamp(row).await?;
                         if db
-                            .stamp_version(&k.id, v.version, v.state_seq, None, &mac)
+                            .stamp_version(&k.id, v.version, v.state, v.state_seq, None, &mac)
                             .await?
                         {
                             stamped.push(format!("key_versions/{}/{}", k.id, v.version));

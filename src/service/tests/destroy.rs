@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 use super::{admin, hsm_over, ok, world_with, World};
 use crate::keys::{EncryptionContext, KeyName, ObjectId};
 use crate::service::{Conflict, Forgotten, JobConfig, ServiceConfig, ServiceError};
-use crate::store::{KeyStore, LifecycleChange, LifecycleStore};
+use crate::store::{KeyStore, LifecycleChange, LifecycleStore, VersionStamp};
 
 /// An unsealed world over `hsm`, with a key `phi` (v1) and a data key under it.
 async fn world_over(hsm: Arc<FakeHsm>) -> (World, Vec<u8>) {
@@ -44,9 +44,16 @@ async fn destroy_v1_elsewhere(w: &World, at: i64) -> ObjectId {
         .key_by_name(&KeyName::parse("phi").unwrap())
         .await
         .unwrap();
-    let object = key.version(1).unwrap().hsm_id;
+    let v1 = key.version(1).unwrap();
+    let object = v1.hsm_id;
+    // The destroyer's own MAC checks are not what is tested here: the rows are written
+    // as that node's store calls would, with a placeholder stamp.
     let change = LifecycleChange::Schedule {
-        versions: vec![1],
+        versions: vec![VersionStamp {
+            version: 1,
+            seq: v1.state_seq + 1,
+            mac: "elsewhere".into(),
+        }],
         destroy_at: at,
         request: None,
     };

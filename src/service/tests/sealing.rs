@@ -306,3 +306,66 @@ async fn fifty_concurrent_wrong_codes_on_two_nodes_are_checked_five_at_most() {
         .await
         .unwrap();
 }
+
+/// Rows the init ceremony writes while the HSM is locked carry the quorum's MAC (`q:…`);
+/// the first unseal checks it and stamps them with the HSM. A row a database writer
+/// planted with a `q:` MAC of its own (or another row's) is refused, never stamped.
+#[tokio::test]
+async fn the_first_unseal_stamps_what_init_vouched_for_and_nothing_else() {
+    use crate::authz::AuthMethod;
+    use crate::store::TokenStore;
+    let w = world_with(ServiceConfig::default(), fake_hsm()).await;
+    let kits = init(&w, 2, &["a", "b", "c"]).await;
+    let tokens = w.store.list_tokens().await.unwrap();
+    assert_eq!(tokens.len(), 3);
+    assert!(tokens
+        .iter()
+        .all(|t| t.mac.as_deref().is_some_and(|m| m.starts_with("q:"))));
+    // A writer plants a custodian token of their own, with a's quorum MAC copied.
+    let mut planted = tokens[0].clone();
+    planted.id = "tok_planted".into();
+    planted.hash = crate::secret::BearerToken::new("arca_planted".into()).hash();
+    planted.principal = "custodian:d".into();
+    w.store.insert_token(&planted).await.unwrap();
+    for k in &kits[..2] {
+        let c = kit_code(&w.store, k, 1, w.now()).await;
+        w.svc
+            .sealing
+            .unseal(&custodian(&k.name), &k.share, &c)
+            .await
+            .unwrap();
+    }
+    assert!(w.svc.ctx.engine.is_open());
+    for t in w.store.list_tokens().await.unwrap() {
+        let mac = t.mac.clone().unwrap_or_default();
+        if t.id == "tok_planted" {
+            assert!(mac.starts_with("q:"), "the planted row was stamped: {mac}");
+        } else {
+            assert_eq!(mac.len(), 64, "{} not stamped by the HSM: {mac}", t.id);
+        }
+    }
+    // The kits' tokens work unsealed; the planted one is refused as forged.
+    let peer = crate::authz::Peer::default();
+    let p = w
+        .svc
+        .guard
+        .authenticate(
+            Some(crate::secret::BearerToken::new(
+                kits[2].token.expose().to_string(),
+            )),
+            &peer,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(p.method, AuthMethod::Token { .. }));
+    assert!(matches!(
+        w.svc
+            .guard
+            .authenticate(
+                Some(crate::secret::BearerToken::new("arca_planted".into())),
+                &peer
+            )
+            .await,
+        Err(ServiceError::StateForged(_))
+    ));
+}

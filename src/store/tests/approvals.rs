@@ -45,6 +45,7 @@ async fn key(s: &SqlStore, name: &str, n: u8) -> KeyRecord {
         first_mac: "m".into(),
         rotation_period_ms: None,
         retain_until: None,
+        retention_mac: None,
         now: T0,
     })
     .await

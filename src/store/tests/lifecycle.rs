@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{new_key, TestDb};
 use crate::keys::{ObjectId, VersionState};
-use crate::store::{Conflict, KeyStore, LifecycleChange, LifecycleStore, StoreError};
+use crate::store::{Conflict, KeyStore, LifecycleChange, LifecycleStore, StoreError, VersionStamp};
 
 on_both_backends!(
     retirement_cancel_and_destruction_are_conditional_and_leave_a_tombstone,
@@ -21,22 +21,34 @@ async fn retirement_cancel_and_destruction_are_conditional_and_leave_a_tombstone
     s.add_version(&k.id, 2, &ObjectId([0x42; 16]), "m", 1500)
         .await
         .unwrap();
-    let schedule = |v: u32, at: i64| Schedule {
-        versions: vec![v],
+    // Each schedule names the version's next state sequence (1 when made, +1 per change).
+    let st = |version: u32, seq: i64| VersionStamp {
+        version,
+        seq,
+        mac: format!("m{version}.{seq}"),
+    };
+    let schedule = |v: u32, at: i64, seq: i64| Schedule {
+        versions: vec![st(v, seq)],
         destroy_at: at,
         request: Some("req_1".into()),
     };
     let r = s
-        .apply_lifecycle(&k.id, &schedule(1, 5000), 2000)
+        .apply_lifecycle(&k.id, &schedule(1, 5000, 2), 2000)
         .await
         .unwrap();
     let v1 = r.version(1).unwrap();
     assert_eq!(v1.state, VersionState::ScheduledForDestruction);
     assert_eq!(v1.destroy_at, Some(5000));
     assert_eq!(v1.retire_request.as_deref(), Some("req_1"));
+    assert_eq!((v1.state_seq, v1.mac.as_deref()), (2, Some("m1.2")));
+    // From another sequence than the MAC was made for: refused, nothing changes.
+    assert!(matches!(
+        s.apply_lifecycle(&k.id, &schedule(2, 5000, 7), 2000).await,
+        Err(StoreError::Conflict(Conflict::ChangedConcurrently))
+    ));
     // Twice: refused, nothing changes.
     assert!(matches!(
-        s.apply_lifecycle(&k.id, &schedule(1, 9000), 2100).await,
+        s.apply_lifecycle(&k.id, &schedule(1, 9000, 3), 2100).await,
         Err(StoreError::Conflict(Conflict::VersionState(
             VersionState::ScheduledForDestruction
         )))
@@ -46,7 +58,7 @@ async fn retirement_cancel_and_destruction_are_conditional_and_leave_a_tombstone
         s.apply_lifecycle(
             &k.id,
             &Schedule {
-                versions: vec![2, 1],
+                versions: vec![st(2, 2), st(1, 3)],
                 destroy_at: 1,
                 request: None
             },
@@ -77,7 +89,7 @@ async fn retirement_cancel_and_destruction_are_conditional_and_leave_a_tombstone
         (v1.state, v1.destroy_at, v1.retire_request.clone()),
         (VersionState::Disabled, None, None)
     );
-    s.apply_lifecycle(&k.id, &schedule(1, 5000), 3100)
+    s.apply_lifecycle(&k.id, &schedule(1, 5000, 4), 3100)
         .await
         .unwrap();
     let due = s.due_destructions(5000, 10).await.unwrap();
@@ -141,7 +153,7 @@ async fn retirement_cancel_and_destruction_are_conditional_and_leave_a_tombstone
         )))
     ));
     assert!(matches!(
-        s.apply_lifecycle(&k.id, &schedule(1, 9000), 8000).await,
+        s.apply_lifecycle(&k.id, &schedule(1, 9000, 6), 8000).await,
         Err(StoreError::Conflict(Conflict::VersionState(
             VersionState::Destroyed
         )))
@@ -159,12 +171,34 @@ async fn retention_is_applied_once(db: Arc<TestDb>) {
     assert_eq!(s.keys_due_retention(5000).await.unwrap(), vec![k.id]);
     // Not before the date.
     assert!(matches!(
-        s.apply_lifecycle(&k.id, &ApplyRetention { destroy_at: 9000 }, 4000)
-            .await,
+        s.apply_lifecycle(
+            &k.id,
+            &ApplyRetention {
+                destroy_at: 9000,
+                versions: vec![VersionStamp {
+                    version: 1,
+                    seq: 2,
+                    mac: "r".into()
+                }],
+            },
+            4000
+        )
+        .await,
         Err(StoreError::Conflict(Conflict::RetentionNotDue))
     ));
     let r = s
-        .apply_lifecycle(&k.id, &ApplyRetention { destroy_at: 9000 }, 5000)
+        .apply_lifecycle(
+            &k.id,
+            &ApplyRetention {
+                destroy_at: 9000,
+                versions: vec![VersionStamp {
+                    version: 1,
+                    seq: 2,
+                    mac: "r".into(),
+                }],
+            },
+            5000,
+        )
         .await
         .unwrap();
     assert_eq!(r.retention_applied_at, Some(5000));
@@ -175,8 +209,19 @@ async fn retention_is_applied_once(db: Arc<TestDb>) {
     assert_eq!(r.version(1).unwrap().destroy_at, Some(9000));
     assert!(s.keys_due_retention(6000).await.unwrap().is_empty());
     assert!(matches!(
-        s.apply_lifecycle(&k.id, &ApplyRetention { destroy_at: 9000 }, 6000)
-            .await,
+        s.apply_lifecycle(
+            &k.id,
+            &ApplyRetention {
+                destroy_at: 9000,
+                versions: vec![VersionStamp {
+                    version: 1,
+                    seq: 2,
+                    mac: "r".into()
+                }],
+            },
+            6000
+        )
+        .await,
         Err(StoreError::Conflict(Conflict::RetentionNotDue))
     ));
     // A new date re-arms it; clearing it disarms it.
@@ -184,15 +229,23 @@ async fn retention_is_applied_once(db: Arc<TestDb>) {
         &k.id,
         &Retention {
             retain_until: Some(7000),
+            mac: Some("r7000".into()),
         },
         6000,
     )
     .await
     .unwrap();
     assert_eq!(s.keys_due_retention(7000).await.unwrap(), vec![k.id]);
-    s.apply_lifecycle(&k.id, &Retention { retain_until: None }, 6000)
-        .await
-        .unwrap();
+    s.apply_lifecycle(
+        &k.id,
+        &Retention {
+            retain_until: None,
+            mac: None,
+        },
+        6000,
+    )
+    .await
+    .unwrap();
     assert!(s.keys_due_retention(i64::MAX).await.unwrap().is_empty());
 }
 

@@ -202,6 +202,7 @@ pub(super) fn new_key(name: &str, n: u8) -> NewKey {
         first_mac: "m".into(),
         rotation_period_ms: None,
         retain_until: None,
+        retention_mac: None,
         now: 1000,
     }
 }

@@ -12,6 +12,8 @@ ALTER TABLE role_grants ADD COLUMN mac TEXT;
 ALTER TABLE access_policies ADD COLUMN mac TEXT;
 ALTER TABLE key_versions ADD COLUMN state_seq BIGINT NOT NULL DEFAULT 1;
 ALTER TABLE key_versions ADD COLUMN mac TEXT;
+-- A key's retention date is authority to destroy it: its MAC covers (key id, date).
+ALTER TABLE keys ADD COLUMN retention_mac TEXT;
 
 -- principal_totp needs no MAC: its secret is sealed under the HSM key arca:meta with the
 -- principal as AAD, so only the HSM makes a valid row. Its deletion is caught through
