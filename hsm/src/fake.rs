@@ -19,7 +19,7 @@
 //! rest of Arca.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -41,6 +41,12 @@ struct FakeKey {
 pub struct FakeHsm {
     keys: Mutex<HashMap<ObjectId, FakeKey>>,
     unavailable: AtomicBool,
+    /// Forgets left to fail ([`FakeHsm::fail_forgets`]).
+    forget_failures: AtomicU32,
+    /// Forgets that succeeded.
+    forgets: AtomicU32,
+    /// Calls of `reset_sessions`.
+    resets: AtomicU32,
 }
 
 impl std::fmt::Debug for FakeHsm {
@@ -87,6 +93,21 @@ impl FakeHsm {
             },
         );
         Ok(())
+    }
+
+    /// Makes the next `n` calls of `forget_key` fail (as if the HSM did not answer).
+    pub fn fail_forgets(&self, n: u32) {
+        self.forget_failures.store(n, Ordering::SeqCst);
+    }
+
+    /// How many `forget_key` calls succeeded.
+    pub fn forget_count(&self) -> u32 {
+        self.forgets.load(Ordering::SeqCst)
+    }
+
+    /// How many times the sessions were torn down (`reset_sessions`).
+    pub fn reset_count(&self) -> u32 {
+        self.resets.load(Ordering::SeqCst)
     }
 
     /// Number of keys held.
@@ -223,8 +244,25 @@ impl Hsm for FakeHsm {
         Ok(self.lock().remove(id).is_some())
     }
 
-    fn forget_key(&self, _id: &ObjectId) {
-        // No handles or session copies to drop.
+    fn forget_key(&self, _id: &ObjectId) -> Result<()> {
+        self.available()?;
+        // No handles or session copies to drop; a simulated failure if one is armed.
+        let armed = self
+            .forget_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if armed.is_ok() {
+            return Err(HsmError::Unavailable {
+                function: "fake",
+                detail: "simulated forget failure".into(),
+            });
+        }
+        self.forgets.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn reset_sessions(&self) -> Result<()> {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     fn key_attributes(&self, id: &ObjectId) -> Result<KeyAttributes> {

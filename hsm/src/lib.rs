@@ -214,7 +214,17 @@ pub trait Hsm: Send + Sync + 'static {
 
     /// Drops every cached handle and session copy of that object held by this process,
     /// without touching the token object (another node destroyed it, or it changed).
-    fn forget_key(&self, id: &ObjectId);
+    /// `Ok` only when the HSM confirmed it: every session's copy destroyed and no session
+    /// object with that `CKA_ID` left. An error means copies may survive: the caller
+    /// retries, or tears the sessions down with [`Hsm::reset_sessions`].
+    fn forget_key(&self, id: &ObjectId) -> Result<()>;
+
+    /// Tears down every session this process holds on the HSM (so no session object, copy
+    /// or handle survives: they go with `C_Finalize`), then tries to reconnect with fresh
+    /// sessions, as after an outage. `Ok` once the old sessions can no longer be used by
+    /// any call (the reconnect itself may still be pending: calls then fail with
+    /// [`HsmError::Unavailable`] until it succeeds).
+    fn reset_sessions(&self) -> Result<()>;
 
     /// Reads back the security-relevant attributes of the token object.
     fn key_attributes(&self, id: &ObjectId) -> Result<KeyAttributes>;

@@ -191,7 +191,7 @@ fn contract(hsm: &dyn Hsm) {
     );
     assert_not_found(hsm.hmac_sha256(&unknown, b"x"), "hmac unknown");
     assert_not_found(hsm.key_attributes(&unknown), "attributes unknown");
-    hsm.forget_key(&unknown);
+    hsm.forget_key(&unknown).unwrap();
 
     // Destruction (crypto-shredding) is final and idempotent.
     assert!(hsm.destroy_key(&aes).unwrap());
@@ -452,10 +452,38 @@ fn session_copies(hsm: &Arc<Pkcs11Hsm>, module: &Path, pin: &AuthPin) {
             b"secret"
         );
         assert!(!hsm.key_exists(&id).unwrap());
-        hsm.forget_key(&id);
+        hsm.forget_key(&id).unwrap();
         assert_eq!(hsm.session_copy_count(&id).unwrap(), 0);
         assert_not_found(hsm.decrypt_aes_gcm(&id, &iv, b"", &ct), "after forget");
     }
+
+    // The last resort when a forget cannot be completed: tearing the sessions down. Even
+    // with the token object deleted by another process, no copy survives it, and the
+    // pool works again after it.
+    let id = fresh_id(hsm.as_ref());
+    hsm.generate_key(KeyKind::Aes256, &id, "teardown").unwrap();
+    let ct = hsm.encrypt_aes_gcm(&id, &iv, b"", b"secret").unwrap();
+    assert!(hsm.session_copy_count(&id).unwrap() >= 1);
+    let generation = hsm.generation();
+    if delete_elsewhere(module, pin, &id) {
+        hsm.reset_sessions().unwrap();
+        assert!(
+            hsm.generation() > generation,
+            "reconnected with fresh sessions"
+        );
+        assert_eq!(hsm.session_copy_count(&id).unwrap(), 0);
+        assert_not_found(hsm.decrypt_aes_gcm(&id, &iv, b"", &ct), "after teardown");
+    }
+    let other = fresh_id(hsm.as_ref());
+    hsm.generate_key(KeyKind::Aes256, &other, "after-teardown")
+        .unwrap();
+    let ct = hsm.encrypt_aes_gcm(&other, &iv, b"", b"ok").unwrap();
+    assert_eq!(
+        hsm.decrypt_aes_gcm(&other, &iv, b"", &ct)
+            .unwrap()
+            .as_slice(),
+        b"ok"
+    );
 }
 
 /// Without copies, a handle made stale by another process is noticed on use.

@@ -64,6 +64,9 @@ impl Default for EngineConfig {
 pub struct KeyEngine {
     tx: Option<mpsc::Sender<Job>>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// The HSM itself, for the one call that must not wait for a worker
+    /// ([`Self::reset_sessions`]).
+    hsm: Arc<dyn Hsm>,
     available: Arc<AtomicBool>,
     /// Set once the HSM refused the login (on a reconnect): the engine is then useless
     /// and the service seals itself (`service::Context::engine`).
@@ -113,6 +116,7 @@ impl KeyEngine {
         Ok(KeyEngine {
             tx: Some(tx),
             workers,
+            hsm,
             available: Arc::new(AtomicBool::new(true)),
             refused: Arc::new(AtomicBool::new(false)),
             op_timeout: cfg.op_timeout,
@@ -339,14 +343,26 @@ impl KeyEngine {
     }
 
     /// Drops every handle and session copy of an object this process holds (after
-    /// another node destroyed it).
+    /// another node destroyed it). `Ok` only when the HSM confirmed that no copy is left
+    /// in any pooled session (one exclusive section covers every worker's session).
     pub async fn forget_object(&self, object: ObjectId) -> Result<(), KeysError> {
         let object = HsmObjectId::from(object);
-        self.run(move |hsm| {
-            hsm.forget_key(&object);
-            Ok(())
-        })
-        .await
+        self.run(move |hsm| hsm.forget_key(&object).map_err(hsm_err))
+            .await
+    }
+
+    /// Tears down every HSM session of this process (no session copy or handle survives)
+    /// and reconnects as after an outage: the last resort when a forget cannot be
+    /// completed.
+    ///
+    /// Not queued behind the workers (they may be the ones stuck in a hung HSM): it runs
+    /// on a blocking thread of its own. The old sessions are retired before the call
+    /// returns `Ok`, even when the reconnect has to wait for the HSM.
+    pub async fn reset_sessions(&self) -> Result<(), KeysError> {
+        let hsm = Arc::clone(&self.hsm);
+        tokio::task::spawn_blocking(move || hsm.reset_sessions().map_err(hsm_err))
+            .await
+            .map_err(|_| KeysError::HsmUnavailable(None))?
     }
 
     /// Whether `object` is the HSM object Arca made for `version` of `key` (its label

@@ -12,6 +12,7 @@
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki; nor any service (this is their base).
 
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use super::cache::{KeyCache, Seen};
@@ -128,6 +129,49 @@ impl EngineSlot {
     }
 }
 
+/// The HSM objects of destroyed versions whose forget is pending on this node (see
+/// [`super::jobs::Forgotten`]). A version whose object is listed here is refused as
+/// DESTROYED, whatever the database says of it.
+#[derive(Default)]
+pub struct Forgetting(RwLock<HashSet<ObjectId>>);
+
+impl Forgetting {
+    /// Whether `object`'s forget is pending.
+    pub fn is_pending(&self, object: &ObjectId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(object)
+    }
+
+    pub(super) fn add(&self, object: ObjectId) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(object);
+    }
+
+    pub(super) fn remove(&self, object: &ObjectId) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(object);
+    }
+
+    /// How many forgets are pending.
+    pub fn len(&self) -> usize {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no forget is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What every service shares.
 pub struct Context {
     store: Arc<dyn Store>,
@@ -141,6 +185,9 @@ pub struct Context {
     pub auth: Authenticator,
     /// State MACs verified (and refused) on this node (ADR 12).
     pub stamps: Arc<Stamps>,
+    /// HSM objects of destroyed versions whose tombstone this node has read but not yet
+    /// applied (the HSM has not confirmed the forget): nothing unwraps under them here.
+    pub forgetting: Forgetting,
     audit: OnceLock<Arc<AuditLog>>,
     /// Tuning and policies.
     pub cfg: ServiceConfig,
@@ -153,6 +200,7 @@ impl Context {
         Context {
             auth: Authenticator::new(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&stamps)),
             stamps,
+            forgetting: Forgetting::default(),
             store,
             engine: EngineSlot::default(),
             clock,

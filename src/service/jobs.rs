@@ -12,8 +12,11 @@
 //!   after a lease expiry cannot act twice.
 //! - While sealed the jobs do nothing; due work is found again by time, so nothing missed
 //!   while down or sealed is lost.
-//! - Every node drops its handles and session copies of destroyed objects within one job
-//!   interval (tombstones are polled), whoever destroyed them.
+//! - Every node drops its handles and session copies of destroyed objects, whoever
+//!   destroyed them: tombstones are read by database sequence each pass, a tombstone is
+//!   applied only once the HSM confirmed the forget, failures are retried, and a node that
+//!   cannot forget tears down its HSM sessions (see [`Forgotten`]). Until then nothing
+//!   unwraps under the object on that node ([`Context::forgetting`]).
 //! - Every action is recorded in the audit trail as a `job.*` record.
 //!
 //! Must not import: tonic, prost, sqlx, cryptoki.
@@ -22,7 +25,7 @@ use crate::authz::stamp::{retention_row, scheduled_row, Checked};
 use crate::keys::state::Unverified;
 use crate::keys::VersionState;
 use crate::service::lifecycle::schedule_stamps;
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +33,7 @@ use super::context::{Context, System};
 use super::error::{Result, ServiceError};
 use super::gate::Commit;
 use super::rotation::{Rotation, Target, When};
-use crate::keys::{KeyEngine, ObjectId};
+use crate::keys::{KeyEngine, KeysError, ObjectId};
 use crate::store::{DueDestruction, LifecycleChange, StoreError};
 
 /// Destructions handled per pass.
@@ -75,10 +78,12 @@ impl Jobs {
     /// Runs a pass every `cfg.interval` until the task is dropped.
     pub async fn run(self: Arc<Self>, cfg: JobConfig) {
         // A process cannot hold handles to objects destroyed before it started: only
-        // tombstones from about now on matter.
-        let mut forgotten = Forgotten {
-            done: HashSet::new(),
-            seen_until: self.ctx.clock.now_ms(),
+        // tombstones after the last one now written matter.
+        let system = self.ctx.system();
+        let mut forgotten = match self.ctx.db(&system).last_tombstone_seq().await {
+            Ok(seq) => Forgotten::after(seq),
+            // Read at the first pass instead.
+            Err(_) => Forgotten::new(),
         };
         loop {
             if let Err(e) = self.pass(&cfg, &mut forgotten).await {
@@ -284,25 +289,143 @@ impl Jobs {
     }
 }
 
-/// Objects this node has already dropped its handles to.
+/// This node's progress through the tombstones: which it has applied (the HSM confirmed
+/// the forget) and which are pending.
+///
+/// Invariants:
+/// - Tombstones are read by their database sequence (`seq`, migration 0013), after the
+///   last one read; no clock is involved, so a node whose clock runs ahead (or behind)
+///   skips none.
+/// - A tombstone counts as applied only when `forget_object` returned `Ok` (the HSM
+///   found no copy left); until then it is pending, its object is listed in
+///   [`Context::forgetting`] (nothing unwraps under it on this node), and the forget is
+///   retried every pass.
+/// - After [`Forgotten::MAX_FAILED_PASSES`] failed passes, or a failure that a retry
+///   cannot cure (anything but "HSM unavailable"), the node tears down its HSM sessions
+///   (`reset_sessions`: every session and session object goes), which applies every
+///   pending tombstone at once.
+/// - A process starts after the last tombstone written before it started: it cannot
+///   hold a copy of an object destroyed before it opened the HSM.
 pub struct Forgotten {
-    done: HashSet<ObjectId>,
-    /// Destruction time up to which tombstones were read (minus a margin for clock
-    /// differences between nodes).
-    seen_until: i64,
+    /// Tombstones up to this sequence number have been read (`None`: not yet known).
+    read: Option<i64>,
+    /// Read but not yet applied: seq → (object, failed passes).
+    pending: BTreeMap<i64, (ObjectId, u32)>,
+}
+
+impl Default for Forgotten {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Forgotten {
-    /// How far back each poll looks again (clock skew between nodes, late commits, a
-    /// destruction that began before this process started).
-    const MARGIN_MS: i64 = 5 * 60 * 1000;
+    /// Failed forget passes after which the node tears down its HSM sessions.
+    pub const MAX_FAILED_PASSES: u32 = 3;
+    /// Tombstones read per query.
+    const BATCH: u32 = 1000;
+
+    /// Progress that starts at the last tombstone when first swept.
+    pub fn new() -> Self {
+        Forgotten {
+            read: None,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Progress that starts after tombstone `seq` (0: every tombstone).
+    pub fn after(seq: i64) -> Self {
+        Forgotten {
+            read: Some(seq),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Every tombstone up to this sequence number is applied on this node.
+    pub fn applied_through(&self) -> Option<i64> {
+        match self.pending.keys().next() {
+            Some(first) => Some(first - 1),
+            None => self.read,
+        }
+    }
+
+    /// Tombstones read and not yet applied.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
 
     async fn sweep(&mut self, ctx: &Context, system: &System, engine: &KeyEngine) -> Result<()> {
-        let since = self.seen_until.saturating_sub(Self::MARGIN_MS);
-        for (object, at) in ctx.db(system).destroyed_since(since).await? {
-            self.seen_until = self.seen_until.max(at);
-            if self.done.insert(object) {
-                engine.forget_object(object).await?;
+        let db = ctx.db(system);
+        let mut read = match self.read {
+            Some(seq) => seq,
+            None => db.last_tombstone_seq().await?,
+        };
+        self.read = Some(read);
+        loop {
+            let batch = db.tombstones_after(read, Self::BATCH).await?;
+            for &(seq, object) in &batch {
+                ctx.forgetting.add(object);
+                self.pending.insert(seq, (object, 0));
+                read = seq;
+            }
+            self.read = Some(read);
+            if batch.len() < Self::BATCH as usize {
+                break;
+            }
+        }
+        let mut applied = Vec::new();
+        let mut tear_down = false;
+        let mut pass_failed = false;
+        for (&seq, (object, failed)) in self.pending.iter_mut() {
+            if pass_failed {
+                // The HSM just failed a forget: the rest count as failed too, without
+                // waiting for each (a hung HSM would hold the pass for every one).
+                *failed += 1;
+                tear_down |= *failed >= Self::MAX_FAILED_PASSES;
+                continue;
+            }
+            match engine.forget_object(*object).await {
+                Ok(()) => applied.push((seq, *object)),
+                Err(e) => {
+                    pass_failed = true;
+                    *failed += 1;
+                    let retryable = matches!(e, KeysError::HsmUnavailable(_));
+                    tracing::warn!(
+                        hsm_object = %object,
+                        tombstone = seq,
+                        failed_passes = *failed,
+                        retryable,
+                        error = %e,
+                        "could not forget a destroyed object; retried next pass"
+                    );
+                    if !retryable || *failed >= Self::MAX_FAILED_PASSES {
+                        tear_down = true;
+                    }
+                }
+            }
+        }
+        for (seq, object) in applied {
+            self.pending.remove(&seq);
+            ctx.forgetting.remove(&object);
+            tracing::info!(hsm_object = %object, tombstone = seq, "destroyed object forgotten");
+        }
+        if tear_down {
+            engine.reset_sessions().await?;
+            let objects = self.pending.len();
+            tracing::warn!(
+                alert = "hsm-sessions-reset",
+                objects,
+                "ALERT: destroyed objects could not be forgotten; every HSM session of this \
+                 node was torn down instead"
+            );
+            ctx.record_job(
+                "job.sessions_reset",
+                true,
+                None,
+                &format!("forget failed for {objects} destroyed objects; sessions torn down"),
+            );
+            for (_, (object, _)) in std::mem::take(&mut self.pending) {
+                ctx.forgetting.remove(&object);
             }
         }
         Ok(())

@@ -62,7 +62,7 @@ pub use admin::{
     TotpEnrolled, MAX_REASON, MAX_TTL_MS,
 };
 pub use audit::{AuditQueries, EngineKeys};
-pub use context::{Context, Db, EngineSlot, Permit, ServiceConfig, System};
+pub use context::{Context, Db, EngineSlot, Forgetting, Permit, ServiceConfig, System};
 pub use error::{Conflict, MfaRefusal, Rejection, Result, ServiceError};
 pub use facts::{Facts, Outcome};
 pub use gate::{AdminOutcome, Commit, Gate};

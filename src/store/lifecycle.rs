@@ -12,7 +12,10 @@
 //!   DESTROYED; a trigger refuses anything else, so a cancel can never revive a version
 //!   whose HSM object may already be gone.
 //! - A tombstone is written by the database itself, in the transaction that marks the
-//!   version DESTROYED, and is never updated or deleted.
+//!   version DESTROYED, and is never updated or deleted. It carries `seq`, MAX + 1 taken
+//!   in that transaction (serialized: SQLite's single writer, PostgreSQL's advisory lock
+//!   in the trigger; UNIQUE), so sequence numbers come in commit order without gaps and
+//!   nodes read tombstones by sequence, never by time (migration 0013).
 //!
 //! - Every state change here leaves ENABLED (or stays out of it) and advances the row's
 //!   `state_seq` (ADR 12). A scheduled row carries the HSM's MAC of (key, version,
@@ -148,9 +151,14 @@ pub trait LifecycleStore: Send + Sync + 'static {
     /// transaction. A version already DESTROYED is left as it is.
     async fn finish_destruction(&self, key: &KeyId, version: u32, now: i64) -> Result<KeyRecord>;
 
-    /// HSM object ids of versions destroyed at or after `since` (Unix ms), so every
-    /// node can drop what it still holds of them.
-    async fn destroyed_since(&self, since: i64) -> Result<Vec<(ObjectId, i64)>>;
+    /// The tombstones numbered after `seq` (their database sequence, see
+    /// [`Self::last_tombstone_seq`]), lowest first, at most `limit`: `(seq, HSM object)`,
+    /// so every node can drop what it still holds of them. Read by sequence, never by
+    /// time: no node's clock decides what it sees.
+    async fn tombstones_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, ObjectId)>>;
+
+    /// The highest tombstone sequence number so far (0 when none).
+    async fn last_tombstone_seq(&self) -> Result<i64>;
 
     /// The tombstones of a key.
     async fn tombstones(&self, key: &KeyId) -> Result<Vec<Tombstone>>;
@@ -444,23 +452,31 @@ impl LifecycleStore for SqlStore {
         Ok(rec)
     }
 
-    async fn destroyed_since(&self, since: i64) -> Result<Vec<(ObjectId, i64)>> {
+    async fn tombstones_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, ObjectId)>> {
         let rows = sqlx::query(
-            "SELECT hsm_id, destroyed_at FROM key_tombstones WHERE destroyed_at >= $1 \
-             ORDER BY destroyed_at",
+            "SELECT seq, hsm_id FROM key_tombstones WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
-        .bind(since)
+        .bind(seq)
+        .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await
         .map_err(classify)?;
         rows.iter()
             .map(|r| {
                 Ok((
+                    get::<i64>(r, "seq")?,
                     object_id_from_hex(&get::<String>(r, "hsm_id")?)?,
-                    get::<i64>(r, "destroyed_at")?,
                 ))
             })
             .collect()
+    }
+
+    async fn last_tombstone_seq(&self) -> Result<i64> {
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM key_tombstones")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(classify)?;
+        Ok(last.unwrap_or(0))
     }
 
     async fn tombstones(&self, key: &KeyId) -> Result<Vec<Tombstone>> {

@@ -32,6 +32,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("migrations/sqlite/0010_requester_person.sql"),
     ),
     (12, include_str!("migrations/sqlite/0012_counters.sql")),
+    (13, include_str!("migrations/sqlite/0013_tombstone_seq.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_keys.sql")),
@@ -51,6 +52,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("migrations/postgres/0010_requester_person.sql"),
     ),
     (12, include_str!("migrations/postgres/0012_counters.sql")),
+    (
+        13,
+        include_str!("migrations/postgres/0013_tombstone_seq.sql"),
+    ),
 ];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across nodes ("arca"

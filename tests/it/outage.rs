@@ -48,12 +48,12 @@ const KILL_SETTLE: Duration = Duration::from_millis(100);
 /// `p11-kit server` serving the `arca-dev` token, in its own process group so that the
 /// `p11-kit-remote` child it forks per connection dies with it (killing only the server's
 /// PID leaves established connections served).
-struct P11KitServer {
+pub(crate) struct P11KitServer {
     child: Option<Child>,
 }
 
 impl P11KitServer {
-    fn start(data_dir: &Path, socket: &Path) -> P11KitServer {
+    pub(crate) fn start(data_dir: &Path, socket: &Path) -> P11KitServer {
         let _ = std::fs::remove_file(socket);
         let child = Command::new("p11-kit")
             .args(["server", "-f", "--provider", SOFTHSM_MODULE, "-n"])
@@ -91,7 +91,7 @@ impl P11KitServer {
 
 impl P11KitServer {
     /// Sends `SIG<name>` to the server's process group (e.g. STOP and CONT, to hang it).
-    fn signal_group(&self, name: &str) {
+    pub(crate) fn signal_group(&self, name: &str) {
         let child = self.child.as_ref().expect("p11-kit server running");
         let status = Command::new("kill")
             .arg(format!("-{name}"))
@@ -162,7 +162,7 @@ async fn load_call(c: &mut KeyClient, gcm: bool, n: usize) -> (&'static str, Out
     }
 }
 
-fn client_module() -> &'static str {
+pub(crate) fn client_module() -> &'static str {
     CLIENT_MODULES
         .iter()
         .copied()

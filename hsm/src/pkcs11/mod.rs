@@ -194,8 +194,12 @@ impl Hsm for Pkcs11Hsm {
         objects::destroy_key(self, id)
     }
 
-    fn forget_key(&self, id: &ObjectId) {
+    fn forget_key(&self, id: &ObjectId) -> Result<()> {
         objects::forget_key(self, id)
+    }
+
+    fn reset_sessions(&self) -> Result<()> {
+        self.pool.tear_down()
     }
 
     fn key_attributes(&self, id: &ObjectId) -> Result<KeyAttributes> {

@@ -14,6 +14,8 @@
 //!   session object left with that `CKA_ID`. If the sessions cannot be collected in time,
 //!   the pool is torn down instead (marked down), which destroys all copies with
 //!   `C_Finalize` at the reconnect.
+//! - `forget_key` succeeds only when a fresh search finds no session object with that
+//!   `CKA_ID`; any failure is returned (the caller retries or resets the sessions).
 //!
 //! Must not import anything from the rest of Arca.
 
@@ -173,22 +175,31 @@ pub(super) fn destroy_key(hsm: &Pkcs11Hsm, id: &ObjectId) -> Result<bool> {
     Ok(destroyed)
 }
 
-/// [`crate::Hsm::forget_key`].
-pub(super) fn forget_key(hsm: &Pkcs11Hsm, id: &ObjectId) {
+/// [`crate::Hsm::forget_key`]: `Ok` only when no session object with that `CKA_ID` is
+/// left (looked up again after the copies were destroyed).
+pub(super) fn forget_key(hsm: &Pkcs11Hsm, id: &ObjectId) -> Result<()> {
     let result = hsm.pool.exclusive(|sessions| {
         for s in sessions.iter_mut() {
             s.purge(id);
         }
-        match sessions.first() {
-            Some(s) => sweep_copies(hsm, s, id).map(|_| ()),
-            None => Ok(()),
+        let Some(s) = sessions.first() else {
+            return Err(down_error());
+        };
+        sweep_copies(hsm, s, id)?;
+        let left = hsm.find_session_copies(s, id)?.len();
+        if left > 0 {
+            return Err(HsmError::Pkcs11 {
+                function: "C_DestroyObject",
+                detail: format!("{left} session copies survived"),
+            });
         }
+        Ok(())
     });
-    match result {
+    match &result {
         Ok(()) => tracing::debug!(key = %id, "HSM key handles forgotten"),
-        // Down: the sessions, their caches and copies die at the reconnect anyway.
         Err(e) => tracing::warn!(key = %id, error = %e, "forget_key incomplete"),
     }
+    result
 }
 
 /// [`Pkcs11Hsm::session_copy_count`].

@@ -39,6 +39,9 @@
 //! - An exclusive section ([`SessionPool::exclusive`]) holds every session at once, with
 //!   no operation in flight; if the sessions are not handed back in time, the pool is torn
 //!   down instead (marked down), so that nothing a section had to reach survives.
+//! - A deliberate teardown ([`SessionPool::tear_down`], when a forget cannot be
+//!   completed) goes the outage way: the generation is marked down at once, and the
+//!   reconnect finalizes the old context before any new session is opened.
 //! - The PIN is kept in [`AuthPin`] for reconnects and exposed only at `C_Login`.
 //! - `Drop` never panics: failures are logged with `tracing`.
 //!
@@ -410,6 +413,30 @@ impl SessionPool {
                     },
                 })
             }
+        }
+    }
+
+    /// Tears the pool down on purpose (a forget that could not be completed): marks the
+    /// generation in force down, so no call uses its sessions again (sessions in flight
+    /// are discarded when handed back), then tries the reconnect, which `C_Finalize`s the
+    /// old context (closing every session and its session objects) before opening fresh
+    /// sessions. `Ok` once the old sessions are retired, even if the reconnect has to be
+    /// retried later (by the next call, as after an outage).
+    pub(super) fn tear_down(&self) -> Result<()> {
+        let generation = self.generation();
+        self.mark_down(generation, "session pool", "torn down on request");
+        // Nobody waits for the rate limit here: the teardown is what had to happen.
+        self.lock_gate_reset();
+        if let Err(e) = self.try_reconnect() {
+            tracing::warn!(token = %self.label, error = %e, "reconnect after a teardown pending");
+        }
+        Ok(())
+    }
+
+    /// Clears the reconnect rate limit (a deliberate teardown reconnects at once).
+    fn lock_gate_reset(&self) {
+        if let Ok(mut gate) = self.gate.try_lock() {
+            gate.last_attempt = None;
         }
     }
 

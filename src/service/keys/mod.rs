@@ -489,6 +489,10 @@ impl Keys {
                 }
                 return Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled));
             }
+            // Destroyed elsewhere and not yet forgotten here (see `enabled_version`).
+            if self.ctx.forgetting.is_pending(&v.hsm_id) {
+                return Err(ServiceError::Conflict(Conflict::PrimaryNotEnabled));
+            }
             let (version, object) = (v.version, v.hsm_id);
             if self.budgets.take(db, key.id, version).await? {
                 return Ok((key, version, object));
@@ -515,6 +519,11 @@ impl Keys {
             .version(version)
             .ok_or(ServiceError::InvalidWrappedKey)?;
         match v.state {
+            // Destroyed elsewhere and not yet forgotten here: whatever the database says
+            // now (a row forced back), the node's own record of the tombstone decides.
+            VersionState::Enabled if self.ctx.forgetting.is_pending(&v.hsm_id) => Err(
+                ServiceError::Conflict(Conflict::of_version(VersionState::Destroyed)),
+            ),
             VersionState::Enabled => Ok(v.hsm_id),
             other => match self.ctx.cache.forged(&key.id, version) {
                 Some(why) => Err(ServiceError::StateForged(why)),

@@ -6,6 +6,7 @@
 mod access;
 mod approvals;
 mod authorization;
+mod destroy;
 mod people;
 mod sealing;
 mod state;

@@ -325,6 +325,19 @@ impl TestArca {
         .await
     }
 
+    /// A second node like [`Self::second_node`], with options added by `more` (another
+    /// HSM module, say).
+    pub async fn second_node_with(&self, more: impl FnOnce(Builder) -> Builder) -> TestArca {
+        TestArca::run(
+            Arc::clone(&self.root),
+            self.data_dir.clone(),
+            more(self.opts.clone()),
+            self.pg.clone(),
+            self.node + 1,
+        )
+        .await
+    }
+
     /// A fresh server on a copy of this one's data dir (its SQLite file, SoftHSM token
     /// and PIN files) taken now, in a new temporary directory, with `opts`. SQLite only.
     pub async fn start_on_copy(&self, opts: Builder) -> TestArca {

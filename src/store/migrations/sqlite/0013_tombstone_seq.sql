@@ -1,0 +1,18 @@
+-- Tombstones read by a database sequence (issue 18, item 13): each node applies the
+-- tombstones after the last `seq` it applied, so a clock running ahead or behind on any
+-- node cannot make it skip one. `seq` is MAX + 1 in the transaction that marks the
+-- version DESTROYED (SQLite writers are serialized: numbers come in commit order without
+-- gaps), and UNIQUE backs that up. Tombstones written before this migration keep seq
+-- NULL: no process running this version can hold a copy of them.
+ALTER TABLE key_tombstones ADD COLUMN seq BIGINT;
+CREATE UNIQUE INDEX key_tombstones_by_seq ON key_tombstones (seq);
+
+DROP TRIGGER key_versions_tombstone;
+CREATE TRIGGER key_versions_tombstone AFTER UPDATE OF state ON key_versions
+WHEN NEW.state = 'DESTROYED' AND OLD.state <> 'DESTROYED'
+BEGIN
+    INSERT INTO key_tombstones (key_id, version, hsm_id, destroyed_at, retire_request, seq)
+    VALUES (NEW.key_id, NEW.version, NEW.hsm_id, COALESCE(NEW.destroyed_at, NEW.updated_at),
+            NEW.retire_request,
+            (SELECT COALESCE(MAX(seq), 0) + 1 FROM key_tombstones));
+END;
