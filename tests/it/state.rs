@@ -456,13 +456,7 @@ on_both_backends!(
 /// date to now gets nothing destroyed; the alert fires; put back, both versions unwrap.
 /// A real retirement that is due is still destroyed.
 async fn a_destruction_scheduled_or_hastened_by_a_database_writer_destroys_nothing(db: Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = crate::support::lifecycle_policy(dir.path(), "7d", 1 << 30);
-    let arca = TestArca::builder()
-        .backend(db)
-        .fast_jobs(&p, "2s")
-        .start()
-        .await;
+    let (_dir, arca) = with_fast_jobs(db, "7d").await;
     let mut c = arca.client().await;
     let context = crate::support::ctx(&[("patient", "1")]);
     for name in ["phi", "lab", "old"] {
@@ -584,13 +578,7 @@ on_both_backends!(
 /// raises the alert, and the key keeps working; a date set through the API still
 /// destroys its key.
 async fn a_retention_date_set_by_a_database_writer_schedules_nothing(db: Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = crate::support::lifecycle_policy(dir.path(), "1s", 1 << 30);
-    let arca = TestArca::builder()
-        .backend(db)
-        .fast_jobs(&p, "2s")
-        .start()
-        .await;
+    let (_dir, arca) = with_fast_jobs(db, "1s").await;
     let mut c = arca.client().await;
     create_key(&mut c, "phi").await;
     let context = crate::support::ctx(&[("patient", "1")]);
@@ -661,6 +649,19 @@ async fn a_retention_date_set_by_a_database_writer_schedules_nothing(db: Db) {
     assert_eq!(state("kept"), "DISABLED", "the retention was applied again");
 }
 
+/// A dev server on `db` whose lifecycle jobs pass every 200 ms, with `wait` as the
+/// default waiting period (the directory holds its lifecycle policy).
+async fn with_fast_jobs(db: Db, wait: &str) -> (tempfile::TempDir, TestArca) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::support::lifecycle_policy(dir.path(), wait, 1 << 30);
+    let arca = TestArca::builder()
+        .backend(db)
+        .fast_jobs(&p, "2s")
+        .start()
+        .await;
+    (dir, arca)
+}
+
 /// SQL that drops trigger `name` of `table` on either back end.
 fn drop_trigger(db: Db, table: &str, name: &str) -> String {
     match db {
@@ -680,13 +681,7 @@ on_both_backends!(
 /// retirement's destruction marked as started early (to skip the waiting period). Each is
 /// refused, alerted, and nothing is destroyed.
 async fn identities_changed_under_the_triggers_move_no_rights_and_destroy_nothing(db: Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = crate::support::lifecycle_policy(dir.path(), "7d", 1 << 30);
-    let arca = TestArca::builder()
-        .backend(db)
-        .fast_jobs(&p, "2s")
-        .start()
-        .await;
+    let (_dir, arca) = with_fast_jobs(db, "7d").await;
     let mut c = arca.client().await;
     let context = crate::support::ctx(&[("patient", "1")]);
     for name in ["phi", "billing/a", "lab", "late"] {

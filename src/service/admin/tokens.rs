@@ -126,6 +126,26 @@ pub(crate) fn is_bootstrap_as_issued(t: &TokenRecord) -> bool {
             .is_some_and(|e| e > t.created_at && e <= t.created_at + BOOTSTRAP_TTL_MS)
 }
 
+/// The stored form of a token `t` with hash `hash`, made at `now`, living `ttl_ms`
+/// (not stamped yet).
+fn new_record(t: NewToken, hash: TokenHash, now: i64, ttl_ms: i64) -> Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: token_id()?,
+        hash,
+        principal: t.principal,
+        roles: t.roles,
+        created_at: now,
+        expires_at: Some(now + ttl_ms),
+        revoked_at: None,
+        key_globs: t.key_globs,
+        cidrs: t.cidrs,
+        bound_principal: t.bound_principal,
+        description: t.description,
+        state_seq: 1,
+        mac: None,
+    })
+}
+
 /// The stored form of an unscoped, unexpiring token for `principal` with `roles` (the
 /// start-up admin token, custodian tokens), made at `now`.
 pub(crate) fn unscoped_record(
@@ -279,22 +299,7 @@ impl Tokens {
             }
         };
         let now = self.ctx.clock.now_ms();
-        let record = TokenRecord {
-            id: token_id()?,
-            hash,
-            principal: t.principal,
-            roles: t.roles,
-            created_at: now,
-            expires_at: Some(now + ttl_ms),
-            revoked_at: None,
-            key_globs: t.key_globs,
-            cidrs: t.cidrs,
-            bound_principal: t.bound_principal,
-            description: t.description,
-            state_seq: 1,
-            mac: None,
-        };
-        let record = self.stamped(record).await?;
+        let record = self.stamped(new_record(t, hash, now, ttl_ms)?).await?;
         match self.ctx.db(&proof).insert_token(&record).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists) => {
@@ -337,22 +342,7 @@ impl Tokens {
         }
         let hash = parse_sha256(get(PARAM_TOKEN_SHA256)?)?;
         let now = self.ctx.clock.now_ms();
-        let record = TokenRecord {
-            id: token_id()?,
-            hash,
-            principal: t.principal,
-            roles: t.roles,
-            created_at: now,
-            expires_at: Some(now + ttl_ms),
-            revoked_at: None,
-            key_globs: t.key_globs,
-            cidrs: t.cidrs,
-            bound_principal: t.bound_principal,
-            description: t.description,
-            state_seq: 1,
-            mac: None,
-        };
-        let record = self.stamped(record).await?;
+        let record = self.stamped(new_record(t, hash, now, ttl_ms)?).await?;
         self.ctx
             .db(ok)
             .complete_create_token(&req.id, ok, &record, now)
