@@ -406,3 +406,40 @@ async fn policies_and_grants_a_database_writer_made_are_refused() {
         "{forged_before} -> {forged_after}"
     );
 }
+
+/// After the upgrade to state MACs the roster is empty while enrolments exist: the
+/// upgrade step seeds it from them, so a deletion made after it is still caught.
+#[tokio::test]
+async fn the_upgrade_step_seeds_the_roster_with_earlier_enrolments() {
+    let w = world().await;
+    w.svc.totp.enroll(&caller("m", &[])).await.unwrap();
+    // As migration 0008 leaves a database that had enrolments: the genesis roster.
+    let r = w.store.roster("totp").await.unwrap().unwrap();
+    let genesis = crate::store::Roster {
+        members: Vec::new(),
+        state_seq: r.state_seq + 1,
+        mac: None,
+        ..r.clone()
+    };
+    assert!(w.store.replace_roster(&genesis, r.state_seq).await.unwrap());
+    // The next unseal runs the upgrade step (this world re-stamps, as dev mode does).
+    w.svc.ctx.engine.take();
+    w.svc
+        .sealing
+        .open_with_pin(Zeroizing::new(b"pin".to_vec()))
+        .await
+        .unwrap();
+    let seeded = w.store.roster("totp").await.unwrap().unwrap();
+    assert_eq!(seeded.members, ["m"]);
+    assert!(seeded.mac.is_some());
+    // m is on the verified roster, so a deleted enrolment of m would be refused
+    // (`a_deleted_totp_enrolment_is_not_a_fresh_start` in tests/it/state.rs).
+    assert!(w
+        .svc
+        .guard
+        .totp_roster()
+        .await
+        .unwrap()
+        .members
+        .contains(&"m".to_string()));
+}
