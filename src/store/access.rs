@@ -235,6 +235,26 @@ fn decode_members(s: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Replaces roster `r.name` with `r` through `exec` if its sequence is still `was_seq`.
+async fn replace_roster_in<'e, E>(exec: E, r: &Roster, was_seq: i64) -> Result<bool>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let done = sqlx::query(
+        "UPDATE state_rosters SET members = $1, state_seq = $2, mac = $3 \
+         WHERE name = $4 AND state_seq = $5",
+    )
+    .bind(encode_members(&r.members))
+    .bind(r.state_seq)
+    .bind(r.mac.clone())
+    .bind(r.name.clone())
+    .bind(was_seq)
+    .execute(exec)
+    .await
+    .map_err(classify)?;
+    Ok(done.rows_affected() == 1)
+}
+
 const GRANT_COLUMNS: &str =
     "id, principal, role, kind, reason, request_id, created_at, expires_at, state_seq, mac";
 const REVIEW_COLUMNS: &str =
@@ -492,19 +512,7 @@ impl AccessStore for SqlStore {
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
         if let Some((r, was_seq)) = roster {
-            let done = sqlx::query(
-                "UPDATE state_rosters SET members = $1, state_seq = $2, mac = $3 \
-                 WHERE name = $4 AND state_seq = $5",
-            )
-            .bind(encode_members(&r.members))
-            .bind(r.state_seq)
-            .bind(r.mac.clone())
-            .bind(r.name.clone())
-            .bind(was_seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if done.rows_affected() != 1 {
+            if !replace_roster_in(&mut *tx, r, was_seq).await? {
                 return Err(StoreError::Conflict(Conflict::ChangedConcurrently));
             }
         }
@@ -544,19 +552,7 @@ impl AccessStore for SqlStore {
     }
 
     async fn replace_roster(&self, r: &Roster, was_seq: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE state_rosters SET members = $1, state_seq = $2, mac = $3 \
-             WHERE name = $4 AND state_seq = $5",
-        )
-        .bind(encode_members(&r.members))
-        .bind(r.state_seq)
-        .bind(r.mac.clone())
-        .bind(r.name.clone())
-        .bind(was_seq)
-        .execute(&self.writer)
-        .await
-        .map_err(classify)?;
-        Ok(done.rows_affected() == 1)
+        replace_roster_in(&self.writer, r, was_seq).await
     }
 
     async fn enrolled_principals(&self) -> Result<Vec<String>> {

@@ -8,6 +8,7 @@ mod approvals;
 mod authorization;
 mod destroy;
 mod people;
+mod rekey;
 mod sealing;
 mod state;
 
