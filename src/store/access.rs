@@ -24,6 +24,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::attempts::{reserve_in, Holder, Slot};
 use super::classify::classify;
 use super::error::{Conflict, Result, StoreError};
 use super::pool::SqlStore;
@@ -585,44 +586,14 @@ impl AccessStore for SqlStore {
 
     async fn reserve_mfa_attempt(&self, a: &MfaAttempt<'_>) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        // The enrolment's row lock (a no-op update) orders every reservation and failure
-        // of this principal, across PostgreSQL nodes too (SQLite's IMMEDIATE transaction
-        // already serialises them); what follows reads what the previous holder wrote.
-        let row = sqlx::query(
-            "UPDATE principal_totp SET locked_until = locked_until WHERE principal = $1 \
-             RETURNING locked_until",
-        )
-        .bind(a.principal.to_string())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?
-        .ok_or(StoreError::NotFound)?;
-        let locked_until: Option<i64> = get(&row, "locked_until")?;
-        if locked_until.is_some_and(|t| t > a.at) {
-            return Err(StoreError::Conflict(Conflict::LockedOut));
-        }
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM principal_failures WHERE principal = $1 AND at > $2",
-        )
-        .bind(a.principal.to_string())
-        .bind(a.since)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let n: i64 = row.try_get("n").map_err(|_| StoreError::Corrupt("count"))?;
-        if n >= i64::from(a.limit) {
-            return Err(StoreError::Conflict(Conflict::LockedOut));
-        }
-        sqlx::query(
-            "INSERT INTO principal_failures (principal, at, reason, attempt) \
-             VALUES ($1, $2, 'pending', $3)",
-        )
-        .bind(a.principal.to_string())
-        .bind(a.at)
-        .bind(a.id.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
+        let slot = Slot {
+            holder: Holder::Principal(a.principal),
+            id: a.id,
+            at: a.at,
+            since: a.since,
+            limit: a.limit,
+        };
+        reserve_in(&mut tx, &slot).await?;
         tx.commit().await.map_err(classify)
     }
 

@@ -41,6 +41,7 @@
 
 mod access;
 mod approvals;
+mod attempts;
 mod audit;
 mod classify;
 mod connect;
